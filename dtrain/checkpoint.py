@@ -1,0 +1,202 @@
+"""Checkpoints: `run.out_dir/checkpoints/step_<N>`, one folder per checkpoint whatever the layout.
+
+    model.pt       canonical parameter name -> full tensor (the single-process shapes)
+    optimizer.pt   "<name>/exp_avg", "<name>/exp_avg_sq", "<name>/step" -> tensor
+    state.json     step, loss-scaler state, the resolved config and the layout that wrote it
+    manifest.json  sha256 and size of every file above; written last
+
+Written atomically: everything goes to `step_<N>.tmp`, is fsynced, the manifest is written, and only then
+is the folder renamed to `step_<N>`; a crash at any point leaves either no `step_<N>` or a complete one.
+Loading verifies every checksum first and reads tensors with `torch.load(weights_only=True)`, which
+refuses to unpickle anything but tensors and plain containers, so a checkpoint cannot execute code.
+Tensors are stored by canonical name and full shape, so a later layout can take its own slices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or corrupted; the message names the file."""
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: str, write) -> None:
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def canonical_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    state = {}
+    for name, p in model.named_parameters():
+        if getattr(p, "sharding", None) is not None and p.sharding.split_dim is not None:
+            raise NotImplementedError(
+                f"{name} is sharded; gathering shards for checkpoints is not written yet"
+            )
+        state[name] = p.detach().to("cpu", copy=True)
+    return state
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """AdamW state keyed by canonical parameter name instead of the optimizer's positional index."""
+    flat = {}
+    for name, p in model.named_parameters():
+        for key, value in optimizer.state.get(p, {}).items():
+            flat[f"{name}/{key}"] = value.detach().to("cpu", copy=True) if torch.is_tensor(value) else value
+    return flat
+
+
+def save(
+    out_dir: str, step: int, model: nn.Module, optimizer, extra_state: dict, keep: int, is_writer: bool
+) -> str:
+    """Collective over the world: every rank calls it; `is_writer` ranks write (rank 0 finalises)."""
+    root = os.path.join(out_dir, "checkpoints")
+    final = os.path.join(root, f"step_{step}")
+    tmp = final + ".tmp"
+    rank = dist.get_rank()
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a save that crashed
+        os.makedirs(tmp)
+    dist.barrier()
+    if is_writer:
+        model_state = canonical_model_state(model)
+        optim_state = optimizer_state(model, optimizer)
+        _write_file(os.path.join(tmp, "model.pt"), lambda f: torch.save(model_state, f))
+        _write_file(os.path.join(tmp, "optimizer.pt"), lambda f: torch.save(optim_state, f))
+    dist.barrier()
+    if rank == 0:
+        state = {"format": FORMAT_VERSION, "step": step, **extra_state}
+        _write_file(os.path.join(tmp, "state.json"), lambda f: f.write(json.dumps(state, indent=1).encode()))
+        files = {
+            name: {
+                "sha256": _sha256(os.path.join(tmp, name)),
+                "bytes": os.path.getsize(os.path.join(tmp, name)),
+            }
+            for name in sorted(os.listdir(tmp))
+        }
+        manifest = {"format": FORMAT_VERSION, "step": step, "files": files}
+        _write_file(
+            os.path.join(tmp, "manifest.json"), lambda f: f.write(json.dumps(manifest, indent=1).encode())
+        )
+        _fsync_dir(tmp)
+        if os.path.exists(final):  # saving the same step again (e.g. a resumed run ending where it began)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        if keep > 0:
+            for old in list_checkpoints(out_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def list_checkpoints(out_dir: str) -> list[str]:
+    """Finished checkpoint folders (no .tmp), oldest first."""
+    root = os.path.join(out_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    found = [(int(m.group(1)), name) for name in os.listdir(root) if (m := _STEP_DIR.match(name))]
+    return [os.path.join(root, name) for _, name in sorted(found)]
+
+
+def verify(path: str) -> dict:
+    """Check the manifest and every checksum; return the manifest. Raises CheckpointError."""
+    manifest_path = os.path.join(path, "manifest.json")
+    if not os.path.isfile(manifest_path):
+        raise CheckpointError(f"{path} has no manifest.json: not a checkpoint, or its save did not finish")
+    try:
+        with open(manifest_path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except ValueError:
+        raise CheckpointError(f"{manifest_path} is not valid JSON (corrupted checkpoint)") from None
+    if manifest.get("format") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has format {manifest.get('format')}; this dtrain reads {FORMAT_VERSION}"
+        )
+    for name, meta in manifest["files"].items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{file} is missing (corrupted checkpoint)")
+        if os.path.getsize(file) != meta["bytes"] or _sha256(file) != meta["sha256"]:
+            raise CheckpointError(
+                f"{file} does not match its checksum in manifest.json (corrupted or truncated)"
+            )
+    return manifest
+
+
+def latest_valid(out_dir: str, warn=print) -> str | None:
+    """The newest checkpoint that verifies; corrupted newer ones are reported and passed over."""
+    for path in reversed(list_checkpoints(out_dir)):
+        try:
+            verify(path)
+            return path
+        except CheckpointError as e:
+            warn(f"warning: skipping checkpoint: {e}")
+    return None
+
+
+def load_tensors(path: str, name: str) -> dict[str, torch.Tensor]:
+    return torch.load(os.path.join(path, name), map_location="cpu", weights_only=True)
+
+
+def load_state(path: str) -> dict:
+    with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+@torch.no_grad()
+def restore(path: str, model: nn.Module, optimizer) -> dict:
+    """Load a verified checkpoint into this rank's model and optimizer; returns state.json."""
+    model_state = load_tensors(path, "model.pt")
+    optim_by_param: dict[str, dict] = {}
+    for key, value in load_tensors(path, "optimizer.pt").items():
+        name, field = key.rsplit("/", 1)
+        optim_by_param.setdefault(name, {})[field] = value
+    for name, p in model.named_parameters():
+        if name not in model_state:
+            raise CheckpointError(f"{path} has no parameter '{name}': it was saved from another model")
+        full = model_state[name]
+        expected = getattr(p, "sharding", None)
+        shape = tuple(expected.full_shape) if expected is not None else tuple(p.shape)
+        if tuple(full.shape) != shape:
+            raise CheckpointError(
+                f"{path}: parameter '{name}' has shape {tuple(full.shape)}, the model expects {shape}; "
+                f"the checkpoint comes from another model shape"
+            )
+        p.copy_(expected.take(full) if expected is not None else full)
+        if name in optim_by_param:
+            # AdamW keeps its step counter on the CPU unless capturable; moments live with the parameter.
+            optimizer.state[p] = {
+                k: v if k == "step" else v.to(p.device) for k, v in optim_by_param[name].items()
+            }
+    return load_state(path)

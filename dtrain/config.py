@@ -1,0 +1,318 @@
+"""Configuration: the schema (omegaconf structured dataclasses), loading with dotted overrides, and
+validation that runs before any process group exists.
+
+Every error raised here is a `ConfigError` whose message is one line naming the key, the value and what
+would be valid; the CLI prints it and exits non-zero without a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(ValueError):
+    """A configuration the run cannot use; the message says which key to change."""
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 0  # 0 = dense MLP
+    top_k: int = 2
+    capacity_factor: float = 1.25
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None = n_heads (plain multi-head attention)
+    d_ff: int | None = None  # None = the Llama rule: 2/3 * 4 * d_model rounded up to a multiple of 16
+    max_seq_len: int = 128
+    tie_embeddings: bool = False
+    dropout: float = 0.0
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+
+@dataclass
+class ParallelConfig:
+    dp: int = -1  # -1 = whatever the other dimensions leave of the world
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    ep: int = 1
+    sp: bool = False
+    zero: int = 0
+    offload: str = "none"
+    pp_schedule: str = "1f1b"
+    pp_virtual_stages: int = 1
+    bucket_mb: float = 25.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    global_batch_size: int = 16
+    micro_batch_size: int = 4
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 = no clipping
+    precision: str = "fp32"
+    seed: int = 1234
+    activation_checkpointing: bool = False
+    eval_every: int = 0  # 0 = only at the end of the run
+    eval_batches: int = 2
+    peak_tflops: float | None = None  # None = look the device up (GPUs only)
+    max_skipped_steps: int = 0  # fp16: stop after this many consecutive overflowing steps (0 = never)
+
+
+@dataclass
+class DataConfig:
+    kind: str = "synthetic"
+    path: str | None = None  # memmap: a .npy token file, or a folder holding train.npy (and val.npy)
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/default"
+    log_every: int = 10
+    ckpt_every: int = 0  # 0 = only at the end
+    keep_checkpoints: int = 3  # 0 = keep all
+    resume: Any = False  # false | true | path to a checkpoint folder
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"
+    timeout_s: float = 300.0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+
+CHOICES = {
+    "parallel.offload": ("none", "optimizer", "all"),
+    "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "data.kind": ("synthetic", "memmap"),
+    "dist.backend": ("auto", "gloo", "nccl"),
+}
+
+# Layout features that later issues deliver. Until then a config asking for one is refused up front
+# rather than silently trained as plain data parallelism.
+NOT_YET = {
+    "parallel.tp": (1, "tensor parallelism"),
+    "parallel.pp": (1, "pipeline parallelism"),
+    "parallel.cp": (1, "context parallelism"),
+    "parallel.ep": (1, "expert parallelism"),
+    "parallel.sp": (False, "sequence parallelism"),
+    "parallel.zero": (0, "ZeRO"),
+    "parallel.offload": ("none", "CPU offload"),
+    "model.moe.num_experts": (0, "mixture-of-experts"),
+}
+
+
+def _all_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in node.items():
+        name = f"{prefix}{k}"
+        keys.append(name)
+        if isinstance(v, dict | DictConfig):
+            keys += _all_keys(v, name + ".")
+    return keys
+
+
+def _explain(err: OmegaConfBaseException, schema: DictConfig) -> ConfigError:
+    key = getattr(err, "full_key", None) or "?"
+    if isinstance(err, ConfigKeyError):
+        known = _all_keys(OmegaConf.to_container(schema))
+        near = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        hint = f"; did you mean '{near[0]}'?" if near else "; see the config reference in README.md"
+        return ConfigError(f"unknown config key '{key}'{hint}")
+    if isinstance(err, ValidationError):
+        node: Any = Config
+        for part in key.split("."):
+            node = typing.get_type_hints(node).get(part) if dataclasses.is_dataclass(node) else None
+        want = getattr(node, "__name__", str(node)) if node is not None else "another type"
+        return ConfigError(f"{key}={getattr(err, 'value', '?')!r} has the wrong type (expected {want})")
+    return ConfigError(f"config error at '{key}': {str(err).splitlines()[0]}")
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> Config:
+    """Schema defaults <- YAML file <- `key=value` overrides, type-checked by omegaconf."""
+    schema = OmegaConf.structured(Config)
+    layers = []
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(
+                f"config file '{path}' does not exist; pass a YAML file such as configs/tiny.yaml"
+            )
+        try:
+            layers.append(OmegaConf.load(path))
+        except Exception as e:  # yaml errors carry multi-line context; keep the first line
+            raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (for example train.steps=20)")
+    try:
+        if overrides:
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(schema, *layers)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise _explain(e, schema) from None
+    return cfg
+
+
+def config_from_dict(values: dict) -> Config:
+    """A config saved with a checkpoint (state.json) back into the schema."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), values))
+    except OmegaConfBaseException as e:
+        raise _explain(e, OmegaConf.structured(Config)) from None
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def d_ff_of(m: ModelConfig) -> int:
+    if m.d_ff is not None:
+        return m.d_ff
+    return int(math.ceil(2 * 4 * m.d_model / 3 / 16) * 16)
+
+
+def microbatches_per_rank(cfg: Config) -> int:
+    return cfg.train.global_batch_size // (cfg.parallel.dp * cfg.train.micro_batch_size)
+
+
+def _require(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def validate(cfg: Config, world_size: int) -> Config:
+    """Check everything that can be checked without processes; fill in `parallel.dp` when it is -1.
+
+    Called before any process group is created, so a bad config costs nothing but one line.
+    """
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        _require(value in allowed, f"{key}={value!r} is not valid; choose one of {', '.join(allowed)}")
+
+    for key in ("model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads", "model.max_seq_len"):
+        value = getattr(m, key.split(".")[1])
+        _require(value > 0, f"{key}={value} must be positive")
+    _require(m.d_model % m.n_heads == 0, f"model.n_heads={m.n_heads} must divide model.d_model={m.d_model}")
+    head_dim = m.d_model // m.n_heads
+    _require(head_dim % 2 == 0, f"model.d_model/model.n_heads={head_dim} must be even for rotary embeddings")
+    kv = m.n_kv_heads if m.n_kv_heads is not None else m.n_heads
+    _require(
+        kv > 0 and m.n_heads % kv == 0,
+        f"model.n_kv_heads={kv} must divide model.n_heads={m.n_heads} (grouped-query attention)",
+    )
+    _require(d_ff_of(m) > 0, f"model.d_ff={m.d_ff} must be positive")
+    _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
+
+    for key in ("parallel.tp", "parallel.pp", "parallel.cp", "parallel.ep"):
+        value = getattr(p, key.split(".")[1])
+        _require(value >= 1, f"{key}={value} must be at least 1")
+    _require(p.dp == -1 or p.dp >= 1, f"parallel.dp={p.dp} must be at least 1, or -1 to fill the world")
+    _require(p.bucket_mb > 0, f"parallel.bucket_mb={p.bucket_mb} must be positive")
+    _require(p.zero in (0, 1, 2, 3), f"parallel.zero={p.zero} is not valid; choose 0, 1, 2 or 3")
+    model_ranks = p.tp * p.pp * p.cp
+    if p.dp == -1:
+        _require(
+            world_size % model_ranks == 0,
+            f"world size {world_size} is not divisible by tp*pp*cp={model_ranks}; "
+            f"change parallel.tp/pp/cp or the process count",
+        )
+        p.dp = world_size // model_ranks
+    _require(
+        p.dp * model_ranks == world_size,
+        f"parallel.dp*tp*pp*cp={p.dp * model_ranks} does not match the world size {world_size}; "
+        f"set parallel.dp=-1 or launch {p.dp * model_ranks} processes",
+    )
+    _require(p.dp % p.ep == 0, f"parallel.ep={p.ep} must divide parallel.dp={p.dp}")
+
+    for key, (neutral, what) in NOT_YET.items():
+        parts = key.split(".")
+        node = cfg
+        for part in parts:
+            node = getattr(node, part)
+        _require(node == neutral, f"{key}={node!r}: {what} is not implemented yet; set {key}={neutral!r}")
+
+    for key in ("train.steps", "train.global_batch_size", "train.micro_batch_size", "train.seq_len"):
+        value = getattr(t, key.split(".")[1])
+        _require(value > 0, f"{key}={value} must be positive")
+    per_step = p.dp * t.micro_batch_size
+    _require(
+        t.global_batch_size % per_step == 0,
+        f"train.global_batch_size={t.global_batch_size} must be a multiple of "
+        f"parallel.dp*train.micro_batch_size={per_step}",
+    )
+    _require(
+        t.seq_len <= m.max_seq_len,
+        f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; raise model.max_seq_len",
+    )
+    _require(t.lr > 0, f"train.lr={t.lr} must be positive")
+    _require(0 <= t.min_lr <= t.lr, f"train.min_lr={t.min_lr} must be in [0, train.lr={t.lr}]")
+    _require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
+    _require(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
+    _require(t.eval_batches >= 0, f"train.eval_batches={t.eval_batches} must be >= 0")
+
+    if cfg.data.kind == "memmap":
+        _require(cfg.data.path is not None, "data.kind=memmap needs data.path (a .npy file or a folder)")
+        _require(
+            os.path.exists(cfg.data.path),
+            f"data.path={cfg.data.path!r} does not exist; create it with `dtrain prepare-data`",
+        )
+
+    r = cfg.run
+    _require(r.log_every >= 1, f"run.log_every={r.log_every} must be at least 1")
+    _require(r.ckpt_every >= 0, f"run.ckpt_every={r.ckpt_every} must be >= 0 (0 = only at the end)")
+    _require(r.keep_checkpoints >= 0, f"run.keep_checkpoints={r.keep_checkpoints} must be >= 0")
+    _require(
+        isinstance(r.resume, bool | str),
+        f"run.resume={r.resume!r} must be true, false or a checkpoint folder",
+    )
+    if isinstance(r.resume, str) and r.resume.lower() in ("true", "false"):
+        r.resume = r.resume.lower() == "true"
+    if isinstance(r.resume, str):
+        _require(os.path.isdir(r.resume), f"run.resume={r.resume!r} is not a checkpoint folder")
+    _require(cfg.dist.timeout_s > 0, f"dist.timeout_s={cfg.dist.timeout_s} must be positive")
+    return cfg

@@ -1,0 +1,83 @@
+"""Run outputs written by global rank 0: metrics.jsonl (one object per optimizer step), TensorBoard event
+files in the same folder, and a progress line on stdout every `log_every` steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class MetricsLogger:
+    def __init__(self, out_dir: str, total_steps: int, log_every: int, resume_step: int = 0, enabled=True):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.log_every = log_every
+        self.start_step = resume_step
+        self.start_time = time.perf_counter()
+        if not enabled:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self._truncate_after(resume_step)
+        self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        from torch.utils.tensorboard import SummaryWriter  # imported late: slow, and rank 0 only
+
+        self.tb = SummaryWriter(log_dir=out_dir, purge_step=resume_step + 1 if resume_step else None)
+
+    def _truncate_after(self, step: int) -> None:
+        """A resumed run rewrites the steps after its checkpoint, so metrics.jsonl reads as one run."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path, encoding="utf-8") as f:
+            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.path)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        step = record["step"]
+        for key, value in record.items():
+            if key != "step" and isinstance(value, int | float):
+                self.tb.add_scalar(key.replace("_", "/", 1) if key.startswith("val_") else key, value, step)
+        if step % self.log_every == 0 or step == self.total_steps:
+            print(self.progress_line(record), flush=True)
+
+    def progress_line(self, r: dict) -> str:
+        done = r["step"] - self.start_step
+        elapsed = time.perf_counter() - self.start_time
+        eta = elapsed / max(done, 1) * (self.total_steps - r["step"])
+        parts = [
+            f"step {r['step']}/{self.total_steps}",
+            f"loss {r['loss']:.4f}",
+            f"lr {r['lr']:.2e}",
+            f"grad_norm {r['grad_norm']:.3f}",
+            f"{r['tokens_per_s']:,.0f} tok/s",
+        ]
+        if r.get("mfu") is not None:
+            parts.append(f"mfu {100 * r['mfu']:.1f}%")
+        if "val_loss" in r:
+            parts.append(f"val_loss {r['val_loss']:.4f} (ppl {r['val_ppl']:.2f})")
+        parts.append(f"ETA {_format_duration(eta)}")
+        return " | ".join(parts)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            self.tb.close()

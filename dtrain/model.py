@@ -1,0 +1,240 @@
+"""Decoder-only transformer of the Llama family.
+
+Token embedding -> n_layers x [RMSNorm -> grouped-query attention with rotary embeddings -> residual,
+RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> output head -> token cross-entropy (summed).
+
+Parallel versions replace parts, not the model: every linear layer, the embedding, the head, the loss and
+the MLP come from a `Layers` object (tensor-parallel and MoE issues subclass it), and a pipeline stage is
+the same `Transformer` built with a range of blocks and with or without the embedding and the head. Block
+names carry the global layer index (`blocks.7.attn.wq.weight`), so parameter names are canonical in every
+layout, which is what initialisation and checkpoints key on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from dtrain.config import ModelConfig, d_ff_of
+from parallel.sharding import sharding_of
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (the mean of squares underflows in bf16), cast back to the compute dtype.
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
+
+
+def rotary_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x_i, x_{i+d/2}) by the position angle (the "rotate half" form of RoPE).
+    x: (batch, heads, seq, head_dim); cos, sin: (seq, head_dim / 2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.type_as(x)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)); gate and up are column layers, down a row layer."""
+
+    def __init__(self, d_model: int, d_ff: int, layers: Layers):
+        super().__init__()
+        self.w1 = layers.column(d_model, d_ff)  # gate
+        self.w3 = layers.column(d_model, d_ff)  # up
+        self.w2 = layers.row(d_ff, d_model)  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TokenCrossEntropy(nn.Module):
+    """Sum (not mean) of token losses: the trainer divides by the global token count, so accumulation,
+    data and pipeline parallelism all see the same normalisation. Targets < 0 are ignored."""
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(
+            logits.float().flatten(0, -2), targets.flatten(), reduction="sum", ignore_index=-100
+        )
+
+
+class Layers:
+    """Factory of the replaceable parts, dense single-device versions.
+
+    Linear weights are (out_features, in_features) without bias, as in Llama. A "column" layer's output
+    features and a "row" layer's input features are what tensor parallelism splits.
+    """
+
+    heads_divisor = 1  # attention heads on this rank = n_heads / heads_divisor
+
+    def column(self, in_features: int, out_features: int) -> nn.Module:
+        return nn.Linear(in_features, out_features, bias=False)
+
+    def row(self, in_features: int, out_features: int) -> nn.Module:
+        return nn.Linear(in_features, out_features, bias=False)
+
+    def embedding(self, vocab_size: int, d_model: int) -> nn.Module:
+        return nn.Embedding(vocab_size, d_model)
+
+    def head(self, d_model: int, vocab_size: int) -> nn.Module:
+        return nn.Linear(d_model, vocab_size, bias=False)
+
+    def loss(self) -> nn.Module:
+        return TokenCrossEntropy()
+
+    def mlp(self, cfg: ModelConfig, layer_index: int) -> nn.Module:
+        return SwiGLU(cfg.d_model, d_ff_of(cfg), self)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layers: Layers):
+        super().__init__()
+        n_kv = cfg.n_kv_heads or cfg.n_heads
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.n_heads = cfg.n_heads // layers.heads_divisor
+        self.n_kv_heads = max(1, n_kv // layers.heads_divisor)
+        self.dropout = cfg.dropout
+        self.wq = layers.column(cfg.d_model, cfg.n_heads * self.head_dim)
+        self.wk = layers.column(cfg.d_model, n_kv * self.head_dim)
+        self.wv = layers.column(cfg.d_model, n_kv * self.head_dim)
+        self.wo = layers.row(cfg.n_heads * self.head_dim, cfg.d_model)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.wq(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            is_causal=True,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return self.wo(out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_index: int, layers: Layers):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg, layers)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = layers.mlp(cfg, layer_index)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class Transformer(nn.Module):
+    """The whole model, or one pipeline stage of it (a range of blocks, with or without the ends).
+
+    forward(tokens or hidden states, targets) returns the token-loss sum when this part holds the head
+    and targets are given, logits when it holds the head and no targets are given, else hidden states.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layers: Layers | None = None,
+        block_ids: range | None = None,
+        has_embedding: bool = True,
+        has_head: bool = True,
+        activation_checkpointing: bool = False,
+    ):
+        super().__init__()
+        layers = layers or Layers()
+        block_ids = range(cfg.n_layers) if block_ids is None else block_ids
+        self.cfg = cfg
+        self.activation_checkpointing = activation_checkpointing
+        self.embed = layers.embedding(cfg.vocab_size, cfg.d_model) if has_embedding else None
+        self.blocks = nn.ModuleDict({str(i): Block(cfg, i, layers) for i in block_ids})
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps) if has_head else None
+        self.head = layers.head(cfg.d_model, cfg.vocab_size) if has_head else None
+        self.loss_fn = layers.loss() if has_head else None
+        if cfg.tie_embeddings and has_embedding and has_head:
+            self.head.weight = self.embed.weight
+        self.dropout = nn.Dropout(cfg.dropout)
+        cos, sin = rotary_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.dropout(self.embed(x)) if self.embed is not None else x
+        s = h.shape[1]
+        cos, sin = self.rope_cos[:s], self.rope_sin[:s]
+        for block in self.blocks.values():
+            if self.activation_checkpointing and self.training:
+                # Keep only the block input; recompute the block in backward (non-reentrant, so the
+                # data-parallel gradient hooks fire once per parameter and RNG state is replayed).
+                h = checkpoint(block, h, cos, sin, use_reentrant=False)
+            else:
+                h = block(h, cos, sin)
+        if self.head is None:
+            return h
+        logits = self.head(self.norm(h))
+        return logits if targets is None else self.loss_fn(logits, targets)
+
+
+def _seed_for(seed: int, name: str) -> int:
+    # A stable hash: Python's hash() is salted per process, which would break the layout contract.
+    return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little")
+
+
+def init_value(name: str, shape: tuple[int, ...], seed: int, cfg: ModelConfig) -> torch.Tensor:
+    """The canonical initial value of parameter `name`: a function of (seed, name, full shape) only."""
+    if name.endswith("norm.weight"):
+        return torch.ones(shape)
+    std = cfg.init_std
+    if name.endswith(("attn.wo.weight", "mlp.w2.weight")):
+        std /= math.sqrt(2 * cfg.n_layers)  # residual-branch outputs (GPT-2 scaling)
+    gen = torch.Generator().manual_seed(_seed_for(seed, name) % (2**63))
+    return torch.randn(shape, generator=gen) * std
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, seed: int) -> None:
+    """Fill every parameter from its canonical value, then take this rank's slice (sharding facts)."""
+    cfg = model.cfg
+    for name, p in model.named_parameters():
+        s = sharding_of(p)
+        p.copy_(s.take(init_value(name, s.full_shape, seed, cfg)))
+
+
+def count_params(cfg: ModelConfig) -> dict[str, int]:
+    """Canonical parameter counts from the config (no model built)."""
+    d, v, hd = cfg.d_model, cfg.vocab_size, cfg.d_model // cfg.n_heads
+    kv = cfg.n_kv_heads or cfg.n_heads
+    attn = d * cfg.n_heads * hd * 2 + d * kv * hd * 2
+    mlp = 3 * d * d_ff_of(cfg)
+    blocks = cfg.n_layers * (attn + mlp + 2 * d)
+    embedding = v * d
+    head = 0 if cfg.tie_embeddings else v * d
+    return {"embedding": embedding, "blocks": blocks, "head": head, "total": embedding + blocks + head + d}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 * N + 12 * L * H * Q * T (PaLM, appendix B), with N the parameters
+    that do matmul work per token (blocks, final norm and the output head, which multiplies even when it
+    is tied; the input embedding is a lookup), H heads, Q head dim, T sequence length."""
+    c = count_params(cfg)
+    n = c["blocks"] + cfg.d_model + cfg.vocab_size * cfg.d_model
+    return 6.0 * n + 12.0 * cfg.n_layers * cfg.n_heads * (cfg.d_model // cfg.n_heads) * seq_len

@@ -1,0 +1,73 @@
+"""Process-group start-up and facts about the device (peak FLOPs, peak memory)."""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from dtrain.config import DistConfig
+
+# Dense bf16 tensor-core peak (FLOP/s) by device name fragment; MFU is reported only when the peak is
+# known (from this table or train.peak_tflops).
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "A10G": 125e12,
+    "L4": 121e12,
+    "V100": 125e12,
+}
+
+
+def resolve_backend(name: str) -> str:
+    if name == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    return name
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(cfg: DistConfig) -> torch.device:
+    """Join the world torchrun describes in the environment, or make a one-process world without it."""
+    backend = resolve_backend(cfg.backend)
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise RuntimeError("dist.backend=nccl needs CUDA, which this machine lacks; use dist.backend=gloo")
+    if not dist.is_initialized():
+        timeout = timedelta(seconds=cfg.timeout_s)
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend, timeout=timeout)  # env:// rendezvous set up by torchrun
+        else:
+            init = f"tcp://127.0.0.1:{_free_port()}"
+            dist.init_process_group(backend, init_method=init, rank=0, world_size=1, timeout=timeout)
+    if backend == "nccl":
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def peak_flops(device: torch.device, configured_tflops: float | None) -> float | None:
+    if configured_tflops:
+        return configured_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for fragment, flops in PEAK_BF16_FLOPS.items():
+            if fragment in name:
+                return flops
+    return None
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated device memory on GPUs; peak resident set size of this process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

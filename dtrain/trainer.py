@@ -1,0 +1,260 @@
+"""The training loop, composed in the order of DESIGN.md:
+
+config -> validate -> grid -> model for this rank -> data-parallel wrapper -> optimizer -> loop with
+gradient accumulation, loss scaling, clipping, LR schedule, evaluation, logging and checkpoints.
+
+The loss of a step is sum(token losses) / (tokens in the global batch). Each micro-batch's backward uses
+that same global denominator, so summing gradients over micro-batches and data-parallel ranks yields the
+gradient of the global-batch mean loss exactly, whatever the layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from dtrain import checkpoint
+from dtrain.config import Config, TrainConfig, microbatches_per_rank, to_dict
+from dtrain.data import build_dataset, rank_microbatches
+from dtrain.metrics import MetricsLogger
+from dtrain.model import Transformer, count_params, flops_per_token, init_weights
+from dtrain.runtime import peak_flops, peak_memory_bytes
+from parallel.data_parallel import DataParallel
+from parallel.grid import ProcessGrid
+from parallel.precision import LossScaler, autocast
+from parallel.sharding import clip_grads_, global_grad_norm
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite gradients); the last good checkpoint is left intact."""
+
+
+def lr_at(step: int, t: TrainConfig) -> float:
+    """Linear warm-up over `warmup_steps`, then cosine decay from `lr` to `min_lr` at the last step."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (norm gains are not decayed)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Dropout randomness is a function of (seed, step, rank), so a resumed run draws the same masks."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{step}/{rank}".encode()).digest()[:8], "little") % 2**63
+
+
+def build_model(cfg: Config, grid: ProcessGrid, device: torch.device) -> Transformer:
+    model = Transformer(cfg.model, activation_checkpointing=cfg.train.activation_checkpointing)
+    init_weights(model, cfg.train.seed)  # canonical values: independent of the layout
+    return model.to(device)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    skipped: bool
+
+
+class Trainer:
+    def __init__(self, cfg: Config, grid: ProcessGrid, device: torch.device):
+        self.cfg, self.grid, self.device = cfg, grid, device
+        t = cfg.train
+        self.model = build_model(cfg, grid, device)
+        self.ddp = DataParallel(self.model, grid.dp_cp_group, bucket_mb=cfg.parallel.bucket_mb)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.model, t)
+        self.scaler = LossScaler(enabled=t.precision == "fp16")
+        self.train_data = build_dataset(cfg, "train")
+        self.val_data = build_dataset(cfg, "val")
+        self.global_tokens = t.global_batch_size * t.seq_len
+        self.step = 0  # optimizer steps completed
+        self.skipped_in_a_row = 0
+        self.tokens_seen = 0
+        self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
+        self.peak_flops = peak_flops(device, t.peak_tflops)
+
+    def _microbatches(self, dataset, step: int):
+        t, dp = self.cfg.train, self.grid.size("dp")
+        return rank_microbatches(
+            dataset, step, self.grid.coords.dp, dp, t.micro_batch_size, t.global_batch_size
+        )
+
+    def train_step(self) -> StepResult:
+        """One optimizer step on the global batch of step `self.step` (0-based)."""
+        t = self.cfg.train
+        lr = lr_at(self.step, t)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        torch.manual_seed(step_seed(t.seed, self.step, self.grid.rank))
+        self.model.train()
+        micro = self._microbatches(self.train_data, self.step)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        for j, (inputs, targets) in enumerate(micro):
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            last = j == len(micro) - 1
+            with contextlib.nullcontext() if last else self.ddp.no_sync():
+                with autocast(t.precision, self.device):
+                    token_loss_sum = self.ddp(inputs, targets)
+                (token_loss_sum * (self.scaler.scale / self.global_tokens)).backward()
+            loss_sum += token_loss_sum.detach().float()
+        self.ddp.finish_grad_sync()
+        if self.scaler.enabled:
+            torch._foreach_mul_([p.grad for p in self.params], 1.0 / self.scaler.scale)
+        g = self.grid
+        grad_norm = global_grad_norm(
+            self.params, tp_group=g.tp_group, pp_group=g.pp_group, ep_group=g.ep_group
+        )
+        # The norm is reduced over every group that holds distinct gradients, so every rank sees the same
+        # value and takes the same decision here without another collective.
+        skipped = not bool(torch.isfinite(grad_norm))
+        if skipped:
+            self._on_overflow(grad_norm)
+        else:
+            clip_grads_(self.params, t.grad_clip, grad_norm)
+            self.optimizer.step()
+            self.skipped_in_a_row = 0
+        self.scaler.update(skipped)
+        self.ddp.zero_grad()
+        if self.grid.size("dp") > 1:
+            dist.all_reduce(loss_sum, group=self.grid.dp_group)
+        self.step += 1
+        self.tokens_seen += self.global_tokens
+        return StepResult(float(loss_sum) / self.global_tokens, float(grad_norm), skipped)
+
+    def _on_overflow(self, grad_norm: torch.Tensor) -> None:
+        t = self.cfg.train
+        step = self.step + 1
+        if not self.scaler.enabled:
+            raise TrainingError(
+                f"non-finite gradient norm ({float(grad_norm)}) at step {step}; lower train.lr or use "
+                f"train.precision=fp32; the last checkpoint is intact"
+            )
+        self.skipped_in_a_row += 1
+        if t.max_skipped_steps and self.skipped_in_a_row >= t.max_skipped_steps:
+            raise TrainingError(
+                f"{self.skipped_in_a_row} consecutive fp16 overflows up to step {step}; "
+                f"use train.precision=bf16 or lower train.lr"
+            )
+
+    @torch.no_grad()
+    def evaluate(self) -> dict | None:
+        if self.val_data is None or self.cfg.train.eval_batches == 0:
+            return None
+        t = self.cfg.train
+        self.model.eval()
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        for k in range(t.eval_batches):
+            for inputs, targets in self._microbatches(self.val_data, k):
+                with autocast(t.precision, self.device):
+                    total += self.model(inputs.to(self.device), targets.to(self.device)).float()
+        if self.grid.size("dp") > 1:
+            dist.all_reduce(total, group=self.grid.dp_group)
+        loss = float(total) / (self.global_tokens * t.eval_batches)
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+    def save(self) -> str:
+        extra = {
+            "scaler": self.scaler.state_dict(),
+            "tokens_seen": self.tokens_seen,
+            "layout": self.grid.layout.sizes,
+            "config": to_dict(self.cfg),
+        }
+        return checkpoint.save(
+            self.cfg.run.out_dir,
+            self.step,
+            self.model,
+            self.optimizer,
+            extra,
+            keep=self.cfg.run.keep_checkpoints,
+            is_writer=self.grid.rank == 0,
+        )
+
+    def resume(self, path: str) -> None:
+        state = checkpoint.restore(path, self.model, self.optimizer)
+        self.step = int(state["step"])
+        self.tokens_seen = int(state.get("tokens_seen", self.step * self.global_tokens))
+        self.scaler.load_state_dict(state["scaler"])
+
+    def resume_path(self) -> str | None:
+        resume = self.cfg.run.resume
+        if resume is True:
+            return checkpoint.latest_valid(self.cfg.run.out_dir, warn=self._say)
+        if isinstance(resume, str):
+            checkpoint.verify(resume)
+            return resume
+        return None
+
+    def _say(self, text: str) -> None:
+        if self.grid.rank == 0:
+            print(text, flush=True)
+
+    def fit(self) -> list[dict]:
+        """Train to `train.steps`; returns the records logged (rank 0's view on every rank)."""
+        cfg, t, r = self.cfg, self.cfg.train, self.cfg.run
+        path = self.resume_path()
+        if path is not None:
+            self.resume(path)
+            self._say(f"resumed from {path} at step {self.step}")
+        logger = MetricsLogger(r.out_dir, t.steps, r.log_every, self.step, enabled=self.grid.rank == 0)
+        n_params = count_params(cfg.model)["total"]
+        self._say(
+            f"dtrain: {n_params / 1e6:.2f}M parameters | {self.grid.describe()} | "
+            f"{microbatches_per_rank(cfg)} micro-batches of {t.micro_batch_size} per rank | {t.precision} | "
+            f"out_dir {r.out_dir}"
+        )
+        records = []
+        try:
+            while self.step < t.steps:
+                started = time.perf_counter()
+                result = self.train_step()
+                elapsed = time.perf_counter() - started
+                record = self._record(result, elapsed)
+                last = self.step == t.steps
+                if (t.eval_every and self.step % t.eval_every == 0) or last:
+                    record.update(self.evaluate() or {})
+                logger.log(record)
+                records.append(record)
+                if (r.ckpt_every and self.step % r.ckpt_every == 0) or last:
+                    path = self.save()
+                    logger.message(f"saved checkpoint {path}")
+        finally:
+            logger.close()
+        return records
+
+    def _record(self, result: StepResult, elapsed: float) -> dict:
+        tokens_per_s = self.global_tokens / elapsed
+        record = {
+            "step": self.step,
+            "loss": result.loss,
+            "grad_norm": result.grad_norm,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "tokens": self.tokens_seen,
+            "step_time_s": elapsed,
+            "tokens_per_s": tokens_per_s,
+        }
+        if self.peak_flops:
+            record["mfu"] = self.flops_per_token * tokens_per_s / (self.peak_flops * self.grid.world_size)
+        if self.scaler.enabled:
+            record["loss_scale"] = self.scaler.scale
+        if result.skipped:
+            record["skipped"] = True
+        if self.step % self.cfg.run.log_every == 0 or self.step == self.cfg.train.steps:
+            mem = torch.tensor([peak_memory_bytes(self.device)], dtype=torch.float64, device=self.device)
+            gathered = [torch.zeros_like(mem) for _ in range(self.grid.world_size)]
+            dist.all_gather(gathered, mem)
+            record["peak_mem_mb"] = [round(float(m) / 2**20, 1) for m in gathered]
+        return record

@@ -1,0 +1,131 @@
+"""Data parallelism, hand-written: bucketed gradient all-reduce overlapped with backward.
+
+Every data-parallel rank runs the whole model on its own slice of the global batch. The trainer divides
+each micro-batch's token-loss sum by the token count of the *global* batch, so the gradient of the global
+loss is the plain sum of every rank's local gradient:
+
+    g = sum_r g_r              (all-reduce SUM over dp_group, no division here)
+
+Gradients live in flat fp32 buckets of about `bucket_mb` MB, filled in backward order (the reverse of
+registration order, the order in which autograd produces them). `param.grad` is a view into its bucket,
+so autograd accumulates micro-batches in place and the bucket is all-reduced with one collective. A
+post-accumulate-grad hook counts the parameters of a bucket as they finish; when a bucket is complete its
+all-reduce is launched asynchronously, overlapping the rest of backward. Buckets are launched strictly in
+index order on every rank, so the collectives match across ranks even if hooks fire in another order.
+On non-final micro-batches of an accumulation (`no_sync`) nothing is communicated.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class Bucket:
+    params: list[nn.Parameter]
+    buffer: torch.Tensor
+    pending: int = 0  # parameters of this bucket whose gradient is not final yet in this backward
+    work: dist.Work | None = None
+
+
+def plan_buckets(sizes_bytes: list[int], bucket_bytes: int) -> list[list[int]]:
+    """Greedy split of parameters (given in backward order) into consecutive buckets of at most
+    `bucket_bytes` (a parameter larger than that gets a bucket of its own)."""
+    buckets: list[list[int]] = []
+    current, filled = [], 0
+    for i, size in enumerate(sizes_bytes):
+        if current and filled + size > bucket_bytes:
+            buckets.append(current)
+            current, filled = [], 0
+        current.append(i)
+        filled += size
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+class DataParallel(nn.Module):
+    """Wraps a module; gradients of its parameters are summed over `group` after the last micro-batch.
+
+    Use `no_sync()` around the backward passes of non-final micro-batches, `finish_grad_sync()` after
+    the final backward (it waits for every bucket), and `zero_grad()` instead of the optimizer's (the
+    gradients are views into the buckets and must stay so).
+    """
+
+    def __init__(self, module: nn.Module, group: dist.ProcessGroup, bucket_mb: float = 25.0):
+        super().__init__()
+        self.module = module
+        self.group = group
+        self.group_size = dist.get_world_size(group)
+        self.sync_grads = True
+        params = [p for p in module.parameters() if p.requires_grad]
+        params.reverse()  # backward order
+        dtype = torch.float32  # gradients are reduced in fp32 whatever the compute precision
+        plan = plan_buckets([p.numel() * 4 for p in params], int(bucket_mb * 2**20))
+        self.buckets: list[Bucket] = []
+        self._bucket_of: dict[nn.Parameter, int] = {}
+        for b, members in enumerate(plan):
+            bucket_params = [params[i] for i in members]
+            total = sum(p.numel() for p in bucket_params)
+            bucket = Bucket(bucket_params, torch.zeros(total, dtype=dtype, device=bucket_params[0].device))
+            offset = 0
+            for p in bucket_params:
+                if p.dtype != dtype:
+                    raise TypeError(f"DataParallel keeps fp32 parameters (master weights); got {p.dtype}")
+                p.grad = bucket.buffer[offset : offset + p.numel()].view_as(p)
+                offset += p.numel()
+                self._bucket_of[p] = b
+                p.register_post_accumulate_grad_hook(self._grad_ready)
+            self.buckets.append(bucket)
+        self._reset()
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    @contextmanager
+    def no_sync(self):
+        previous, self.sync_grads = self.sync_grads, False
+        try:
+            yield
+        finally:
+            self.sync_grads = previous
+
+    def _reset(self) -> None:
+        for bucket in self.buckets:
+            bucket.pending, bucket.work = len(bucket.params), None
+        self._next_launch = 0
+
+    def _grad_ready(self, param: nn.Parameter) -> None:
+        if not self.sync_grads:
+            return
+        bucket = self.buckets[self._bucket_of[param]]
+        bucket.pending -= 1
+        # Launch every complete bucket in index order; a later bucket that finishes first waits for its
+        # predecessors so all ranks issue the same sequence of collectives.
+        while self._next_launch < len(self.buckets) and self.buckets[self._next_launch].pending == 0:
+            self._launch(self.buckets[self._next_launch])
+            self._next_launch += 1
+
+    def _launch(self, bucket: Bucket) -> None:
+        if self.group_size > 1:
+            bucket.work = dist.all_reduce(
+                bucket.buffer, op=dist.ReduceOp.SUM, group=self.group, async_op=True
+            )
+
+    def finish_grad_sync(self) -> None:
+        """Launch buckets whose parameters got no gradient this step (unused in forward), then wait."""
+        for bucket in self.buckets[self._next_launch :]:
+            self._launch(bucket)
+        for bucket in self.buckets:
+            if bucket.work is not None:
+                bucket.work.wait()
+        self._reset()
+
+    def zero_grad(self) -> None:
+        for bucket in self.buckets:
+            bucket.buffer.zero_()

@@ -1,0 +1,154 @@
+"""The process grid: one world of W ranks factored as W = pp * dp * cp * tp.
+
+`tp` varies fastest so that a tensor-parallel group is made of neighbouring ranks (same node, fastest
+links), then `cp`, then `dp`, then `pp`:
+
+    rank = ((pp_i * dp + dp_i) * cp + cp_i) * tp + tp_i
+
+Expert parallelism adds no dimension: the data-parallel index is split as dp_i = edp_i * ep + ep_i, so
+an `ep` group is `ep` neighbouring data-parallel ranks (experts spread over it), and the matching
+expert-data-parallel group `edp` (size dp / ep) joins the ranks that hold the same experts; expert
+gradients are reduced over `edp`, dense gradients over `dp`.
+
+`layout()` is a pure function (tested without processes); `ProcessGrid` creates the torch.distributed
+groups from it. Nothing here is global: a test can build several grids in one world.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+AXES = ("pp", "dp", "cp", "tp")  # slowest to fastest
+GROUP_NAMES = ("pp", "dp", "cp", "tp", "ep", "edp", "dp_cp")
+
+
+class GridError(ValueError):
+    """A layout that cannot be built; the message names the sizes to change."""
+
+
+@dataclass(frozen=True)
+class Coords:
+    pp: int
+    dp: int
+    cp: int
+    tp: int
+    ep: int
+    edp: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Sizes, every rank's coordinates, and for each group name the list of rank-lists partitioning the
+    world (each inner list in ascending rank order)."""
+
+    sizes: dict[str, int]
+    coords: tuple[Coords, ...]
+    groups: dict[str, tuple[tuple[int, ...], ...]]
+
+
+def layout(world_size: int, *, tp: int = 1, cp: int = 1, dp: int = -1, pp: int = 1, ep: int = 1) -> Layout:
+    for name, value in (("tp", tp), ("cp", cp), ("pp", pp), ("ep", ep)):
+        if value < 1:
+            raise GridError(f"{name}={value} must be at least 1")
+    model = tp * cp * pp
+    if dp == -1:
+        if world_size % model:
+            raise GridError(f"world size {world_size} is not divisible by tp*cp*pp={model}")
+        dp = world_size // model
+    if dp < 1 or dp * model != world_size:
+        raise GridError(
+            f"pp*dp*cp*tp={pp}*{dp}*{cp}*{tp}={dp * model} does not match world size {world_size}"
+        )
+    if dp % ep:
+        raise GridError(
+            f"ep={ep} must divide dp={dp}: expert groups are carved out of the data-parallel ranks"
+        )
+    sizes = {"pp": pp, "dp": dp, "cp": cp, "tp": tp, "ep": ep, "edp": dp // ep, "dp_cp": dp * cp}
+
+    def rank_of(pp_i: int, dp_i: int, cp_i: int, tp_i: int) -> int:
+        return ((pp_i * dp + dp_i) * cp + cp_i) * tp + tp_i
+
+    coords = []
+    for r in range(world_size):
+        tp_i, rest = r % tp, r // tp
+        cp_i, rest = rest % cp, rest // cp
+        dp_i, pp_i = rest % dp, rest // dp
+        coords.append(Coords(pp=pp_i, dp=dp_i, cp=cp_i, tp=tp_i, ep=dp_i % ep, edp=dp_i // ep))
+
+    # A group is the set of ranks that agree on every coordinate except the ones it spans.
+    def groups_spanning(key) -> tuple[tuple[int, ...], ...]:
+        buckets: dict[tuple, list[int]] = {}
+        for r, c in enumerate(coords):
+            buckets.setdefault(key(c), []).append(r)
+        return tuple(tuple(sorted(v)) for v in buckets.values())
+
+    groups = {
+        "tp": groups_spanning(lambda c: (c.pp, c.dp, c.cp)),
+        "cp": groups_spanning(lambda c: (c.pp, c.dp, c.tp)),
+        "dp": groups_spanning(lambda c: (c.pp, c.cp, c.tp)),
+        "pp": groups_spanning(lambda c: (c.dp, c.cp, c.tp)),
+        "ep": groups_spanning(lambda c: (c.pp, c.cp, c.tp, c.edp)),
+        "edp": groups_spanning(lambda c: (c.pp, c.cp, c.tp, c.ep)),
+        # Gradients of dense parameters are reduced over data and context ranks together.
+        "dp_cp": groups_spanning(lambda c: (c.pp, c.tp)),
+    }
+    assert rank_of(coords[-1].pp, coords[-1].dp, coords[-1].cp, coords[-1].tp) == world_size - 1
+    return Layout(sizes=sizes, coords=tuple(coords), groups=groups)
+
+
+class ProcessGrid:
+    """This rank's view of a `Layout`: its coordinates and a process group per axis.
+
+    Every rank of the world must construct the same grid in the same order (group creation is a
+    collective over the world). A group of size 1 is still a real group, but collectives over it are
+    skipped by the library (`size(name) == 1`), so unused axes cost nothing at run time.
+    """
+
+    def __init__(self, *, tp: int = 1, cp: int = 1, dp: int = -1, pp: int = 1, ep: int = 1, backend=None):
+        if not dist.is_initialized():
+            raise GridError("torch.distributed is not initialised; call init_process_group first")
+        self.world_size = dist.get_world_size()
+        self.rank = dist.get_rank()
+        self.layout = layout(self.world_size, tp=tp, cp=cp, dp=dp, pp=pp, ep=ep)
+        self.coords = self.layout.coords[self.rank]
+        self._groups: dict[str, dist.ProcessGroup] = {}
+        self._ranks: dict[str, tuple[int, ...]] = {}
+        for name in GROUP_NAMES:
+            for ranks in self.layout.groups[name]:
+                group = dist.new_group(list(ranks), backend=backend)  # collective: every rank calls
+                if self.rank in ranks:
+                    self._groups[name], self._ranks[name] = group, ranks
+
+    def size(self, name: str) -> int:
+        return self.layout.sizes[name]
+
+    def rank_in(self, name: str) -> int:
+        return self._ranks[name].index(self.rank)
+
+    def group(self, name: str) -> dist.ProcessGroup:
+        return self._groups[name]
+
+    def ranks(self, name: str) -> tuple[int, ...]:
+        return self._ranks[name]
+
+    tp_group = property(lambda self: self._groups["tp"])
+    cp_group = property(lambda self: self._groups["cp"])
+    dp_group = property(lambda self: self._groups["dp"])
+    pp_group = property(lambda self: self._groups["pp"])
+    ep_group = property(lambda self: self._groups["ep"])
+    edp_group = property(lambda self: self._groups["edp"])
+    dp_cp_group = property(lambda self: self._groups["dp_cp"])
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.coords.pp == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.coords.pp == self.size("pp") - 1
+
+    def describe(self) -> str:
+        s = self.layout.sizes
+        return f"pp={s['pp']} dp={s['dp']} cp={s['cp']} tp={s['tp']} ep={s['ep']} (world {self.world_size})"

@@ -1,0 +1,17 @@
+import pytest
+
+from tests.harness import World
+
+
+@pytest.fixture(scope="session")
+def world2():
+    world = World(2)
+    yield world
+    world.close()
+
+
+@pytest.fixture(scope="session")
+def world4():
+    world = World(4)
+    yield world
+    world.close()

@@ -1,0 +1,126 @@
+"""A Gloo world of N CPU processes, spawned once and reused by many test cases.
+
+Spawning and importing torch costs seconds per process on a 2-core machine, so a world stays up for the
+whole session: `world.run(fn, *args)` sends a module-level function to every rank, runs it there with
+torch.distributed initialised, and returns the list of per-rank results (an exception on any rank is
+re-raised here with that rank's traceback). A case that fails or hangs tears the world down; the next
+case gets a fresh one.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import traceback
+from datetime import timedelta
+
+import torch.multiprocessing as mp
+
+CASE_TIMEOUT_S = 240
+COLLECTIVE_TIMEOUT_S = 120
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # N processes share 2 cores; more threads only thrash
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+    )
+    while True:
+        task = tasks.get()
+        if task is None:
+            break
+        fn, args, kwargs = task
+        try:
+            results.put((rank, True, fn(*args, **kwargs)))
+        except BaseException:
+            results.put((rank, False, traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class WorldError(AssertionError):
+    pass
+
+
+class World:
+    def __init__(self, size: int):
+        self.size = size
+        self.procs = []
+
+    def _start(self) -> None:
+        ctx = mp.get_context("spawn")
+        port = _free_port()
+        self.tasks = [ctx.Queue() for _ in range(self.size)]
+        self.results = ctx.Queue()
+        self.procs = [
+            ctx.Process(target=_worker, args=(r, self.size, port, self.tasks[r], self.results), daemon=True)
+            for r in range(self.size)
+        ]
+        for p in self.procs:
+            p.start()
+
+    def run(self, fn, *args, **kwargs) -> list:
+        if not self.procs:
+            self._start()
+        for q in self.tasks:
+            q.put((fn, args, kwargs))
+        out, errors = [None] * self.size, []
+        for _ in range(self.size):
+            try:
+                rank, ok, value = self.results.get(timeout=CASE_TIMEOUT_S)
+            except queue.Empty:
+                self.close(force=True)
+                raise WorldError(
+                    f"{fn.__name__} did not finish on every rank within {CASE_TIMEOUT_S}s"
+                ) from None
+            if ok:
+                out[rank] = value
+            else:
+                errors.append(f"--- rank {rank} ---\n{value}")
+                # Other ranks may now be stuck in a collective: do not wait for them.
+                self.close(force=True)
+                raise WorldError(f"{fn.__name__} failed:\n" + "\n".join(errors))
+        return out
+
+    def close(self, force: bool = False) -> None:
+        if not self.procs:
+            return
+        if not force:
+            for q in self.tasks:
+                q.put(None)
+            for p in self.procs:
+                p.join(timeout=30)
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+        self.procs = []
+
+
+_GRIDS: dict = {}
+
+
+def grid(**sizes):
+    """A ProcessGrid per layout, built once per worker (group creation is a world-wide collective)."""
+    from parallel.grid import ProcessGrid
+
+    key = tuple(sorted(sizes.items()))
+    if key not in _GRIDS:
+        _GRIDS[key] = ProcessGrid(**sizes)
+    return _GRIDS[key]
+
+
+def repo_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,0 +1,124 @@
+"""Reference training loops the equivalence tests compare against: torch's own DistributedDataParallel,
+and one plain process on the full global batch. They share with dtrain only the model, the data, the
+optimizer construction and the LR schedule; the parallelism, reduction, clipping and loss scaling are
+torch's."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from dtrain.config import load_config, validate
+from dtrain.data import build_dataset, rank_microbatches
+from dtrain.model import Transformer, init_weights
+from dtrain.trainer import build_optimizer, lr_at
+from parallel.precision import DTYPES
+
+TINY = [
+    "model.vocab_size=96",
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.max_seq_len=32",
+    "train.seq_len=16",
+    "train.global_batch_size=16",
+    "train.micro_batch_size=4",
+    "train.steps=6",
+    "train.warmup_steps=2",
+    "train.lr=1e-2",
+    "train.min_lr=1e-3",
+    "train.grad_clip=1.0",
+    "run.log_every=1000",
+]
+
+
+def tiny_config(world_size: int, *overrides: str):
+    return validate(load_config(None, [*TINY, *overrides]), world_size)
+
+
+def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _autocast(precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=DTYPES[precision])
+
+
+def torch_ddp_run(cfg, group=None) -> dict:
+    """Train `cfg.train.steps` steps with torch DDP over `group` (default: the world)."""
+    t = cfg.train
+    dp, rank = dist.get_world_size(group), dist.get_rank(group)
+    model = Transformer(cfg.model)
+    init_weights(model, t.seed)
+    ddp = DistributedDataParallel(model, process_group=group)
+    opt = build_optimizer(model, t)
+    scaler = torch.amp.GradScaler("cpu", enabled=t.precision == "fp16")
+    data = build_dataset(cfg, "train")
+    tokens = t.global_batch_size * t.seq_len
+    losses, norms = [], []
+    for step in range(t.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, t)
+        micro = rank_microbatches(data, step, rank, dp, t.micro_batch_size, t.global_batch_size)
+        local = torch.zeros(())
+        for j, (x, y) in enumerate(micro):
+            with contextlib.nullcontext() if j == len(micro) - 1 else ddp.no_sync():
+                with _autocast(t.precision):
+                    loss_sum = ddp(x, y)
+                # DDP averages over ranks; our loss is already normalised by the global token count.
+                scaler.scale(loss_sum / tokens * dp).backward()
+            local += loss_sum.detach().float()
+        scaler.unscale_(opt)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        dist.all_reduce(local, group=group)
+        losses.append(float(local) / tokens)
+        norms.append(float(norm))
+    return {"losses": losses, "grad_norms": norms, "params": full_params(model)}
+
+
+def single_process_run(cfg) -> dict:
+    """The same training in one process on the whole global batch, no torch.distributed at all."""
+    t = cfg.train
+    model = Transformer(cfg.model)
+    init_weights(model, t.seed)
+    opt = build_optimizer(model, t)
+    data = build_dataset(cfg, "train")
+    tokens = t.global_batch_size * t.seq_len
+    losses, norms = [], []
+    for step in range(t.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, t)
+        total = torch.zeros(())
+        for x, y in rank_microbatches(data, step, 0, 1, t.micro_batch_size, t.global_batch_size):
+            loss_sum = model(x, y)
+            (loss_sum / tokens).backward()
+            total += loss_sum.detach()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(total) / tokens)
+        norms.append(float(norm))
+    return {"losses": losses, "grad_norms": norms, "params": full_params(model)}
+
+
+def dtrain_run(cfg, grid) -> dict:
+    from dtrain.trainer import Trainer
+
+    trainer = Trainer(cfg, grid, torch.device("cpu"))
+    results = [trainer.train_step() for _ in range(cfg.train.steps)]
+    return {
+        "losses": [r.loss for r in results],
+        "grad_norms": [r.grad_norm for r in results],
+        "skipped": [r.skipped for r in results],
+        "params": full_params(trainer.model),
+        "trainer": None,
+    }

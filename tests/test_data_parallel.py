@@ -1,0 +1,159 @@
+"""Our hand-written DDP against torch's DistributedDataParallel and against one process on the full
+batch: per-step loss, gradient norm and final parameters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests import harness
+from tests.reference import dtrain_run, single_process_run, tiny_config, torch_ddp_run
+from tests.tolerances import FP32, LOW_PRECISION
+
+
+def compare(ours: dict, ref: dict, tol: dict | None) -> None:
+    """tol=None: bitwise equality. Otherwise losses and grad norms elementwise, parameters per tensor in
+    the 2-norm (see tests/tolerances.py)."""
+    assert ours["params"].keys() == ref["params"].keys()
+    if tol is None:
+        assert ours["losses"] == ref["losses"]
+        assert ours["grad_norms"] == ref["grad_norms"]
+        for name, value in ours["params"].items():
+            assert torch.equal(value, ref["params"][name]), name
+        return
+    torch.testing.assert_close(torch.tensor(ours["losses"]), torch.tensor(ref["losses"]), **tol)
+    torch.testing.assert_close(torch.tensor(ours["grad_norms"]), torch.tensor(ref["grad_norms"]), **tol)
+    for name, value in ours["params"].items():
+        err = float((value - ref["params"][name]).norm() / ref["params"][name].norm())
+        assert err <= tol["rtol"], f"{name}: relative 2-norm difference {err:.2e} > {tol['rtol']:.0e}"
+
+
+def equivalence_case(overrides: tuple[str, ...]) -> list[float]:
+    world = dist.get_world_size()
+    cfg = tiny_config(world, *overrides)
+    ours = dtrain_run(cfg, harness.grid(dp=world))
+    fp32 = cfg.train.precision == "fp32"
+    tol = FP32 if fp32 else LOW_PRECISION[cfg.train.precision]
+    # Two ranks sum gradients exactly as torch DDP does, so fp32 must agree to the bit there.
+    compare(ours, torch_ddp_run(tiny_config(world, *overrides)), None if fp32 and world == 2 else tol)
+    if cfg.train.precision == "fp32" and dist.get_rank() == 0:
+        compare(ours, single_process_run(tiny_config(1, *overrides, "parallel.dp=1")), FP32)
+    # Every rank must hold the same parameters after the steps (the reduction reached all of them).
+    flat = torch.cat([p.flatten() for p in ours["params"].values()])
+    gathered = [torch.zeros_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    assert all(torch.equal(g, gathered[0]) for g in gathered)
+    return ours["losses"]
+
+
+CASES_2 = {
+    "accumulate-2-many-buckets": ("parallel.bucket_mb=0.001",),
+    "accumulate-2-one-bucket": ("parallel.bucket_mb=100",),
+    "no-accumulation": ("train.global_batch_size=8",),
+    "tied-embeddings": ("model.tie_embeddings=true", "parallel.bucket_mb=0.004"),
+    "no-clipping-ckpt": ("train.grad_clip=0", "train.activation_checkpointing=true"),
+    "bf16": ("train.precision=bf16", "train.steps=8"),
+    "fp16": ("train.precision=fp16", "train.steps=8"),
+}
+
+
+@pytest.mark.parametrize("overrides", CASES_2.values(), ids=CASES_2.keys())
+def test_matches_torch_ddp_2_ranks(world2, overrides):
+    losses = world2.run(equivalence_case, overrides)[0]
+    assert losses[-1] < losses[0]  # the comparison is between runs that actually learn
+
+
+CASES_4 = {
+    "accumulate-2-many-buckets": ("train.global_batch_size=32", "parallel.bucket_mb=0.002"),
+    "no-accumulation": ("parallel.bucket_mb=0.01",),
+}
+
+
+@pytest.mark.parametrize("overrides", CASES_4.values(), ids=CASES_4.keys())
+def test_matches_torch_ddp_4_ranks(world4, overrides):
+    world4.run(equivalence_case, overrides)
+
+
+def overlap_case() -> dict:
+    """Record when each bucket's all-reduce starts relative to the gradient hooks of one backward."""
+    from parallel.data_parallel import DataParallel
+
+    cfg = tiny_config(dist.get_world_size(), "parallel.bucket_mb=0.002")
+    g = harness.grid(dp=dist.get_world_size())
+    from dtrain.model import Transformer, init_weights
+
+    model = Transformer(cfg.model)
+    init_weights(model, 0)
+    ddp = DataParallel(model, g.dp_group, bucket_mb=cfg.parallel.bucket_mb)
+    n_params = sum(1 for _ in model.parameters())
+    fired, launches = [0], []
+    original_launch = ddp._launch
+
+    def recording_launch(bucket):
+        launches.append(fired[0])
+        original_launch(bucket)
+
+    def count(_):  # registered after DataParallel's own hook, so it counts the gradients finished before
+        fired[0] += 1
+
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(count)
+    ddp._launch = recording_launch
+    x = torch.randint(0, cfg.model.vocab_size, (2, 8))
+    with ddp.no_sync():
+        ddp(x, x).backward()
+    during_no_sync, fired[0] = len(launches), 0
+    ddp(x, x).backward()
+    ddp.finish_grad_sync()
+    return {
+        "buckets": len(ddp.buckets),
+        "n_params": n_params,
+        "no_sync": during_no_sync,
+        "launches": launches,
+    }
+
+
+def test_buckets_overlap_backward_and_skip_non_final_microbatches(world2):
+    info = world2.run(overlap_case)[0]
+    assert info["buckets"] > 4
+    assert info["no_sync"] == 0
+    assert len(info["launches"]) == info["buckets"]
+    # The first all-reduce starts while most gradients are still to come: communication overlaps backward.
+    assert info["launches"][0] < info["n_params"] // 2
+    assert info["launches"] == sorted(info["launches"])
+
+
+def fp16_skip_case() -> dict:
+    """An overflow on one rank only: every rank must skip the step and halve the scale."""
+    world = dist.get_world_size()
+    cfg = tiny_config(world, "train.precision=fp16", "train.steps=2")
+    from dtrain.trainer import Trainer
+
+    trainer = Trainer(cfg, harness.grid(dp=world), torch.device("cpu"))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    handle = None
+    if dist.get_rank() == 1:
+        handle = trainer.model.blocks["0"].attn.wq.weight.register_hook(lambda g: g * float("inf"))
+    first = trainer.train_step()
+    if handle is not None:
+        handle.remove()
+    unchanged = all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+    scale_after_skip = trainer.scaler.scale
+    second = trainer.train_step()
+    return {"skipped": [first.skipped, second.skipped], "unchanged": unchanged, "scale": scale_after_skip}
+
+
+def test_fp16_overflow_on_one_rank_is_skipped_by_all(world2):
+    for info in world2.run(fp16_skip_case):
+        assert info["skipped"] == [True, False]
+        assert info["unchanged"]
+        assert info["scale"] == 2.0**15
+
+
+def test_plan_buckets():
+    from parallel.data_parallel import plan_buckets
+
+    assert plan_buckets([4, 4, 4, 4], 8) == [[0, 1], [2, 3]]
+    assert plan_buckets([4, 20, 4], 8) == [[0], [1], [2]]  # an oversized parameter gets its own bucket
+    assert plan_buckets([1, 1, 1], 100) == [[0, 1, 2]]

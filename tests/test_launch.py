@@ -1,0 +1,141 @@
+"""The launcher's argument handling: what it hands torchrun, and how it refuses a bad config. Nothing is
+launched except one short `python -m launch` that fails before torch is imported."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dtrain.config import ConfigError
+from launch import build_torchrun_argv
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    """A minimal config file with `parallel` set as given (dp=2 unless told otherwise)."""
+
+    def make(**parallel) -> str:
+        parallel = {"dp": 2, **parallel}
+        path = tmp_path / "run.yaml"
+        items = ", ".join(f"{k}: {v}" for k, v in parallel.items())
+        path.write_text(f"parallel: {{{items}}}\ntrain: {{global_batch_size: 16, micro_batch_size: 2}}\n")
+        return str(path)
+
+    return make
+
+
+def test_nproc_from_config_and_standalone(cfg):
+    path = cfg()
+    argv = build_torchrun_argv([path, "train.steps=5", "run.out_dir=/tmp/x"])
+    assert argv == [
+        "--nproc-per-node", "2", "--standalone",
+        "--module", "dtrain", "train", path, "train.steps=5", "run.out_dir=/tmp/x",
+    ]  # fmt: skip
+
+
+def test_overrides_change_the_world(cfg):
+    argv = build_torchrun_argv([cfg(), "parallel.dp=4"])
+    assert argv[:3] == ["--nproc-per-node", "4", "--standalone"]
+    assert argv[-1] == "parallel.dp=4"
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        ["--rdzv-backend", "c10d", "--rdzv-endpoint", "node0:29400", "--rdzv-id", "job1"],
+        ["--rdzv_backend=c10d", "--rdzv_endpoint=node0:29400"],
+        ["--master-addr", "127.0.0.1", "--master-port=29600"],
+        ["--standalone"],
+    ],
+)
+def test_rendezvous_options_pass_through_without_standalone(cfg, opts):
+    path = cfg()
+    argv = build_torchrun_argv([*opts, path])
+    assert argv == [*opts, "--nproc-per-node", "2", "--module", "dtrain", "train", path]
+
+
+def test_other_options_pass_through_in_both_forms(cfg):
+    path = cfg()
+    opts = ["--max-restarts", "3", "--max_restarts=3", "--log-dir", "/tmp/logs", "-r", "3", "-t3"]
+    argv = build_torchrun_argv([*opts, path])
+    assert argv == [*opts, "--nproc-per-node", "2", "--standalone", "--module", "dtrain", "train", path]
+
+
+@pytest.mark.parametrize("form", [["--nproc-per-node", "2"], ["--nproc_per_node=2"]])
+def test_given_nproc_is_kept_and_checked(cfg, form):
+    path = cfg()
+    assert build_torchrun_argv([*form, path]) == [*form, "--standalone", "--module", "dtrain", "train", path]
+    bad = [form[0], "3"] if len(form) == 2 else ["--nproc_per_node=3"]
+    with pytest.raises(ConfigError, match="does not match the world size 3"):
+        build_torchrun_argv([*bad, path])
+
+
+def test_nnodes_divides_the_world(cfg):
+    path = cfg(dp=8)
+    rdzv = ["--rdzv-backend=c10d", "--rdzv-endpoint=node0:29400", "--rdzv-id=7"]
+    argv = build_torchrun_argv(["--nnodes", "2", *rdzv, path])
+    assert argv == ["--nnodes", "2", *rdzv, "--nproc-per-node", "4", "--module", "dtrain", "train", path]
+    assert "--standalone" not in build_torchrun_argv(["--nnodes=2", "--node-rank=1", path])
+    with pytest.raises(ConfigError, match="not divisible by --nnodes=3"):
+        build_torchrun_argv(["--nnodes=3", *rdzv, path])
+    with pytest.raises(ConfigError, match="fixed node count"):
+        build_torchrun_argv(["--nnodes=1:4", *rdzv, path])
+
+
+def test_dp_fill_without_cuda_needs_a_count(cfg, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    path = cfg(dp=-1)
+    with pytest.raises(ConfigError, match=r"set parallel.dp=N or pass --nproc-per-node N"):
+        build_torchrun_argv([path])
+    # an explicit count fills dp instead
+    assert build_torchrun_argv(["--nproc-per-node=2", path])[:2] == ["--nproc-per-node=2", "--standalone"]
+
+
+def test_dp_fill_counts_gpus(cfg, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    path = cfg(dp=-1)
+    argv = build_torchrun_argv(["--nnodes=2", "--rdzv-endpoint=node0:29400", path])
+    assert argv[:3] == ["--nnodes=2", "--rdzv-endpoint=node0:29400", "--nproc-per-node"]
+    assert argv[3] == "4"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--nnodes"], "needs a value"),
+        (["--standalone"], "no CONFIG given"),
+        (["-m", "x.yaml"], "set by the launcher"),
+        (["--nproc-per-node=gpu", "x.yaml"], "must be a positive number"),
+        (["missing.yaml"], "does not exist"),
+    ],
+)
+def test_usage_errors(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        build_torchrun_argv(argv)
+
+
+def test_bad_config_exits_2_with_one_line(cfg):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run(
+        [sys.executable, "-m", "launch", cfg(), "model.n_heads=3"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("launch: error: model.n_heads=3"), out.stderr
+    assert out.stdout == ""
