@@ -106,6 +106,9 @@ class RunConfig:
 class DistConfig:
     backend: str = "auto"
     timeout_s: float = 300.0
+    nproc_per_node: int | None = (
+        None  # what `python -m launch` starts when parallel.dp=-1 (None: one per GPU)
+    )
 
 
 @dataclass
@@ -314,5 +317,7 @@ def validate(cfg: Config, world_size: int) -> Config:
         r.resume = r.resume.lower() == "true"
     if isinstance(r.resume, str):
         _require(os.path.isdir(r.resume), f"run.resume={r.resume!r} is not a checkpoint folder")
+    n = cfg.dist.nproc_per_node
+    _require(n is None or n >= 1, f"dist.nproc_per_node={n} must be at least 1 (or null: one per GPU)")
     _require(cfg.dist.timeout_s > 0, f"dist.timeout_s={cfg.dist.timeout_s} must be positive")
     return cfg

@@ -75,13 +75,15 @@ def build_torchrun_argv(argv: list[str]) -> list[str]:
     p = cfg.parallel
     if nproc_raw is not None:
         world = int(nproc_raw) * nnodes
+    elif p.dp == -1 and cfg.dist.nproc_per_node:
+        world = cfg.dist.nproc_per_node * nnodes
     elif p.dp == -1:
         import torch
 
         if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
             raise ConfigError(
                 "parallel.dp=-1 counts the GPUs, but CUDA is not available; "
-                "set parallel.dp=N or pass --nproc-per-node N"
+                "set dist.nproc_per_node=N, parallel.dp=N or pass --nproc-per-node N"
             )
         world = torch.cuda.device_count() * nnodes
     else:

@@ -93,10 +93,18 @@ def test_dp_fill_without_cuda_needs_a_count(cfg, monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     path = cfg(dp=-1)
-    with pytest.raises(ConfigError, match=r"set parallel.dp=N or pass --nproc-per-node N"):
+    with pytest.raises(ConfigError, match=r"parallel.dp=N or pass --nproc-per-node N"):
         build_torchrun_argv([path])
     # an explicit count fills dp instead
     assert build_torchrun_argv(["--nproc-per-node=2", path])[:2] == ["--nproc-per-node=2", "--standalone"]
+
+
+def test_dp_fill_uses_nproc_per_node_from_config(cfg, tmp_path):
+    path = tmp_path / "fill.yaml"
+    path.write_text("parallel: {dp: -1}\ndist: {nproc_per_node: 2}\n")
+    assert build_torchrun_argv([str(path)])[:3] == ["--nproc-per-node", "2", "--standalone"]
+    # the default job is one of these, so `python -m launch configs/tiny.yaml` needs no count
+    assert build_torchrun_argv([str(ROOT / "configs" / "tiny.yaml")])[:2] == ["--nproc-per-node", "2"]
 
 
 def test_dp_fill_counts_gpus(cfg, monkeypatch):

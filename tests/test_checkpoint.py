@@ -1,0 +1,127 @@
+"""Checkpoints: a resumed run repeats the uninterrupted one bit for bit; corrupted or partial checkpoints
+are detected; retention; loading refuses another model shape."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dtrain import checkpoint
+from tests import harness
+from tests.reference import full_params, tiny_config
+
+
+def _fit(*overrides: str):
+    from dtrain.trainer import Trainer
+
+    cfg = tiny_config(dist.get_world_size(), *overrides)
+    trainer = Trainer(cfg, harness.grid(dp=dist.get_world_size()), torch.device("cpu"))
+    return trainer.fit(), full_params(trainer.model)
+
+
+def _rank0(fn) -> None:
+    if dist.get_rank() == 0:
+        fn()
+    dist.barrier()
+
+
+def resume_case(out_dir: str, precision: str) -> dict:
+    common = (f"run.out_dir={out_dir}", "train.steps=6", "run.ckpt_every=2", "run.keep_checkpoints=0")
+    common += (f"train.precision={precision}", "model.dropout=0.1")  # dropout: the RNG must resume too
+    full, full_params_ = _fit(*common)
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        logged_full = [json.loads(line) for line in f]
+    # Crash after step 4: the checkpoint of step 6 never happened.
+    _rank0(lambda: shutil.rmtree(os.path.join(out_dir, "checkpoints", "step_6")))
+    resumed, resumed_params = _fit(*common, "run.resume=true")
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        logged_resumed = [json.loads(line) for line in f]
+    # An explicit folder from the same run resumes too.
+    explicit, _ = _fit(*common, f"run.resume={out_dir}/checkpoints/step_2")
+    return {
+        "full": [(r["step"], r["loss"], r["grad_norm"]) for r in full],
+        "resumed": [(r["step"], r["loss"], r["grad_norm"]) for r in resumed],
+        "explicit": [(r["step"], r["loss"], r["grad_norm"]) for r in explicit],
+        "params_equal": all(torch.equal(full_params_[n], resumed_params[n]) for n in full_params_),
+        "logged": [(r["step"], r["loss"]) for r in logged_full]
+        == [(r["step"], r["loss"]) for r in logged_resumed],
+    }
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_resume_is_bit_identical(world2, tmp_path, precision):
+    info = world2.run(resume_case, str(tmp_path / "run"), precision)[0]
+    assert [s for s, _, _ in info["full"]] == [1, 2, 3, 4, 5, 6]
+    assert info["resumed"] == info["full"][4:]  # exact float equality of loss and grad norm
+    assert info["explicit"] == info["full"][2:]
+    assert info["params_equal"]
+    assert info["logged"]  # metrics.jsonl reads as one uninterrupted run
+
+
+def corruption_case(out_dir: str) -> dict:
+    _fit(f"run.out_dir={out_dir}", "train.steps=4", "run.ckpt_every=2", "run.keep_checkpoints=0")
+    ckpts = checkpoint.list_checkpoints(out_dir)
+    out = {"names": [os.path.basename(c) for c in ckpts]}
+    if dist.get_rank() == 0:
+        newest = ckpts[-1]
+        with open(os.path.join(newest, "model.pt"), "r+b") as f:  # truncate: a torn write
+            f.truncate(100)
+        try:
+            checkpoint.verify(newest)
+        except checkpoint.CheckpointError as e:
+            out["error"] = str(e)
+        warnings = []
+        out["fallback"] = os.path.basename(checkpoint.latest_valid(out_dir, warn=warnings.append))
+        out["warnings"] = warnings
+        os.makedirs(os.path.join(out_dir, "checkpoints", "step_9.tmp"))  # an interrupted save
+        out["after_tmp"] = [os.path.basename(c) for c in checkpoint.list_checkpoints(out_dir)]
+    dist.barrier()
+    # A resume picks the newest valid checkpoint, here step 2, and continues from it.
+    records, _ = _fit(f"run.out_dir={out_dir}", "train.steps=4", "run.resume=true")
+    out["resumed_steps"] = [r["step"] for r in records]
+    return out
+
+
+def test_corrupted_checkpoint_is_detected_and_skipped(world2, tmp_path):
+    info = world2.run(corruption_case, str(tmp_path / "run"))[0]
+    assert info["names"] == ["step_2", "step_4"]
+    assert "model.pt does not match its checksum" in info["error"]
+    assert info["fallback"] == "step_2"
+    assert len(info["warnings"]) == 1 and "step_4" in info["warnings"][0]
+    assert info["after_tmp"] == ["step_2", "step_4"]
+    assert info["resumed_steps"] == [3, 4]
+
+
+def retention_and_shape_case(out_dir: str) -> dict:
+    _fit(f"run.out_dir={out_dir}", "train.steps=5", "run.ckpt_every=1", "run.keep_checkpoints=2")
+    kept = [os.path.basename(c) for c in checkpoint.list_checkpoints(out_dir)]
+    try:
+        _fit(f"run.out_dir={out_dir}", "train.steps=6", "model.d_model=48", "run.resume=true")
+        error = None
+    except checkpoint.CheckpointError as e:
+        error = str(e)
+    return {"kept": kept, "error": error}
+
+
+def test_retention_and_other_model_shape(world2, tmp_path):
+    info = world2.run(retention_and_shape_case, str(tmp_path / "run"))[0]
+    assert info["kept"] == ["step_4", "step_5"]
+    assert "another model shape" in info["error"]
+
+
+def test_checkpoint_holds_no_pickled_code(tmp_path):
+    """weights_only loading refuses a file that would run code when unpickled."""
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    path = tmp_path / "model.pt"
+    torch.save({"w": Evil()}, path)
+    with pytest.raises(Exception, match=r"Weights only load failed|Unsupported global"):
+        checkpoint.load_tensors(str(tmp_path), "model.pt")

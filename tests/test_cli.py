@@ -1,0 +1,124 @@
+"""The command line end to end, in real subprocesses: bad configs fail in one line before any process
+group exists; real torchrun with 1 and 2 ranks logs the same losses; metrics.jsonl and TensorBoard files
+are written; prepare-data feeds a memmap run; export loads into the single-process model."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dtrain.model import Transformer
+from tests.harness import repo_root
+
+ROOT = repo_root()
+TINY = os.path.join(ROOT, "configs", "tiny.yaml")
+
+
+def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT
+    )
+
+
+def read_metrics(out_dir) -> list[dict]:
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.n_heads=3", "dtrain: error: model.n_heads=3 must divide model.d_model=64"),
+        ("train.lrr=1", "dtrain: error: unknown config key 'train.lrr'; did you mean 'train.lr'?"),
+        ("train.steps=ten", "dtrain: error: train.steps='ten' has the wrong type (expected int)"),
+        ("data.kind=memmap", "dtrain: error: data.kind=memmap needs data.path"),
+        ("parallel.dp=3", "dtrain: error: parallel.dp*tp*pp*cp=3 does not match the world size 1"),
+        ("parallel.tp=2", "dtrain: error: world size 1 is not divisible by tp*pp*cp=2"),
+        (
+            "parallel.zero=1",
+            "dtrain: error: parallel.zero=1: ZeRO is not implemented yet; set parallel.zero=0",
+        ),
+    ],
+)
+def test_bad_config_fails_in_one_line(override, message, tmp_path):
+    result = run("-m", "dtrain", "train", TINY, override, f"run.out_dir={tmp_path}/run")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # exactly one line, no traceback
+    assert result.stderr.startswith(message)
+    assert not os.path.exists(tmp_path / "run")  # nothing written
+
+
+def test_torchrun_one_and_two_ranks_log_the_same_losses(tmp_path):
+    logs = {}
+    for nproc in (2, 1):
+        out = tmp_path / f"n{nproc}"
+        result = run(
+            "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+            "-m", "dtrain", "train", TINY, "train.steps=20", "train.eval_every=10", f"run.out_dir={out}",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        logs[nproc] = read_metrics(out)
+        assert any(name.startswith("events.out.tfevents") for name in os.listdir(out))
+        assert os.path.isdir(out / "checkpoints" / "step_20")
+    two, one = logs[2], logs[1]
+    assert [r["step"] for r in two] == list(range(1, 21))
+    for key in ("step", "loss", "grad_norm", "lr", "tokens", "step_time_s", "tokens_per_s"):
+        assert key in two[0], key
+    assert len(two[-1]["peak_mem_mb"]) == 2 and len(one[-1]["peak_mem_mb"]) == 1
+    torch.testing.assert_close(
+        torch.tensor([r["loss"] for r in two]), torch.tensor([r["loss"] for r in one]), rtol=1e-5, atol=0.0
+    )
+    assert two[-1]["loss"] < two[0]["loss"] - 1.0  # clearly learning
+    assert "val_loss" in two[9] and math.isclose(
+        two[9]["val_ppl"], math.exp(two[9]["val_loss"]), rel_tol=1e-9
+    )
+
+    exported = tmp_path / "model.pt"
+    result = run(
+        "-m", "dtrain", "export", str(tmp_path / "n2" / "checkpoints" / "step_20"), "--out", str(exported)
+    )
+    assert result.returncode == 0, result.stderr
+    from dtrain.config import load_config
+
+    cfg = load_config(TINY)
+    model = Transformer(cfg.model)
+    model.load_state_dict(torch.load(exported, weights_only=True), strict=True)
+    saved = torch.load(tmp_path / "n2" / "checkpoints" / "step_20" / "model.pt", weights_only=True)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, saved[name])
+
+
+def test_prepare_data_then_train_on_memmap(tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    result = run("-m", "dtrain", "prepare-data", str(text), "--out", str(tmp_path / "data"))
+    assert result.returncode == 0, result.stderr
+    assert "training" in result.stdout and (tmp_path / "data" / "val.npy").exists()
+    out = tmp_path / "run"
+    result = run(
+        "-m", "dtrain", "train", TINY, "data.kind=memmap", f"data.path={tmp_path / 'data'}",
+        "train.steps=30", "train.eval_every=30", f"run.out_dir={out}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_metrics(out)
+    assert records[-1]["loss"] < records[0]["loss"] - 1.0
+    assert "val_loss" in records[-1]
+
+
+def test_memmap_token_beyond_vocab_is_refused(tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text("é" * 3000)  # UTF-8 bytes 0xC3 0xA9: ids 195 and 169
+    run("-m", "dtrain", "prepare-data", str(text), "--out", str(tmp_path / "data"))
+    result = run(
+        "-m", "dtrain", "train", TINY, "data.kind=memmap", f"data.path={tmp_path / 'data'}",
+        "model.vocab_size=128", f"run.out_dir={tmp_path / 'run'}",
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "model.vocab_size=128" in result.stderr and "Traceback" not in result.stderr
