@@ -64,7 +64,7 @@ class SwiGLU(nn.Module):
 
 class TokenCrossEntropy(nn.Module):
     """Sum (not mean) of token losses: the trainer divides by the global token count, so accumulation,
-    data and pipeline parallelism all see the same normalisation. Targets < 0 are ignored."""
+    data and pipeline parallelism all see the same normalisation. Targets of -100 are ignored."""
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(
@@ -210,13 +210,18 @@ def init_value(name: str, shape: tuple[int, ...], seed: int, cfg: ModelConfig) -
     return torch.randn(shape, generator=gen) * std
 
 
+def canonical_name(name: str, cfg: ModelConfig) -> str:
+    """A tied output head *is* the input embedding, also on a pipeline stage that holds only the head."""
+    return "embed.weight" if cfg.tie_embeddings and name == "head.weight" else name
+
+
 @torch.no_grad()
 def init_weights(model: nn.Module, seed: int) -> None:
     """Fill every parameter from its canonical value, then take this rank's slice (sharding facts)."""
     cfg = model.cfg
     for name, p in model.named_parameters():
         s = sharding_of(p)
-        p.copy_(s.take(init_value(name, s.full_shape, seed, cfg)))
+        p.copy_(s.take(init_value(canonical_name(name, cfg), s.full_shape, seed, cfg)))
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:
