@@ -52,6 +52,8 @@ class MetricsLogger:
         for key, value in record.items():
             if key != "step" and isinstance(value, int | float):
                 self.tb.add_scalar(key.replace("_", "/", 1) if key.startswith("val_") else key, value, step)
+        for rank, mb in enumerate(record.get("peak_mem_mb", ())):
+            self.tb.add_scalar(f"peak_mem_mb/rank{rank}", mb, step)
         if step % self.log_every == 0 or step == self.total_steps:
             print(self.progress_line(record), flush=True)
 

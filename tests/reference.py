@@ -50,21 +50,29 @@ def _autocast(precision: str):
     return torch.autocast("cpu", dtype=DTYPES[precision])
 
 
+def _setup(cfg):
+    """The pieces a reference shares with dtrain: model and initial weights, optimizer, data."""
+    model = Transformer(cfg.model)
+    init_weights(model, cfg.train.seed)
+    return model, build_optimizer(model, cfg.train), build_dataset(cfg, "train")
+
+
+def _set_lr(opt, step: int, t) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, t)
+
+
 def torch_ddp_run(cfg, group=None) -> dict:
     """Train `cfg.train.steps` steps with torch DDP over `group` (default: the world)."""
     t = cfg.train
     dp, rank = dist.get_world_size(group), dist.get_rank(group)
-    model = Transformer(cfg.model)
-    init_weights(model, t.seed)
+    model, opt, data = _setup(cfg)
     ddp = DistributedDataParallel(model, process_group=group)
-    opt = build_optimizer(model, t)
     scaler = torch.amp.GradScaler("cpu", enabled=t.precision == "fp16")
-    data = build_dataset(cfg, "train")
     tokens = t.global_batch_size * t.seq_len
     losses, norms = [], []
     for step in range(t.steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, t)
+        _set_lr(opt, step, t)
         micro = rank_microbatches(data, step, rank, dp, t.micro_batch_size, t.global_batch_size)
         local = torch.zeros(())
         for j, (x, y) in enumerate(micro):
@@ -88,15 +96,11 @@ def torch_ddp_run(cfg, group=None) -> dict:
 def single_process_run(cfg) -> dict:
     """The same training in one process on the whole global batch, no torch.distributed at all."""
     t = cfg.train
-    model = Transformer(cfg.model)
-    init_weights(model, t.seed)
-    opt = build_optimizer(model, t)
-    data = build_dataset(cfg, "train")
+    model, opt, data = _setup(cfg)
     tokens = t.global_batch_size * t.seq_len
     losses, norms = [], []
     for step in range(t.steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, t)
+        _set_lr(opt, step, t)
         total = torch.zeros(())
         for x, y in rank_microbatches(data, step, 0, 1, t.micro_batch_size, t.global_batch_size):
             loss_sum = model(x, y)
@@ -120,5 +124,4 @@ def dtrain_run(cfg, grid) -> dict:
         "grad_norms": [r.grad_norm for r in results],
         "skipped": [r.skipped for r in results],
         "params": full_params(trainer.model),
-        "trainer": None,
     }

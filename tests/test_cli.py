@@ -79,6 +79,12 @@ def test_torchrun_one_and_two_ranks_log_the_same_losses(tmp_path):
     assert "val_loss" in two[9] and math.isclose(
         two[9]["val_ppl"], math.exp(two[9]["val_loss"]), rel_tol=1e-9
     )
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "n2")).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss", "grad_norm", "tokens_per_s", "val/loss", "peak_mem_mb/rank1"} <= tags, tags
+    assert [round(e.value, 4) for e in events.Scalars("loss")] == [round(r["loss"], 4) for r in two]
 
     exported = tmp_path / "model.pt"
     result = run(
