@@ -109,10 +109,15 @@ def save(
             os.path.join(tmp, "manifest.json"), lambda f: f.write(json.dumps(manifest, indent=1).encode())
         )
         _fsync_dir(tmp)
-        if os.path.exists(final):  # saving the same step again (e.g. a resumed run ending where it began)
-            shutil.rmtree(final)
+        # Saving a step that exists already: move the old one aside first, so some complete step_<N> is
+        # on disk at every moment.
+        old = final + ".old"
+        if os.path.exists(final):
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
         _fsync_dir(root)
+        shutil.rmtree(old, ignore_errors=True)
         if keep > 0:
             for old in list_checkpoints(out_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)

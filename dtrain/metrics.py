@@ -36,8 +36,14 @@ class MetricsLogger:
         """A resumed run rewrites the steps after its checkpoint, so metrics.jsonl reads as one run."""
         if not os.path.exists(self.path):
             return
+        kept = []
         with open(self.path, encoding="utf-8") as f:
-            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+            for line in f:
+                try:
+                    if json.loads(line).get("step", 0) <= step:
+                        kept.append(line)
+                except ValueError:  # a line torn by a crash mid-write
+                    continue
         tmp = self.path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(kept)

@@ -99,10 +99,18 @@ class DataParallel(nn.Module):
         for bucket in self.buckets:
             bucket.pending, bucket.work = len(bucket.params), None
         self._next_launch = 0
+        self._ready: set[nn.Parameter] = set()
 
     def _grad_ready(self, param: nn.Parameter) -> None:
         if not self.sync_grads:
             return
+        if param in self._ready:
+            # A second final gradient for one parameter in one step (reentrant checkpointing, or two
+            # synchronising backwards without finish_grad_sync) may land after its bucket was reduced.
+            raise RuntimeError(
+                "a parameter's gradient became final twice in one step; call finish_grad_sync()"
+            )
+        self._ready.add(param)
         bucket = self.buckets[self._bucket_of[param]]
         bucket.pending -= 1
         # Launch every complete bucket in index order; a later bucket that finishes first waits for its

@@ -157,3 +157,26 @@ def test_plan_buckets():
     assert plan_buckets([4, 4, 4, 4], 8) == [[0, 1], [2, 3]]
     assert plan_buckets([4, 20, 4], 8) == [[0], [1], [2]]  # an oversized parameter gets its own bucket
     assert plan_buckets([1, 1, 1], 100) == [[0, 1, 2]]
+
+
+def double_backward_case() -> str:
+    from dtrain.model import Transformer, init_weights
+    from parallel.data_parallel import DataParallel
+
+    cfg = tiny_config(dist.get_world_size())
+    model = Transformer(cfg.model)
+    init_weights(model, 0)
+    ddp = DataParallel(model, harness.grid(dp=dist.get_world_size()).dp_group, bucket_mb=100)
+    x = torch.randint(0, cfg.model.vocab_size, (2, 8))
+    ddp(x, x).backward()
+    try:
+        ddp(x, x).backward()  # a second synchronising backward without finish_grad_sync
+    except RuntimeError as e:
+        return str(e)
+    finally:
+        ddp.finish_grad_sync()
+    return "no error"
+
+
+def test_second_backward_without_sync_is_refused(world2):
+    assert "became final twice" in world2.run(double_backward_case)[0]
