@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from parallel.sharding import gather_full, sharding_of
+
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -55,30 +57,45 @@ def _write_file(path: str, write) -> None:
         os.fsync(f.fileno())
 
 
-def canonical_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    state = {}
-    for name, p in model.named_parameters():
-        if getattr(p, "sharding", None) is not None and p.sharding.split_dim is not None:
-            raise NotImplementedError(
-                f"{name} is sharded; gathering shards for checkpoints is not written yet"
-            )
-        state[name] = p.detach().to("cpu", copy=True)
-    return state
+def _canonical(p: torch.Tensor, value: torch.Tensor, groups: dict) -> torch.Tensor:
+    """`value` (the parameter or a tensor shaped like it) as its canonical full tensor, on the CPU."""
+    s = sharding_of(p)
+    if s.split_dim is not None and tuple(value.shape) == tuple(p.shape):
+        value = gather_full(value.detach(), s, groups[s.group])  # collective over that group
+    return value.detach().to("cpu", copy=True)
 
 
-def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """AdamW state keyed by canonical parameter name instead of the optimizer's positional index."""
+def canonical_model_state(model: nn.Module, groups: dict) -> dict[str, torch.Tensor]:
+    return {name: _canonical(p, p, groups) for name, p in model.named_parameters()}
+
+
+def optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, groups: dict
+) -> dict[str, torch.Tensor]:
+    """AdamW state keyed by canonical parameter name instead of the optimizer's positional index; the
+    moments are shaped like their parameter, so they are gathered like it."""
     flat = {}
     for name, p in model.named_parameters():
         for key, value in optimizer.state.get(p, {}).items():
-            flat[f"{name}/{key}"] = value.detach().to("cpu", copy=True) if torch.is_tensor(value) else value
+            flat[f"{name}/{key}"] = _canonical(p, value, groups) if torch.is_tensor(value) else value
     return flat
 
 
 def save(
-    out_dir: str, step: int, model: nn.Module, optimizer, extra_state: dict, keep: int, is_writer: bool
+    out_dir: str,
+    step: int,
+    model: nn.Module,
+    optimizer,
+    extra_state: dict,
+    keep: int,
+    *,
+    gathers: bool,
+    is_writer: bool,
+    groups: dict,
 ) -> str:
-    """Collective over the world: every rank calls it; `is_writer` ranks write (rank 0 finalises)."""
+    """Collective over the world: every rank calls it. Ranks with `gathers` assemble canonical tensors
+    from the shards of their groups (one data-parallel replica suffices); the `is_writer` rank among
+    them writes; rank 0 finalises."""
     root = os.path.join(out_dir, "checkpoints")
     final = os.path.join(root, f"step_{step}")
     tmp = final + ".tmp"
@@ -88,9 +105,10 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a save that crashed
         os.makedirs(tmp)
     dist.barrier()
+    if gathers:
+        model_state = canonical_model_state(model, groups)
+        optim_state = optimizer_state(model, optimizer, groups)
     if is_writer:
-        model_state = canonical_model_state(model)
-        optim_state = optimizer_state(model, optimizer)
         _write_file(os.path.join(tmp, "model.pt"), lambda f: torch.save(model_state, f))
         _write_file(os.path.join(tmp, "optimizer.pt"), lambda f: torch.save(optim_state, f))
     dist.barrier()
@@ -191,17 +209,18 @@ def restore(path: str, model: nn.Module, optimizer) -> dict:
         if name not in model_state:
             raise CheckpointError(f"{path} has no parameter '{name}': it was saved from another model")
         full = model_state[name]
-        expected = getattr(p, "sharding", None)
-        shape = tuple(expected.full_shape) if expected is not None else tuple(p.shape)
-        if tuple(full.shape) != shape:
+        s = sharding_of(p)
+        if tuple(full.shape) != tuple(s.full_shape):
             raise CheckpointError(
-                f"{path}: parameter '{name}' has shape {tuple(full.shape)}, the model expects {shape}; "
-                f"the checkpoint comes from another model shape"
+                f"{path}: parameter '{name}' has shape {tuple(full.shape)}, the model expects "
+                f"{tuple(s.full_shape)}; the checkpoint comes from another model shape"
             )
-        p.copy_(expected.take(full) if expected is not None else full)
+        p.copy_(s.take(full))
         if name in optim_by_param:
-            # AdamW keeps its step counter on the CPU unless capturable; moments live with the parameter.
+            # Moments are canonical like the parameter: take this rank's slice. AdamW keeps its step
+            # counter on the CPU unless capturable.
             optimizer.state[p] = {
-                k: v if k == "step" else v.to(p.device) for k, v in optim_by_param[name].items()
+                k: v if k == "step" else s.take(v).to(p.device).clone()
+                for k, v in optim_by_param[name].items()
             }
     return load_state(path)

@@ -132,11 +132,9 @@ CHOICES = {
 # Layout features that later issues deliver. Until then a config asking for one is refused up front
 # rather than silently trained as plain data parallelism.
 NOT_YET = {
-    "parallel.tp": (1, "tensor parallelism"),
     "parallel.pp": (1, "pipeline parallelism"),
     "parallel.cp": (1, "context parallelism"),
     "parallel.ep": (1, "expert parallelism"),
-    "parallel.sp": (False, "sequence parallelism"),
     "parallel.zero": (0, "ZeRO"),
     "parallel.offload": ("none", "CPU offload"),
     "model.moe.num_experts": (0, "mixture-of-experts"),
@@ -271,6 +269,20 @@ def validate(cfg: Config, world_size: int) -> Config:
         f"set parallel.dp=-1 or launch {p.dp * model_ranks} processes",
     )
     _require(p.dp % p.ep == 0, f"parallel.ep={p.ep} must divide parallel.dp={p.dp}")
+    if p.tp > 1:
+        _require(m.n_heads % p.tp == 0, f"parallel.tp={p.tp} must divide model.n_heads={m.n_heads}")
+        # Fewer k/v heads than tensor ranks: each rank holds them all and uses the one its query heads
+        # share, which needs n_kv_heads to divide tp.
+        _require(
+            kv % p.tp == 0 if kv >= p.tp else p.tp % kv == 0,
+            f"parallel.tp={p.tp} and model.n_kv_heads={kv}: one must divide the other",
+        )
+        _require(d_ff_of(m) % p.tp == 0, f"parallel.tp={p.tp} must divide model.d_ff={d_ff_of(m)}")
+    if p.sp:
+        _require(
+            t.seq_len % p.tp == 0,
+            f"train.seq_len={t.seq_len} must be divisible by parallel.tp={p.tp} for sequence parallelism",
+        )
 
     for key, (neutral, what) in NOT_YET.items():
         parts = key.split(".")

@@ -12,6 +12,7 @@ layout, which is what initialisation and checkpoints key on.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 
@@ -21,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dtrain.config import ModelConfig, d_ff_of
+from parallel.precision import wide
 from parallel.sharding import sharding_of
 
 
@@ -32,19 +34,20 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 (the mean of squares underflows in bf16), cast back to the compute dtype.
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
+        return F.rms_norm(wide(x), (x.shape[-1],), wide(self.weight), self.eps).type_as(x)
 
 
 def rotary_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
-    return angles.cos().float(), angles.sin().float()
+    dtype = torch.get_default_dtype()
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x_i, x_{i+d/2}) by the position angle (the "rotate half" form of RoPE).
     x: (batch, heads, seq, head_dim); cos, sin: (seq, head_dim / 2)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
+    x1, x2 = wide(x).chunk(2, dim=-1)
     out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return out.type_as(x)
 
@@ -68,7 +71,7 @@ class TokenCrossEntropy(nn.Module):
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(
-            logits.float().flatten(0, -2), targets.flatten(), reduction="sum", ignore_index=-100
+            wide(logits).flatten(0, -2), targets.flatten(), reduction="sum", ignore_index=-100
         )
 
 
@@ -76,16 +79,26 @@ class Layers:
     """Factory of the replaceable parts, dense single-device versions.
 
     Linear weights are (out_features, in_features) without bias, as in Llama. A "column" layer's output
-    features and a "row" layer's input features are what tensor parallelism splits.
+    features and a "row" layer's input features are what tensor parallelism splits; a block's attention
+    and MLP each take their input through `region_entry` and leave through a row layer, which is where a
+    tensor-parallel version places its collectives (dtrain.parallel_layers).
     """
 
-    heads_divisor = 1  # attention heads on this rank = n_heads / heads_divisor
+    tp_size = 1
+    tp_rank = 0
 
     def column(self, in_features: int, out_features: int) -> nn.Module:
         return nn.Linear(in_features, out_features, bias=False)
 
     def row(self, in_features: int, out_features: int) -> nn.Module:
         return nn.Linear(in_features, out_features, bias=False)
+
+    def replicated_column(self, in_features: int, out_features: int) -> nn.Module:
+        """A column layer every tensor rank holds whole (key/value heads fewer than tensor ranks)."""
+        return nn.Linear(in_features, out_features, bias=False)
+
+    def norm(self, dim: int, eps: float) -> nn.Module:
+        return RMSNorm(dim, eps)
 
     def embedding(self, vocab_size: int, d_model: int) -> nn.Module:
         return nn.Embedding(vocab_size, d_model)
@@ -99,49 +112,88 @@ class Layers:
     def mlp(self, cfg: ModelConfig, layer_index: int) -> nn.Module:
         return SwiGLU(cfg.d_model, d_ff_of(cfg), self)
 
+    def region_entry(self) -> nn.Module:
+        """Applied to the normed input of attention, MLP and head."""
+        return nn.Identity()
+
+    def split_region_rng(self):
+        """Dropout RNG inside tensor-split regions (attention probabilities over local heads)."""
+        return contextlib.nullcontext()
+
+    def residual_rng(self):
+        """Dropout RNG on the residual stream (split along the sequence under sequence parallelism)."""
+        return contextlib.nullcontext()
+
 
 class Attention(nn.Module):
+    """Grouped-query attention over this rank's heads: n_heads / tp query heads; key/value heads split
+    the same way when there are at least tp of them, else every rank holds all of them (replicated
+    weights) and uses the one its query heads share."""
+
     def __init__(self, cfg: ModelConfig, layers: Layers):
         super().__init__()
+        tp = layers.tp_size
         n_kv = cfg.n_kv_heads or cfg.n_heads
         self.head_dim = cfg.d_model // cfg.n_heads
-        self.n_heads = cfg.n_heads // layers.heads_divisor
-        self.n_kv_heads = max(1, n_kv // layers.heads_divisor)
+        self.n_heads = cfg.n_heads // tp
         self.dropout = cfg.dropout
+        self.layers = layers
         self.wq = layers.column(cfg.d_model, cfg.n_heads * self.head_dim)
-        self.wk = layers.column(cfg.d_model, n_kv * self.head_dim)
-        self.wv = layers.column(cfg.d_model, n_kv * self.head_dim)
+        if n_kv >= tp:
+            self.n_kv_heads, self.kv_pick = n_kv // tp, None
+            self.wk = layers.column(cfg.d_model, n_kv * self.head_dim)
+            self.wv = layers.column(cfg.d_model, n_kv * self.head_dim)
+        else:
+            self.n_kv_heads = 1
+            self.kv_pick = layers.tp_rank * self.n_heads // (cfg.n_heads // n_kv)
+            self.wk = layers.replicated_column(cfg.d_model, n_kv * self.head_dim)
+            self.wv = layers.replicated_column(cfg.d_model, n_kv * self.head_dim)
         self.wo = layers.row(cfg.n_heads * self.head_dim, cfg.d_model)
+
+    def _kv(self, proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        kv = proj(x).view(b, s, -1, self.head_dim)
+        if self.kv_pick is not None:
+            kv = kv[:, :, self.kv_pick : self.kv_pick + 1]
+        return kv.transpose(1, 2)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
+        cos, sin = cos[:s], sin[:s]
         q = self.wq(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        k, v = self._kv(self.wk, x), self._kv(self.wv, x)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            is_causal=True,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )
+        with self.layers.split_region_rng():
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                is_causal=True,
+                dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            )
         return self.wo(out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_index: int, layers: Layers):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn_norm = layers.norm(cfg.d_model, cfg.norm_eps)
+        self.attn_in = layers.region_entry()
         self.attn = Attention(cfg, layers)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp_norm = layers.norm(cfg.d_model, cfg.norm_eps)
+        self.mlp_in = layers.region_entry()
         self.mlp = layers.mlp(cfg, layer_index)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.residual_rng = layers.residual_rng
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin))
-        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+        h = self.attn(self.attn_in(self.attn_norm(x)), cos, sin)
+        with self.residual_rng():
+            x = x + self.dropout(h)
+        h = self.mlp(self.mlp_in(self.mlp_norm(x)))
+        with self.residual_rng():
+            return x + self.dropout(h)
 
 
 class Transformer(nn.Module):
@@ -167,20 +219,25 @@ class Transformer(nn.Module):
         self.activation_checkpointing = activation_checkpointing
         self.embed = layers.embedding(cfg.vocab_size, cfg.d_model) if has_embedding else None
         self.blocks = nn.ModuleDict({str(i): Block(cfg, i, layers) for i in block_ids})
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps) if has_head else None
+        self.norm = layers.norm(cfg.d_model, cfg.norm_eps) if has_head else None
+        self.head_in = layers.region_entry() if has_head else None
         self.head = layers.head(cfg.d_model, cfg.vocab_size) if has_head else None
         self.loss_fn = layers.loss() if has_head else None
         if cfg.tie_embeddings and has_embedding and has_head:
             self.head.weight = self.embed.weight
         self.dropout = nn.Dropout(cfg.dropout)
+        self.residual_rng = layers.residual_rng
         cos, sin = rotary_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.dropout(self.embed(x)) if self.embed is not None else x
-        s = h.shape[1]
-        cos, sin = self.rope_cos[:s], self.rope_sin[:s]
+        if self.embed is not None:
+            with self.residual_rng():
+                h = self.dropout(self.embed(x))
+        else:
+            h = x
+        cos, sin = self.rope_cos, self.rope_sin  # attention slices them to the full sequence length
         for block in self.blocks.values():
             if self.activation_checkpointing and self.training:
                 # Keep only the block input; recompute the block in backward (non-reentrant, so the
@@ -190,7 +247,7 @@ class Transformer(nn.Module):
                 h = block(h, cos, sin)
         if self.head is None:
             return h
-        logits = self.head(self.norm(h))
+        logits = self.head(self.head_in(self.norm(h)))
         return logits if targets is None else self.loss_fn(logits, targets)
 
 

@@ -24,11 +24,12 @@ from dtrain.config import Config, TrainConfig, microbatches_per_rank, to_dict
 from dtrain.data import build_dataset, rank_microbatches
 from dtrain.metrics import MetricsLogger
 from dtrain.model import Transformer, count_params, flops_per_token, init_weights
+from dtrain.parallel_layers import layers_for
 from dtrain.runtime import peak_flops, peak_memory_bytes
 from parallel.data_parallel import DataParallel
 from parallel.grid import ProcessGrid
-from parallel.precision import LossScaler, autocast
-from parallel.sharding import clip_grads_, global_grad_norm
+from parallel.precision import LossScaler, autocast, wide
+from parallel.sharding import clip_grads_, global_grad_norm, sum_partial_grads
 
 
 class TrainingError(RuntimeError):
@@ -51,14 +52,19 @@ def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.AdamW
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
 
 
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """Dropout randomness is a function of (seed, step, rank), so a resumed run draws the same masks."""
-    return int.from_bytes(hashlib.sha256(f"{seed}/{step}/{rank}".encode()).digest()[:8], "little") % 2**63
+def step_seed(seed: int, step: int, grid: ProcessGrid) -> int:
+    """The default generator's seed for a step: a function of (seed, step) and the grid coordinates
+    other than the tensor rank, so tensor ranks draw identical masks in replicated regions (split
+    regions derive their own streams, parallel.rng) and a resumed run draws the same masks."""
+    c = grid.coords
+    key = f"{seed}/{step}/{c.pp}/{c.dp}/{c.cp}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") % 2**63
 
 
 def build_model(cfg: Config, grid: ProcessGrid, device: torch.device) -> Transformer:
-    model = Transformer(cfg.model, activation_checkpointing=cfg.train.activation_checkpointing)
-    init_weights(model, cfg.train.seed)  # canonical values: independent of the layout
+    layers = layers_for(cfg.model, grid, sequence_parallel=cfg.parallel.sp)
+    model = Transformer(cfg.model, layers, activation_checkpointing=cfg.train.activation_checkpointing)
+    init_weights(model, cfg.train.seed)  # canonical values, then this rank's slice: layout-independent
     return model.to(device)
 
 
@@ -76,6 +82,7 @@ class Trainer:
         self.model = build_model(cfg, grid, device)
         self.ddp = DataParallel(self.model, grid.dp_cp_group, bucket_mb=cfg.parallel.bucket_mb)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.accum_dtype = wide(self.params[0].detach()[:0]).dtype  # fp32, or fp64 in exactness tests
         self.optimizer = build_optimizer(self.model, t)
         self.scaler = LossScaler(enabled=t.precision == "fp16")
         self.train_data = build_dataset(cfg, "train")
@@ -99,10 +106,10 @@ class Trainer:
         lr = lr_at(self.step, t)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        torch.manual_seed(step_seed(t.seed, self.step, self.grid.rank))
+        torch.manual_seed(step_seed(t.seed, self.step, self.grid))
         self.model.train()
         micro = self._microbatches(self.train_data, self.step)
-        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        loss_sum = torch.zeros((), dtype=self.accum_dtype, device=self.device)
         for j, (inputs, targets) in enumerate(micro):
             inputs, targets = inputs.to(self.device), targets.to(self.device)
             last = j == len(micro) - 1
@@ -110,8 +117,9 @@ class Trainer:
                 with autocast(t.precision, self.device):
                     token_loss_sum = self.ddp(inputs, targets)
                 (token_loss_sum * (self.scaler.scale / self.global_tokens)).backward()
-            loss_sum += token_loss_sum.detach().float()
+            loss_sum += wide(token_loss_sum.detach())
         self.ddp.finish_grad_sync()
+        sum_partial_grads(self.params, self.grid.tp_group)  # norm gains under SP, replicated k/v heads
         if self.scaler.enabled:
             torch._foreach_mul_([p.grad for p in self.params], 1.0 / self.scaler.scale)
         g = self.grid
@@ -156,11 +164,11 @@ class Trainer:
             return None
         t = self.cfg.train
         self.model.eval()
-        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        total = torch.zeros((), dtype=self.accum_dtype, device=self.device)
         for k in range(t.eval_batches):
             for inputs, targets in self._microbatches(self.val_data, k):
                 with autocast(t.precision, self.device):
-                    total += self.model(inputs.to(self.device), targets.to(self.device)).float()
+                    total += wide(self.model(inputs.to(self.device), targets.to(self.device)))
         if self.grid.size("dp") > 1:
             dist.all_reduce(total, group=self.grid.dp_group)
         loss = float(total) / (self.global_tokens * t.eval_batches)
@@ -173,6 +181,7 @@ class Trainer:
             "layout": self.grid.layout.sizes,
             "config": to_dict(self.cfg),
         }
+        c = self.grid.coords
         return checkpoint.save(
             self.cfg.run.out_dir,
             self.step,
@@ -180,7 +189,9 @@ class Trainer:
             self.optimizer,
             extra,
             keep=self.cfg.run.keep_checkpoints,
-            is_writer=self.grid.rank == 0,
+            gathers=c.dp == 0 and c.cp == 0,
+            is_writer=c.dp == 0 and c.cp == 0 and c.tp == 0,
+            groups={"tp": self.grid.tp_group},
         )
 
     def resume(self, path: str) -> None:

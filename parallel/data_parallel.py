@@ -65,7 +65,9 @@ class DataParallel(nn.Module):
         self.sync_grads = True
         params = [p for p in module.parameters() if p.requires_grad]
         params.reverse()  # backward order
-        dtype = torch.float32  # gradients are reduced in fp32 whatever the compute precision
+        # Gradients are reduced in fp32 whatever the compute precision (fp64 parameters, used by the
+        # exactness tests, keep fp64).
+        dtype = torch.float64 if params and params[0].dtype == torch.float64 else torch.float32
         plan = plan_buckets([p.numel() * 4 for p in params], int(bucket_mb * 2**20))
         self.buckets: list[Bucket] = []
         self._bucket_of: dict[nn.Parameter, int] = {}
@@ -76,7 +78,7 @@ class DataParallel(nn.Module):
             offset = 0
             for p in bucket_params:
                 if p.dtype != dtype:
-                    raise TypeError(f"DataParallel keeps fp32 parameters (master weights); got {p.dtype}")
+                    raise TypeError(f"DataParallel keeps {dtype} parameters (master weights); got {p.dtype}")
                 p.grad = bucket.buffer[offset : offset + p.numel()].view_as(p)
                 offset += p.numel()
                 self._bucket_of[p] = b

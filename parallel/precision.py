@@ -19,6 +19,13 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def wide(x: torch.Tensor) -> torch.Tensor:
+    """x in at least fp32: 16-bit tensors are widened for sums that underflow or lose digits (norms,
+    softmax, losses); fp64 stays fp64, which the tests use to show that two layouts compute the same
+    function up to rounding."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def autocast(precision: str, device: torch.device):
     if precision == "fp32":
         return contextlib.nullcontext()

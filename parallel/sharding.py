@@ -13,32 +13,74 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from parallel.precision import wide
+
 
 @dataclass(frozen=True)
 class Sharding:
     """How this rank's tensor relates to the canonical (full, single-process) parameter.
 
-    split_dim:   dim of the canonical tensor split into `num_shards` equal chunks over `group`
-                 (None: this rank holds the whole tensor, replicated over the tensor group).
-    shard_index: which chunk this rank holds.
-    group:       grid axis the split runs over ("tp" for tensor-parallel layers).
-    expert:      the parameter of one expert: held by one rank of the expert-parallel group, so its
-                 gradient is reduced over the expert-data-parallel group and counted once per expert.
-    full_shape:  the canonical shape (before any split or padding).
+    full_shape:   the canonical shape (before any split or padding).
+    split_dim:    dim of the canonical tensor split into `num_shards` equal chunks over `group`
+                  (None: this rank holds the whole tensor, replicated over the tensor group).
+    shard_index:  which chunk this rank holds.
+    padded_size:  split_dim is zero-padded to this size before chunking (vocabulary padded to a
+                  multiple of tp); the padding is dropped again when shards are assembled.
+    group:        grid axis the split runs over ("tp" for tensor-parallel layers).
+    partial_grad: replicated over the tensor group, but each rank computes only part of its gradient
+                  (norm gains under sequence parallelism, key/value weights replicated for GQA), so the
+                  gradient must be summed over the tensor group before the step.
+    expert:       the parameter of one expert: held by one rank of the expert-parallel group, so its
+                  gradient is reduced over the expert-data-parallel group and counted once per expert.
     """
 
     full_shape: tuple[int, ...]
     split_dim: int | None = None
     num_shards: int = 1
     shard_index: int = 0
+    padded_size: int | None = None
     group: str = "tp"
+    partial_grad: bool = False
     expert: bool = False
 
     def take(self, full: torch.Tensor) -> torch.Tensor:
-        """This rank's slice of the canonical tensor."""
+        """This rank's slice of the canonical tensor (or of a tensor shaped like it: optimizer moments)."""
         if self.split_dim is None:
             return full
+        if self.padded_size is not None and self.padded_size > full.shape[self.split_dim]:
+            pad = list(full.shape)
+            pad[self.split_dim] = self.padded_size - full.shape[self.split_dim]
+            full = torch.cat([full, full.new_zeros(pad)], dim=self.split_dim)
         return full.chunk(self.num_shards, dim=self.split_dim)[self.shard_index]
+
+    def assemble(self, shards: list[torch.Tensor]) -> torch.Tensor:
+        """The canonical tensor from every rank's shard, in group-rank order (inverse of `take`)."""
+        if self.split_dim is None:
+            return shards[0]
+        full = torch.cat(shards, dim=self.split_dim)
+        return full.narrow(self.split_dim, 0, self.full_shape[self.split_dim])
+
+
+def gather_full(tensor: torch.Tensor, sharding: Sharding, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """All-gather a sharded tensor over its group and assemble the canonical one (collective)."""
+    if sharding.split_dim is None:
+        return tensor
+    shards = [torch.empty_like(tensor) for _ in range(sharding.num_shards)]
+    dist.all_gather(shards, tensor.contiguous(), group=group)
+    return sharding.assemble(shards)
+
+
+def sum_partial_grads(params: Iterable[torch.nn.Parameter], group: dist.ProcessGroup | None) -> None:
+    """grad <- sum over the tensor group, for parameters marked `partial_grad` (one flat all-reduce)."""
+    grads = [p.grad for p in params if p.grad is not None and sharding_of(p).partial_grad]
+    if not grads or group is None or dist.get_world_size(group) == 1:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def sharding_of(param: torch.Tensor) -> Sharding:
@@ -85,13 +127,13 @@ def global_grad_norm(
     if not needs_reduce:
         # Same arithmetic as torch.nn.utils.clip_grad_norm_: the norm of the per-tensor norms.
         norms = torch._foreach_norm(dense + expert, 2.0) if dense or expert else [torch.zeros(())]
-        return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), 2.0)
+        return torch.linalg.vector_norm(torch.stack([wide(n) for n in norms]), 2.0)
 
     def sq(grads: list[torch.Tensor]) -> torch.Tensor:
         if not grads:
-            return torch.zeros((), dtype=torch.float32)
+            return torch.zeros(())
         norms = torch._foreach_norm(grads, 2.0)
-        return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), 2.0) ** 2
+        return torch.linalg.vector_norm(torch.stack([wide(n) for n in norms]), 2.0) ** 2
 
     device = (dense + expert)[0].device if dense or expert else torch.device("cpu")
     total = sq(dense).to(device) + _sum_over(sq(expert).to(device), ep_group)

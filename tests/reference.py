@@ -40,6 +40,17 @@ def tiny_config(world_size: int, *overrides: str):
     return validate(load_config(None, [*TINY, *overrides]), world_size)
 
 
+@contextlib.contextmanager
+def float64():
+    """Build and train in float64: two layouts that compute the same function then agree to ~1e-14,
+    which separates a wrong algorithm from fp32 rounding."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
 def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -81,7 +92,7 @@ def torch_ddp_run(cfg, group=None) -> dict:
                     loss_sum = ddp(x, y)
                 # DDP averages over ranks; our loss is already normalised by the global token count.
                 scaler.scale(loss_sum / tokens * dp).backward()
-            local += loss_sum.detach().float()
+            local += loss_sum.detach()
         scaler.unscale_(opt)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
         scaler.step(opt)
@@ -115,6 +126,8 @@ def single_process_run(cfg) -> dict:
 
 
 def dtrain_run(cfg, grid) -> dict:
+    """Our trainer; parameters come back canonical (tensor-parallel shards gathered)."""
+    from dtrain.checkpoint import canonical_model_state
     from dtrain.trainer import Trainer
 
     trainer = Trainer(cfg, grid, torch.device("cpu"))
@@ -123,5 +136,6 @@ def dtrain_run(cfg, grid) -> dict:
         "losses": [r.loss for r in results],
         "grad_norms": [r.grad_norm for r in results],
         "skipped": [r.skipped for r in results],
-        "params": full_params(trainer.model),
+        "params": canonical_model_state(trainer.model, {"tp": grid.tp_group}),
+        "trainer": trainer,
     }

@@ -1,0 +1,173 @@
+"""Autograd-aware collectives over a tensor-parallel group (Megatron's mappings).
+
+Each is a pair of conjugate operations: what forward does to activations, backward does the adjoint to
+gradients. With n ranks in the group, x_r this rank's tensor and [.]_r this rank's chunk:
+
+  copy_to_tp          fwd  y = x                      bwd  dx = sum_r dy_r          (all-reduce)
+  reduce_from_tp      fwd  y = sum_r x_r (all-reduce)  bwd  dx = dy
+  scatter_to_tp       fwd  y = [x]_r on the last dim   bwd  dx = cat_r dy_r          (all-gather)
+  gather_from_tp      fwd  y = cat_r x_r on last dim   bwd  dx = [dy]_r
+  gather_from_sp      fwd  y = cat_r x_r on dim 1      bwd  dx = [sum_r dy_r]_r      (reduce-scatter)
+  reduce_scatter_to_sp fwd y = [sum_r x_r]_r on dim 1  bwd  dx = cat_r dy_r          (all-gather)
+
+"copy" enters a tensor-parallel region whose input is replicated: every rank consumes the same x, so its
+true gradient is the sum of the per-rank partial gradients. "reduce" leaves a region whose ranks each
+hold a partial sum (the output of a row-parallel matmul). The sequence-parallel pair replaces that
+all-reduce by a reduce-scatter along the sequence (dim 1 of (batch, seq, hidden)) on the way out and an
+all-gather on the way in: the same bytes as one all-reduce, with activations outside the region sharded.
+A group of size 1 makes every one of them the identity.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def _size(group) -> int:
+    return dist.get_world_size(group)
+
+
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    if _size(group) == 1:
+        return x
+    x = x.contiguous().clone()
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    n = _size(group)
+    if n == 1:
+        return x
+    # all_gather_into_tensor concatenates on dim 0; move `dim` there and back.
+    moved = x.movedim(dim, 0).contiguous()
+    out = torch.empty((n * moved.shape[0], *moved.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_gather_single(out, moved, group=group)
+    return out.movedim(0, dim)
+
+
+def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    n = _size(group)
+    if n == 1:
+        return x
+    moved = x.movedim(dim, 0).contiguous()
+    if moved.shape[0] % n:
+        raise ValueError(f"dim {dim} of size {moved.shape[0]} is not divisible by the group size {n}")
+    out = torch.empty((moved.shape[0] // n, *moved.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.reduce_scatter_single(out, moved, group=group)
+    return out.movedim(0, dim)
+
+
+def _chunk(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    n = _size(group)
+    if n == 1:
+        return x
+    if x.shape[dim] % n:
+        raise ValueError(f"dim {dim} of size {x.shape[dim]} is not divisible by the group size {n}")
+    return x.chunk(n, dim=dim)[dist.get_rank(group)].contiguous()
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _all_reduce(dy, ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy, None
+
+
+class _ScatterToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _chunk(x, -1, group)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _all_gather(dy, -1, ctx.group), None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather(x, -1, group)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _chunk(dy, -1, ctx.group), None
+
+
+class _GatherFromSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather(x, 1, group)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _reduce_scatter(dy, 1, ctx.group), None
+
+
+class _ReduceScatterToSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter(x, 1, group)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _all_gather(dy, 1, ctx.group), None
+
+
+def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
+    return _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
+    return _ReduceFromTP.apply(x, group)
+
+
+def scatter_to_tp(x: torch.Tensor, group) -> torch.Tensor:
+    return _ScatterToTP.apply(x, group)
+
+
+def gather_from_tp(x: torch.Tensor, group) -> torch.Tensor:
+    return _GatherFromTP.apply(x, group)
+
+
+def gather_from_sp(x: torch.Tensor, group) -> torch.Tensor:
+    return _GatherFromSP.apply(x, group)
+
+
+def reduce_scatter_to_sp(x: torch.Tensor, group) -> torch.Tensor:
+    return _ReduceScatterToSP.apply(x, group)
+
+
+def scatter_to_sp(x: torch.Tensor, group) -> torch.Tensor:
+    """This rank's sequence chunk of a replicated tensor (fwd split on dim 1, bwd all-gather)."""
+    return _ScatterToSP.apply(x, group)
+
+
+class _ScatterToSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _chunk(x, 1, group)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _all_gather(dy, 1, ctx.group), None
