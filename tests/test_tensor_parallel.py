@@ -53,3 +53,101 @@ CASES_4 = {
 @pytest.mark.parametrize(("tp", "sp", "overrides"), CASES_4.values(), ids=CASES_4.keys())
 def test_tp_matches_torch_ddp_4_ranks(world4, tp, sp, overrides):
     world4.run(tp_training_case, tp, sp, overrides)
+
+
+def dropout_case(sp: bool) -> dict:
+    """Dropout streams under tp=2: replicated regions identical across tensor ranks, split regions
+    different, and activation checkpointing replays exactly the masks of the first forward."""
+    from dtrain.trainer import build_model, step_seed
+
+    world = dist.get_world_size()
+    cfg = tiny_config(world, "parallel.tp=2", f"parallel.sp={str(sp).lower()}", "model.dropout=0.3")
+    grid = harness.grid(tp=2, dp=cfg.parallel.dp)
+    model = build_model(cfg, grid, torch.device("cpu"))
+    layers = model.blocks["0"].attn.layers
+    torch.manual_seed(step_seed(0, 0, grid))
+    with layers.split_region_rng():
+        split_draw = torch.rand(64)
+    with layers.residual_rng():
+        residual_draw = torch.rand(64)
+    after = torch.rand(64)  # the default stream must continue identically on every tensor rank
+    x = torch.randint(0, cfg.model.vocab_size, (2, 16))
+    grads = []
+    for checkpointing in (False, True):
+        model.activation_checkpointing = checkpointing
+        torch.manual_seed(step_seed(0, 1, grid))
+        model(x, x).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        model.zero_grad()
+    hidden = model.blocks["0"](model.embed(x), model.rope_cos, model.rope_sin)  # training mode: dropout on
+    gathered = [torch.empty_like(t) for t in (split_draw, residual_draw, after) for _ in range(2)]
+    for i, t in enumerate((split_draw, residual_draw, after)):
+        dist.all_gather(gathered[2 * i : 2 * i + 2], t, group=grid.tp_group)
+    return {
+        "split_differs": not torch.equal(gathered[0], gathered[1]),
+        "residual_differs": not torch.equal(gathered[2], gathered[3]),
+        "after_equal": torch.equal(gathered[4], gathered[5]),
+        "replayed": all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0]),
+        "hidden_shape": tuple(hidden.shape),
+    }
+
+
+@pytest.mark.parametrize("sp", [False, True], ids=["tp", "tp-sp"])
+def test_dropout_streams(world2, sp):
+    info = world2.run(dropout_case, sp)[0]
+    assert info["split_differs"]  # attention heads of different ranks drop different elements
+    assert info["residual_differs"] is sp  # the residual stream is split only under SP
+    assert info["after_equal"]
+    assert info["replayed"]  # checkpointing recomputes with the same masks: identical gradients
+    assert info["hidden_shape"] == ((2, 8, 32) if sp else (2, 16, 32))
+
+
+def reshard_case(out_dir: str, save_layout: tuple[int, int], resume_layout: tuple[int, int]) -> dict:
+    """Train 4 steps in one layout and save; resume in another for 2 more; compare with 6 uninterrupted
+    steps in the second layout. In float64, so the layouts agree to rounding."""
+    from dtrain.trainer import Trainer
+
+    world = dist.get_world_size()
+
+    def fit(layout, *overrides):
+        tp, sp = layout
+        cfg = tiny_config(world, f"parallel.tp={tp}", f"parallel.sp={str(bool(sp)).lower()}", *overrides)
+        trainer = Trainer(cfg, harness.grid(tp=tp, dp=cfg.parallel.dp), torch.device("cpu"))
+        return trainer.fit()
+
+    with float64():
+        fit(
+            save_layout,
+            f"run.out_dir={out_dir}/a",
+            "train.steps=6",
+            "run.ckpt_every=4",
+            "run.keep_checkpoints=0",
+        )
+        resumed = fit(
+            resume_layout,
+            f"run.out_dir={out_dir}/b",
+            "train.steps=6",
+            f"run.resume={out_dir}/a/checkpoints/step_4",
+        )
+        straight = fit(resume_layout, f"run.out_dir={out_dir}/c", "train.steps=6")
+    return {
+        "resumed": [(r["step"], r["loss"]) for r in resumed],
+        "straight": [(r["step"], r["loss"]) for r in straight],
+    }
+
+
+RESHARD = {
+    "tp2-to-tp1": (2, (2, 0), (1, 0)),
+    "tp1-to-tp2sp": (2, (1, 0), (2, 1)),
+    "tp4-to-tp2dp2": (4, (4, 1), (2, 0)),
+}
+
+
+@pytest.mark.parametrize(("world", "save", "resume"), RESHARD.values(), ids=RESHARD.keys())
+def test_checkpoint_resumes_at_another_tp(world2, world4, tmp_path, world, save, resume):
+    w = world2 if world == 2 else world4
+    info = w.run(reshard_case, str(tmp_path), save, resume)[0]
+    assert [s for s, _ in info["resumed"]] == [5, 6]
+    resumed = torch.tensor([loss for _, loss in info["resumed"]], dtype=torch.float64)
+    straight = torch.tensor([loss for s, loss in info["straight"] if s > 4], dtype=torch.float64)
+    torch.testing.assert_close(resumed, straight, **FP64)
