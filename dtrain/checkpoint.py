@@ -66,7 +66,12 @@ def _canonical(p: torch.Tensor, value: torch.Tensor, groups: dict) -> torch.Tens
 
 
 def canonical_model_state(model: nn.Module, groups: dict) -> dict[str, torch.Tensor]:
-    return {name: _canonical(p, p, groups) for name, p in model.named_parameters()}
+    """Every parameter this rank's model part holds, except copies another stage saves."""
+    return {
+        name: _canonical(p, p, groups)
+        for name, p in model.named_parameters()
+        if not sharding_of(p).duplicate_of
+    }
 
 
 def optimizer_state(
@@ -76,6 +81,8 @@ def optimizer_state(
     moments are shaped like their parameter, so they are gathered like it."""
     flat = {}
     for name, p in model.named_parameters():
+        if sharding_of(p).duplicate_of:
+            continue
         for key, value in optimizer.state.get(p, {}).items():
             flat[f"{name}/{key}"] = _canonical(p, value, groups) if torch.is_tensor(value) else value
     return flat
@@ -91,11 +98,12 @@ def save(
     *,
     gathers: bool,
     is_writer: bool,
+    part: int,
     groups: dict,
 ) -> str:
     """Collective over the world: every rank calls it. Ranks with `gathers` assemble canonical tensors
     from the shards of their groups (one data-parallel replica suffices); the `is_writer` rank among
-    them writes; rank 0 finalises."""
+    them writes part `part` (its pipeline stage's parameters); rank 0 finalises."""
     root = os.path.join(out_dir, "checkpoints")
     final = os.path.join(root, f"step_{step}")
     tmp = final + ".tmp"
@@ -109,8 +117,8 @@ def save(
         model_state = canonical_model_state(model, groups)
         optim_state = optimizer_state(model, optimizer, groups)
     if is_writer:
-        _write_file(os.path.join(tmp, "model.pt"), lambda f: torch.save(model_state, f))
-        _write_file(os.path.join(tmp, "optimizer.pt"), lambda f: torch.save(optim_state, f))
+        _write_file(os.path.join(tmp, f"model_pp{part}.pt"), lambda f: torch.save(model_state, f))
+        _write_file(os.path.join(tmp, f"optimizer_pp{part}.pt"), lambda f: torch.save(optim_state, f))
     dist.barrier()
     if rank == 0:
         state = {"format": FORMAT_VERSION, "step": step, **extra_state}
@@ -192,6 +200,17 @@ def load_tensors(path: str, name: str) -> dict[str, torch.Tensor]:
     return torch.load(os.path.join(path, name), map_location="cpu", weights_only=True)
 
 
+def load_parts(path: str, kind: str) -> dict[str, torch.Tensor]:
+    """Merge the per-stage files `<kind>_pp<k>.pt` of a checkpoint (canonical names never collide)."""
+    merged: dict[str, torch.Tensor] = {}
+    for name in sorted(os.listdir(path)):
+        if name.startswith(f"{kind}_pp") and name.endswith(".pt"):
+            merged.update(load_tensors(path, name))
+    if not merged:
+        raise CheckpointError(f"{path} holds no {kind}_pp*.pt files")
+    return merged
+
+
 def load_state(path: str) -> dict:
     with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
         return json.load(f)
@@ -200,16 +219,17 @@ def load_state(path: str) -> dict:
 @torch.no_grad()
 def restore(path: str, model: nn.Module, optimizer) -> dict:
     """Load a verified checkpoint into this rank's model and optimizer; returns state.json."""
-    model_state = load_tensors(path, "model.pt")
+    model_state = load_parts(path, "model")
     optim_by_param: dict[str, dict] = {}
-    for key, value in load_tensors(path, "optimizer.pt").items():
+    for key, value in load_parts(path, "optimizer").items():
         name, field = key.rsplit("/", 1)
         optim_by_param.setdefault(name, {})[field] = value
-    for name, p in model.named_parameters():
+    for own_name, p in model.named_parameters():
+        s = sharding_of(p)
+        name = s.duplicate_of or own_name
         if name not in model_state:
             raise CheckpointError(f"{path} has no parameter '{name}': it was saved from another model")
         full = model_state[name]
-        s = sharding_of(p)
         if tuple(full.shape) != tuple(s.full_shape):
             raise CheckpointError(
                 f"{path}: parameter '{name}' has shape {tuple(full.shape)}, the model expects "

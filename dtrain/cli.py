@@ -59,7 +59,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     checkpoint.verify(args.checkpoint)
     cfg = config_from_dict(checkpoint.load_state(args.checkpoint)["config"])
     model = Transformer(cfg.model)
-    tensors = checkpoint.load_tensors(args.checkpoint, "model.pt")
+    tensors = checkpoint.load_parts(args.checkpoint, "model")
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name not in tensors or tuple(tensors[name].shape) != tuple(p.shape):

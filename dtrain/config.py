@@ -132,7 +132,6 @@ CHOICES = {
 # Layout features that later issues deliver. Until then a config asking for one is refused up front
 # rather than silently trained as plain data parallelism.
 NOT_YET = {
-    "parallel.pp": (1, "pipeline parallelism"),
     "parallel.cp": (1, "context parallelism"),
     "parallel.ep": (1, "expert parallelism"),
     "parallel.zero": (0, "ZeRO"),
@@ -224,6 +223,34 @@ def _require(ok: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def _validate_pipeline(m: ModelConfig, p: ParallelConfig, microbatches: int) -> None:
+    v = p.pp_virtual_stages
+    _require(v >= 1, f"parallel.pp_virtual_stages={v} must be at least 1")
+    if p.pp == 1:
+        return
+    if p.pp_schedule == "interleaved":
+        _require(v >= 2, f"parallel.pp_schedule=interleaved needs parallel.pp_virtual_stages >= 2, got {v}")
+        _require(
+            microbatches % p.pp == 0,
+            f"parallel.pp_schedule=interleaved needs micro-batches per rank ({microbatches} = "
+            f"global_batch_size / (dp * micro_batch_size)) to be a multiple of parallel.pp={p.pp}",
+        )
+    else:
+        _require(v == 1, f"parallel.pp_virtual_stages={v} needs parallel.pp_schedule=interleaved")
+    if p.pp_schedule == "1f1b":
+        _require(
+            microbatches >= p.pp,
+            f"parallel.pp_schedule=1f1b needs at least parallel.pp={p.pp} micro-batches per rank, got "
+            f"{microbatches}; raise train.global_batch_size or lower train.micro_batch_size",
+        )
+    chunks = p.pp * (v if p.pp_schedule == "interleaved" else 1)
+    _require(
+        m.n_layers >= chunks,
+        f"model.n_layers={m.n_layers} cannot be split into {chunks} pipeline chunks "
+        f"(parallel.pp * pp_virtual_stages); lower parallel.pp or pp_virtual_stages",
+    )
+
+
 def validate(cfg: Config, world_size: int) -> Config:
     """Check everything that can be checked without processes; fill in `parallel.dp` when it is -1.
 
@@ -300,6 +327,7 @@ def validate(cfg: Config, world_size: int) -> Config:
         f"train.global_batch_size={t.global_batch_size} must be a multiple of "
         f"parallel.dp*train.micro_batch_size={per_step}",
     )
+    _validate_pipeline(m, p, t.global_batch_size // per_step)
     _require(
         t.seq_len <= m.max_seq_len,
         f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; raise model.max_seq_len",

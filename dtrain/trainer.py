@@ -10,7 +10,6 @@ gradient of the global-batch mean loss exactly, whatever the layout.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 import time
@@ -23,9 +22,9 @@ from dtrain import checkpoint
 from dtrain.config import Config, TrainConfig, microbatches_per_rank, to_dict
 from dtrain.data import build_dataset, rank_microbatches
 from dtrain.metrics import MetricsLogger
-from dtrain.model import Transformer, count_params, flops_per_token, init_weights
-from dtrain.parallel_layers import layers_for
+from dtrain.model import Transformer, count_params, flops_per_token
 from dtrain.runtime import peak_flops, peak_memory_bytes
+from dtrain.stage import Stage
 from parallel.data_parallel import DataParallel
 from parallel.grid import ProcessGrid
 from parallel.precision import LossScaler, autocast, wide
@@ -62,10 +61,10 @@ def step_seed(seed: int, step: int, grid: ProcessGrid) -> int:
 
 
 def build_model(cfg: Config, grid: ProcessGrid, device: torch.device) -> Transformer:
-    layers = layers_for(cfg.model, grid, sequence_parallel=cfg.parallel.sp)
-    model = Transformer(cfg.model, layers, activation_checkpointing=cfg.train.activation_checkpointing)
-    init_weights(model, cfg.train.seed)  # canonical values, then this rank's slice: layout-independent
-    return model.to(device)
+    """The whole model of a layout without pipelining (tensor-parallel layers where tp > 1)."""
+    if cfg.parallel.pp != 1:
+        raise ValueError("build_model builds one chunk; with parallel.pp > 1 use dtrain.stage.Stage")
+    return Stage(cfg, grid, device).chunks[0]
 
 
 @dataclass
@@ -79,8 +78,8 @@ class Trainer:
     def __init__(self, cfg: Config, grid: ProcessGrid, device: torch.device):
         self.cfg, self.grid, self.device = cfg, grid, device
         t = cfg.train
-        self.model = build_model(cfg, grid, device)
-        self.ddp = DataParallel(self.model, grid.dp_cp_group, bucket_mb=cfg.parallel.bucket_mb)
+        self.model = Stage(cfg, grid, device)  # this rank's chunks, schedule and executor
+        self.ddp = DataParallel(self.model.modules, grid.dp_cp_group, bucket_mb=cfg.parallel.bucket_mb)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.accum_dtype = wide(self.params[0].detach()[:0]).dtype  # fp32, or fp64 in exactness tests
         self.optimizer = build_optimizer(self.model, t)
@@ -108,18 +107,17 @@ class Trainer:
             group["lr"] = lr
         torch.manual_seed(step_seed(t.seed, self.step, self.grid))
         self.model.train()
-        micro = self._microbatches(self.train_data, self.step)
-        loss_sum = torch.zeros((), dtype=self.accum_dtype, device=self.device)
-        for j, (inputs, targets) in enumerate(micro):
-            inputs, targets = inputs.to(self.device), targets.to(self.device)
-            last = j == len(micro) - 1
-            with contextlib.nullcontext() if last else self.ddp.no_sync():
-                with autocast(t.precision, self.device):
-                    token_loss_sum = self.ddp(inputs, targets)
-                (token_loss_sum * (self.scaler.scale / self.global_tokens)).backward()
-            loss_sum += wide(token_loss_sum.detach())
+        loss_sum = self.model.executor.run(
+            self.model.train_actions,
+            self._microbatches(self.train_data, self.step),
+            loss_scale=self.scaler.scale / self.global_tokens,
+            compute_context=lambda: autocast(t.precision, self.device),
+            # Reduce a chunk's gradients only during its last backward of the step (no_sync before).
+            before_backward=lambda chunk, is_last: setattr(self.ddp, "sync_grads", is_last),
+        )
         self.ddp.finish_grad_sync()
         sum_partial_grads(self.params, self.grid.tp_group)  # norm gains under SP, replicated k/v heads
+        self.model.sync_tied_embeddings()
         if self.scaler.enabled:
             torch._foreach_mul_([p.grad for p in self.params], 1.0 / self.scaler.scale)
         g = self.grid
@@ -137,11 +135,17 @@ class Trainer:
             self.skipped_in_a_row = 0
         self.scaler.update(skipped)
         self.ddp.zero_grad()
-        if self.grid.size("dp") > 1:
-            dist.all_reduce(loss_sum, group=self.grid.dp_group)
+        loss_sum = self._sum_loss(loss_sum)
         self.step += 1
         self.tokens_seen += self.global_tokens
         return StepResult(float(loss_sum) / self.global_tokens, float(grad_norm), skipped)
+
+    def _sum_loss(self, loss_sum: torch.Tensor) -> torch.Tensor:
+        """Token-loss sums live on the last pipeline stage of every data-parallel replica."""
+        for name in ("pp", "dp"):
+            if self.grid.size(name) > 1:
+                dist.all_reduce(loss_sum, group=self.grid.group(name))
+        return loss_sum
 
     def _on_overflow(self, grad_norm: torch.Tensor) -> None:
         t = self.cfg.train
@@ -163,15 +167,15 @@ class Trainer:
         if self.val_data is None or self.cfg.train.eval_batches == 0:
             return None
         t = self.cfg.train
-        self.model.eval()
+        self.model.train(False)
         total = torch.zeros((), dtype=self.accum_dtype, device=self.device)
         for k in range(t.eval_batches):
-            for inputs, targets in self._microbatches(self.val_data, k):
-                with autocast(t.precision, self.device):
-                    total += wide(self.model(inputs.to(self.device), targets.to(self.device)))
-        if self.grid.size("dp") > 1:
-            dist.all_reduce(total, group=self.grid.dp_group)
-        loss = float(total) / (self.global_tokens * t.eval_batches)
+            total += self.model.executor.run(
+                self.model.eval_actions,
+                self._microbatches(self.val_data, k),
+                compute_context=lambda: autocast(t.precision, self.device),
+            )
+        loss = float(self._sum_loss(total)) / (self.global_tokens * t.eval_batches)
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
     def save(self) -> str:
@@ -191,6 +195,7 @@ class Trainer:
             keep=self.cfg.run.keep_checkpoints,
             gathers=c.dp == 0 and c.cp == 0,
             is_writer=c.dp == 0 and c.cp == 0 and c.tp == 0,
+            part=c.pp,
             groups={"tp": self.grid.tp_group},
         )
 

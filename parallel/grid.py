@@ -120,6 +120,15 @@ class ProcessGrid:
                 group = dist.new_group(list(ranks), backend=backend)  # collective: every rank calls
                 if self.rank in ranks:
                     self._groups[name], self._ranks[name] = group, ranks
+        # Tied input/output embeddings live on the first and the last pipeline stage: their gradients
+        # are summed over a group of those two ranks (one per pipeline group; a single rank when pp=1).
+        for ranks in self.layout.groups["pp"]:
+            ends = sorted({ranks[0], ranks[-1]})
+            group = dist.new_group(ends, backend=backend)
+            if self.rank in ends:
+                self.embed_group = group
+        if self.coords.pp not in (0, pp - 1):
+            self.embed_group = None
 
     def size(self, name: str) -> int:
         return self.layout.sizes[name]

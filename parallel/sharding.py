@@ -32,6 +32,9 @@ class Sharding:
                   gradient must be summed over the tensor group before the step.
     expert:       the parameter of one expert: held by one rank of the expert-parallel group, so its
                   gradient is reduced over the expert-data-parallel group and counted once per expert.
+    duplicate_of: the canonical name of a parameter this tensor copies, held and counted by another
+                  pipeline stage (the output head tied to the input embedding): kept equal by summing
+                  gradients, left out of norms and checkpoints, restored from that name.
     """
 
     full_shape: tuple[int, ...]
@@ -42,6 +45,7 @@ class Sharding:
     group: str = "tp"
     partial_grad: bool = False
     expert: bool = False
+    duplicate_of: str | None = None
 
     def take(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's slice of the canonical tensor (or of a tensor shaped like it: optimizer moments)."""
@@ -120,7 +124,7 @@ def global_grad_norm(
         if p.grad is None:
             continue
         s = sharding_of(p)
-        if s.split_dim is None and s.group == "tp" and tp_rank != 0:
+        if s.duplicate_of or (s.split_dim is None and s.group == "tp" and tp_rank != 0):
             continue
         (expert if s.expert else dense).append(p.grad)
     needs_reduce = any(g is not None and dist.get_world_size(g) > 1 for g in (tp_group, pp_group, ep_group))

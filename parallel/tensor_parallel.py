@@ -39,7 +39,8 @@ def _divide(value: int, n: int, what: str) -> int:
 class ColumnParallelLinear(nn.Module):
     """y_r = x W_r^T with W split by output features (dim 0). The input must already be inside the
     region (replicated or gathered); the output stays split unless `gather_output` (all-gather on the
-    last dim). `pad_output` pads the output features to a multiple of n (the vocabulary of the head)."""
+    last dim, padding dropped). `pad_output` pads the output features to a multiple of n (the vocabulary
+    of the head); the padded rows are zero, so split outputs carry zero columns there."""
 
     def __init__(self, in_features, out_features, group, gather_output=False, pad_output=False):
         super().__init__()
@@ -47,7 +48,7 @@ class ColumnParallelLinear(nn.Module):
         rank, n = _rank_size(group)
         padded = -(-out_features // n) * n if pad_output else out_features
         local = _divide(padded, n, "out_features")
-        self.gather_output = gather_output
+        self.gather_output, self.out_features = gather_output, out_features
         self.weight = nn.Parameter(torch.empty(local, in_features))
         set_sharding(
             self.weight,
@@ -62,7 +63,9 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
-        return gather_from_tp(y, self.group) if self.gather_output else y
+        if not self.gather_output:
+            return y
+        return gather_from_tp(y, self.group)[..., : self.out_features]
 
 
 class RowParallelLinear(nn.Module):

@@ -139,3 +139,47 @@ def dtrain_run(cfg, grid) -> dict:
         "params": canonical_model_state(trainer.model, {"tp": grid.tp_group}),
         "trainer": trainer,
     }
+
+
+def layout_matches_ddp(layout: tuple[str, ...], overrides: tuple[str, ...]) -> list[float]:
+    """Train the tiny model in `layout` (parallel.* overrides) and compare with torch DDP over every rank
+    on the unsharded model: in float64 every loss, grad norm and parameter to FP64, in fp32 losses and
+    grad norms to FP32 (tests/tolerances.py says why). Run on every rank; each compares the parameters it
+    holds (a pipeline stage holds some). Returns our fp32 losses and the names of the parameters held."""
+    from tests import harness
+    from tests.tolerances import FP32, FP64
+
+    world = dist.get_world_size()
+    cfg = tiny_config(world, *layout, *overrides)
+    # Keys of `layout` outside parallel.* (the global batch, checkpointing) describe the training itself.
+    # The reference takes one micro-batch per rank: with the loss normalised by the global token count,
+    # micro-batching does not change the computed training.
+    overrides = (*overrides, *(o for o in layout if not o.startswith("parallel.")))
+    reference_overrides = (*overrides, f"train.micro_batch_size={cfg.train.global_batch_size // world}")
+    p = cfg.parallel
+    grid = harness.grid(tp=p.tp, pp=p.pp, dp=p.dp)
+    with float64():
+        ours, ref = dtrain_run(cfg, grid), torch_ddp_run(tiny_config(world, *reference_overrides))
+        compare_runs(ours, ref, FP64)
+    held = sorted(ours["params"])
+    ours, ref = dtrain_run(cfg, grid), torch_ddp_run(tiny_config(world, *reference_overrides))
+    torch.testing.assert_close(torch.tensor(ours["losses"]), torch.tensor(ref["losses"]), **FP32)
+    torch.testing.assert_close(torch.tensor(ours["grad_norms"]), torch.tensor(ref["grad_norms"]), **FP32)
+    return {"losses": ours["losses"], "held": held, "all": sorted(ref["params"])}
+
+
+def compare_runs(ours: dict, ref: dict, tol: dict | None) -> None:
+    """tol=None: bitwise equality. Otherwise losses and grad norms elementwise, parameters per tensor in
+    the 2-norm (see tests/tolerances.py). `ours` may hold a subset of the parameters (a pipeline stage)."""
+    assert ours["params"].keys() <= ref["params"].keys(), set(ours["params"]) - set(ref["params"])
+    if tol is None:
+        assert ours["losses"] == ref["losses"]
+        assert ours["grad_norms"] == ref["grad_norms"]
+        for name, value in ours["params"].items():
+            assert torch.equal(value, ref["params"][name]), name
+        return
+    torch.testing.assert_close(torch.tensor(ours["losses"]), torch.tensor(ref["losses"]), **tol)
+    torch.testing.assert_close(torch.tensor(ours["grad_norms"]), torch.tensor(ref["grad_norms"]), **tol)
+    for name, value in ours["params"].items():
+        err = float((value - ref["params"][name]).norm() / ref["params"][name].norm())
+        assert err <= tol["rtol"], f"{name}: relative 2-norm difference {err:.2e} > {tol['rtol']:.0e}"

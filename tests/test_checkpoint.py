@@ -69,7 +69,7 @@ def corruption_case(out_dir: str) -> dict:
     out = {"names": [os.path.basename(c) for c in ckpts]}
     if dist.get_rank() == 0:
         newest = ckpts[-1]
-        with open(os.path.join(newest, "model.pt"), "r+b") as f:  # truncate: a torn write
+        with open(os.path.join(newest, "model_pp0.pt"), "r+b") as f:  # truncate: a torn write
             f.truncate(100)
         try:
             checkpoint.verify(newest)
@@ -90,7 +90,7 @@ def corruption_case(out_dir: str) -> dict:
 def test_corrupted_checkpoint_is_detected_and_skipped(world2, tmp_path):
     info = world2.run(corruption_case, str(tmp_path / "run"))[0]
     assert info["names"] == ["step_2", "step_4"]
-    assert "model.pt does not match its checksum" in info["error"]
+    assert "model_pp0.pt does not match its checksum" in info["error"]
     assert info["fallback"] == "step_2"
     assert len(info["warnings"]) == 1 and "step_4" in info["warnings"][0]
     assert info["after_tmp"] == ["step_2", "step_4"]

@@ -96,7 +96,7 @@ def test_torchrun_one_and_two_ranks_log_the_same_losses(tmp_path):
     cfg = load_config(TINY)
     model = Transformer(cfg.model)
     model.load_state_dict(torch.load(exported, weights_only=True), strict=True)
-    saved = torch.load(tmp_path / "n2" / "checkpoints" / "step_20" / "model.pt", weights_only=True)
+    saved = torch.load(tmp_path / "n2" / "checkpoints" / "step_20" / "model_pp0.pt", weights_only=True)
     for name, p in model.named_parameters():
         assert torch.equal(p, saved[name])
 

@@ -9,23 +9,12 @@ import torch
 import torch.distributed as dist
 
 from tests import harness
-from tests.reference import dtrain_run, float64, tiny_config, torch_ddp_run
-from tests.test_data_parallel import compare
-from tests.tolerances import FP32, FP64
+from tests.reference import float64, layout_matches_ddp, tiny_config
+from tests.tolerances import FP64
 
 
 def tp_training_case(tp: int, sp: bool, overrides: tuple[str, ...]) -> list[float]:
-    world = dist.get_world_size()
-    layout = (f"parallel.tp={tp}", f"parallel.sp={str(sp).lower()}")
-    cfg = tiny_config(world, *layout, *overrides)
-    grid = harness.grid(tp=cfg.parallel.tp, dp=cfg.parallel.dp)
-    with float64():
-        # The reference: torch DDP over every rank on the unsharded model, same global batch.
-        compare(dtrain_run(cfg, grid), torch_ddp_run(tiny_config(world, *overrides)), FP64)
-    ours, ref = dtrain_run(cfg, grid), torch_ddp_run(tiny_config(world, *overrides))
-    torch.testing.assert_close(torch.tensor(ours["losses"]), torch.tensor(ref["losses"]), **FP32)
-    torch.testing.assert_close(torch.tensor(ours["grad_norms"]), torch.tensor(ref["grad_norms"]), **FP32)
-    return ours["losses"]
+    return layout_matches_ddp((f"parallel.tp={tp}", f"parallel.sp={str(sp).lower()}"), overrides)
 
 
 CASES = {
@@ -38,7 +27,7 @@ CASES = {
 
 @pytest.mark.parametrize(("tp", "sp", "overrides"), CASES.values(), ids=CASES.keys())
 def test_tp_matches_torch_ddp_2_ranks(world2, tp, sp, overrides):
-    losses = world2.run(tp_training_case, tp, sp, overrides)[0]
+    losses = world2.run(tp_training_case, tp, sp, overrides)[0]["losses"]
     assert losses[-1] < losses[0]
 
 

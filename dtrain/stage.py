@@ -1,0 +1,102 @@
+"""This rank's part of the model: its pipeline chunks (tensor-parallel layers where tp > 1), the schedule
+that runs them and the executor.
+
+The n_layers blocks are cut into C = pp * v chunks (v = parallel.pp_virtual_stages with the interleaved
+schedule, else 1), chunk c getting blocks [c * L // C, (c + 1) * L // C): sizes differ by at most one.
+The embedding goes with chunk 0, the final norm, head and loss with chunk C - 1; chunk c lives on
+pipeline rank c % pp. Without pipelining this is one chunk holding the whole model, run by the same
+executor with the 1F1B order (forward and backward of each micro-batch in turn).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dtrain.config import Config, microbatches_per_rank
+from dtrain.model import Transformer, init_weights
+from dtrain.parallel_layers import layers_for
+from parallel import pipeline_schedules
+from parallel.grid import ProcessGrid
+from parallel.pipeline import PipelineExecutor
+from parallel.sharding import set_sharding, sharding_of
+
+
+def n_chunks(cfg: Config) -> int:
+    p = cfg.parallel
+    return p.pp * (p.pp_virtual_stages if p.pp_schedule == "interleaved" and p.pp > 1 else 1)
+
+
+def balanced_split(n_layers: int, chunks: int) -> list[range]:
+    if n_layers < chunks:
+        raise ValueError(
+            f"model.n_layers={n_layers} cannot be split into {chunks} pipeline chunks "
+            f"(parallel.pp * pp_virtual_stages); every chunk needs a block"
+        )
+    return [range(c * n_layers // chunks, (c + 1) * n_layers // chunks) for c in range(chunks)]
+
+
+class Stage:
+    def __init__(self, cfg: Config, grid: ProcessGrid, device: torch.device):
+        self.cfg, self.grid, self.device = cfg, grid, device
+        p = cfg.parallel
+        total = n_chunks(cfg)
+        layers = layers_for(cfg.model, grid, sequence_parallel=p.sp)
+        self.chunks: dict[int, Transformer] = {}
+        for c, block_ids in enumerate(balanced_split(cfg.model.n_layers, total)):
+            if c % p.pp != grid.coords.pp:
+                continue
+            chunk = Transformer(
+                cfg.model,
+                layers,
+                block_ids=block_ids,
+                has_embedding=c == 0,
+                has_head=c == total - 1,
+                activation_checkpointing=cfg.train.activation_checkpointing,
+            )
+            if cfg.model.tie_embeddings and chunk.head is not None and chunk.embed is None:
+                # The head on the last stage copies the embedding of the first: same initial value
+                # (init_weights reads it under the embedding's name), gradients summed, counted once.
+                w = chunk.head.weight
+                set_sharding(w, dataclasses.replace(sharding_of(w), duplicate_of="embed.weight"))
+            init_weights(chunk, cfg.train.seed)
+            self.chunks[c] = chunk.to(device)
+        self.modules = nn.ModuleList(self.chunks.values())
+        m = microbatches_per_rank(cfg)
+        schedule = p.pp_schedule if p.pp > 1 else "1f1b"
+        self.train_actions = pipeline_schedules.build(schedule, p.pp, m, p.pp_virtual_stages)[grid.coords.pp]
+        # Evaluation: forwards only, chunk by chunk (GPipe's forward half, deadlock-free for any v).
+        self.eval_actions = [pipeline_schedules.Action("F", c, i) for c in self.chunks for i in range(m)]
+        seq = cfg.train.seq_len // (grid.size("tp") if p.sp else 1)
+        self.executor = PipelineExecutor(
+            self.chunks,
+            total,
+            grid.pp_group,
+            activation_shape=lambda rows: (rows, seq, cfg.model.d_model),
+            dtype=next(self.modules.parameters()).dtype,
+            device=device,
+        )
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Canonical names: block names carry their global index, so chunks never collide."""
+        for chunk in self.chunks.values():
+            yield from chunk.named_parameters()
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return (p for _, p in self.named_parameters())
+
+    def train(self, mode: bool = True) -> None:
+        self.modules.train(mode)
+
+    def sync_tied_embeddings(self) -> None:
+        """Sum the gradients of the tied embedding (first stage) and head (last stage)."""
+        if not self.cfg.model.tie_embeddings or self.cfg.parallel.pp == 1 or self.grid.embed_group is None:
+            return
+        for chunk in self.chunks.values():
+            for layer in (chunk.embed, chunk.head):
+                if layer is not None and layer.weight.grad is not None:
+                    dist.all_reduce(layer.weight.grad, group=self.grid.embed_group)

@@ -1,0 +1,138 @@
+"""Pipeline parallelism: schedules checked as data (no processes), and training under GPipe, 1F1B and
+interleaved 1F1B equal to torch DDP on the unsharded model."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from dtrain.config import ConfigError, load_config, validate
+from dtrain.stage import balanced_split
+from parallel import pipeline_schedules as ps
+from tests.reference import TINY, layout_matches_ddp
+
+# --- schedules as data -------------------------------------------------------------------------------
+
+SHAPES = [(name, pp, m, v) for pp in (2, 3, 4) for m in (pp, 2 * pp, 3 * pp) for name, v in
+          (("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("interleaved", 3))]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "pp", "m", "v"), SHAPES)
+def test_schedule_is_complete_and_ordered(name, pp, m, v):
+    schedules = ps.build(name, pp, m, v)
+    chunks = pp * v
+    for r, actions in enumerate(schedules):
+        # Each of this rank's chunks runs every micro-batch forward once and backward once, forward first.
+        mine = [c for c in range(chunks) if c % pp == r]
+        expected = {(k, c, i) for k in "FB" for c in mine for i in range(m)}
+        assert sorted((a.kind, a.chunk, a.microbatch) for a in actions) == sorted(expected)
+        position = {(a.kind, a.chunk, a.microbatch): n for n, a in enumerate(actions)}
+        assert all(position[("F", c, i)] < position[("B", c, i)] for c in mine for i in range(m))
+    # Stage order and absence of deadlock: the dependency-respecting simulation runs every action.
+    result = ps.simulate(schedules, pp)
+    assert len(result["timeline"]) == 2 * m * chunks
+
+
+@pytest.mark.parametrize(("pp", "m"), [(2, 2), (2, 6), (4, 4), (4, 8), (3, 7)])
+def test_bubble_matches_formula_and_interleaving_shrinks_it(pp, m):
+    for name in ("gpipe", "1f1b"):
+        bubble = ps.simulate(ps.build(name, pp, m), pp)["bubble"]
+        assert bubble == pytest.approx((pp - 1) / (m + pp - 1), abs=1e-12)
+    if m % pp == 0:
+        for v in (2, 3):
+            sim = ps.simulate(ps.build("interleaved", pp, m, v), pp)
+            assert sim["bubble"] < (pp - 1) / (m + pp - 1)
+            # FORMULAS.md: interleaved bubble over ideal time = (p - 1) / (v * m)
+            assert sim["bubble"] / (1 - sim["bubble"]) == pytest.approx((pp - 1) / (v * m), abs=1e-12)
+
+
+@pytest.mark.parametrize(("pp", "m"), [(2, 2), (2, 5), (4, 4), (4, 9)])
+def test_1f1b_holds_at_most_pp_minus_rank_microbatches(pp, m):
+    peaks = ps.simulate(ps.one_f_one_b(pp, m), pp)["peak_in_flight"]
+    assert peaks == [min(pp - r, m) for r in range(pp)]
+    assert ps.simulate(ps.gpipe(pp, m), pp)["peak_in_flight"] == [m] * pp  # GPipe holds every micro-batch
+
+
+def test_schedule_errors():
+    with pytest.raises(ps.ScheduleError, match="1f1b needs at least pp=4"):
+        ps.one_f_one_b(4, 3)
+    with pytest.raises(ps.ScheduleError, match="multiple of pp=2"):
+        ps.interleaved_one_f_one_b(2, 3, 2)
+    with pytest.raises(ps.ScheduleError, match="pp_virtual_stages >= 2"):
+        ps.interleaved_one_f_one_b(2, 4, 1)
+    assert "rank 1: F1.0" in ps.render(ps.gpipe(2, 2))
+
+
+def test_balanced_split():
+    assert balanced_split(4, 2) == [range(0, 2), range(2, 4)]
+    assert [len(r) for r in balanced_split(7, 3)] == [2, 2, 3]
+    with pytest.raises(ValueError, match="cannot be split into 4 pipeline chunks"):
+        balanced_split(3, 4)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["parallel.pp=4", "model.n_layers=4", "train.global_batch_size=12"],
+         "1f1b needs at least parallel.pp=4 micro-batches per rank, got 3"),
+        (["parallel.pp=2", "parallel.pp_schedule=interleaved", "parallel.pp_virtual_stages=2"],
+         "model.n_layers=2 cannot be split into 4 pipeline chunks"),
+        (["parallel.pp=2", "parallel.pp_schedule=interleaved", "model.n_layers=4"],
+         "needs parallel.pp_virtual_stages >= 2"),
+        (["parallel.pp=2", "parallel.pp_virtual_stages=2", "model.n_layers=4"],
+         "pp_virtual_stages=2 needs parallel.pp_schedule=interleaved"),
+    ],
+)  # fmt: skip
+def test_pipeline_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(load_config(None, [*TINY, *overrides]), 4)
+
+
+# --- training equal to torch DDP ---------------------------------------------------------------------
+
+
+def assert_stages_cover_the_model(results: list[dict]) -> None:
+    """Together the ranks compared every parameter of the reference (each stage its own part)."""
+    held = set().union(*(r["held"] for r in results))
+    assert held == set(results[0]["all"])
+
+
+def _layout(pp: int, schedule: str, m: int, dp: int, v: int = 1) -> tuple[str, ...]:
+    return (
+        f"parallel.pp={pp}",
+        f"parallel.pp_schedule={schedule}",
+        f"parallel.pp_virtual_stages={v}",
+        f"train.global_batch_size={4 * m * dp}",  # 4 = the tiny config's micro-batch size
+    )
+
+
+CASES_2 = {
+    f"pp2-{s}-m{m}-{'tied' if tie else 'untied'}": (_layout(2, s, m, 1, 2 if s == "interleaved" else 1), tie)
+    for s, m, tie in itertools.product(("gpipe", "1f1b", "interleaved"), (2, 4), (False, True))
+}
+
+
+@pytest.mark.parametrize(("layout", "tie"), CASES_2.values(), ids=CASES_2.keys())
+def test_pipeline_matches_torch_ddp_2_ranks(world2, layout, tie):
+    overrides = ("model.n_layers=4", f"model.tie_embeddings={str(tie).lower()}")
+    results = world2.run(layout_matches_ddp, layout, overrides)
+    assert results[0]["losses"][-1] < results[0]["losses"][0]
+    assert_stages_cover_the_model(results)
+
+
+CASES_4 = {
+    "pp4-1f1b-m4-tied": (_layout(4, "1f1b", 4, 1), True),
+    "pp4-gpipe-m8": (_layout(4, "gpipe", 8, 1), False),
+    "pp4-interleaved-m4-tied": (_layout(4, "interleaved", 4, 1, 2), True),
+    "pp2-dp2-1f1b-m2-tied": (_layout(2, "1f1b", 2, 2), True),
+    "pp2-dp2-interleaved-m4": (_layout(2, "interleaved", 4, 2, 2), False),
+    "pp2-dp2-gpipe-m4-ckpt": ((*_layout(2, "gpipe", 4, 2), "train.activation_checkpointing=true"), True),
+    "pp2-tp2-sp-1f1b-m2-tied": ((*_layout(2, "1f1b", 2, 1), "parallel.tp=2", "parallel.sp=true"), True),
+}
+
+
+@pytest.mark.parametrize(("layout", "tie"), CASES_4.values(), ids=CASES_4.keys())
+def test_pipeline_matches_torch_ddp_4_ranks(world4, layout, tie):
+    overrides = ("model.n_layers=8", f"model.tie_embeddings={str(tie).lower()}")
+    assert_stages_cover_the_model(world4.run(layout_matches_ddp, layout, overrides))
