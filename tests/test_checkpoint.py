@@ -13,7 +13,8 @@ import torch.distributed as dist
 
 from dtrain import checkpoint
 from tests import harness
-from tests.reference import full_params, tiny_config
+from tests.reference import float64, full_params, tiny_config
+from tests.tolerances import FP64
 
 
 def _fit(*overrides: str):
@@ -125,3 +126,61 @@ def test_checkpoint_holds_no_pickled_code(tmp_path):
     torch.save({"w": Evil()}, path)
     with pytest.raises(Exception, match=r"Weights only load failed|Unsupported global"):
         checkpoint.load_tensors(str(tmp_path), "model.pt")
+
+
+def reshard_case(out_dir: str, save_layout: tuple[str, ...], resume_layout: tuple[str, ...]) -> dict:
+    """Train 4 steps in one layout (parallel.* overrides) and save; resume in another for 2 more;
+    compare with 6 uninterrupted steps in the second layout. In float64, so layouts agree to rounding."""
+    from dtrain.trainer import Trainer
+
+    world = dist.get_world_size()
+    model = ("model.n_layers=4", "model.tie_embeddings=true")
+
+    def fit(layout, *overrides):
+        cfg = tiny_config(world, *model, *layout, *overrides)
+        p = cfg.parallel
+        trainer = Trainer(cfg, harness.grid(tp=p.tp, pp=p.pp, dp=p.dp), torch.device("cpu"))
+        return trainer.fit()
+
+    with float64():
+        fit(
+            save_layout,
+            f"run.out_dir={out_dir}/a",
+            "train.steps=6",
+            "run.ckpt_every=4",
+            "run.keep_checkpoints=0",
+        )
+        step_4 = f"run.resume={out_dir}/a/checkpoints/step_4"
+        resumed = fit(resume_layout, f"run.out_dir={out_dir}/b", "train.steps=6", step_4)
+        straight = fit(resume_layout, f"run.out_dir={out_dir}/c", "train.steps=6")
+    return {
+        "resumed": [(r["step"], r["loss"]) for r in resumed],
+        "straight": [(r["step"], r["loss"]) for r in straight],
+    }
+
+
+TP2, TP2_SP, TP4_SP = (
+    ("parallel.tp=2",),
+    ("parallel.tp=2", "parallel.sp=true"),
+    ("parallel.tp=4", "parallel.sp=true"),
+)
+PP2, PP4 = ("parallel.pp=2",), ("parallel.pp=4",)
+PP2_INTERLEAVED = ("parallel.pp=2", "parallel.pp_schedule=interleaved", "parallel.pp_virtual_stages=2")
+RESHARD = {
+    "tp2-to-tp1": (2, TP2, ()),
+    "tp1-to-tp2sp": (2, (), TP2_SP),
+    "tp4sp-to-tp2dp2": (4, TP4_SP, TP2),
+    "pp2-to-tp2": (2, PP2, TP2),
+    "pp4-to-pp2-interleaved-dp2": (4, PP4, PP2_INTERLEAVED),
+    "tp2pp2-to-dp4": (4, (*TP2, *PP2), ()),
+}
+
+
+@pytest.mark.parametrize(("world", "save", "resume"), RESHARD.values(), ids=RESHARD.keys())
+def test_checkpoint_resumes_in_another_layout(world2, world4, tmp_path, world, save, resume):
+    w = world2 if world == 2 else world4
+    info = w.run(reshard_case, str(tmp_path), save, resume)[0]
+    assert [s for s, _ in info["resumed"]] == [5, 6]
+    resumed = torch.tensor([loss for _, loss in info["resumed"]], dtype=torch.float64)
+    straight = torch.tensor([loss for s, loss in info["straight"] if s > 4], dtype=torch.float64)
+    torch.testing.assert_close(resumed, straight, **FP64)
