@@ -68,106 +68,43 @@ def _chunk(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     return x.chunk(n, dim=dim)[dist.get_rank(group)].contiguous()
 
 
-class _CopyToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
+def _mapping(forward, backward, name: str):
+    """An autograd function y = forward(x) whose gradient is dx = backward(dy), both over `group`."""
 
-    @staticmethod
-    def backward(ctx, dy):
-        return _all_reduce(dy, ctx.group), None
+    class Mapping(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, group):
+            ctx.group = group
+            return forward(x, group)
 
+        @staticmethod
+        def backward(ctx, dy):
+            return backward(dy, ctx.group), None
 
-class _ReduceFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        return _all_reduce(x, group)
+    Mapping.__name__ = Mapping.__qualname__ = name
 
-    @staticmethod
-    def backward(ctx, dy):
-        return dy, None
+    def apply(x: torch.Tensor, group) -> torch.Tensor:
+        return Mapping.apply(x, group)
 
-
-class _ScatterToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _chunk(x, -1, group)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return _all_gather(dy, -1, ctx.group), None
+    apply.__name__ = name
+    return apply
 
 
-class _GatherFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather(x, -1, group)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return _chunk(dy, -1, ctx.group), None
+def _identity(x: torch.Tensor, group) -> torch.Tensor:
+    return x
 
 
-class _GatherFromSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather(x, 1, group)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return _reduce_scatter(dy, 1, ctx.group), None
-
-
-class _ReduceScatterToSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _reduce_scatter(x, 1, group)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return _all_gather(dy, 1, ctx.group), None
-
-
-def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
-    return _CopyToTP.apply(x, group)
-
-
-def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
-    return _ReduceFromTP.apply(x, group)
-
-
-def scatter_to_tp(x: torch.Tensor, group) -> torch.Tensor:
-    return _ScatterToTP.apply(x, group)
-
-
-def gather_from_tp(x: torch.Tensor, group) -> torch.Tensor:
-    return _GatherFromTP.apply(x, group)
-
-
-def gather_from_sp(x: torch.Tensor, group) -> torch.Tensor:
-    return _GatherFromSP.apply(x, group)
-
-
-def reduce_scatter_to_sp(x: torch.Tensor, group) -> torch.Tensor:
-    return _ReduceScatterToSP.apply(x, group)
-
-
-def scatter_to_sp(x: torch.Tensor, group) -> torch.Tensor:
-    """This rank's sequence chunk of a replicated tensor (fwd split on dim 1, bwd all-gather)."""
-    return _ScatterToSP.apply(x, group)
-
-
-class _ScatterToSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _chunk(x, 1, group)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return _all_gather(dy, 1, ctx.group), None
+# The six conjugate pairs of the table above (plus the sequence split used to enter SP from a replica).
+copy_to_tp = _mapping(_identity, _all_reduce, "copy_to_tp")
+reduce_from_tp = _mapping(_all_reduce, _identity, "reduce_from_tp")
+scatter_to_tp = _mapping(lambda x, g: _chunk(x, -1, g), lambda dy, g: _all_gather(dy, -1, g), "scatter_to_tp")
+gather_from_tp = _mapping(
+    lambda x, g: _all_gather(x, -1, g), lambda dy, g: _chunk(dy, -1, g), "gather_from_tp"
+)
+gather_from_sp = _mapping(
+    lambda x, g: _all_gather(x, 1, g), lambda dy, g: _reduce_scatter(dy, 1, g), "gather_from_sp"
+)
+reduce_scatter_to_sp = _mapping(
+    lambda x, g: _reduce_scatter(x, 1, g), lambda dy, g: _all_gather(dy, 1, g), "reduce_scatter_to_sp"
+)
+scatter_to_sp = _mapping(lambda x, g: _chunk(x, 1, g), lambda dy, g: _all_gather(dy, 1, g), "scatter_to_sp")

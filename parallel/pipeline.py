@@ -14,6 +14,7 @@ Messages are tagged by (direction, chunk, micro-batch), so matching never depend
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -69,11 +70,14 @@ class PipelineExecutor:
         loss_scale: float = 1.0,
         compute_context=contextlib.nullcontext,
         before_backward: Callable[[int, bool], None] | None = None,
+        record: list | None = None,
     ) -> torch.Tensor:
         """Run `actions` (forwards only for evaluation); returns the sum of token losses of the micro-
         batches whose last chunk ran here (zero elsewhere). `before_backward(chunk, is_last)` is called
         before each backward, with is_last true for the chunk's final backward of this step (where a
-        data-parallel wrapper should start reducing its gradients)."""
+        data-parallel wrapper should start reducing its gradients). With a `record` list, each action appends
+        `(action, start, end)`, time.perf_counter() around its compute only (the chunk call of a forward,
+        the backward call of a backward; receives and sends are outside), for dtrain.timeline."""
         self.pending_sends: list = []
         last_backward = {a.chunk: i for i, a in enumerate(actions) if a.kind == "B"}
         stored: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
@@ -88,8 +92,11 @@ class PipelineExecutor:
                     x_in = self._recv(a.chunk - 1, 0, a.chunk, a.microbatch, rows)
                     x = x_in.requires_grad_(torch.is_grad_enabled())
                 last = a.chunk == self.n_chunks - 1
+                start = time.perf_counter() if record is not None else 0.0
                 with compute_context():
                     out = self.chunks[a.chunk](x, targets.to(self.device) if last else None)
+                if record is not None:
+                    record.append((a, start, time.perf_counter()))
                 if last:
                     loss_sum += out.detach().to(self.dtype)
                 else:
@@ -101,10 +108,14 @@ class PipelineExecutor:
                 if before_backward is not None:
                     before_backward(a.chunk, last_backward[a.chunk] == i)
                 if a.chunk == self.n_chunks - 1:
+                    start = time.perf_counter() if record is not None else 0.0
                     (out * loss_scale).backward()
                 else:
                     grad = self._recv(a.chunk + 1, 1, a.chunk, a.microbatch, rows)
+                    start = time.perf_counter() if record is not None else 0.0
                     torch.autograd.backward(out, grad)
+                if record is not None:
+                    record.append((a, start, time.perf_counter()))
                 if x_in is not None:
                     self._send(x_in.grad, a.chunk - 1, 1, a.chunk - 1, a.microbatch)
         for work in self.pending_sends:

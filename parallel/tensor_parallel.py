@@ -36,6 +36,22 @@ def _divide(value: int, n: int, what: str) -> int:
     return value // n
 
 
+def _row_split_parameter(rows: int, cols: int, group, pad: bool, what: str) -> nn.Parameter:
+    """A (rows, cols) parameter split by rows over the group; with `pad`, rows are zero-padded to a
+    multiple of the group size first (the vocabulary), else they must divide evenly."""
+    rank, n = _rank_size(group)
+    padded = -(-rows // n) * n if pad else rows
+    weight = nn.Parameter(torch.empty(_divide(padded, n, what), cols))
+    sharding = Sharding(
+        full_shape=(rows, cols),
+        split_dim=0,
+        num_shards=n,
+        shard_index=rank,
+        padded_size=padded if padded != rows else None,
+    )
+    return set_sharding(weight, sharding)
+
+
 class ColumnParallelLinear(nn.Module):
     """y_r = x W_r^T with W split by output features (dim 0). The input must already be inside the
     region (replicated or gathered); the output stays split unless `gather_output` (all-gather on the
@@ -45,20 +61,9 @@ class ColumnParallelLinear(nn.Module):
     def __init__(self, in_features, out_features, group, gather_output=False, pad_output=False):
         super().__init__()
         self.group = group
-        rank, n = _rank_size(group)
-        padded = -(-out_features // n) * n if pad_output else out_features
-        local = _divide(padded, n, "out_features")
         self.gather_output, self.out_features = gather_output, out_features
-        self.weight = nn.Parameter(torch.empty(local, in_features))
-        set_sharding(
-            self.weight,
-            Sharding(
-                full_shape=(out_features, in_features),
-                split_dim=0,
-                num_shards=n,
-                shard_index=rank,
-                padded_size=padded if padded != out_features else None,
-            ),
+        self.weight = _row_split_parameter(
+            out_features, in_features, group, pad=pad_output, what="out_features"
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,21 +114,9 @@ class VocabParallelEmbedding(nn.Module):
     def __init__(self, vocab_size, dim, group, sequence_parallel=False):
         super().__init__()
         self.group, self.sequence_parallel = group, sequence_parallel
-        rank, n = _rank_size(group)
-        padded = -(-vocab_size // n) * n
-        self.per_rank = padded // n
-        self.start = rank * self.per_rank
-        self.weight = nn.Parameter(torch.empty(self.per_rank, dim))
-        set_sharding(
-            self.weight,
-            Sharding(
-                full_shape=(vocab_size, dim),
-                split_dim=0,
-                num_shards=n,
-                shard_index=rank,
-                padded_size=padded if padded != vocab_size else None,
-            ),
-        )
+        self.weight = _row_split_parameter(vocab_size, dim, group, pad=True, what="vocab_size")
+        self.per_rank = self.weight.shape[0]
+        self.start = dist.get_rank(group) * self.per_rank
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         outside = (ids < self.start) | (ids >= self.start + self.per_rank)
