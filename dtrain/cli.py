@@ -1,4 +1,4 @@
-"""`dtrain` command line: train, prepare-data, export.
+"""`dtrain` command line: train, prepare-data, export, schedule.
 
 Expected failures (bad config, bad data, bad checkpoint, diverged training) print one line,
 `dtrain: error: ...`, and exit non-zero without a traceback. Config and data are checked before any
@@ -75,6 +75,70 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"exported {n:,} parameters from {args.checkpoint} to {args.out}")
 
 
+def cmd_schedule(args: argparse.Namespace) -> None:
+    """Draw a pipeline schedule's timeline: from the schedule data (simulated), or measured on a real
+    short run of a config (--measure), or from a run's saved measurement (--from-run)."""
+    from dtrain import timeline
+    from parallel import pipeline_schedules as ps
+
+    def fail(message: str) -> None:
+        print(f"dtrain: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+    given = [f"--{k}" for k in ("schedule", "pp", "microbatches", "virtual") if getattr(args, k) is not None]
+    try:
+        if args.measure or args.from_run:
+            if given:
+                fail(f"{', '.join(given)}: with --measure/--from-run the layout comes from the config")
+            if args.measure and args.from_run:
+                fail("give --measure CONFIG or --from-run RUN_DIR, not both")
+        if args.overrides and not args.measure:
+            fail(f"overrides {' '.join(args.overrides)} need --measure CONFIG")
+        if args.out is not None:
+            timeline.check_out_path(args.out)
+        if args.from_run:
+            if args.out is None:
+                fail("--from-run needs --out PATH (.png or .svg)")
+            print(f"wrote {timeline.draw_measured(args.from_run, args.out)}")
+        elif args.measure:
+            result = timeline.measure(args.measure, args.overrides, args.out)
+            data = result["data"]
+            print(
+                f"measured one step of {data['schedule']} (pp={data['pp']}, m={data['m']}, v={data['v']}) "
+                f"on {data['world_size']} Gloo CPU ranks; timings in {result['path']}"
+            )
+            for s in result["stages"]:
+                print(
+                    f"rank {s['stage']}: busy {s['busy_s'] * 1e3:.1f} ms of a {s['step_s'] * 1e3:.1f} ms "
+                    f"pipeline step -> bubble {s['bubble']:.1%}"
+                )
+            layout = (data["schedule"], data["pp"], data["m"], data["v"])
+            print(timeline.bubble_report(*layout, result["bubble"], what="measured"))
+            if args.out:
+                print(f"wrote {args.out}")
+        else:
+            if args.pp is None or args.microbatches is None:
+                fail("dtrain schedule needs --pp and --microbatches (or --measure CONFIG)")
+            name = args.schedule or "1f1b"
+            v = args.virtual if args.virtual is not None else 2 if name == "interleaved" else 1
+            if args.pp < 1 or args.microbatches < 1 or v < 1:
+                fail("--pp, --microbatches and --virtual must be at least 1")
+            if name != "interleaved" and v != 1:
+                fail(f"--virtual={v} applies to --schedule interleaved only")
+            if name == "interleaved" and v < 2:
+                fail(f"--virtual={v}: interleaved needs at least 2 chunks per rank")
+            schedules = ps.build(name, args.pp, args.microbatches, v)
+            sim = ps.simulate(schedules, args.pp)
+            print(ps.render(schedules))
+            print(timeline.bubble_report(name, args.pp, args.microbatches, v, sim["bubble"]))
+            print(f"peak micro-batches in flight per rank: {sim['peak_in_flight']}")
+            if args.out:
+                timeline.draw_simulation(name, args.pp, args.microbatches, v, args.out)
+                print(f"wrote {args.out}")
+    except (ps.ScheduleError, timeline.TimelineError) as e:
+        fail(str(e))
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dtrain", description="Hand-written distributed LM training.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -94,6 +158,23 @@ def parser() -> argparse.ArgumentParser:
         "--out", required=True, help="output .pt file (load with torch.load(weights_only=True))"
     )
     export.set_defaults(run=cmd_export)
+    sched = sub.add_parser(
+        "schedule",
+        help="draw a pipeline schedule's timeline (ranks x time) to PNG/SVG",
+        description="Simulated: dtrain schedule --schedule 1f1b --pp 4 --microbatches 8 --out t.png. "
+        "Measured on this machine (Gloo CPU ranks, one timed step after a warm-up): "
+        "dtrain schedule --measure CONFIG [key=value ...] --out t.png (timings saved to "
+        "run.out_dir/pipeline_timeline.json; redraw with --from-run RUN_DIR).",
+    )
+    sched.add_argument("--schedule", choices=("gpipe", "1f1b", "interleaved"), help="default 1f1b")
+    sched.add_argument("--pp", type=int, help="pipeline ranks")
+    sched.add_argument("--microbatches", type=int, help="micro-batches per step")
+    sched.add_argument("--virtual", type=int, help="chunks per rank for interleaved (default 2)")
+    sched.add_argument("--measure", metavar="CONFIG", help="time a real step of this YAML config")
+    sched.add_argument("--from-run", metavar="RUN_DIR", help="draw the timings a --measure run saved")
+    sched.add_argument("overrides", nargs="*", help="dotted config overrides for --measure")
+    sched.add_argument("--out", help="output .png or .svg (without it, only the text is printed)")
+    sched.set_defaults(run=cmd_schedule)
     return ap
 
 
