@@ -183,3 +183,17 @@ def compare_runs(ours: dict, ref: dict, tol: dict | None) -> None:
     for name, value in ours["params"].items():
         err = float((value - ref["params"][name]).norm() / ref["params"][name].norm())
         assert err <= tol["rtol"], f"{name}: relative 2-norm difference {err:.2e} > {tol['rtol']:.0e}"
+
+
+def relative_errors(run: dict, ref: dict) -> dict[str, float]:
+    """Largest relative difference of the losses, of the grad norms, and of any parameter tensor (2-norm)
+    between two runs (`run` may hold a subset of the parameters)."""
+    return {
+        "loss": max(abs(a - b) / abs(b) for a, b in zip(run["losses"], ref["losses"], strict=True)),
+        "grad_norm": max(
+            abs(a - b) / abs(b) for a, b in zip(run["grad_norms"], ref["grad_norms"], strict=True)
+        ),
+        "params": max(
+            float((v - ref["params"][n]).norm() / ref["params"][n].norm()) for n, v in run["params"].items()
+        ),
+    }

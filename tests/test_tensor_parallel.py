@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 
 from tests import harness
-from tests.reference import layout_matches_ddp, tiny_config
+from tests.reference import dtrain_run, layout_matches_ddp, relative_errors, tiny_config, torch_ddp_run
+from tests.tolerances import LOW_PRECISION_NOISE_FACTOR
 
 
 def tp_training_case(tp: int, sp: bool, overrides: tuple[str, ...]) -> list[float]:
@@ -88,3 +89,36 @@ def test_dropout_streams(world2, sp):
     assert info["after_equal"]
     assert info["replayed"]  # checkpointing recomputes with the same masks: identical gradients
     assert info["hidden_shape"] == ((2, 8, 32) if sp else (2, 16, 32))
+
+
+def low_precision_case(layout: tuple[str, ...], precision: str) -> None:
+    """bf16/fp16 compute (fp32 master weights and reductions) in a tensor/pipeline layout against torch DDP
+    with autocast (and GradScaler for fp16) in the same precision. The bound is torch DDP's own drift when
+    only the micro-batch size changes, times LOW_PRECISION_NOISE_FACTOR (tests/tolerances.py)."""
+    world = dist.get_world_size()
+    overrides = ("model.n_layers=4", f"train.precision={precision}", "train.steps=8")
+    cfg = tiny_config(world, *layout, *overrides)
+    p = cfg.parallel
+    ours = dtrain_run(cfg, harness.grid(tp=p.tp, pp=p.pp, dp=p.dp))
+    rows = cfg.train.global_batch_size // world
+    reference = torch_ddp_run(tiny_config(world, *overrides, f"train.micro_batch_size={rows}"))
+    variant = torch_ddp_run(tiny_config(world, *overrides, f"train.micro_batch_size={rows // 4}"))
+    ours_err, noise = relative_errors(ours, reference), relative_errors(variant, reference)
+    for what in ours_err:
+        assert ours_err[what] <= LOW_PRECISION_NOISE_FACTOR * noise[what], (what, ours_err[what], noise[what])
+
+
+LOW = {
+    "tp2-sp-bf16": (("parallel.tp=2", "parallel.sp=true"), "bf16"),
+    "tp2-fp16": (("parallel.tp=2",), "fp16"),
+    "pp2-1f1b-bf16": (("parallel.pp=2",), "bf16"),
+    "pp2-interleaved-fp16": (
+        ("parallel.pp=2", "parallel.pp_schedule=interleaved", "parallel.pp_virtual_stages=2"),
+        "fp16",
+    ),
+}
+
+
+@pytest.mark.parametrize(("layout", "precision"), LOW.values(), ids=LOW.keys())
+def test_low_precision_layouts_match_torch_ddp(world2, layout, precision):
+    world2.run(low_precision_case, layout, precision)

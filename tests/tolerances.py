@@ -23,10 +23,19 @@ fp32 run of the same layout compares losses and gradient norms at the FP32 bound
 
 bf16 / fp16: both runs use the same autocast forward, but a last-bit difference in an fp32 master weight
 can flip the rounding of its 16-bit copy, which moves the loss by up to about one 16-bit ulp of the
-activations; bounds below hold over 8 steps of the tiny model.
+activations; bounds below hold over 8 steps of the tiny model. They need identical micro-batch shapes.
+
+16-bit, layouts that change the arithmetic (tensor or pipeline parallelism): a tensor-parallel rank
+rounds its partial matmul to 16 bits before the all-reduce where the dense matmul rounds once, and any
+change of shapes (micro-batch size, pipeline cuts) changes kernel blocking, so no fixed bound is
+meaningful: two torch-only DDP runs that differ only in micro-batch size already drift apart after 8
+steps by 4e-4 (loss), 6e-3 to 1.2e-2 (grad norm) and 2.6e-2 to 3.7e-2 (parameters, per-tensor 2-norm).
+Such a layout must stay within LOW_PRECISION_NOISE_FACTOR times that drift of torch DDP, measured in the
+same test (measured: 0.3x to 1.5x). Exactness of these layouts is shown in float64 above.
 """
 
 FP32 = {"rtol": 1e-5, "atol": 0.0}
+LOW_PRECISION_NOISE_FACTOR = 2.0
 FP64 = {"rtol": 1e-10, "atol": 0.0}
 LOW_PRECISION = {
     "bf16": {"rtol": 2e-2, "atol": 0.0},
