@@ -15,3 +15,10 @@ def world4():
     world = World(4)
     yield world
     world.close()
+
+
+@pytest.fixture(scope="session")
+def world8():
+    world = World(8)
+    yield world
+    world.close()

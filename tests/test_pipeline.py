@@ -136,3 +136,24 @@ CASES_4 = {
 def test_pipeline_matches_torch_ddp_4_ranks(world4, layout, tie):
     overrides = ("model.n_layers=8", f"model.tie_embeddings={str(tie).lower()}")
     assert_stages_cover_the_model(world4.run(layout_matches_ddp, layout, overrides))
+
+
+def _full_matrix() -> dict:
+    """Every combination the issue names: pp {2, 4} x schedule x m {pp, 2pp} x dp {1, 2} x tied/untied,
+    less those the default run covers above."""
+    cases = {}
+    for pp, schedule, m_factor, dp, tie in itertools.product(
+        (2, 4), ("gpipe", "1f1b", "interleaved"), (1, 2), (1, 2), (False, True)
+    ):
+        m = pp * m_factor
+        name = f"pp{pp}-dp{dp}-{schedule}-m{m}-{'tied' if tie else 'untied'}"
+        cases[name] = (pp * dp, _layout(pp, schedule, m, dp, 2 if schedule == "interleaved" else 1), tie)
+    return {k: v for k, v in cases.items() if v[0] > 2}  # world 2 (pp2 x dp1) is fully covered by default
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("world", "layout", "tie"), _full_matrix().values(), ids=_full_matrix().keys())
+def test_pipeline_full_matrix(request, world, layout, tie):
+    overrides = ("model.n_layers=8", f"model.tie_embeddings={str(tie).lower()}")
+    w = request.getfixturevalue(f"world{world}")
+    assert_stages_cover_the_model(w.run(layout_matches_ddp, layout, overrides))
