@@ -9,6 +9,7 @@ import re
 import pytest
 
 from dtrain.bench import pipeline as bench
+from dtrain.bench.pipeline_bubble import formula_bubble, simulate_ours
 
 SIZES = {"--d-model": 32, "--n-layers": 4, "--n-heads": 4, "--seq-len": 16, "--micro-batch": 2, "--vocab": 96}
 FAST = {"--pp": 2, "--microbatches": 4, "--steps": 1, "--warmup": 0, "--timeout": 120}
@@ -16,12 +17,12 @@ TINY = [str(x) for kv in (*FAST.items(), *SIZES.items()) for x in kv]
 
 
 def test_formula_bubble_and_simulate_agree_for_the_plain_schedules():
-    assert bench.formula_bubble("gpipe", 2, 8) == pytest.approx(1 / 9)
-    assert bench.formula_bubble("1f1b", 4, 8) == pytest.approx(3 / 11)
+    assert formula_bubble("gpipe", 2, 8) == pytest.approx(1 / 9)
+    assert formula_bubble("1f1b", 4, 8) == pytest.approx(3 / 11)
     # FORMULAS.md: interleaved bubble over ideal time (p-1)/(v*m), as an idle share (p-1)/(v*m+p-1).
-    assert bench.formula_bubble("interleaved", 2, 8, 2) == pytest.approx(1 / 17)
+    assert formula_bubble("interleaved", 2, 8, 2) == pytest.approx(1 / 17)
     for name in ("gpipe", "1f1b"):
-        assert bench.simulate_ours(name, 2, 8)["bubble"] == pytest.approx(bench.formula_bubble(name, 2, 8))
+        assert simulate_ours(name, 2, 8)["bubble"] == pytest.approx(formula_bubble(name, 2, 8))
 
 
 def test_benchmark_times_both_and_1f1b_holds_fewer_activations(capfd, tmp_path):

@@ -9,6 +9,7 @@ from fractions import Fraction
 
 import pytest
 
+from dtrain.bench import comm
 from dtrain.bench import tensor_parallel as bench
 
 SIZES = {"--d-model": 32, "--n-layers": 2, "--n-heads": 4, "--seq-len": 16, "--batch": 2, "--vocab": 96}
@@ -16,9 +17,9 @@ TINY = ["--tp", "2", "--steps", "2", "--warmup", "0", *(str(x) for kv in SIZES.i
 
 
 def test_ring_costs_and_the_formulas_figure():
-    assert bench.ring_bytes(bench.ALL_REDUCE, 1000, 4) == 1500
-    assert bench.ring_bytes(bench.ALL_GATHER, 1000, 4) == 750
-    assert bench.ring_bytes(bench.REDUCE_SCATTER, 1000, 1) == 0
+    assert comm.ring_bytes(comm.ALL_REDUCE, 1000, 4) == 1500
+    assert comm.ring_bytes(comm.ALL_GATHER, 1000, 4) == 750
+    assert comm.ring_bytes(comm.REDUCE_SCATTER, 1000, 1) == 0
     cfg = bench.make_config(bench.parse_args(TINY), 2)
     a = bench.analytic_bytes(cfg, batch=2, seq_len=16)
     bsh = 2 * 16 * 32 * 4  # fp32
