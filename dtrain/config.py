@@ -134,8 +134,6 @@ CHOICES = {
 NOT_YET = {
     "parallel.cp": (1, "context parallelism"),
     "parallel.ep": (1, "expert parallelism"),
-    "parallel.zero": (0, "ZeRO"),
-    "parallel.offload": ("none", "CPU offload"),
     "model.moe.num_experts": (0, "mixture-of-experts"),
 }
 
@@ -305,6 +303,22 @@ def validate(cfg: Config, world_size: int) -> Config:
             f"parallel.tp={p.tp} and model.n_kv_heads={kv}: one must divide the other",
         )
         _require(d_ff_of(m) % p.tp == 0, f"parallel.tp={p.tp} must divide model.d_ff={d_ff_of(m)}")
+    if p.zero:
+        _require(p.zero < 3, f"parallel.zero={p.zero}: ZeRO stage 3 is not implemented yet; use 0, 1 or 2")
+        others = {"tp": p.tp, "pp": p.pp, "cp": p.cp, "ep": p.ep}
+        _require(
+            all(v == 1 for v in others.values()),
+            f"parallel.zero={p.zero} with {others} is not implemented yet: ZeRO runs with data "
+            f"parallelism alone for now; set parallel.zero=0 or parallel.tp=pp=cp=ep=1",
+        )
+    _require(
+        p.offload != "all",
+        "parallel.offload=all needs ZeRO stage 3, which is not implemented yet; use none or optimizer",
+    )
+    _require(
+        p.offload == "none" or p.zero >= 1,
+        f"parallel.offload={p.offload} needs parallel.zero >= 1 (the offloaded state is the sharded one)",
+    )
     if p.sp:
         _require(
             t.seq_len % p.tp == 0,

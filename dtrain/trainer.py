@@ -14,6 +14,7 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -28,7 +29,8 @@ from dtrain.stage import Stage
 from parallel.data_parallel import DataParallel
 from parallel.grid import ProcessGrid
 from parallel.precision import LossScaler, autocast, wide
-from parallel.sharding import clip_grads_, global_grad_norm, sum_partial_grads
+from parallel.sharding import clip_coefficient, clip_grads_, global_grad_norm, sum_partial_grads
+from parallel.zero import AdamWConfig, ZeroDataParallel
 
 
 class TrainingError(RuntimeError):
@@ -78,11 +80,19 @@ class Trainer:
     def __init__(self, cfg: Config, grid: ProcessGrid, device: torch.device):
         self.cfg, self.grid, self.device = cfg, grid, device
         t = cfg.train
+        p = cfg.parallel
         self.model = Stage(cfg, grid, device)  # this rank's chunks, schedule and executor
-        self.ddp = DataParallel(self.model.modules, grid.dp_cp_group, bucket_mb=cfg.parallel.bucket_mb)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.accum_dtype = wide(self.params[0].detach()[:0]).dtype  # fp32, or fp64 in exactness tests
-        self.optimizer = build_optimizer(self.model, t)
+        if p.zero == 0:
+            self.ddp = DataParallel(self.model.modules, grid.dp_cp_group, bucket_mb=p.bucket_mb)
+            self.optimizer = build_optimizer(self.model, t)
+        else:  # the data-parallel wrapper owns the (sharded) optimizer
+            adamw = AdamWConfig(t.lr, (t.beta1, t.beta2), t.eps, t.weight_decay)
+            offload = p.offload == "optimizer"
+            self.ddp = ZeroDataParallel(self.params, grid.dp_cp_group, p.zero, p.bucket_mb, adamw, offload)
+            self.optimizer = None
+        self.lr = t.lr
         self.scaler = LossScaler(enabled=t.precision == "fp16")
         self.train_data = build_dataset(cfg, "train")
         self.val_data = build_dataset(cfg, "val")
@@ -102,9 +112,9 @@ class Trainer:
     def train_step(self) -> StepResult:
         """One optimizer step on the global batch of step `self.step` (0-based)."""
         t = self.cfg.train
-        lr = lr_at(self.step, t)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        self.lr = lr_at(self.step, t)
+        for group in self.optimizer.param_groups if self.optimizer else ():
+            group["lr"] = self.lr
         torch.manual_seed(step_seed(t.seed, self.step, self.grid))
         self.model.train()
         loss_sum = self.model.executor.run(
@@ -112,26 +122,17 @@ class Trainer:
             self._microbatches(self.train_data, self.step),
             loss_scale=self.scaler.scale / self.global_tokens,
             compute_context=lambda: autocast(t.precision, self.device),
-            # Reduce a chunk's gradients only during its last backward of the step (no_sync before).
-            before_backward=lambda chunk, is_last: setattr(self.ddp, "sync_grads", is_last),
+            before_backward=lambda chunk, is_last: self.ddp.before_backward(is_last),
         )
         self.ddp.finish_grad_sync()
-        sum_partial_grads(self.params, self.grid.tp_group)  # norm gains under SP, replicated k/v heads
-        self.model.sync_tied_embeddings()
-        if self.scaler.enabled:
-            torch._foreach_mul_([p.grad for p in self.params], 1.0 / self.scaler.scale)
-        g = self.grid
-        grad_norm = global_grad_norm(
-            self.params, tp_group=g.tp_group, pp_group=g.pp_group, ep_group=g.ep_group
-        )
+        grad_norm = self._unscaled_grad_norm()
         # The norm is reduced over every group that holds distinct gradients, so every rank sees the same
         # value and takes the same decision here without another collective.
         skipped = not bool(torch.isfinite(grad_norm))
         if skipped:
             self._on_overflow(grad_norm)
         else:
-            clip_grads_(self.params, t.grad_clip, grad_norm)
-            self.optimizer.step()
+            self._clip_and_step(grad_norm)
             self.skipped_in_a_row = 0
         self.scaler.update(skipped)
         self.ddp.zero_grad()
@@ -139,6 +140,57 @@ class Trainer:
         self.step += 1
         self.tokens_seen += self.global_tokens
         return StepResult(float(loss_sum) / self.global_tokens, float(grad_norm), skipped)
+
+    def _unscaled_grad_norm(self) -> torch.Tensor:
+        """Divide out the fp16 loss scale and return the global gradient norm."""
+        g = self.grid
+        if isinstance(self.ddp, ZeroDataParallel):  # sharded gradients: ||g||^2 = sum over shards
+            if self.scaler.enabled:
+                self.ddp.scale_grads(1.0 / self.scaler.scale)
+            sq = self.ddp.grad_norm_sq()
+            if g.size("dp_cp") > 1:
+                dist.all_reduce(sq, group=g.dp_cp_group)
+            return sq.sqrt()
+        sum_partial_grads(self.params, g.tp_group)  # norm gains under SP, replicated k/v heads
+        self.model.sync_tied_embeddings()
+        if self.scaler.enabled:
+            torch._foreach_mul_([p.grad for p in self.params], 1.0 / self.scaler.scale)
+        return global_grad_norm(self.params, tp_group=g.tp_group, pp_group=g.pp_group, ep_group=g.ep_group)
+
+    def _clip_and_step(self, grad_norm: torch.Tensor) -> None:
+        if self.optimizer is not None:
+            clip_grads_(self.params, self.cfg.train.grad_clip, grad_norm)
+            self.optimizer.step()
+            return
+        coef = clip_coefficient(self.cfg.train.grad_clip, grad_norm)
+        if coef is not None:
+            self.ddp.scale_grads(coef)
+        self.ddp.step(self.lr)
+
+    def held_bytes(self) -> dict[str, dict[str, int]]:
+        """Bytes of parameters, gradients and optimizer states this rank holds, counted from the real
+        tensors, by where they live (device, or host for offloaded state)."""
+        if isinstance(self.ddp, ZeroDataParallel):
+            return self.ddp.held_bytes()
+
+        def nbytes(t: torch.Tensor) -> int:
+            return t.numel() * t.element_size()
+
+        optimizer = sum(nbytes(v) for s in self.optimizer.state.values() for v in s.values() if v.dim() > 0)
+        return {
+            "device": {
+                "params": sum(nbytes(p) for p in self.params),
+                "grads": sum(nbytes(b.buffer) for b in self.ddp.buckets),
+                "optimizer": optimizer,
+            },
+            "host": {"params": 0, "grads": 0, "optimizer": 0},
+        }
+
+    def _optimizer_view(self):
+        """What checkpoints read and fill: torch's AdamW, or the sharded state gathered whole."""
+        if self.optimizer is not None:
+            return self.optimizer
+        return SimpleNamespace(state=self.ddp.full_state())  # collective over the data-parallel group
 
     def _sum_loss(self, loss_sum: torch.Tensor) -> torch.Tensor:
         """Token-loss sums live on the last pipeline stage of every data-parallel replica."""
@@ -190,7 +242,7 @@ class Trainer:
             self.cfg.run.out_dir,
             self.step,
             self.model,
-            self.optimizer,
+            self._optimizer_view(),
             extra,
             keep=self.cfg.run.keep_checkpoints,
             gathers=c.dp == 0 and c.cp == 0,
@@ -200,7 +252,10 @@ class Trainer:
         )
 
     def resume(self, path: str) -> None:
-        state = checkpoint.restore(path, self.model, self.optimizer)
+        view = self.optimizer if self.optimizer is not None else SimpleNamespace(state={})
+        state = checkpoint.restore(path, self.model, view)
+        if self.optimizer is None:
+            self.ddp.load_full_state(view.state)
         self.step = int(state["step"])
         self.tokens_seen = int(state.get("tokens_seen", self.step * self.global_tokens))
         self.scaler.load_state_dict(state["scaler"])
@@ -257,7 +312,7 @@ class Trainer:
             "step": self.step,
             "loss": result.loss,
             "grad_norm": result.grad_norm,
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": self.lr,
             "tokens": self.tokens_seen,
             "step_time_s": elapsed,
             "tokens_per_s": tokens_per_s,

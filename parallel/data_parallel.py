@@ -97,6 +97,10 @@ class DataParallel(nn.Module):
         finally:
             self.sync_grads = previous
 
+    def before_backward(self, is_last: bool) -> None:
+        """Reduce only during the last backward of the step (no_sync before it)."""
+        self.sync_grads = is_last
+
     def _reset(self) -> None:
         for bucket in self.buckets:
             bucket.pending, bucket.work = len(bucket.params), None

@@ -145,10 +145,13 @@ def global_grad_norm(
     return total.sqrt()
 
 
+def clip_coefficient(max_norm: float, total_norm: torch.Tensor) -> torch.Tensor | None:
+    """min(1, max_norm / (norm + 1e-6)), exactly as torch.nn.utils.clip_grad_norm_; None when off."""
+    return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0) if max_norm > 0 else None
+
+
 def clip_grads_(params: Iterable[torch.nn.Parameter], max_norm: float, total_norm: torch.Tensor) -> None:
-    """Scale gradients by min(1, max_norm / (norm + 1e-6)), exactly as torch.nn.utils.clip_grad_norm_."""
     grads = [p.grad for p in params if p.grad is not None]
-    if max_norm <= 0 or not grads:
-        return
-    coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
-    torch._foreach_mul_(grads, coef.to(grads[0].device))
+    coef = clip_coefficient(max_norm, total_norm)
+    if coef is not None and grads:
+        torch._foreach_mul_(grads, coef.to(grads[0].device))

@@ -1,0 +1,143 @@
+"""ZeRO stages 1 and 2, with and without optimizer offload: training equal to torch DDP, memory held per
+rank as the ZeRO paper says, and checkpoints that resume at another data-parallel size and stage."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests import harness
+from tests.reference import compare_runs, dtrain_run, layout_matches_ddp, tiny_config, torch_ddp_run
+from tests.tolerances import FP32, FP64, LOW_PRECISION
+
+
+def zero_case(layout: tuple[str, ...], overrides: tuple[str, ...]) -> dict:
+    """float64 (all to 1e-10) and fp32 losses/grad norms via layout_matches_ddp, plus fp32 parameters:
+    ZeRO keeps the arithmetic of DDP except the norm, summed from shards, so they agree to 1e-5 too."""
+    result = layout_matches_ddp(layout, overrides)
+    world = dist.get_world_size()
+    batch = tuple(o for o in layout if not o.startswith("parallel."))
+    ours = dtrain_run(tiny_config(world, *layout, *overrides), harness.grid(dp=world))
+    compare_runs(ours, torch_ddp_run(tiny_config(world, *overrides, *batch)), FP32)
+    return result
+
+
+CASES = {
+    f"zero{stage}-{offload}-{'accumulate' if accumulate else 'single'}": (
+        (
+            f"parallel.zero={stage}",
+            f"parallel.offload={offload}",
+            f"train.global_batch_size={16 if accumulate else 8}",
+        ),
+        ("parallel.bucket_mb=0.004",),  # several buckets, each padded to a multiple of dp
+    )
+    for stage, offload, accumulate in itertools.product((1, 2), ("none", "optimizer"), (True, False))
+}
+
+
+@pytest.mark.parametrize(("layout", "overrides"), CASES.values(), ids=CASES.keys())
+def test_zero_matches_torch_ddp_2_ranks(world2, layout, overrides):
+    losses = world2.run(zero_case, layout, overrides)[0]["losses"]
+    assert losses[-1] < losses[0]
+
+
+CASES_4 = {
+    "zero1-accumulate": (("parallel.zero=1", "train.global_batch_size=32"), ("parallel.bucket_mb=0.002",)),
+    "zero2-offload": (("parallel.zero=2", "parallel.offload=optimizer"), ("model.tie_embeddings=true",)),
+    "zero2-accumulate-clip": (("parallel.zero=2", "train.global_batch_size=32"), ("train.grad_clip=0.05",)),
+}
+
+
+@pytest.mark.parametrize(("layout", "overrides"), CASES_4.values(), ids=CASES_4.keys())
+def test_zero_matches_torch_ddp_4_ranks(world4, layout, overrides):
+    world4.run(zero_case, layout, overrides)
+
+
+def bf16_case(stage: int) -> None:
+    world = dist.get_world_size()
+    overrides = ("train.precision=bf16", "train.steps=8")
+    cfg = tiny_config(world, f"parallel.zero={stage}", *overrides)
+    compare_runs(
+        dtrain_run(cfg, harness.grid(dp=world)),
+        torch_ddp_run(tiny_config(world, *overrides)),
+        LOW_PRECISION["bf16"],
+    )
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_bf16_matches_torch_ddp(world2, stage):
+    world2.run(bf16_case, stage)
+
+
+def memory_case(stage: int, offload: str) -> dict:
+    from dtrain.model import count_params
+    from dtrain.trainer import Trainer
+
+    world = dist.get_world_size()
+    cfg = tiny_config(
+        world, f"parallel.zero={stage}", f"parallel.offload={offload}", "model.d_model=64", "train.steps=1"
+    )
+    trainer = Trainer(cfg, harness.grid(dp=world), torch.device("cpu"))
+    trainer.train_step()  # optimizer state exists after the first step
+    return {"held": trainer.held_bytes(), "params": count_params(cfg.model)["total"]}
+
+
+# Bytes per parameter for fp32 AdamW (FORMULAS.md, ZeRO paper): params + grads + optimizer states.
+EXPECTED = {0: lambda n: (4, 4, 8), 1: lambda n: (4, 4, 8 / n), 2: lambda n: (4, 4 / n, 8 / n)}
+
+
+@pytest.mark.parametrize(
+    ("stage", "offload"), [(0, "none"), (1, "none"), (2, "none"), (1, "optimizer"), (2, "optimizer")]
+)
+def test_memory_held_matches_the_zero_paper(world4, stage, offload):
+    for info in world4.run(memory_case, stage, offload):
+        held, n_params = info["held"], info["params"]
+        params, grads, optimizer = (b * n_params for b in EXPECTED[stage](4))
+        if offload == "optimizer":
+            optimizer *= 1.5  # moments plus the fp32 master copy of the shard, all in host memory
+            assert held["device"]["optimizer"] == 0
+        where = "host" if offload == "optimizer" else "device"
+        measured = (held["device"]["params"], held["device"]["grads"], held[where]["optimizer"])
+        for what, got, want in zip(
+            ("params", "grads", "optimizer"), measured, (params, grads, optimizer), strict=True
+        ):
+            assert want <= got <= want * 1.02, (what, got, want)  # padding to a multiple of dp only adds
+
+
+def fit_case(layout: tuple[str, ...], *overrides: str) -> list[tuple[int, float]]:
+    from dtrain.trainer import Trainer
+    from tests.reference import float64
+
+    world = dist.get_world_size()
+    with float64():
+        cfg = tiny_config(world, *layout, *overrides)
+        records = Trainer(cfg, harness.grid(dp=world), torch.device("cpu")).fit()
+    return [(r["step"], r["loss"]) for r in records]
+
+
+RESUME = {
+    "zero1-dp2-to-zero2-dp4": (2, ("parallel.zero=1",), 4, ("parallel.zero=2", "parallel.offload=optimizer")),
+    "zero2-dp4-to-ddp-dp2": (4, ("parallel.zero=2",), 2, ()),
+    "ddp-dp2-to-zero1-dp4": (2, (), 4, ("parallel.zero=1",)),
+}
+
+
+@pytest.mark.parametrize(("save_world", "save", "resume_world", "resume"), RESUME.values(), ids=RESUME.keys())
+def test_sharded_state_resumes_at_another_dp_and_stage(
+    world2, world4, tmp_path, save_world, save, resume_world, resume
+):
+    """Save after 4 steps in one layout, resume in another (another world size, hence dp) for 2 more, and
+    compare with 6 uninterrupted steps in the second layout (float64, 1e-10)."""
+    worlds = {2: world2, 4: world4}
+    steps = ("train.steps=6", "run.keep_checkpoints=0")
+    worlds[save_world].run(fit_case, save, f"run.out_dir={tmp_path}/a", "run.ckpt_every=4", *steps)
+    resume_from = f"run.resume={tmp_path}/a/checkpoints/step_4"
+    resumed = worlds[resume_world].run(fit_case, resume, f"run.out_dir={tmp_path}/b", resume_from, *steps)[0]
+    straight = worlds[resume_world].run(fit_case, resume, f"run.out_dir={tmp_path}/c", *steps)[0]
+    assert [s for s, _ in resumed] == [5, 6]
+    got = torch.tensor([loss for _, loss in resumed], dtype=torch.float64)
+    want = torch.tensor([loss for s, loss in straight if s > 4], dtype=torch.float64)
+    torch.testing.assert_close(got, want, **FP64)
