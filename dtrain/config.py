@@ -304,7 +304,6 @@ def validate(cfg: Config, world_size: int) -> Config:
         )
         _require(d_ff_of(m) % p.tp == 0, f"parallel.tp={p.tp} must divide model.d_ff={d_ff_of(m)}")
     if p.zero:
-        _require(p.zero < 3, f"parallel.zero={p.zero}: ZeRO stage 3 is not implemented yet; use 0, 1 or 2")
         others = {"tp": p.tp, "pp": p.pp, "cp": p.cp, "ep": p.ep}
         _require(
             all(v == 1 for v in others.values()),
@@ -312,8 +311,8 @@ def validate(cfg: Config, world_size: int) -> Config:
             f"parallelism alone for now; set parallel.zero=0 or parallel.tp=pp=cp=ep=1",
         )
     _require(
-        p.offload != "all",
-        "parallel.offload=all needs ZeRO stage 3, which is not implemented yet; use none or optimizer",
+        p.offload != "all" or p.zero == 3,
+        f"parallel.offload=all keeps parameter shards in host memory: it needs parallel.zero=3, not {p.zero}",
     )
     _require(
         p.offload == "none" or p.zero >= 1,

@@ -92,6 +92,24 @@ class Stage:
     def train(self, mode: bool = True) -> None:
         self.modules.train(mode)
 
+    def zero3_units(self) -> list:
+        """ZeRO-3 units in forward order: (parameters, spans of forward that use them). The embedding, each
+        block, and the final norm with the head; a head tied to the embedding is a second span of the
+        embedding's unit."""
+        units = []
+        for chunk in self.chunks.values():
+            tied = (
+                chunk.head is not None and chunk.embed is not None and chunk.head.weight is chunk.embed.weight
+            )
+            if chunk.embed is not None:
+                spans = [(chunk.embed, chunk.embed)] + ([(chunk.head, chunk.head)] if tied else [])
+                units.append(([chunk.embed.weight], spans))
+            units += [(list(block.parameters()), [(block, block)]) for block in chunk.blocks.values()]
+            if chunk.head is not None:
+                params = [chunk.norm.weight] + ([] if tied else [chunk.head.weight])
+                units.append((params, [(chunk.norm, chunk.norm if tied else chunk.head)]))
+        return units
+
     def sync_tied_embeddings(self) -> None:
         """Sum the gradients of the tied embedding (first stage) and head (last stage)."""
         if not self.cfg.model.tie_embeddings or self.cfg.parallel.pp == 1 or self.grid.embed_group is None:

@@ -10,6 +10,7 @@ gradient of the global-batch mean loss exactly, whatever the layout.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import time
@@ -31,6 +32,7 @@ from parallel.grid import ProcessGrid
 from parallel.precision import LossScaler, autocast, wide
 from parallel.sharding import clip_coefficient, clip_grads_, global_grad_norm, sum_partial_grads
 from parallel.zero import AdamWConfig, ZeroDataParallel
+from parallel.zero3 import Zero3DataParallel
 
 
 class TrainingError(RuntimeError):
@@ -89,8 +91,13 @@ class Trainer:
             self.optimizer = build_optimizer(self.model, t)
         else:  # the data-parallel wrapper owns the (sharded) optimizer
             adamw = AdamWConfig(t.lr, (t.beta1, t.beta2), t.eps, t.weight_decay)
-            offload = p.offload == "optimizer"
-            self.ddp = ZeroDataParallel(self.params, grid.dp_cp_group, p.zero, p.bucket_mb, adamw, offload)
+            if p.zero == 3:
+                self.ddp = Zero3DataParallel(self.model.zero3_units(), grid.dp_cp_group, adamw, p.offload)
+            else:
+                offload = p.offload == "optimizer"
+                self.ddp = ZeroDataParallel(
+                    self.params, grid.dp_cp_group, p.zero, p.bucket_mb, adamw, offload
+                )
             self.optimizer = None
         self.lr = t.lr
         self.scaler = LossScaler(enabled=t.precision == "fp16")
@@ -186,6 +193,18 @@ class Trainer:
             "host": {"params": 0, "grads": 0, "optimizer": 0},
         }
 
+    def canonical_state(self) -> dict[str, torch.Tensor]:
+        """This rank's parameters as canonical full tensors (tensor shards gathered; under ZeRO-3 the
+        parameters gathered whole first). Collective."""
+        with self._params_whole():
+            return checkpoint.canonical_model_state(self.model, {"tp": self.grid.tp_group})
+
+    def _params_whole(self):
+        """ZeRO-3 holds parameter shards; checkpoints read and write whole parameters."""
+        if isinstance(self.ddp, Zero3DataParallel):
+            return self.ddp.gathered_params()
+        return contextlib.nullcontext()
+
     def _optimizer_view(self):
         """What checkpoints read and fill: torch's AdamW, or the sharded state gathered whole."""
         if self.optimizer is not None:
@@ -238,22 +257,24 @@ class Trainer:
             "config": to_dict(self.cfg),
         }
         c = self.grid.coords
-        return checkpoint.save(
-            self.cfg.run.out_dir,
-            self.step,
-            self.model,
-            self._optimizer_view(),
-            extra,
-            keep=self.cfg.run.keep_checkpoints,
-            gathers=c.dp == 0 and c.cp == 0,
-            is_writer=c.dp == 0 and c.cp == 0 and c.tp == 0,
-            part=c.pp,
-            groups={"tp": self.grid.tp_group},
-        )
+        with self._params_whole():
+            return checkpoint.save(
+                self.cfg.run.out_dir,
+                self.step,
+                self.model,
+                self._optimizer_view(),
+                extra,
+                keep=self.cfg.run.keep_checkpoints,
+                gathers=c.dp == 0 and c.cp == 0,
+                is_writer=c.dp == 0 and c.cp == 0 and c.tp == 0,
+                part=c.pp,
+                groups={"tp": self.grid.tp_group},
+            )
 
     def resume(self, path: str) -> None:
         view = self.optimizer if self.optimizer is not None else SimpleNamespace(state={})
-        state = checkpoint.restore(path, self.model, view)
+        with self._params_whole():
+            state = checkpoint.restore(path, self.model, view)
         if self.optimizer is None:
             self.ddp.load_full_state(view.state)
         self.step = int(state["step"])

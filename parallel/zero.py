@@ -63,12 +63,13 @@ class FlatBucket:
     master: torch.Tensor | None  # offloaded fp32 copy of the shard, or None (the shard is the master)
     grad_shard: torch.Tensor  # this rank's reduced gradient (stage 1: a view into flat_grads)
     flat_grads: torch.Tensor | None = None  # whole-bucket gradient (stage 1: always; stage 2: while filling)
+    store: torch.Tensor | None = None  # stage 3: the persistent parameter shard (flat_params is transient)
     pending: int = 0
     work: list = field(default_factory=list)
 
     @property
     def shard_params(self) -> torch.Tensor:
-        return self.flat_params[self.shard]
+        return self.store if self.store is not None else self.flat_params[self.shard]
 
 
 class ZeroDataParallel:
@@ -85,15 +86,13 @@ class ZeroDataParallel:
         offload: bool = False,
         decay_if=lambda p: p.dim() >= 2,
     ):
-        if stage not in (1, 2):
-            raise ValueError(f"ZeroDataParallel implements stages 1 and 2, not {stage}")
+        if stage not in (1, 2, 3):
+            raise ValueError(f"ZeRO stage must be 1, 2 or 3, not {stage}")
         self.group, self.stage, self.adamw, self.offload = group, stage, adamw, offload
         self.n, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.sync_grads = True
         self.step_count = 0
-        params = [p for p in params if p.requires_grad][::-1]  # backward order
-        plan = plan_buckets([p.numel() * p.element_size() for p in params], int(bucket_mb * 2**20))
-        self.buckets = [self._make_bucket([params[i] for i in members], decay_if) for members in plan]
+        self.buckets = [self._make_bucket(members, decay_if) for members in self._plan(params, bucket_mb)]
         # Parameter -> (bucket index, offset in the bucket); dict lookups hash tensors by identity.
         self._place = {
             p: (b, offset)
@@ -103,6 +102,12 @@ class ZeroDataParallel:
         for p in params:
             p.register_post_accumulate_grad_hook(self._grad_ready)
         self._reset()
+
+    def _plan(self, params: list[nn.Parameter], bucket_mb: float) -> list[list[nn.Parameter]]:
+        """Buckets of about bucket_mb in backward order (the reverse of registration order)."""
+        params = [p for p in params if p.requires_grad][::-1]
+        plan = plan_buckets([p.numel() * p.element_size() for p in params], int(bucket_mb * 2**20))
+        return [[params[i] for i in members] for members in plan]
 
     def _make_bucket(self, params: list[nn.Parameter], decay_if) -> FlatBucket:
         numel = sum(p.numel() for p in params)
@@ -191,9 +196,9 @@ class ZeroDataParallel:
         """Called before each backward of the step. Stage 2 first completes the previous backward's
         reductions (whatever buckets it filled: the sum is linear, so partial buckets reduce correctly),
         then reduces as it goes; stage 1 reduces only during the last backward."""
-        if self.stage == 2:
+        if self.stage >= 2:
             self.finish_grad_sync()
-        self.sync_grads = is_last or self.stage == 2
+        self.sync_grads = is_last or self.stage >= 2
 
     def finish_grad_sync(self) -> None:
         """Complete the reductions into the gradient shards. Stage 1: the shard (a slice of the whole
@@ -210,7 +215,7 @@ class ZeroDataParallel:
                 else:
                     bucket.grad_shard.add_(out)
             bucket.work = []
-            if self.stage == 2:
+            if self.stage >= 2:
                 bucket.flat_grads = None
         self._reset()
 
@@ -226,7 +231,11 @@ class ZeroDataParallel:
             "host": {"params": 0, "grads": 0, "optimizer": 0},
         }
         for b in self.buckets:
-            out[_where(b.flat_params)]["params"] += _nbytes(b.flat_params)
+            # Storage actually allocated: a stage-3 bucket's whole buffer is empty between uses, and its
+            # persistent shard may wait in host memory (offload=all).
+            out[_where(b.flat_params)]["params"] += b.flat_params.untyped_storage().nbytes()
+            if b.store is not None:
+                out[_where(b.store)]["params"] += _nbytes(b.store)
             grads = b.flat_grads if self.stage == 1 else b.grad_shard
             out[_where(grads)]["grads"] += _nbytes(grads)
             for t in (b.exp_avg, b.exp_avg_sq, b.master):
@@ -271,6 +280,10 @@ class ZeroDataParallel:
             param.addcdiv_(bucket.exp_avg, denom, value=-step_size)
             if bucket.master is not None:
                 bucket.shard_params.copy_(bucket.master)
+        self._after_step()
+
+    def _after_step(self) -> None:
+        """Stages 1-2: every rank needs the whole updated parameters (stage 3 gathers them on use)."""
         for bucket in self.buckets:
             dist.all_gather_single(bucket.flat_params, bucket.shard_params.clone(), group=self.group)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import queue
 import socket
+import time
 import traceback
 from datetime import timedelta
 
@@ -79,13 +80,7 @@ class World:
             q.put((fn, args, kwargs))
         out, errors = [None] * self.size, []
         for _ in range(self.size):
-            try:
-                rank, ok, value = self.results.get(timeout=CASE_TIMEOUT_S)
-            except queue.Empty:
-                self.close(force=True)
-                raise WorldError(
-                    f"{fn.__name__} did not finish on every rank within {CASE_TIMEOUT_S}s"
-                ) from None
+            rank, ok, value = self._next_result(fn.__name__)
             if ok:
                 out[rank] = value
             else:
@@ -94,6 +89,20 @@ class World:
                 self.close(force=True)
                 raise WorldError(f"{fn.__name__} failed:\n" + "\n".join(errors))
         return out
+
+    def _next_result(self, name: str):
+        """The next rank's result; fails at once if a worker died (a crash, not an exception)."""
+        deadline = time.monotonic() + CASE_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                return self.results.get(timeout=1.0)
+            except queue.Empty:
+                dead = [(r, p.exitcode) for r, p in enumerate(self.procs) if not p.is_alive()]
+                if dead:
+                    self.close(force=True)
+                    raise WorldError(f"{name}: worker process died (rank, exit code): {dead}") from None
+        self.close(force=True)
+        raise WorldError(f"{name} did not finish on every rank within {CASE_TIMEOUT_S}s")
 
     def close(self, force: bool = False) -> None:
         if not self.procs:

@@ -127,7 +127,6 @@ def single_process_run(cfg) -> dict:
 
 def dtrain_run(cfg, grid) -> dict:
     """Our trainer; parameters come back canonical (tensor-parallel shards gathered)."""
-    from dtrain.checkpoint import canonical_model_state
     from dtrain.trainer import Trainer
 
     trainer = Trainer(cfg, grid, torch.device("cpu"))
@@ -136,7 +135,7 @@ def dtrain_run(cfg, grid) -> dict:
         "losses": [r.loss for r in results],
         "grad_norms": [r.grad_norm for r in results],
         "skipped": [r.skipped for r in results],
-        "params": canonical_model_state(trainer.model, {"tp": grid.tp_group}),
+        "params": trainer.canonical_state(),
         "trainer": trainer,
     }
 

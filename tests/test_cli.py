@@ -42,8 +42,9 @@ def read_metrics(out_dir) -> list[dict]:
         ("parallel.dp=3", "dtrain: error: parallel.dp*tp*pp*cp=3 does not match the world size 1"),
         ("parallel.tp=2", "dtrain: error: world size 1 is not divisible by tp*pp*cp=2"),
         (
-            "parallel.zero=3",
-            "dtrain: error: parallel.zero=3: ZeRO stage 3 is not implemented yet; use 0, 1 or 2",
+            "model.moe.num_experts=4",
+            "dtrain: error: model.moe.num_experts=4: mixture-of-experts is not implemented yet; "
+            "set model.moe.num_experts=0",
         ),
     ],
 )

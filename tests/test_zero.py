@@ -44,10 +44,34 @@ def test_zero_matches_torch_ddp_2_ranks(world2, layout, overrides):
     assert losses[-1] < losses[0]
 
 
+CASES_3 = {
+    f"zero3-{offload}-{'accumulate' if accumulate else 'single'}": (
+        (
+            "parallel.zero=3",
+            f"parallel.offload={offload}",
+            f"train.global_batch_size={16 if accumulate else 8}",
+        ),
+        (),
+    )
+    for offload, accumulate in itertools.product(("none", "optimizer", "all"), (True, False))
+}
+CASES_3["zero3-tied-checkpointing"] = (
+    ("parallel.zero=3",),
+    ("model.tie_embeddings=true", "train.activation_checkpointing=true"),
+)
+
+
+@pytest.mark.parametrize(("layout", "overrides"), CASES_3.values(), ids=CASES_3.keys())
+def test_zero3_matches_torch_ddp_2_ranks(world2, layout, overrides):
+    losses = world2.run(zero_case, layout, overrides)[0]["losses"]
+    assert losses[-1] < losses[0]
+
+
 CASES_4 = {
     "zero1-accumulate": (("parallel.zero=1", "train.global_batch_size=32"), ("parallel.bucket_mb=0.002",)),
     "zero2-offload": (("parallel.zero=2", "parallel.offload=optimizer"), ("model.tie_embeddings=true",)),
     "zero2-accumulate-clip": (("parallel.zero=2", "train.global_batch_size=32"), ("train.grad_clip=0.05",)),
+    "zero3-offload-all-tied": (("parallel.zero=3", "parallel.offload=all"), ("model.tie_embeddings=true",)),
 }
 
 
@@ -86,21 +110,37 @@ def memory_case(stage: int, offload: str) -> dict:
 
 
 # Bytes per parameter for fp32 AdamW (FORMULAS.md, ZeRO paper): params + grads + optimizer states.
-EXPECTED = {0: lambda n: (4, 4, 8), 1: lambda n: (4, 4, 8 / n), 2: lambda n: (4, 4 / n, 8 / n)}
+EXPECTED = {
+    0: lambda n: (4, 4, 8),
+    1: lambda n: (4, 4, 8 / n),
+    2: lambda n: (4, 4 / n, 8 / n),
+    3: lambda n: (4 / n, 4 / n, 8 / n),
+}
 
 
 @pytest.mark.parametrize(
-    ("stage", "offload"), [(0, "none"), (1, "none"), (2, "none"), (1, "optimizer"), (2, "optimizer")]
+    ("stage", "offload"),
+    [
+        (0, "none"),
+        (1, "none"),
+        (2, "none"),
+        (3, "none"),
+        (1, "optimizer"),
+        (2, "optimizer"),
+        (3, "optimizer"),
+        (3, "all"),
+    ],
 )
 def test_memory_held_matches_the_zero_paper(world4, stage, offload):
     for info in world4.run(memory_case, stage, offload):
         held, n_params = info["held"], info["params"]
         params, grads, optimizer = (b * n_params for b in EXPECTED[stage](4))
-        if offload == "optimizer":
+        if offload != "none":
             optimizer *= 1.5  # moments plus the fp32 master copy of the shard, all in host memory
             assert held["device"]["optimizer"] == 0
-        where = "host" if offload == "optimizer" else "device"
-        measured = (held["device"]["params"], held["device"]["grads"], held[where]["optimizer"])
+        where = "host" if offload != "none" else "device"
+        params_where = "host" if offload == "all" else "device"  # offload=all: parameter shards too
+        measured = (held[params_where]["params"], held["device"]["grads"], held[where]["optimizer"])
         for what, got, want in zip(
             ("params", "grads", "optimizer"), measured, (params, grads, optimizer), strict=True
         ):
@@ -122,6 +162,12 @@ RESUME = {
     "zero1-dp2-to-zero2-dp4": (2, ("parallel.zero=1",), 4, ("parallel.zero=2", "parallel.offload=optimizer")),
     "zero2-dp4-to-ddp-dp2": (4, ("parallel.zero=2",), 2, ()),
     "ddp-dp2-to-zero1-dp4": (2, (), 4, ("parallel.zero=1",)),
+    "zero3-offload-all-dp2-to-zero3-dp4": (
+        2,
+        ("parallel.zero=3", "parallel.offload=all"),
+        4,
+        ("parallel.zero=3",),
+    ),
 }
 
 
@@ -141,3 +187,30 @@ def test_sharded_state_resumes_at_another_dp_and_stage(
     got = torch.tensor([loss for _, loss in resumed], dtype=torch.float64)
     want = torch.tensor([loss for s, loss in straight if s > 4], dtype=torch.float64)
     torch.testing.assert_close(got, want, **FP64)
+
+
+def peak_gathered_case() -> dict:
+    """During a ZeRO-3 step the whole parameters of at most two units exist at once: the one running and
+    the one prefetched."""
+    from dtrain.trainer import Trainer
+
+    world = dist.get_world_size()
+    cfg = tiny_config(world, "parallel.zero=3", "model.n_layers=4", "train.steps=2")
+    trainer = Trainer(cfg, harness.grid(dp=world), torch.device("cpu"))
+    observed = []  # units gathered, sampled whenever a gather starts
+    original = trainer.ddp._start_gather
+
+    def counting(bucket):
+        original(bucket)
+        observed.append(len(trainer.ddp.gathered))
+
+    trainer.ddp._start_gather = counting
+    trainer.train_step()
+    trainer.train_step()
+    return {"max": max(observed), "units": len(trainer.ddp.buckets), "after": trainer.held_bytes()}
+
+
+def test_zero3_holds_at_most_the_current_and_prefetched_unit(world2):
+    info = world2.run(peak_gathered_case)[0]
+    assert info["units"] == 6  # embedding, 4 blocks, final norm + head
+    assert info["max"] <= 2
