@@ -80,20 +80,21 @@ def test_zero_matches_torch_ddp_4_ranks(world4, layout, overrides):
     world4.run(zero_case, layout, overrides)
 
 
-def bf16_case(stage: int) -> None:
+def low_precision_case(stage: int, precision: str) -> None:
+    """Same micro-batch shapes as the reference, so the DDP bounds apply (tests/tolerances.py); fp16 also
+    exercises loss scaling on sharded gradients against torch's GradScaler."""
     world = dist.get_world_size()
-    overrides = ("train.precision=bf16", "train.steps=8")
+    overrides = (f"train.precision={precision}", "train.steps=8")
     cfg = tiny_config(world, f"parallel.zero={stage}", *overrides)
-    compare_runs(
-        dtrain_run(cfg, harness.grid(dp=world)),
-        torch_ddp_run(tiny_config(world, *overrides)),
-        LOW_PRECISION["bf16"],
-    )
+    ours, reference = dtrain_run(cfg, harness.grid(dp=world)), torch_ddp_run(tiny_config(world, *overrides))
+    compare_runs(ours, reference, LOW_PRECISION[precision])
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_zero_bf16_matches_torch_ddp(world2, stage):
-    world2.run(bf16_case, stage)
+@pytest.mark.parametrize(
+    ("stage", "precision"), [(1, "bf16"), (2, "bf16"), (3, "bf16"), (2, "fp16"), (3, "fp16")]
+)
+def test_zero_low_precision_matches_torch_ddp(world2, stage, precision):
+    world2.run(low_precision_case, stage, precision)
 
 
 def memory_case(stage: int, offload: str) -> dict:
