@@ -139,6 +139,33 @@ def cmd_schedule(args: argparse.Namespace) -> None:
         fail(str(e))
 
 
+# --- estimate (model-state memory per rank, no processes) -----------------------------------------------
+
+
+def cmd_estimate(args: argparse.Namespace) -> None:
+    from dtrain.estimate import run
+
+    print(run(args.config, args.overrides, args.world))
+
+
+def add_estimate_parser(sub) -> None:
+    est = sub.add_parser(
+        "estimate",
+        help="bytes of parameters, gradients and optimizer states per rank (no processes, no tensors)",
+    )
+    est.add_argument("config", help="YAML config, e.g. configs/gpu_1b.yaml")
+    est.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.zero=3")
+    est.add_argument(
+        "--world",
+        type=int,
+        help="process count (default: dp*tp*pp*cp, or dist.nproc_per_node when parallel.dp=-1, else 1)",
+    )
+    est.set_defaults(run=cmd_estimate)
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dtrain", description="Hand-written distributed LM training.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -175,6 +202,7 @@ def parser() -> argparse.ArgumentParser:
     sched.add_argument("overrides", nargs="*", help="dotted config overrides for --measure")
     sched.add_argument("--out", help="output .png or .svg (without it, only the text is printed)")
     sched.set_defaults(run=cmd_schedule)
+    add_estimate_parser(sub)
     return ap
 
 

@@ -1,0 +1,233 @@
+"""Model-state memory per rank, predicted from a config without processes or real tensors.
+
+`estimate_model_states(cfg, world)` builds this rank's model chunks on the meta device (shapes and dtypes,
+no storage), then replays the bookkeeping of the data-parallel wrapper the trainer would use:
+
+  DDP (zero=0)  parameters + fp32 gradient buckets (no padding) + AdamW exp_avg/exp_avg_sq per parameter
+  ZeRO-1        parameters (padded buckets) + whole padded gradient buckets + moments of this rank's shard
+  ZeRO-2        parameters (padded buckets) + gradient shard + moments of the shard
+  ZeRO-3        parameter shard + gradient shard + moments (whole unit buffers are freed between uses)
+  offload       optimizer: moments and an fp32 master copy of the shard in host memory;
+                all (ZeRO-3): the parameter shards in host memory too
+
+Buckets are planned exactly as parallel/zero.py does (plan_buckets over the parameters in backward order,
+each bucket zero-padded to a multiple of dp; under ZeRO-3 one bucket per unit from Stage.zero3_units), so
+the figures equal `Trainer.held_bytes()` after a step, byte for byte.
+
+Layouts: data and pipeline parallelism are modelled exactly (a pipeline rank holds its own chunks). Tensor
+parallelism is not modelled yet: with tp > 1 the figures are those of the unsplit layers (an upper
+bound), and the report says so.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import torch
+
+from dtrain.config import Config, ConfigError, load_config, validate
+from dtrain.model import Layers, Transformer
+from dtrain.stage import Stage, balanced_split, n_chunks
+from parallel.data_parallel import plan_buckets
+
+KINDS = ("params", "grads", "optimizer")
+
+
+def default_world(cfg: Config) -> int:
+    """The world a launch of this config would have: dp*tp*pp*cp, or dist.nproc_per_node (else 1) when
+    parallel.dp=-1 fills the world."""
+    p = cfg.parallel
+    if p.dp != -1:
+        return p.dp * p.tp * p.pp * p.cp
+    return cfg.dist.nproc_per_node or 1
+
+
+def _empty() -> dict[str, dict[str, int]]:
+    return {where: dict.fromkeys(KINDS, 0) for where in ("device", "host")}
+
+
+def meta_chunks(cfg: Config, pp_rank: int) -> list[Transformer]:
+    """The chunks pipeline rank `pp_rank` builds (dtrain.stage.Stage), on the meta device, dense layers."""
+    p = cfg.parallel
+    total = n_chunks(cfg)
+    chunks = []
+    with torch.device("meta"):
+        for c, block_ids in enumerate(balanced_split(cfg.model.n_layers, total)):
+            if c % p.pp != pp_rank:
+                continue
+            chunks.append(
+                Transformer(
+                    cfg.model, Layers(), block_ids=block_ids, has_embedding=c == 0, has_head=c == total - 1
+                )
+            )
+    return chunks
+
+
+def _params(chunks: list[Transformer]) -> list[torch.nn.Parameter]:
+    """Stage.parameters(): each chunk's parameters once (a tied head is the embedding), chunk order."""
+    return [p for chunk in chunks for p in chunk.parameters() if p.requires_grad]
+
+
+def zero_bucket_numels(cfg: Config, chunks: list[Transformer]) -> list[int]:
+    """Real (unpadded) elements of every flat bucket of ZeroDataParallel / Zero3DataParallel."""
+    if cfg.parallel.zero == 3:
+        units = Stage.zero3_units(SimpleNamespace(chunks=dict(enumerate(chunks))))
+        return [sum(p.numel() for p in params) for params, _ in units][::-1]
+    params = _params(chunks)[::-1]  # backward order, as ZeroDataParallel._plan
+    plan = plan_buckets([p.numel() * p.element_size() for p in params], int(cfg.parallel.bucket_mb * 2**20))
+    return [sum(params[i].numel() for i in members) for members in plan]
+
+
+def _held(cfg: Config, chunks: list[Transformer], dp: int) -> dict[str, dict[str, int]]:
+    """What Trainer.held_bytes() reports for a rank holding `chunks`."""
+    p = cfg.parallel
+    params = _params(chunks)
+    e = params[0].element_size()
+    out = _empty()
+    if p.zero == 0:
+        grad_size = 8 if params[0].dtype == torch.float64 else 4  # DataParallel's fp32 (fp64) buckets
+        numel = sum(q.numel() for q in params)
+        out["device"].update(params=numel * e, grads=numel * grad_size, optimizer=2 * numel * e)
+        return out
+    offload = p.offload in ("optimizer", "all")
+    opt_where = "host" if offload else "device"
+    for numel in zero_bucket_numels(cfg, chunks):
+        padded = math.ceil(numel / dp) * dp
+        shard = padded // dp
+        if p.zero == 3:  # the whole buffer is resized to 0 after use; the shard persists
+            out["host" if p.offload == "all" else "device"]["params"] += shard * e
+        else:
+            out["device"]["params"] += padded * e
+        out["device"]["grads"] += (padded if p.zero == 1 else shard) * e
+        out[opt_where]["optimizer"] += 2 * shard * e + (shard * e if offload else 0)
+    return out
+
+
+def formula_bytes_per_param(cfg: Config, e: int, n: int) -> dict[str, dict[str, float]]:
+    """FORMULAS.md, "Memory of model states per rank" (fp32 parameters and AdamW), with the offload rule:
+    the optimizer term (moments plus a master copy of the shard) and for offload=all the parameter shard
+    move to host memory. e = bytes per element (4 for fp32)."""
+    p = cfg.parallel
+    params, grads, opt = {
+        0: (e, e, 2 * e),
+        1: (e, e, 2 * e / n),
+        2: (e, e / n, 2 * e / n),
+        3: (e / n, e / n, 2 * e / n),
+    }[p.zero]
+    out = {where: dict.fromkeys(KINDS, 0.0) for where in ("device", "host")}
+    out["device"].update(params=params, grads=grads, optimizer=opt)
+    if p.offload != "none":
+        out["device"]["optimizer"] = 0.0
+        out["host"]["optimizer"] = opt + e / n  # + the fp32 master copy of the shard
+    if p.offload == "all":
+        out["device"]["params"], out["host"]["params"] = 0.0, params
+    return out
+
+
+def _total(d: dict[str, int | float]) -> float:
+    return sum(d.values())
+
+
+def _formula_line(cfg: Config, n_params: int, e: int, held: dict) -> str:
+    p = cfg.parallel
+    f = formula_bytes_per_param(cfg, e, p.dp)
+    name = "DDP" if p.zero == 0 else f"ZeRO-{p.zero}"
+    if p.offload != "none":
+        name += f" offload={p.offload}"
+    want = {w: _total(f[w]) for w in f}
+    got = {w: _total(held[w]) / n_params for w in held}
+    extra = (_total(held["device"]) + _total(held["host"])) / (n_params * (want["device"] + want["host"])) - 1
+    return (
+        f"FORMULAS.md {name}, N={p.dp}, {e}-byte parameters: device {want['device']:.4g} + host "
+        f"{want['host']:.4g} B/param; estimate device {got['device']:.4g} + host {got['host']:.4g} B/param "
+        f"over {n_params:,} parameters (padding to a multiple of N: {extra:+.4%})"
+    )
+
+
+def estimate_model_states(cfg: Config, world: int) -> dict:
+    """Bytes of parameters, gradients and optimizer states one rank holds after a step.
+
+    Returns {"device": {...}, "host": {...}} (pipeline rank 0's figures, as Trainer.held_bytes()), plus
+    "params" (this rank's parameter count), "formula" (the FORMULAS.md comparison), "stages" (one entry
+    per pipeline rank: every rank of a pipeline stage holds the same), "layout" and "notes". `cfg` is
+    validated for `world` here (parallel.dp=-1 is filled in); a bad config raises ConfigError.
+    """
+    if world < 1:
+        raise ConfigError(f"--world={world} must be at least 1")
+    cfg = validate(cfg, world)
+    p = cfg.parallel
+    notes = []
+    if p.tp > 1:
+        notes.append(
+            f"tensor parallelism (tp={p.tp}) is not modelled yet: figures are for unsplit layers, an upper "
+            f"bound (split matrices would take about 1/{p.tp})"
+        )
+    stages = []
+    for pp_rank in range(p.pp):
+        chunks = meta_chunks(cfg, pp_rank)
+        params = _params(chunks)
+        n_params, e = sum(q.numel() for q in params), params[0].element_size()
+        held = _held(cfg, chunks, p.dp)
+        stages.append(
+            {
+                "pp_rank": pp_rank,
+                "device": held["device"],
+                "host": held["host"],
+                "params": n_params,
+                "element_size": e,
+                "formula": _formula_line(cfg, n_params, e, held),
+            }
+        )
+    first = stages[0]
+    return {
+        "device": first["device"],
+        "host": first["host"],
+        "params": first["params"],
+        "formula": first["formula"],
+        "stages": stages,
+        "layout": {"world": world, "dp": p.dp, "tp": p.tp, "pp": p.pp, "cp": p.cp, "zero": p.zero},
+        "offload": p.offload,
+        "bucket_mb": p.bucket_mb,
+        "notes": notes,
+    }
+
+
+def human(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def format_report(est: dict, source: str = "") -> str:
+    lay = est["layout"]
+    zero = "DDP (zero=0)" if lay["zero"] == 0 else f"ZeRO-{lay['zero']}"
+    lines = [
+        f"dtrain estimate{': ' + source if source else ''} | world {lay['world']} = dp {lay['dp']} x tp "
+        f"{lay['tp']} x pp {lay['pp']} x cp {lay['cp']} | {zero}, offload={est['offload']}, "
+        f"bucket_mb={est['bucket_mb']:g}",
+        "model states held per rank after a step (parameters, gradients, AdamW states; activations and "
+        "temporary buffers not included):",
+    ]
+    for s in est["stages"]:
+        who = "every rank" if lay["pp"] == 1 else f"pipeline stage {s['pp_rank']} (each of its ranks)"
+        lines.append(f"{who}: {s['params']:,} parameters")
+        lines.append(f"  {'':8}" + "".join(f"{k:>28}" for k in (*KINDS, "total")))
+        for where in ("device", "host"):
+            row = s[where]
+            cells = [*(row[k] for k in KINDS), sum(row.values())]
+            lines.append(f"  {where:8}" + "".join(f"{f'{c:,} ({human(c)})':>28}" for c in cells))
+        total = sum(s["device"].values()) + sum(s["host"].values())
+        lines.append(f"  total   {total:,} bytes ({human(total)})")
+        lines.append(f"  {s['formula']}")
+    lines += [f"note: {n}" for n in est["notes"]]
+    return "\n".join(lines)
+
+
+def run(config: str | None, overrides: list[str], world: int | None) -> str:
+    """The CLI's work: load, validate for the world, estimate, format."""
+    cfg = load_config(config, overrides)
+    if world is None:
+        world = default_world(cfg)
+    return format_report(estimate_model_states(cfg, world), config or "")
