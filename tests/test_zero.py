@@ -80,6 +80,29 @@ def test_zero_matches_torch_ddp_4_ranks(world4, layout, overrides):
     world4.run(zero_case, layout, overrides)
 
 
+def _dp4_matrix() -> dict:
+    """Every stage x offload x accumulation at dp=4, less the cases the default run covers."""
+    cases = {}
+    for stage, offload, accumulate in itertools.product(
+        (1, 2, 3), ("none", "optimizer", "all"), (True, False)
+    ):
+        if offload == "all" and stage != 3:
+            continue
+        batch = f"train.global_batch_size={32 if accumulate else 16}"
+        name = f"zero{stage}-{offload}-{'accumulate' if accumulate else 'single'}"
+        cases[name] = (
+            (f"parallel.zero={stage}", f"parallel.offload={offload}", batch),
+            ("parallel.bucket_mb=0.004",),
+        )
+    return cases
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("layout", "overrides"), _dp4_matrix().values(), ids=_dp4_matrix().keys())
+def test_zero_full_matrix_4_ranks(world4, layout, overrides):
+    world4.run(zero_case, layout, overrides)
+
+
 def low_precision_case(stage: int, precision: str) -> None:
     """Same micro-batch shapes as the reference, so the DDP bounds apply (tests/tolerances.py); fp16 also
     exercises loss scaling on sharded gradients against torch's GradScaler."""
