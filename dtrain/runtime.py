@@ -30,7 +30,8 @@ def resolve_backend(name: str) -> str:
     return name
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on the loopback interface that is free right now (for one-machine rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -46,7 +47,7 @@ def init_distributed(cfg: DistConfig) -> torch.device:
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
             dist.init_process_group(backend, timeout=timeout)  # env:// rendezvous set up by torchrun
         else:
-            init = f"tcp://127.0.0.1:{_free_port()}"
+            init = f"tcp://127.0.0.1:{free_port()}"
             dist.init_process_group(backend, init_method=init, rank=0, world_size=1, timeout=timeout)
     if backend == "nccl":
         local_rank = int(os.environ.get("LOCAL_RANK", 0))

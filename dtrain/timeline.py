@@ -18,10 +18,10 @@ from __future__ import annotations
 import json
 import os
 import queue
-import socket
 import time
 from datetime import timedelta
 
+from dtrain.runtime import free_port
 from parallel import pipeline_schedules
 from parallel.pipeline_schedules import Action
 
@@ -253,12 +253,6 @@ def _world_size(cfg) -> int:
     return p.dp * p.tp * p.pp * p.cp
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _measure_worker(rank: int, world_size: int, port: int, cfg_dict: dict, results) -> None:
     import torch
     import torch.distributed as dist
@@ -338,7 +332,7 @@ def measure(cfg_path: str, overrides: list[str], out: str | None = None) -> dict
     results = ctx.Queue()
     procs = mp.start_processes(
         _measure_worker,
-        args=(world, _free_port(), to_dict(cfg), results),
+        args=(world, free_port(), to_dict(cfg), results),
         nprocs=world,
         join=False,
         start_method="spawn",

@@ -11,21 +11,16 @@ from __future__ import annotations
 
 import os
 import queue
-import socket
 import time
 import traceback
 from datetime import timedelta
 
 import torch.multiprocessing as mp
 
+from dtrain.runtime import free_port
+
 CASE_TIMEOUT_S = 240
 COLLECTIVE_TIMEOUT_S = 120
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
@@ -63,7 +58,7 @@ class World:
 
     def _start(self) -> None:
         ctx = mp.get_context("spawn")
-        port = _free_port()
+        port = free_port()
         self.tasks = [ctx.Queue() for _ in range(self.size)]
         self.results = ctx.Queue()
         self.procs = [

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import tempfile
 from collections.abc import Callable
 from datetime import timedelta
@@ -18,6 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from dtrain.runtime import free_port
 
 
 def threads_per_rank(world_size: int) -> int:
@@ -29,13 +30,6 @@ def say(rank: int, text: str) -> None:
     """A progress line, from rank 0 only (every rank runs the same steps)."""
     if rank == 0:
         print(text, flush=True)
-
-
-def free_port() -> int:
-    """A local port nothing listens on; the OS picks it, so parallel runs do not collide."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def gather(values: list[float], size: int) -> list[list[float]]:
