@@ -149,6 +149,10 @@ class ZeroDataParallel:
             grad_shard=grad_shard,
             flat_grads=flat_grads,
         )
+        if flat_grads is not None:
+            # Stage 1: autograd accumulates micro-batches straight into the bucket (as DataParallel does).
+            for p, offset in zip(params, offsets, strict=True):
+                p.grad = flat_grads[offset : offset + p.numel()].view_as(p)
         if self.offload:
             for t in (bucket.decay, bucket.exp_avg, bucket.exp_avg_sq, bucket.master):
                 t._dtrain_host = True
@@ -172,8 +176,9 @@ class ZeroDataParallel:
         (the same order on every rank)."""
         b, offset = self._place[param]
         bucket = self.buckets[b]
-        self._flat_grads(bucket)[offset : offset + param.numel()].add_(param.grad.reshape(-1))
-        param.grad = None  # the bucket holds it now
+        if self.stage >= 2:  # stage 1's gradients are views into its persistent bucket already
+            self._flat_grads(bucket)[offset : offset + param.numel()].add_(param.grad.reshape(-1))
+            param.grad = None  # the transient bucket holds it now
         if not (self.sync_grads or self.stage == 2):
             return  # stage 1 accumulates whole gradients until the last micro-batch
         if param in self._ready:
