@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import queue
+import subprocess
+import sys
 import time
 import traceback
 from datetime import timedelta
@@ -128,3 +130,12 @@ def grid(**sizes):
 
 def repo_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_python(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python ARGS` in the repository root, importing this checkout, single-threaded (tests run the
+    real command line in a subprocess)."""
+    env = {**os.environ, "PYTHONPATH": repo_root(), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=repo_root()
+    )

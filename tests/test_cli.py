@@ -8,23 +8,19 @@ import json
 import math
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
 from dtrain.model import Transformer
-from tests.harness import repo_root
+from tests.harness import repo_root, run_python
 
 ROOT = repo_root()
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 
 
 def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT
-    )
+    return run_python(*args, timeout=timeout)
 
 
 def read_metrics(out_dir) -> list[dict]:

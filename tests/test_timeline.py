@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import os
 import subprocess
-import sys
 import time
 
 import pytest
@@ -15,22 +14,14 @@ import torch
 from dtrain import timeline
 from parallel import pipeline_schedules as ps
 from tests import harness
-from tests.harness import repo_root
+from tests.harness import repo_root, run_python
 
 ROOT = repo_root()
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def run_cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "dtrain", "schedule", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-        cwd=ROOT,
-    )
+    return run_python("-m", "dtrain", "schedule", *args, timeout=timeout)
 
 
 def assert_png(path) -> None:
