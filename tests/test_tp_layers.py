@@ -1,6 +1,6 @@
 """Tensor-parallel building blocks one at a time, each in a real Gloo world, against the single-process
-computation on the same full tensors: the autograd collectives, the column- and row-parallel linears,
-the vocabulary-parallel embedding and cross-entropy, and a tied embedding/head.
+computation on the same full tensors: the column- and row-parallel linears, the vocabulary-parallel
+embedding and cross-entropy, and a tied embedding/head (the collectives: test_tp_collectives.py).
 
 Every rank builds the full tensors from seeded generators (identical on the ranks of one tensor group,
 different per data-parallel replica, so a collective over the wrong group cannot pass), takes its shard
@@ -18,16 +18,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from parallel.collectives import (
     copy_to_tp,
     gather_from_sp,
-    gather_from_tp,
-    reduce_from_tp,
-    reduce_scatter_to_sp,
-    scatter_to_sp,
     scatter_to_tp,
 )
 from parallel.sharding import gather_full, sharding_of, sum_partial_grads
@@ -37,207 +32,25 @@ from parallel.tensor_parallel import (
     VocabParallelCrossEntropy,
     VocabParallelEmbedding,
 )
-from tests import harness
 from tests.tolerances import FP32, FP64
-
-IGNORE = -100
-
-
-# ----------------------------------------------------------------------------------------------- helpers
-
-
-def _setup(tp: int, dp: int, case: int):
-    """The tensor group, this rank's index and size in it, and a seed base shared by the tensor group
-    but different per data-parallel replica and per case."""
-    grid = harness.grid(tp=tp, dp=dp)
-    group = grid.tp_group
-    rank, n = dist.get_rank(group), dist.get_world_size(group)
-    assert (rank, n) == (grid.rank_in("tp"), tp)
-    return group, rank, n, 1_000_000 * case + 1000 * grid.coords.dp
-
-
-def _randn(seed: int, *shape: int, dtype=torch.float32) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-
-
-def _randint(seed: int, *shape: int, dtype=torch.float32) -> torch.Tensor:
-    """Small integers as floats: sums of them are exact in any order, so collectives compare bitwise."""
-    return torch.randint(-8, 9, shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
-
-
-def _ids(seed: int, vocab: int, shape: tuple[int, int], n_ignore: int = 0) -> torch.Tensor:
-    """Token ids of `shape` holding every id of the vocabulary at least once (so every rank owns some,
-    including the first and last id of each rank's range) and `n_ignore` IGNORE entries, shuffled."""
-    g = torch.Generator().manual_seed(seed)
-    numel = shape[0] * shape[1]
-    assert numel >= vocab + n_ignore
-    rest = torch.randint(0, vocab, (numel - vocab - n_ignore,), generator=g)
-    ids = torch.cat([torch.arange(vocab), torch.full((n_ignore,), IGNORE), rest])
-    return ids[torch.randperm(numel, generator=g)].view(shape)
-
-
-def _gather_cat(x: torch.Tensor, dim: int, group) -> torch.Tensor:
-    """Concatenate every rank's x along dim, with the list all_gather (not the library's code path)."""
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=dim)
-
-
-def _same_on_every_rank(x: torch.Tensor, group) -> bool:
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return all(torch.equal(p, parts[0]) for p in parts)
-
-
-def _close(ours: torch.Tensor, ref: torch.Tensor, what: str, rtol: float = FP32["rtol"]) -> float:
-    """||ours - ref|| <= rtol * ||ref|| (per tensor, as tests/test_data_parallel.py's `compare`)."""
-    assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
-    ref_norm = ref.double().norm()
-    assert ref_norm > 0, f"{what}: the reference is zero, the comparison would be vacuous"
-    err = float((ours.double() - ref.double()).norm() / ref_norm)
-    assert err <= rtol, f"{what}: relative 2-norm difference {err:.2e} > {rtol:.0e}"
-    return err
-
-
-def _close_scalar(ours: torch.Tensor, ref: torch.Tensor, what: str, tol: dict) -> None:
-    """|ours - ref| <= atol + rtol * |ref| for a scalar loss (torch.testing.assert_close's rule; its first
-    call costs seconds of imports in every worker)."""
-    ours, ref = float(ours.detach()), float(ref.detach())
-    assert abs(ours - ref) <= tol["atol"] + tol["rtol"] * abs(ref), f"{what}: {ours!r} != {ref!r}"
-
-
-def _zero(x: torch.Tensor) -> bool:
-    return x.numel() > 0 and torch.equal(x, torch.zeros_like(x))
-
-
-def _pad_cols(x: torch.Tensor, width: int, fill: torch.Tensor | None = None) -> torch.Tensor:
-    """x padded on the last dim to `width` with zeros (or with `fill`)."""
-    extra = width - x.shape[-1]
-    pad = x.new_zeros(*x.shape[:-1], extra) if fill is None else fill[..., :extra].to(x.dtype)
-    return torch.cat([x, pad], dim=-1)
-
-
-# ------------------------------------------------------------------------------------------- collectives
-
-
-def _run(fn, x: torch.Tensor, dy: torch.Tensor, group):
-    """fn(x) forward and backward with cotangent dy; x may be non-contiguous."""
-    leaf = x.detach().requires_grad_()
-    y = fn(leaf, group)
-    y.backward(dy)
-    assert y.dtype == x.dtype and leaf.grad.dtype == x.dtype
-    return y.detach(), leaf.grad
-
-
-def _noncontiguous(x: torch.Tensor) -> torch.Tensor:
-    """The same values with transposed strides, so the collectives must handle the layout."""
-    return x.transpose(0, -1).contiguous().transpose(0, -1)
-
-
-def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a.double() * b.double()).sum()
-
-
-def _sum_over(value: torch.Tensor, group) -> torch.Tensor:
-    value = value.clone()
-    dist.all_reduce(value, group=group)
-    return value
-
-
-def collectives_case(tp: int, dp: int, dtype: torch.dtype) -> None:
-    """Forward values and backward of every collective against a direct computation, plus the adjoint
-    identity sum_r <f(x)_r, dy_r> = sum_r <x_r, dx_r> in the space each function lives in: a
-    replicated tensor (the input of copy/scatter, the output of reduce/gather_from_tp) is one vector,
-    counted once, not once per rank. Integer-valued data: every sum is exact, so all is bitwise."""
-    group, r, n, seed = _setup(tp, dp, 1)
-    B, S, H = 2, 2 * n, 3 * n
-
-    def distinct(k, *shape):  # one tensor per rank; every rank can build all of them
-        return [_noncontiguous(_randint(seed + 100 * k + s, *shape, dtype=dtype)) for s in range(n)]
-
-    def once(value):  # an inner product of replicated tensors: equal on every rank, counted once
-        assert _same_on_every_rank(value, group)
-        return value
-
-    full = _noncontiguous(_randint(seed, B, S, H, dtype=dtype))  # replicated over the group
-    full_dy = _randint(seed + 1, B, S, H, dtype=dtype)  # replicated cotangent
-
-    # copy_to_tp: y = x (replicated in), dx = sum_r dy_r.
-    dys = distinct(1, B, S, H)
-    y, dx = _run(copy_to_tp, full, dys[r], group)
-    assert torch.equal(y, full) and torch.equal(dx, sum(dys))
-    assert once(_dot(full, dx)) == sum(_dot(full, d) for d in dys)
-
-    # reduce_from_tp: y = sum_r x_r (replicated out), dx = dy.
-    xs = distinct(2, B, S, H)
-    y, dx = _run(reduce_from_tp, xs[r], full_dy, group)
-    assert torch.equal(y, sum(xs)) and torch.equal(dx, full_dy)
-    assert _sum_over(_dot(xs[r], dx), group) == once(_dot(y, full_dy))
-
-    # scatter_to_tp: y = [x]_r on the last dim (replicated in), dx = cat_r dy_r.
-    dys = distinct(3, B, S, H // n)
-    y, dx = _run(scatter_to_tp, full, dys[r], group)
-    assert torch.equal(y, full.chunk(n, -1)[r]) and torch.equal(dx, torch.cat(dys, -1))
-    assert once(_dot(full, dx)) == sum(_dot(full.chunk(n, -1)[s], dys[s]) for s in range(n))
-
-    # gather_from_tp: y = cat_r x_r on the last dim (replicated out), dx = [dy]_r.
-    xs = distinct(4, B, S, H // n)
-    y, dx = _run(gather_from_tp, xs[r], full_dy, group)
-    assert torch.equal(y, torch.cat(xs, -1)) and torch.equal(dx, full_dy.chunk(n, -1)[r])
-    assert _sum_over(_dot(xs[r], dx), group) == once(_dot(y, full_dy))
-
-    # gather_from_sp: y = cat_r x_r on dim 1, consumed differently by each rank: dx = [sum_r dy_r]_r.
-    xs, dys = distinct(5, B, S // n, H), distinct(6, B, S, H)
-    y, dx = _run(gather_from_sp, xs[r], dys[r], group)
-    assert torch.equal(y, torch.cat(xs, 1)) and torch.equal(dx, sum(dys).chunk(n, 1)[r])
-    assert _sum_over(_dot(xs[r], dx), group) == _sum_over(_dot(y, dys[r]), group)
-
-    # reduce_scatter_to_sp: y = [sum_r x_r]_r on dim 1, dx = cat_r dy_r.
-    xs, dys = distinct(7, B, S, H), distinct(8, B, S // n, H)
-    y, dx = _run(reduce_scatter_to_sp, xs[r], dys[r], group)
-    assert torch.equal(y, sum(xs).chunk(n, 1)[r]) and torch.equal(dx, torch.cat(dys, 1))
-    assert _sum_over(_dot(xs[r], dx), group) == _sum_over(_dot(y, dys[r]), group)
-
-    # scatter_to_sp: y = [x]_r on dim 1 (replicated in), dx = cat_r dy_r.
-    dys = distinct(9, B, S // n, H)
-    y, dx = _run(scatter_to_sp, full, dys[r], group)
-    assert torch.equal(y, full.chunk(n, 1)[r]) and torch.equal(dx, torch.cat(dys, 1))
-    assert once(_dot(full, dx)) == sum(_dot(full.chunk(n, 1)[s], dys[s]) for s in range(n))
-
-    # A split that does not divide is refused (on every rank, before any communication).
-    odd = torch.zeros(B, S + 1, H + 1, dtype=dtype)
-    for fn in (scatter_to_tp, scatter_to_sp, reduce_scatter_to_sp):
-        with pytest.raises(ValueError, match="not divisible"):
-            fn(odd, group)
-
-
-COLLECTIVES = (
-    copy_to_tp,
-    reduce_from_tp,
-    scatter_to_tp,
-    gather_from_tp,
-    gather_from_sp,
-    reduce_scatter_to_sp,
-    scatter_to_sp,
+from tests.tp_helpers import (
+    IGNORE,
+    close,
+    close_scalar,
+    gather_cat,
+    pad_cols,
+    randn,
+    same_on_every_rank,
+    setup,
+    token_ids,
+    zero,
 )
-
-
-def identity_case() -> None:
-    """A tensor group of one rank: every collective is the identity, forward and backward."""
-    grid = harness.grid(tp=1, dp=dist.get_world_size())
-    x, dy = _randint(1, 2, 4, 3), _randint(2, 2, 4, 3)
-    for fn in COLLECTIVES:
-        y, dx = _run(fn, x, dy, grid.tp_group)
-        assert torch.equal(y, x) and torch.equal(dx, dy), fn.__name__
-
-
-# ------------------------------------------------------------------------------------------------ layers
 
 
 def column_case(tp: int, dp: int) -> dict:
     """ColumnParallelLinear entered through copy_to_tp: output (gathered by the layer or here), input
     gradient and assembled weight gradient against F.linear on the full weight."""
-    group, r, n, seed = _setup(tp, dp, 2)
+    group, r, n, seed = setup(tp, dp, 2)
     B, S, D = 2, 3, 8
     errs = {}
     # (out_features, gather_output, pad_output); n + 1 leaves the last of 4 ranks with padding only.
@@ -246,7 +59,7 @@ def column_case(tp: int, dp: int) -> dict:
     for k, (out, gather, pad) in enumerate(configs):
         s = seed + 10 * k
         padded = -(-out // n) * n
-        W, x, dy = _randn(s, out, D), _randn(s + 1, B, S, D), _randn(s + 2, B, S, out)
+        W, x, dy = randn(s, out, D), randn(s + 1, B, S, D), randn(s + 2, B, S, out)
 
         layer = ColumnParallelLinear(D, out, group, gather_output=gather, pad_output=pad)
         sharding = layer.weight.sharding
@@ -258,15 +71,15 @@ def column_case(tp: int, dp: int) -> dict:
 
         x_in = x.clone().requires_grad_()
         y = layer(copy_to_tp(x_in, group))
-        y_full = y if gather else _gather_cat(y.detach(), -1, group)
+        y_full = y if gather else gather_cat(y.detach(), -1, group)
         # A gathered output has the real width (padding columns would count as classes in a loss); a
         # split one keeps the padding, whose columns are exactly zero (padded weight rows are zero).
         assert y_full.shape == (B, S, out if gather else padded)
-        assert gather or padded == out or _zero(y_full[..., out:])
+        assert gather or padded == out or zero(y_full[..., out:])
         if gather:
             (y * dy).sum().backward()
         else:
-            (y * _pad_cols(dy, padded).chunk(n, -1)[r]).sum().backward()
+            (y * pad_cols(dy, padded).chunk(n, -1)[r]).sum().backward()
 
         x_ref, W_ref = x.clone().requires_grad_(), W.clone().requires_grad_()
         y_ref = F.linear(x_ref, W_ref)
@@ -274,13 +87,13 @@ def column_case(tp: int, dp: int) -> dict:
 
         what = f"column out={out} gather={gather} pad={pad}"
         errs[what] = max(
-            _close(y_full[..., :out].detach(), y_ref.detach(), f"{what}: output"),
-            _close(x_in.grad, x_ref.grad, f"{what}: input grad"),
-            _close(gather_full(layer.weight.grad, sharding, group), W_ref.grad, f"{what}: weight grad"),
+            close(y_full[..., :out].detach(), y_ref.detach(), f"{what}: output"),
+            close(x_in.grad, x_ref.grad, f"{what}: input grad"),
+            close(gather_full(layer.weight.grad, sharding, group), W_ref.grad, f"{what}: weight grad"),
         )
         if padded != out:
-            grads = _gather_cat(layer.weight.grad, 0, group)
-            assert _zero(grads[out:]), f"{what}: padded weight rows got a gradient"
+            grads = gather_cat(layer.weight.grad, 0, group)
+            assert zero(grads[out:]), f"{what}: padded weight rows got a gradient"
 
     # Output features that do not divide are refused unless padded.
     with pytest.raises(ValueError, match="not divisible"):
@@ -292,13 +105,13 @@ def row_case(tp: int, dp: int) -> dict:
     """RowParallelLinear on this rank's feature chunk (scatter_to_tp of a replicated input): output
     (this rank's sequence chunk under sequence parallelism), input, weight and bias gradients against
     F.linear with the same full weight and a nonzero bias (added n times it would be off by (n-1)b)."""
-    group, r, n, seed = _setup(tp, dp, 3)
+    group, r, n, seed = setup(tp, dp, 3)
     B, S, D, O = 2, 2 * n, 3 * n, 5
     errs = {}
     for k, (sp, has_bias) in enumerate([(False, False), (False, True), (True, False), (True, True)]):
         s = seed + 10 * k
-        W, b = _randn(s, O, D), _randn(s + 1, O) + 1.0
-        x, dz = _randn(s + 2, B, S, D), _randn(s + 3, B, S, O)
+        W, b = randn(s, O, D), randn(s + 1, O) + 1.0
+        x, dz = randn(s + 2, B, S, D), randn(s + 3, B, S, O)
 
         layer = RowParallelLinear(D, O, group, sequence_parallel=sp, bias=has_bias)
         assert layer.weight.shape == (O, D // n) and layer.weight.sharding.split_dim == 1
@@ -323,19 +136,19 @@ def row_case(tp: int, dp: int) -> dict:
         else:
             # Replicated output: the all-reduce reduces each element once and distributes the result,
             # so the ranks agree to the bit (replicated activations cannot drift apart).
-            assert _same_on_every_rank(z.detach(), group)
+            assert same_on_every_rank(z.detach(), group)
         (z * dz).sum().backward()
         # As the trainer does after backward: partial gradients summed over the group, others left.
         sum_partial_grads(layer.parameters(), group)
 
         what = f"row sp={sp} bias={has_bias}"
         errs[what] = max(
-            _close(z.detach(), z_ref.detach(), f"{what}: output"),
-            _close(x_in.grad, x_ref.grad, f"{what}: input grad"),
-            _close(
+            close(z.detach(), z_ref.detach(), f"{what}: output"),
+            close(x_in.grad, x_ref.grad, f"{what}: input grad"),
+            close(
                 gather_full(layer.weight.grad, layer.weight.sharding, group), W_ref.grad, f"{what}: W grad"
             ),
-            _close(layer.bias.grad, b_ref.grad, f"{what}: bias grad") if has_bias else 0.0,
+            close(layer.bias.grad, b_ref.grad, f"{what}: bias grad") if has_bias else 0.0,
         )
     return errs
 
@@ -343,13 +156,13 @@ def row_case(tp: int, dp: int) -> dict:
 def embedding_case(tp: int, dp: int) -> dict:
     """VocabParallelEmbedding against F.embedding on the full table, vocabulary divisible by n, padded,
     and (n + 1 for n = 4) with a last rank holding padding rows only; with and without SP."""
-    group, r, n, seed = _setup(tp, dp, 4)
+    group, r, n, seed = setup(tp, dp, 4)
     B, S, D = 2, 4 * n, 6
     errs = {}
     for k, (vocab, sp) in enumerate((v, sp) for v in (4 * n, 4 * n - 3, n + 1) for sp in (False, True)):
         s = seed + 10 * k
         padded = -(-vocab // n) * n
-        E, ids, dy = _randn(s, vocab, D), _ids(s + 1, vocab, (B, S)), _randn(s + 2, B, S, D)
+        E, ids, dy = randn(s, vocab, D), token_ids(s + 1, vocab, (B, S)), randn(s + 2, B, S, D)
 
         layer = VocabParallelEmbedding(vocab, D, group, sequence_parallel=sp)
         sharding = layer.weight.sharding
@@ -369,8 +182,8 @@ def embedding_case(tp: int, dp: int) -> dict:
         assert torch.equal(out.detach(), out_ref.detach()), f"{what}: output"
         (out * dy).sum().backward()
 
-        grads = _gather_cat(layer.weight.grad, 0, group)
-        assert padded == vocab or _zero(grads[vocab:]), f"{what}: padding rows got a gradient"
+        grads = gather_cat(layer.weight.grad, 0, group)
+        assert padded == vocab or zero(grads[vocab:]), f"{what}: padding rows got a gradient"
         # Bitwise: each row sums the same dy rows in token order (index_add); tokens owned elsewhere
         # add exact zeros to the local row 0, and the SP backward only all-gathers dy.
         assert torch.equal(gather_full(layer.weight.grad, sharding, group), E_ref.grad), f"{what}: grad"
@@ -382,7 +195,7 @@ def cross_entropy_case(tp: int, dp: int) -> dict:
     """VocabParallelCrossEntropy on logits split by vocabulary (padded with garbage up to a multiple of
     n) against F.cross_entropy(reduction="sum") on the full logits: value, and logits gradient for a
     loss scaled by 0.5 (so grad_output is used); ignored targets and a target in every rank's range."""
-    group, r, n, seed = _setup(tp, dp, 5)
+    group, r, n, seed = setup(tp, dp, 5)
     B, S = 2, 12
     errs = {}
     cases = [(v, torch.float32, 3) for v in (4 * n, 4 * n - 3, n + 1)]
@@ -394,15 +207,15 @@ def cross_entropy_case(tp: int, dp: int) -> dict:
     for k, (vocab, dtype, n_ignore) in enumerate(cases):
         s = seed + 10 * k
         padded = -(-vocab // n) * n
-        logits = (3.0 * _randn(s, B, S, vocab)).to(dtype)
+        logits = (3.0 * randn(s, B, S, vocab)).to(dtype)
         if n_ignore == B * S:
             targets = torch.full((B, S), IGNORE)
         else:
-            targets = _ids(s + 1, vocab, (B, S), n_ignore=n_ignore)
+            targets = token_ids(s + 1, vocab, (B, S), n_ignore=n_ignore)
         # Garbage in the padding columns: it would dominate the softmax if it leaked into it.
-        garbage = (1e4 + _randn(s + 2, B, S, padded)).to(dtype)
+        garbage = (1e4 + randn(s + 2, B, S, padded)).to(dtype)
 
-        local = _pad_cols(logits, padded, garbage).chunk(n, -1)[r].clone().requires_grad_()
+        local = pad_cols(logits, padded, garbage).chunk(n, -1)[r].clone().requires_grad_()
         loss = VocabParallelCrossEntropy(vocab, group)(local, targets)
         (0.5 * loss).backward()
 
@@ -417,16 +230,16 @@ def cross_entropy_case(tp: int, dp: int) -> dict:
         what = f"cross-entropy vocab={vocab} {dtype} ignored={n_ignore}"
         assert loss.dtype == wide and local.grad.dtype == dtype, what
         # Every rank computes the loss from the same all-reduced max, sum and target logit.
-        assert _same_on_every_rank(loss.detach(), group), f"{what}: ranks disagree on the loss"
-        grad = _gather_cat(local.grad, -1, group)
-        assert padded == vocab or _zero(grad[..., vocab:]), f"{what}: garbage columns got a gradient"
+        assert same_on_every_rank(loss.detach(), group), f"{what}: ranks disagree on the loss"
+        grad = gather_cat(local.grad, -1, group)
+        assert padded == vocab or zero(grad[..., vocab:]), f"{what}: garbage columns got a gradient"
         ignored = targets == IGNORE
-        assert _zero(grad[ignored]) and _zero(ref_logits.grad[ignored]), f"{what}: ignored tokens"
+        assert zero(grad[ignored]) and zero(ref_logits.grad[ignored]), f"{what}: ignored tokens"
         if n_ignore == B * S:
             assert loss.item() == 0.0 and ref.item() == 0.0, what
             continue
         tol = FP64 if dtype == torch.float64 else FP32
-        _close_scalar(loss, ref, f"{what}: loss", tol)
+        close_scalar(loss, ref, f"{what}: loss", tol)
         if dtype == torch.bfloat16:
             # Bitwise: 16-bit logits are widened once and the loss runs in fp32, so it equals the fp32
             # run on the widened values, and the gradient is that run's gradient rounded once to bf16
@@ -438,7 +251,7 @@ def cross_entropy_case(tp: int, dp: int) -> dict:
             assert torch.equal(loss, wide_loss), f"{what}: loss differs from the fp32 run"
             assert torch.equal(local.grad, wide_local.grad.to(dtype)), f"{what}: grad is not rounded once"
         else:
-            errs[what] = _close(grad[..., :vocab], ref_logits.grad, f"{what}: grad", tol["rtol"])
+            errs[what] = close(grad[..., :vocab], ref_logits.grad, f"{what}: grad", tol["rtol"])
     return errs
 
 
@@ -446,13 +259,13 @@ def tied_case(tp: int, dp: int) -> dict:
     """Embedding and a pad_output head sharing one Parameter, through the vocab-parallel loss, against
     one process running embedding + linear with one shared weight: loss and assembled gradient (the sum
     of the embedding's and the head's contributions)."""
-    group, _, n, seed = _setup(tp, dp, 6)
+    group, _, n, seed = setup(tp, dp, 6)
     B, S, D = 2, 4 * n, 6
     errs = {}
     for k, (vocab, sp) in enumerate((v, sp) for v in (4 * n, 4 * n - 3, n + 1) for sp in (False, True)):
         s = seed + 10 * k
-        E = _randn(s, vocab, D)
-        ids, targets = _ids(s + 1, vocab, (B, S)), _ids(s + 2, vocab, (B, S), n_ignore=2)
+        E = randn(s, vocab, D)
+        ids, targets = token_ids(s + 1, vocab, (B, S)), token_ids(s + 2, vocab, (B, S), n_ignore=2)
 
         emb = VocabParallelEmbedding(vocab, D, group, sequence_parallel=sp)
         head = ColumnParallelLinear(D, vocab, group, pad_output=True)
@@ -471,32 +284,11 @@ def tied_case(tp: int, dp: int) -> dict:
         ref.backward()
 
         what = f"tied vocab={vocab} sp={sp}"
-        _close_scalar(loss, ref, f"{what}: loss", FP32)
-        grads = _gather_cat(emb.weight.grad, 0, group)
-        assert vocab == grads.shape[0] or _zero(grads[vocab:]), f"{what}: padding rows got a gradient"
-        errs[what] = _close(gather_full(emb.weight.grad, emb.weight.sharding, group), E_ref.grad, what)
+        close_scalar(loss, ref, f"{what}: loss", FP32)
+        grads = gather_cat(emb.weight.grad, 0, group)
+        assert vocab == grads.shape[0] or zero(grads[vocab:]), f"{what}: padding rows got a gradient"
+        errs[what] = close(gather_full(emb.weight.grad, emb.weight.sharding, group), E_ref.grad, what)
     return errs
-
-
-# ------------------------------------------------------------------------------------------------- tests
-
-LAYOUTS = {"tp2": ("world2", 2, 1), "tp4": ("world4", 4, 1), "tp2-dp2": ("world4", 2, 2)}
-
-
-@pytest.fixture(params=LAYOUTS.values(), ids=LAYOUTS.keys())
-def layout(request):
-    fixture, tp, dp = request.param
-    return request.getfixturevalue(fixture), tp, dp
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_collectives(layout, dtype):
-    world, tp, dp = layout
-    world.run(collectives_case, tp, dp, dtype)
-
-
-def test_collectives_are_identity_on_one_rank(world2):
-    world2.run(identity_case)
 
 
 @pytest.mark.parametrize(
@@ -504,6 +296,6 @@ def test_collectives_are_identity_on_one_rank(world2):
     [column_case, row_case, embedding_case, cross_entropy_case, tied_case],
     ids=["column", "row", "embedding", "cross-entropy", "tied-head"],
 )
-def test_layer_matches_single_process(layout, case):
-    world, tp, dp = layout
+def test_layer_matches_single_process(tp_layout, case):
+    world, tp, dp = tp_layout
     world.run(case, tp, dp)
