@@ -30,6 +30,7 @@ class MoEConfig:
     capacity_factor: float = 1.25
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
+    every_n_layers: int = 1  # blocks n-1, 2n-1, ... get the MoE MLP (1 = every block)
 
 
 @dataclass
@@ -133,8 +134,6 @@ CHOICES = {
 # rather than silently trained as plain data parallelism.
 NOT_YET = {
     "parallel.cp": (1, "context parallelism"),
-    "parallel.ep": (1, "expert parallelism"),
-    "model.moe.num_experts": (0, "mixture-of-experts"),
 }
 
 
@@ -249,6 +248,29 @@ def _validate_pipeline(m: ModelConfig, p: ParallelConfig, microbatches: int) -> 
     )
 
 
+def _validate_moe(moe: MoEConfig, n_layers: int, p: ParallelConfig, microbatch_tokens: int) -> None:
+    e = moe.num_experts
+    _require(e >= 0, f"model.moe.num_experts={e} must be >= 0 (0 = dense MLP)")
+    if e == 0:
+        _require(p.ep == 1, f"parallel.ep={p.ep} needs experts; set model.moe.num_experts or parallel.ep=1")
+        return
+    _require(1 <= moe.top_k <= e, f"model.moe.top_k={moe.top_k} must be in [1, model.moe.num_experts={e}]")
+    _require(e % p.ep == 0, f"parallel.ep={p.ep} must divide model.moe.num_experts={e}")
+    _require(
+        1 <= moe.every_n_layers <= n_layers,
+        f"model.moe.every_n_layers={moe.every_n_layers} must be in [1, model.n_layers={n_layers}]",
+    )
+    for key in ("aux_loss_coef", "z_loss_coef"):
+        value = getattr(moe, key)
+        _require(value >= 0, f"model.moe.{key}={value} must be >= 0")
+    capacity = math.floor(moe.capacity_factor * microbatch_tokens * moe.top_k / e)
+    _require(
+        capacity >= 1,
+        f"model.moe.capacity_factor={moe.capacity_factor} gives experts no room (capacity "
+        f"floor(factor * {microbatch_tokens} tokens * top_k / experts) = {capacity}); raise it",
+    )
+
+
 def validate(cfg: Config, world_size: int) -> Config:
     """Check everything that can be checked without processes; fill in `parallel.dp` when it is -1.
 
@@ -304,11 +326,15 @@ def validate(cfg: Config, world_size: int) -> Config:
         )
         _require(d_ff_of(m) % p.tp == 0, f"parallel.tp={p.tp} must divide model.d_ff={d_ff_of(m)}")
     if p.zero:
-        others = {"tp": p.tp, "pp": p.pp, "cp": p.cp, "ep": p.ep}
+        others = {"tp": p.tp, "pp": p.pp, "cp": p.cp}
         _require(
             all(v == 1 for v in others.values()),
             f"parallel.zero={p.zero} with {others} is not implemented yet: ZeRO runs with data "
-            f"parallelism alone for now; set parallel.zero=0 or parallel.tp=pp=cp=ep=1",
+            f"and expert parallelism for now; set parallel.zero=0 or parallel.tp=pp=cp=1",
+        )
+        _require(
+            p.zero < 3 or p.ep == 1,
+            f"parallel.zero=3 with parallel.ep={p.ep} is not implemented yet; use parallel.zero=1 or 2",
         )
     _require(
         p.offload != "all" or p.zero == 3,
@@ -341,6 +367,7 @@ def validate(cfg: Config, world_size: int) -> Config:
         f"parallel.dp*train.micro_batch_size={per_step}",
     )
     _validate_pipeline(m, p, t.global_batch_size // per_step)
+    _validate_moe(m.moe, m.n_layers, p, t.micro_batch_size * t.seq_len)
     _require(
         t.seq_len <= m.max_seq_len,
         f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; raise model.max_seq_len",

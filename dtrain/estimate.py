@@ -15,8 +15,8 @@ each bucket zero-padded to a multiple of dp; under ZeRO-3 one bucket per unit fr
 the figures equal `Trainer.held_bytes()` after a step, byte for byte.
 
 Layouts: data and pipeline parallelism are modelled exactly (a pipeline rank holds its own chunks). Tensor
-parallelism is not modelled yet: with tp > 1 the figures are those of the unsplit layers (an upper
-bound), and the report says so.
+and expert parallelism are not modelled yet: with tp > 1 or ep > 1 the figures are those of the unsplit
+layers and of every expert (an upper bound), and the report says so.
 """
 
 from __future__ import annotations
@@ -162,6 +162,11 @@ def estimate_model_states(cfg: Config, world: int) -> dict:
         notes.append(
             f"tensor parallelism (tp={p.tp}) is not modelled yet: figures are for unsplit layers, an upper "
             f"bound (split matrices would take about 1/{p.tp})"
+        )
+    if p.ep > 1:
+        notes.append(
+            f"expert parallelism (ep={p.ep}) is not modelled yet: figures hold every expert on every rank, "
+            f"an upper bound (a rank holds 1/{p.ep} of the experts)"
         )
     stages = []
     for pp_rank in range(p.pp):

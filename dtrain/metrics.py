@@ -58,8 +58,10 @@ class MetricsLogger:
         for key, value in record.items():
             if key != "step" and isinstance(value, int | float):
                 self.tb.add_scalar(key.replace("_", "/", 1) if key.startswith("val_") else key, value, step)
-        for rank, mb in enumerate(record.get("peak_mem_mb", ())):
-            self.tb.add_scalar(f"peak_mem_mb/rank{rank}", mb, step)
+            elif isinstance(value, list):  # one curve per rank or per expert
+                item = "rank" if key == "peak_mem_mb" else "expert"
+                for j, v in enumerate(value):
+                    self.tb.add_scalar(f"{key}/{item}{j}", v, step)
         if step % self.log_every == 0 or step == self.total_steps:
             print(self.progress_line(record), flush=True)
 

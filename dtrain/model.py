@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dtrain.config import ModelConfig, d_ff_of
+from parallel.moe import MoELayer
 from parallel.precision import wide
 from parallel.sharding import sharding_of
 
@@ -87,6 +88,9 @@ class Layers:
     tp_size = 1
     tp_rank = 0
 
+    def __init__(self, ep_group=None):
+        self.ep_group = ep_group  # experts spread over this group (None: all experts local)
+
     def column(self, in_features: int, out_features: int) -> nn.Module:
         return nn.Linear(in_features, out_features, bias=False)
 
@@ -111,6 +115,24 @@ class Layers:
 
     def mlp(self, cfg: ModelConfig, layer_index: int) -> nn.Module:
         return SwiGLU(cfg.d_model, d_ff_of(cfg), self)
+
+    def moe(self, cfg: ModelConfig) -> nn.Module:
+        """The mixture-of-experts MLP: whole experts, tokens split over the tensor group (parallel.moe)."""
+        m = cfg.moe
+        return MoELayer(
+            cfg.d_model,
+            d_ff_of(cfg),
+            m.num_experts,
+            m.top_k,
+            m.capacity_factor,
+            m.aux_loss_coef,
+            m.z_loss_coef,
+            ep_group=self.ep_group,
+            **self.moe_tensor_split(),
+        )
+
+    def moe_tensor_split(self) -> dict:
+        return {}
 
     def region_entry(self) -> nn.Module:
         """Applied to the normed input of attention, MLP and head."""
@@ -175,6 +197,12 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
 
 
+def is_moe_block(cfg: ModelConfig, layer_index: int) -> bool:
+    """Every `moe.every_n_layers`-th block (the last of each group of n) has a mixture-of-experts MLP."""
+    n = cfg.moe.every_n_layers
+    return cfg.moe.num_experts > 0 and layer_index % n == n - 1
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_index: int, layers: Layers):
         super().__init__()
@@ -182,8 +210,10 @@ class Block(nn.Module):
         self.attn_in = layers.region_entry()
         self.attn = Attention(cfg, layers)
         self.mlp_norm = layers.norm(cfg.d_model, cfg.norm_eps)
-        self.mlp_in = layers.region_entry()
-        self.mlp = layers.mlp(cfg, layer_index)
+        if is_moe_block(cfg, layer_index):  # not a tensor-parallel region: it splits tokens itself
+            self.mlp_in, self.mlp = nn.Identity(), layers.moe(cfg)
+        else:
+            self.mlp_in, self.mlp = layers.region_entry(), layers.mlp(cfg, layer_index)
         self.dropout = nn.Dropout(cfg.dropout)
         self.residual_rng = layers.residual_rng
 
@@ -261,7 +291,7 @@ def init_value(name: str, shape: tuple[int, ...], seed: int, cfg: ModelConfig) -
     if name.endswith("norm.weight"):
         return torch.ones(shape)
     std = cfg.init_std
-    if name.endswith(("attn.wo.weight", "mlp.w2.weight")):
+    if name.endswith(("attn.wo.weight", "mlp.w2.weight", "experts.w2")):
         std /= math.sqrt(2 * cfg.n_layers)  # residual-branch outputs (GPT-2 scaling)
     gen = torch.Generator().manual_seed(_seed_for(seed, name) % (2**63))
     return torch.randn(shape, generator=gen) * std
@@ -282,21 +312,27 @@ def init_weights(model: nn.Module, seed: int) -> None:
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:
-    """Canonical parameter counts from the config (no model built)."""
+    """Canonical parameter counts from the config (no model built). `blocks_active`: the block
+    parameters one token runs through (top_k of the experts of an MoE block, and its router)."""
     d, v, hd = cfg.d_model, cfg.vocab_size, cfg.d_model // cfg.n_heads
     kv = cfg.n_kv_heads or cfg.n_heads
     attn = d * cfg.n_heads * hd * 2 + d * kv * hd * 2
     mlp = 3 * d * d_ff_of(cfg)
-    blocks = cfg.n_layers * (attn + mlp + 2 * d)
+    n_moe = sum(is_moe_block(cfg, i) for i in range(cfg.n_layers))
+    experts, top_k = cfg.moe.num_experts, cfg.moe.top_k
+    blocks = cfg.n_layers * (attn + 2 * d) + (cfg.n_layers - n_moe) * mlp + n_moe * (experts * (mlp + d))
+    active = blocks - n_moe * (experts - top_k) * mlp
     embedding = v * d
     head = 0 if cfg.tie_embeddings else v * d
-    return {"embedding": embedding, "blocks": blocks, "head": head, "total": embedding + blocks + head + d}
+    total = embedding + blocks + head + d
+    return {"embedding": embedding, "blocks": blocks, "blocks_active": active, "head": head, "total": total}
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 * N + 12 * L * H * Q * T (PaLM, appendix B), with N the parameters
-    that do matmul work per token (blocks, final norm and the output head, which multiplies even when it
-    is tied; the input embedding is a lookup), H heads, Q head dim, T sequence length."""
+    that do matmul work per token (active block parameters, final norm and the output head, which
+    multiplies even when it is tied; the input embedding is a lookup), H heads, Q head dim, T sequence
+    length."""
     c = count_params(cfg)
-    n = c["blocks"] + cfg.d_model + cfg.vocab_size * cfg.d_model
+    n = c["blocks_active"] + cfg.d_model + cfg.vocab_size * cfg.d_model
     return 6.0 * n + 12.0 * cfg.n_layers * cfg.n_heads * (cfg.d_model // cfg.n_heads) * seq_len

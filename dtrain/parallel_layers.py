@@ -40,7 +40,10 @@ class _RegionEntry(nn.Module):
 
 
 class TensorParallelLayers(Layers):
-    def __init__(self, group, tp_rank: int, tp_size: int, vocab_size: int, sequence_parallel: bool):
+    def __init__(
+        self, group, tp_rank: int, tp_size: int, vocab_size: int, sequence_parallel: bool, ep_group=None
+    ):
+        super().__init__(ep_group)
         self.group = group
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.vocab_size = vocab_size
@@ -76,6 +79,11 @@ class TensorParallelLayers(Layers):
     def loss(self) -> nn.Module:
         return VocabParallelCrossEntropy(self.vocab_size, self.group)
 
+    def moe_tensor_split(self) -> dict:
+        # Tokens, not experts, are split over the tensor group: under SP the block input is already this
+        # rank's sequence chunk; without SP the layer takes its chunk of the replica and gathers back.
+        return {"tp_group": self.group, "split_tokens": not self.sequence_parallel}
+
     def region_entry(self) -> nn.Module:
         return _RegionEntry(self.group, self.sequence_parallel)
 
@@ -89,9 +97,10 @@ class TensorParallelLayers(Layers):
 
 
 def layers_for(model_cfg, grid, sequence_parallel: bool) -> Layers:
-    """Dense parts on one tensor rank, tensor-parallel parts otherwise."""
+    """Dense parts on one tensor rank, tensor-parallel parts otherwise; experts over the ep group."""
+    ep_group = grid.ep_group if grid.size("ep") > 1 else None
     if grid.size("tp") == 1:
-        return Layers()
+        return Layers(ep_group)
     return TensorParallelLayers(
-        grid.tp_group, grid.rank_in("tp"), grid.size("tp"), model_cfg.vocab_size, sequence_parallel
+        grid.tp_group, grid.rank_in("tp"), grid.size("tp"), model_cfg.vocab_size, sequence_parallel, ep_group
     )

@@ -22,6 +22,7 @@ from dtrain.model import Transformer, init_weights
 from dtrain.parallel_layers import layers_for
 from parallel import pipeline_schedules
 from parallel.grid import ProcessGrid
+from parallel.moe import MoELayer
 from parallel.pipeline import PipelineExecutor
 from parallel.sharding import set_sharding, sharding_of
 
@@ -109,6 +110,15 @@ class Stage:
                 params = [chunk.norm.weight] + ([] if tied else [chunk.head.weight])
                 units.append((params, [(chunk.norm, chunk.norm if tied else chunk.head)]))
         return units
+
+    def moe_layers(self) -> dict:
+        """This rank's mixture-of-experts MLPs by global block index."""
+        return {
+            int(i): block.mlp
+            for chunk in self.chunks.values()
+            for i, block in chunk.blocks.items()
+            if isinstance(block.mlp, MoELayer)
+        }
 
     def sync_tied_embeddings(self) -> None:
         """Sum the gradients of the tied embedding (first stage) and head (last stage)."""

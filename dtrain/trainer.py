@@ -14,7 +14,7 @@ import contextlib
 import hashlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import torch
@@ -24,15 +24,17 @@ from dtrain import checkpoint
 from dtrain.config import Config, TrainConfig, microbatches_per_rank, to_dict
 from dtrain.data import build_dataset, rank_microbatches
 from dtrain.metrics import MetricsLogger
-from dtrain.model import Transformer, count_params, flops_per_token
+from dtrain.model import Transformer, count_params, flops_per_token, is_moe_block
 from dtrain.runtime import peak_flops, peak_memory_bytes
 from dtrain.stage import Stage
 from parallel.data_parallel import DataParallel
 from parallel.grid import ProcessGrid
+from parallel.moe import set_aux_grad_scale
 from parallel.precision import LossScaler, autocast, wide
 from parallel.sharding import clip_coefficient, clip_grads_, global_grad_norm, sum_partial_grads
 from parallel.zero import AdamWConfig, ZeroDataParallel
 from parallel.zero3 import Zero3DataParallel
+from parallel.zero_experts import ZeroWithExperts
 
 
 class TrainingError(RuntimeError):
@@ -76,6 +78,7 @@ class StepResult:
     loss: float
     grad_norm: float
     skipped: bool
+    moe: dict = field(default_factory=dict)  # per MoE layer routing metrics (`Trainer._moe_metrics`)
 
 
 class Trainer:
@@ -87,12 +90,24 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.accum_dtype = wide(self.params[0].detach()[:0]).dtype  # fp32, or fp64 in exactness tests
         if p.zero == 0:
-            self.ddp = DataParallel(self.model.modules, grid.dp_cp_group, bucket_mb=p.bucket_mb)
+            expert_group = grid.edp_group if p.ep > 1 else None
+            self.ddp = DataParallel(self.model.modules, grid.dp_cp_group, p.bucket_mb, expert_group)
             self.optimizer = build_optimizer(self.model, t)
         else:  # the data-parallel wrapper owns the (sharded) optimizer
             adamw = AdamWConfig(t.lr, (t.beta1, t.beta2), t.eps, t.weight_decay)
             if p.zero == 3:
                 self.ddp = Zero3DataParallel(self.model.zero3_units(), grid.dp_cp_group, adamw, p.offload)
+            elif p.ep > 1:  # expert parameters are sharded over their own (expert-data-parallel) group
+                self.ddp = ZeroWithExperts(
+                    self.params,
+                    dp_group=grid.dp_cp_group,
+                    edp_group=grid.edp_group,
+                    ep_group=grid.ep_group,
+                    stage=p.zero,
+                    bucket_mb=p.bucket_mb,
+                    adamw=adamw,
+                    offload=p.offload == "optimizer",
+                )
             else:
                 offload = p.offload == "optimizer"
                 self.ddp = ZeroDataParallel(
@@ -123,6 +138,10 @@ class Trainer:
         for group in self.optimizer.param_groups if self.optimizer else ():
             group["lr"] = self.lr
         torch.manual_seed(step_seed(t.seed, self.step, self.grid))
+        # MoE auxiliary losses of a micro-batch weigh (its tokens / global batch tokens), like token losses.
+        set_aux_grad_scale(
+            self.model.modules, self.scaler.scale * t.micro_batch_size * t.seq_len / self.global_tokens
+        )
         self.model.train()
         loss_sum = self.model.executor.run(
             self.model.train_actions,
@@ -146,18 +165,44 @@ class Trainer:
         loss_sum = self._sum_loss(loss_sum)
         self.step += 1
         self.tokens_seen += self.global_tokens
-        return StepResult(float(loss_sum) / self.global_tokens, float(grad_norm), skipped)
+        return StepResult(
+            float(loss_sum) / self.global_tokens, float(grad_norm), skipped, self._moe_metrics()
+        )
+
+    def _moe_metrics(self) -> dict:
+        """Per MoE layer: aux and z loss (means over the global batch's micro-batches, unscaled by their
+        coefficients), the share of routed slots dropped and the slots routed to each expert. One
+        all-reduce over the world: a layer lives on one pipeline stage, data ranks route their own
+        tokens and tensor ranks hold shares of them, so the sum over every rank is the global figure."""
+        m = self.cfg.model
+        if not m.moe.num_experts:
+            return {}
+        held = self.model.moe_layers()
+        ids = [i for i in range(m.n_layers) if is_moe_block(m, i)]
+        stats = torch.zeros(len(ids), 3 + m.moe.num_experts, dtype=torch.float64, device=self.device)
+        for row, i in enumerate(ids):
+            if i in held:
+                stats[row] = held[i].take_stats()
+        dist.all_reduce(stats)
+        microbatches = self.cfg.train.global_batch_size // self.cfg.train.micro_batch_size
+        slots = self.global_tokens * m.moe.top_k
+        out = {"moe/aux_loss": 0.0, "moe/z_loss": 0.0}
+        for (aux, z, dropped, *counts), i in zip(stats.tolist(), ids, strict=True):
+            out[f"moe/layer{i}/aux_loss"] = aux / microbatches
+            out[f"moe/layer{i}/z_loss"] = z / microbatches
+            out[f"moe/layer{i}/dropped_frac"] = dropped / slots
+            out[f"moe/layer{i}/tokens_per_expert"] = [int(c) for c in counts]
+            out["moe/aux_loss"] += aux / microbatches
+            out["moe/z_loss"] += z / microbatches
+        return out
 
     def _unscaled_grad_norm(self) -> torch.Tensor:
         """Divide out the fp16 loss scale and return the global gradient norm."""
         g = self.grid
-        if isinstance(self.ddp, ZeroDataParallel):  # sharded gradients: ||g||^2 = sum over shards
+        if self.optimizer is None:  # sharded gradients: ||g||^2 = sum over shards
             if self.scaler.enabled:
                 self.ddp.scale_grads(1.0 / self.scaler.scale)
-            sq = self.ddp.grad_norm_sq()
-            if g.size("dp_cp") > 1:
-                dist.all_reduce(sq, group=g.dp_cp_group)
-            return sq.sqrt()
+            return self.ddp.reduced_grad_norm_sq().sqrt()
         sum_partial_grads(self.params, g.tp_group)  # norm gains under SP, replicated k/v heads
         self.model.sync_tied_embeddings()
         if self.scaler.enabled:
@@ -177,7 +222,7 @@ class Trainer:
     def held_bytes(self) -> dict[str, dict[str, int]]:
         """Bytes of parameters, gradients and optimizer states this rank holds, counted from the real
         tensors, by where they live (device, or host for offloaded state)."""
-        if isinstance(self.ddp, ZeroDataParallel):
+        if self.optimizer is None:
             return self.ddp.held_bytes()
 
         def nbytes(t: torch.Tensor) -> int:
@@ -197,7 +242,11 @@ class Trainer:
         """This rank's parameters as canonical full tensors (tensor shards gathered; under ZeRO-3 the
         parameters gathered whole first). Collective."""
         with self._params_whole():
-            return checkpoint.canonical_model_state(self.model, {"tp": self.grid.tp_group})
+            return checkpoint.canonical_model_state(self.model, self._shard_groups())
+
+    def _shard_groups(self) -> dict:
+        """The groups that `Sharding.group` names: tensor-parallel shards and experts spread over ep."""
+        return {"tp": self.grid.tp_group, "ep": self.grid.ep_group}
 
     def _params_whole(self):
         """ZeRO-3 holds parameter shards; checkpoints read and write whole parameters."""
@@ -265,10 +314,11 @@ class Trainer:
                 self._optimizer_view(),
                 extra,
                 keep=self.cfg.run.keep_checkpoints,
-                gathers=c.dp == 0 and c.cp == 0,
+                # One replica gathers: the expert-data-parallel index 0 spans the ep group's experts.
+                gathers=c.edp == 0 and c.cp == 0,
                 is_writer=c.dp == 0 and c.cp == 0 and c.tp == 0,
                 part=c.pp,
-                groups={"tp": self.grid.tp_group},
+                groups=self._shard_groups(),
             )
 
     def resume(self, path: str) -> None:
@@ -344,6 +394,7 @@ class Trainer:
             record["loss_scale"] = self.scaler.scale
         if result.skipped:
             record["skipped"] = True
+        record.update(result.moe)
         if self.step % self.cfg.run.log_every == 0 or self.step == self.cfg.train.steps:
             mem = torch.tensor([peak_memory_bytes(self.device)], dtype=torch.float64, device=self.device)
             gathered = [torch.zeros_like(mem) for _ in range(self.grid.world_size)]

@@ -9,13 +9,19 @@ gradients. With n ranks in the group, x_r this rank's tensor and [.]_r this rank
   gather_from_tp      fwd  y = cat_r x_r on last dim   bwd  dx = [dy]_r
   gather_from_sp      fwd  y = cat_r x_r on dim 1      bwd  dx = [sum_r dy_r]_r      (reduce-scatter)
   reduce_scatter_to_sp fwd y = [sum_r x_r]_r on dim 1  bwd  dx = cat_r dy_r          (all-gather)
+  scatter_to_sp       fwd  y = [x]_r on dim 1          bwd  dx = cat_r dy_r          (all-gather)
+  gather_to_replica   fwd  y = cat_r x_r on dim 1      bwd  dx = [dy]_r
 
 "copy" enters a tensor-parallel region whose input is replicated: every rank consumes the same x, so its
 true gradient is the sum of the per-rank partial gradients. "reduce" leaves a region whose ranks each
 hold a partial sum (the output of a row-parallel matmul). The sequence-parallel pair replaces that
 all-reduce by a reduce-scatter along the sequence (dim 1 of (batch, seq, hidden)) on the way out and an
 all-gather on the way in: the same bytes as one all-reduce, with activations outside the region sharded.
-A group of size 1 makes every one of them the identity.
+The last pair moves a replicated activation onto sequence chunks and back when what runs in between
+is not a tensor-parallel region but independent per-chunk work (MoE routing splits tokens over the
+tensor group): the gradient arriving at the replica is already whole on every rank, so backward just
+takes this rank's chunk instead of reduce-scattering. A group of size 1 makes every one of them the
+identity.
 """
 
 from __future__ import annotations
@@ -94,7 +100,7 @@ def _identity(x: torch.Tensor, group) -> torch.Tensor:
     return x
 
 
-# The six conjugate pairs of the table above (plus the sequence split used to enter SP from a replica).
+# The conjugate pairs of the table above.
 copy_to_tp = _mapping(_identity, _all_reduce, "copy_to_tp")
 reduce_from_tp = _mapping(_all_reduce, _identity, "reduce_from_tp")
 scatter_to_tp = _mapping(lambda x, g: _chunk(x, -1, g), lambda dy, g: _all_gather(dy, -1, g), "scatter_to_tp")
@@ -108,3 +114,6 @@ reduce_scatter_to_sp = _mapping(
     lambda x, g: _reduce_scatter(x, 1, g), lambda dy, g: _all_gather(dy, 1, g), "reduce_scatter_to_sp"
 )
 scatter_to_sp = _mapping(lambda x, g: _chunk(x, 1, g), lambda dy, g: _all_gather(dy, 1, g), "scatter_to_sp")
+gather_to_replica = _mapping(
+    lambda x, g: _all_gather(x, 1, g), lambda dy, g: _chunk(dy, 1, g), "gather_to_replica"
+)

@@ -13,6 +13,11 @@ post-accumulate-grad hook counts the parameters of a bucket as they finish; when
 all-reduce is launched asynchronously, overlapping the rest of backward. Buckets are launched strictly in
 index order on every rank, so the collectives match across ranks even if hooks fire in another order.
 On non-final micro-batches of an accumulation (`no_sync`) nothing is communicated.
+
+Expert parameters (`sharding.expert`) are held by one rank of each expert-parallel group, so their
+gradients are summed over the expert-data-parallel group instead (the ranks holding the same experts;
+the all-to-all backward has already summed the contributions of the ep group's tokens). They get
+buckets of their own, cut where the parameter kind changes along the backward order.
 """
 
 from __future__ import annotations
@@ -24,22 +29,27 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from parallel.sharding import sharding_of
+
 
 @dataclass
 class Bucket:
     params: list[nn.Parameter]
     buffer: torch.Tensor
+    group: dist.ProcessGroup
     pending: int = 0  # parameters of this bucket whose gradient is not final yet in this backward
     work: dist.Work | None = None
 
 
-def plan_buckets(sizes_bytes: list[int], bucket_bytes: int) -> list[list[int]]:
+def plan_buckets(sizes_bytes: list[int], bucket_bytes: int, kinds: list | None = None) -> list[list[int]]:
     """Greedy split of parameters (given in backward order) into consecutive buckets of at most
-    `bucket_bytes` (a parameter larger than that gets a bucket of its own)."""
+    `bucket_bytes` (a parameter larger than that gets a bucket of its own); with `kinds`, a bucket also
+    ends where the kind changes (expert and dense gradients are reduced over different groups)."""
     buckets: list[list[int]] = []
     current, filled = [], 0
     for i, size in enumerate(sizes_bytes):
-        if current and filled + size > bucket_bytes:
+        new_kind = kinds is not None and current and kinds[i] != kinds[current[-1]]
+        if current and (filled + size > bucket_bytes or new_kind):
             buckets.append(current)
             current, filled = [], 0
         current.append(i)
@@ -57,24 +67,30 @@ class DataParallel(nn.Module):
     gradients are views into the buckets and must stay so).
     """
 
-    def __init__(self, module: nn.Module, group: dist.ProcessGroup, bucket_mb: float = 25.0):
+    def __init__(
+        self,
+        module: nn.Module,
+        group: dist.ProcessGroup,
+        bucket_mb: float = 25.0,
+        expert_group: dist.ProcessGroup | None = None,
+    ):
         super().__init__()
         self.module = module
-        self.group = group
-        self.group_size = dist.get_world_size(group)
         self.sync_grads = True
         params = [p for p in module.parameters() if p.requires_grad]
         params.reverse()  # backward order
         # Gradients are reduced in fp32 whatever the compute precision (fp64 parameters, used by the
         # exactness tests, keep fp64).
         dtype = torch.float64 if params and params[0].dtype == torch.float64 else torch.float32
-        plan = plan_buckets([p.numel() * 4 for p in params], int(bucket_mb * 2**20))
+        is_expert = [sharding_of(p).expert and expert_group is not None for p in params]
+        plan = plan_buckets([p.numel() * 4 for p in params], int(bucket_mb * 2**20), is_expert)
         self.buckets: list[Bucket] = []
         self._bucket_of: dict[nn.Parameter, int] = {}
         for b, members in enumerate(plan):
             bucket_params = [params[i] for i in members]
             total = sum(p.numel() for p in bucket_params)
-            bucket = Bucket(bucket_params, torch.zeros(total, dtype=dtype, device=bucket_params[0].device))
+            buffer = torch.zeros(total, dtype=dtype, device=bucket_params[0].device)
+            bucket = Bucket(bucket_params, buffer, expert_group if is_expert[members[0]] else group)
             offset = 0
             for p in bucket_params:
                 if p.dtype != dtype:
@@ -126,9 +142,9 @@ class DataParallel(nn.Module):
             self._next_launch += 1
 
     def _launch(self, bucket: Bucket) -> None:
-        if self.group_size > 1:
+        if dist.get_world_size(bucket.group) > 1:
             bucket.work = dist.all_reduce(
-                bucket.buffer, op=dist.ReduceOp.SUM, group=self.group, async_op=True
+                bucket.buffer, op=dist.ReduceOp.SUM, group=bucket.group, async_op=True
             )
 
     def finish_grad_sync(self) -> None:

@@ -113,9 +113,10 @@ def global_grad_norm(
     """L2 norm of the gradient of the whole (canonical) model, identical on every rank.
 
     ||g||^2 = sum over distinct canonical elements. A tensor-split parameter contributes its shard on
-    every tensor rank (all-reduce SUM over tp); a tensor-replicated one only on tensor rank 0, so it is
-    counted once. Pipeline stages hold disjoint parameters (all-reduce SUM over pp). Experts are disjoint
-    over the expert group (SUM over ep); dense gradients are identical there and are not summed again.
+    every tensor rank (all-reduce SUM over tp); a tensor-replicated one (experts included: they are split
+    over ep, not tp) only on tensor rank 0, so it is counted once. Pipeline stages hold disjoint
+    parameters (all-reduce SUM over pp). Experts are disjoint over the expert group (SUM over ep); dense
+    gradients are identical there and are not summed again.
     Gradients must already be reduced over the data-parallel group.
     """
     tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
@@ -124,7 +125,8 @@ def global_grad_norm(
         if p.grad is None:
             continue
         s = sharding_of(p)
-        if s.duplicate_of or (s.split_dim is None and s.group == "tp" and tp_rank != 0):
+        split_over_tp = s.split_dim is not None and s.group == "tp"
+        if s.duplicate_of or (not split_over_tp and tp_rank != 0):
             continue
         (expert if s.expert else dense).append(p.grad)
     needs_reduce = any(g is not None and dist.get_world_size(g) > 1 for g in (tp_group, pp_group, ep_group))

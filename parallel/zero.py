@@ -260,6 +260,13 @@ class ZeroDataParallel:
             total += bucket.grad_shard.pow(2).sum()
         return total
 
+    def reduced_grad_norm_sq(self) -> torch.Tensor:
+        """||g||^2 of the parameters this wrapper holds: the shard squares summed over the group."""
+        total = self.grad_norm_sq()
+        if self.n > 1:
+            dist.all_reduce(total, group=self.group)
+        return total
+
     def scale_grads(self, factor: torch.Tensor | float) -> None:
         for bucket in self.buckets:
             bucket.grad_shard.mul_(factor)

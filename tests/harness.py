@@ -122,7 +122,8 @@ def grid(**sizes):
     """A ProcessGrid per layout, built once per worker (group creation is a world-wide collective)."""
     from parallel.grid import ProcessGrid
 
-    key = tuple(sorted(sizes.items()))
+    # Sizes of 1 are the defaults: grid(tp=2) and grid(tp=2, ep=1) are the same layout.
+    key = tuple(sorted((k, v) for k, v in sizes.items() if v != 1 or k == "dp"))
     if key not in _GRIDS:
         _GRIDS[key] = ProcessGrid(**sizes)
     return _GRIDS[key]

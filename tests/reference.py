@@ -15,6 +15,7 @@ from dtrain.config import load_config, validate
 from dtrain.data import build_dataset, rank_microbatches
 from dtrain.model import Transformer, init_weights
 from dtrain.trainer import build_optimizer, lr_at
+from parallel.moe import set_aux_grad_scale
 from parallel.precision import DTYPES
 
 TINY = [
@@ -84,6 +85,8 @@ def torch_ddp_run(cfg, group=None) -> dict:
     losses, norms = [], []
     for step in range(t.steps):
         _set_lr(opt, step, t)
+        # MoE aux losses weigh like token losses (tokens / global tokens), times dp against DDP's mean.
+        set_aux_grad_scale(model, scaler.get_scale() * t.micro_batch_size * t.seq_len * dp / tokens)
         micro = rank_microbatches(data, step, rank, dp, t.micro_batch_size, t.global_batch_size)
         local = torch.zeros(())
         for j, (x, y) in enumerate(micro):
@@ -110,6 +113,7 @@ def single_process_run(cfg) -> dict:
     model, opt, data = _setup(cfg)
     tokens = t.global_batch_size * t.seq_len
     losses, norms = [], []
+    set_aux_grad_scale(model, t.micro_batch_size * t.seq_len / tokens)
     for step in range(t.steps):
         _set_lr(opt, step, t)
         total = torch.zeros(())
@@ -135,6 +139,7 @@ def dtrain_run(cfg, grid) -> dict:
         "losses": [r.loss for r in results],
         "grad_norms": [r.grad_norm for r in results],
         "skipped": [r.skipped for r in results],
+        "moe": [r.moe for r in results],
         "params": trainer.canonical_state(),
         "trainer": trainer,
     }
@@ -152,11 +157,14 @@ def layout_matches_ddp(layout: tuple[str, ...], overrides: tuple[str, ...]) -> l
     cfg = tiny_config(world, *layout, *overrides)
     # Keys of `layout` outside parallel.* (the global batch, checkpointing) describe the training itself.
     # The reference takes one micro-batch per rank: with the loss normalised by the global token count,
-    # micro-batching does not change the computed training.
+    # micro-batching does not change the computed training. It does with experts (capacity and aux
+    # losses are per micro-batch), so MoE references keep the micro-batches.
     overrides = (*overrides, *(o for o in layout if not o.startswith("parallel.")))
-    reference_overrides = (*overrides, f"train.micro_batch_size={cfg.train.global_batch_size // world}")
+    reference_overrides = overrides
+    if not cfg.model.moe.num_experts:
+        reference_overrides += (f"train.micro_batch_size={cfg.train.global_batch_size // world}",)
     p = cfg.parallel
-    grid = harness.grid(tp=p.tp, pp=p.pp, dp=p.dp)
+    grid = harness.grid(tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep)
     with float64():
         ours, ref = dtrain_run(cfg, grid), torch_ddp_run(tiny_config(world, *reference_overrides))
         compare_runs(ours, ref, FP64)
@@ -164,7 +172,7 @@ def layout_matches_ddp(layout: tuple[str, ...], overrides: tuple[str, ...]) -> l
     ours, ref = dtrain_run(cfg, grid), torch_ddp_run(tiny_config(world, *reference_overrides))
     torch.testing.assert_close(torch.tensor(ours["losses"]), torch.tensor(ref["losses"]), **FP32)
     torch.testing.assert_close(torch.tensor(ours["grad_norms"]), torch.tensor(ref["grad_norms"]), **FP32)
-    return {"losses": ours["losses"], "held": held, "all": sorted(ref["params"])}
+    return {"losses": ours["losses"], "held": held, "all": sorted(ref["params"]), "moe": ours["moe"]}
 
 
 def compare_runs(ours: dict, ref: dict, tol: dict | None) -> None:

@@ -139,7 +139,7 @@ def reshard_case(out_dir: str, save_layout: tuple[str, ...], resume_layout: tupl
     def fit(layout, *overrides):
         cfg = tiny_config(world, *model, *layout, *overrides)
         p = cfg.parallel
-        trainer = Trainer(cfg, harness.grid(tp=p.tp, pp=p.pp, dp=p.dp), torch.device("cpu"))
+        trainer = Trainer(cfg, harness.grid(tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep), torch.device("cpu"))
         return trainer.fit()
 
     with float64():
@@ -165,6 +165,7 @@ TP2, TP2_SP, TP4_SP = (
     ("parallel.tp=4", "parallel.sp=true"),
 )
 PP2, PP4 = ("parallel.pp=2",), ("parallel.pp=4",)
+MOE = ("model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.capacity_factor=1.0")
 PP2_INTERLEAVED = ("parallel.pp=2", "parallel.pp_schedule=interleaved", "parallel.pp_virtual_stages=2")
 RESHARD = {
     "tp2-to-tp1": (2, TP2, ()),
@@ -173,6 +174,10 @@ RESHARD = {
     "pp2-to-tp2": (2, PP2, TP2),
     "pp4-to-pp2-interleaved-dp2": (4, PP4, PP2_INTERLEAVED),
     "tp2pp2-to-dp4": (4, (*TP2, *PP2), ()),
+    # Experts are canonical (E, ...) tensors split over ep: any ep, tp or pp reads them.
+    "moe-ep2dp4-to-ep4": (4, ("parallel.ep=2", *MOE), ("parallel.ep=4", *MOE)),
+    "moe-ep2-to-tp2sp": (2, ("parallel.ep=2", *MOE), (*TP2_SP, *MOE)),
+    "moe-ep2pp2-to-ep1": (4, ("parallel.ep=2", *PP2, *MOE), MOE),
 }
 
 

@@ -37,11 +37,7 @@ def read_metrics(out_dir) -> list[dict]:
         ("data.kind=memmap", "dtrain: error: data.kind=memmap needs data.path"),
         ("parallel.dp=3", "dtrain: error: parallel.dp*tp*pp*cp=3 does not match the world size 1"),
         ("parallel.tp=2", "dtrain: error: world size 1 is not divisible by tp*pp*cp=2"),
-        (
-            "model.moe.num_experts=4",
-            "dtrain: error: model.moe.num_experts=4: mixture-of-experts is not implemented yet; "
-            "set model.moe.num_experts=0",
-        ),
+        ("model.moe.num_experts=-1", "dtrain: error: model.moe.num_experts=-1 must be >= 0 (0 = dense MLP)"),
     ],
 )
 def test_bad_config_fails_in_one_line(override, message, tmp_path):
