@@ -1,7 +1,9 @@
 """Benchmarks that measure dtrain against PyTorch's own implementation of the same technique, in the same
 run, on the same model and data (`python -m dtrain.bench.<name> --help`).
 
-One module per benchmark (tensor_parallel, pipeline, zero: what it measures and how, in its docstring),
-with its PyTorch side (`<name>_pytorch`) and its report (`<name>_report`) beside it; what they share:
+One module per benchmark (tensor_parallel, pipeline, zero, moe: what it measures and how, in its
+docstring), with its PyTorch side (`<name>_pytorch`; moe compares against an all-gather dispatcher it
+writes itself, PyTorch having no expert parallelism) and its report (`<name>_report`) beside it; what
+they share:
 world (the spawned Gloo world), timing (barriers, alternation, slowest rank), comm (counting
 collectives), cli (the common flags) and report (printing the table, writing the CSV)."""
