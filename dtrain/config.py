@@ -325,17 +325,6 @@ def validate(cfg: Config, world_size: int) -> Config:
             f"parallel.tp={p.tp} and model.n_kv_heads={kv}: one must divide the other",
         )
         _require(d_ff_of(m) % p.tp == 0, f"parallel.tp={p.tp} must divide model.d_ff={d_ff_of(m)}")
-    if p.zero:
-        others = {"tp": p.tp, "pp": p.pp, "cp": p.cp}
-        _require(
-            all(v == 1 for v in others.values()),
-            f"parallel.zero={p.zero} with {others} is not implemented yet: ZeRO runs with data "
-            f"and expert parallelism for now; set parallel.zero=0 or parallel.tp=pp=cp=1",
-        )
-        _require(
-            p.zero < 3 or p.ep == 1,
-            f"parallel.zero=3 with parallel.ep={p.ep} is not implemented yet; use parallel.zero=1 or 2",
-        )
     _require(
         p.offload != "all" or p.zero == 3,
         f"parallel.offload=all keeps parameter shards in host memory: it needs parallel.zero=3, not {p.zero}",

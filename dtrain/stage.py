@@ -106,10 +106,26 @@ class Stage:
                 spans = [(chunk.embed, chunk.embed)] + ([(chunk.head, chunk.head)] if tied else [])
                 units.append(([chunk.embed.weight], spans))
             units += [(list(block.parameters()), [(block, block)]) for block in chunk.blocks.values()]
-            if chunk.head is not None:
+            if chunk.head is not None and chunk.embed is None and self.tied_params():
+                # A head tied to another stage's embedding is a unit of its own, sharded like it.
+                units.append(([chunk.norm.weight], [(chunk.norm, chunk.norm)]))
+                units.append(([chunk.head.weight], [(chunk.head, chunk.head)]))
+            elif chunk.head is not None:
                 params = [chunk.norm.weight] + ([] if tied else [chunk.head.weight])
                 units.append((params, [(chunk.norm, chunk.norm if tied else chunk.head)]))
         return units
+
+    def tied_params(self) -> list[nn.Parameter]:
+        """The embedding (first stage) and the head (last stage) when they are tied across stages: their
+        gradients are summed over the grid's embed_group."""
+        if not self.cfg.model.tie_embeddings or self.cfg.parallel.pp == 1:
+            return []
+        return [
+            layer.weight
+            for chunk in self.chunks.values()
+            for layer in (chunk.embed, chunk.head)
+            if layer is not None
+        ]
 
     def moe_layers(self) -> dict:
         """This rank's mixture-of-experts MLPs by global block index."""
@@ -122,9 +138,6 @@ class Stage:
 
     def sync_tied_embeddings(self) -> None:
         """Sum the gradients of the tied embedding (first stage) and head (last stage)."""
-        if not self.cfg.model.tie_embeddings or self.cfg.parallel.pp == 1 or self.grid.embed_group is None:
-            return
-        for chunk in self.chunks.values():
-            for layer in (chunk.embed, chunk.head):
-                if layer is not None and layer.weight.grad is not None:
-                    dist.all_reduce(layer.weight.grad, group=self.grid.embed_group)
+        for p in self.tied_params():
+            if p.grad is not None:
+                dist.all_reduce(p.grad, group=self.grid.embed_group)

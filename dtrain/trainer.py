@@ -34,7 +34,7 @@ from parallel.precision import LossScaler, autocast, wide
 from parallel.sharding import clip_coefficient, clip_grads_, global_grad_norm, sum_partial_grads
 from parallel.zero import AdamWConfig, ZeroDataParallel
 from parallel.zero3 import Zero3DataParallel
-from parallel.zero_experts import ZeroWithExperts
+from parallel.zero_experts import ZeroWithExperts, split_expert_units
 
 
 class TrainingError(RuntimeError):
@@ -94,25 +94,14 @@ class Trainer:
             self.ddp = DataParallel(self.model.modules, grid.dp_cp_group, p.bucket_mb, expert_group)
             self.optimizer = build_optimizer(self.model, t)
         else:  # the data-parallel wrapper owns the (sharded) optimizer
-            adamw = AdamWConfig(t.lr, (t.beta1, t.beta2), t.eps, t.weight_decay)
-            if p.zero == 3:
-                self.ddp = Zero3DataParallel(self.model.zero3_units(), grid.dp_cp_group, adamw, p.offload)
-            elif p.ep > 1:  # expert parameters are sharded over their own (expert-data-parallel) group
+            units = self.model.zero3_units() if p.zero == 3 else [(self.params, [])]
+            if p.ep > 1:  # expert parameters are sharded over their own (expert-data-parallel) group
+                dense, experts = split_expert_units(units)
                 self.ddp = ZeroWithExperts(
-                    self.params,
-                    dp_group=grid.dp_cp_group,
-                    edp_group=grid.edp_group,
-                    ep_group=grid.ep_group,
-                    stage=p.zero,
-                    bucket_mb=p.bucket_mb,
-                    adamw=adamw,
-                    offload=p.offload == "optimizer",
+                    self._zero(dense, grid.dp_cp_group), self._zero(experts, grid.edp_group), grid.ep_group
                 )
             else:
-                offload = p.offload == "optimizer"
-                self.ddp = ZeroDataParallel(
-                    self.params, grid.dp_cp_group, p.zero, p.bucket_mb, adamw, offload
-                )
+                self.ddp = self._zero(units, grid.dp_cp_group)
             self.optimizer = None
         self.lr = t.lr
         self.scaler = LossScaler(enabled=t.precision == "fp16")
@@ -124,6 +113,16 @@ class Trainer:
         self.tokens_seen = 0
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
         self.peak_flops = peak_flops(device, t.peak_tflops)
+
+    def _zero(self, units: list, group: dist.ProcessGroup) -> ZeroDataParallel:
+        """ZeRO stage 1 or 2 over the parameters of `units`, or stage 3 gathering unit by unit."""
+        t, p = self.cfg.train, self.cfg.parallel
+        adamw = AdamWConfig(t.lr, (t.beta1, t.beta2), t.eps, t.weight_decay)
+        facts = {"tp_group": self.grid.tp_group, "isolate": tuple(self.model.tied_params())}
+        if p.zero == 3:
+            return Zero3DataParallel(units, group, adamw, p.offload, **facts)
+        params = [q for unit_params, _ in units for q in unit_params]
+        return ZeroDataParallel(params, group, p.zero, p.bucket_mb, adamw, p.offload == "optimizer", **facts)
 
     def _microbatches(self, dataset, step: int):
         t, dp = self.cfg.train, self.grid.size("dp")
@@ -200,9 +199,16 @@ class Trainer:
         """Divide out the fp16 loss scale and return the global gradient norm."""
         g = self.grid
         if self.optimizer is None:  # sharded gradients: ||g||^2 = sum over shards
+            self.ddp.sum_partial_grads()
+            if self.model.tied_params():
+                self.ddp.sum_isolated_grads(g.embed_group)
             if self.scaler.enabled:
                 self.ddp.scale_grads(1.0 / self.scaler.scale)
-            return self.ddp.reduced_grad_norm_sq().sqrt()
+            sq = self.ddp.reduced_grad_norm_sq()  # over dp (and ep); tensor and pipeline ranks add theirs
+            for name in ("tp", "pp"):
+                if g.size(name) > 1:
+                    dist.all_reduce(sq, group=g.group(name))
+            return sq.sqrt()
         sum_partial_grads(self.params, g.tp_group)  # norm gains under SP, replicated k/v heads
         self.model.sync_tied_embeddings()
         if self.scaler.enabled:
@@ -250,7 +256,7 @@ class Trainer:
 
     def _params_whole(self):
         """ZeRO-3 holds parameter shards; checkpoints read and write whole parameters."""
-        if isinstance(self.ddp, Zero3DataParallel):
+        if self.cfg.parallel.zero == 3:
             return self.ddp.gathered_params()
         return contextlib.nullcontext()
 

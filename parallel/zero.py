@@ -16,6 +16,15 @@ parameter instead of 8.
            Per rank: 4 + 12/N bytes (params, gradient shard, moments).
 
 Reduce-scatter plus all-gather move the same bytes as one all-reduce (2 Psi per step, FORMULAS.md).
+
+With tensor and pipeline parallelism each rank shards *its own* parameters (tensor shards, its stages)
+over its dp group. Tensor ranks hold equal shapes in equal order, so their buckets and shards line up
+element for element: a gradient that is partial over the tensor group (`Sharding.partial_grad`) is
+summed over tp on the reduced shard (the sum commutes with the dp reduce-scatter), and the norm counts a
+tensor-replicated element on tensor rank 0 only. A parameter tied across pipeline stages (embedding and
+head) gets a bucket of its own on both stages, so both shard it alike and the shards are summed over the
+embedding group.
+
 The optimizer is AdamW written on flat shards with torch.optim.AdamW's single-tensor arithmetic, element
 for element, so a rank's update equals what torch's would be on the same gradient.
 """
@@ -30,6 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from parallel.data_parallel import plan_buckets
+from parallel.sharding import sharding_of
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -64,6 +74,8 @@ class FlatBucket:
     grad_shard: torch.Tensor  # this rank's reduced gradient (stage 1: a view into flat_grads)
     flat_grads: torch.Tensor | None = None  # whole-bucket gradient (stage 1: always; stage 2: while filling)
     store: torch.Tensor | None = None  # stage 3: the persistent parameter shard (flat_params is transient)
+    partial: list[slice] = field(default_factory=list)  # shard ranges of tensor-partial gradients
+    counted: list[slice] = field(default_factory=list)  # shard ranges this rank counts in the norm
     pending: int = 0
     work: list = field(default_factory=list)
 
@@ -85,11 +97,19 @@ class ZeroDataParallel:
         adamw: AdamWConfig,
         offload: bool = False,
         decay_if=lambda p: p.dim() >= 2,
+        *,
+        tp_group: dist.ProcessGroup | None = None,
+        isolate: tuple[nn.Parameter, ...] = (),
     ):
+        """tp_group: the tensor group (partial gradients, norm counting); isolate: parameters that get a
+        bucket of their own (tied across pipeline stages)."""
         if stage not in (1, 2, 3):
             raise ValueError(f"ZeRO stage must be 1, 2 or 3, not {stage}")
         self.group, self.stage, self.adamw, self.offload = group, stage, adamw, offload
         self.n, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.tp_group = tp_group if tp_group is not None and dist.get_world_size(tp_group) > 1 else None
+        self.tp_rank = dist.get_rank(self.tp_group) if self.tp_group is not None else 0
+        self.isolate = set(isolate)
         self.sync_grads = True
         self.step_count = 0
         self.buckets = [self._make_bucket(members, decay_if) for members in self._plan(params, bucket_mb)]
@@ -106,8 +126,27 @@ class ZeroDataParallel:
     def _plan(self, params: list[nn.Parameter], bucket_mb: float) -> list[list[nn.Parameter]]:
         """Buckets of about bucket_mb in backward order (the reverse of registration order)."""
         params = [p for p in params if p.requires_grad][::-1]
-        plan = plan_buckets([p.numel() * p.element_size() for p in params], int(bucket_mb * 2**20))
+        # An isolated parameter is a kind of its own, so bucket boundaries fall on both sides of it.
+        kinds = [id(p) if p in self.isolate else None for p in params]
+        plan = plan_buckets([p.numel() * p.element_size() for p in params], int(bucket_mb * 2**20), kinds)
         return [[params[i] for i in members] for members in plan]
+
+    def _shard_ranges(self, bucket: FlatBucket, predicate) -> list[slice]:
+        """Ranges of this rank's shard covered by the parameters for which predicate(param) holds."""
+        lo, hi = bucket.shard.start, bucket.shard.stop
+        ranges = []
+        for p, offset in zip(bucket.params, bucket.offsets, strict=True):
+            start, stop = max(offset, lo), min(offset + p.numel(), hi)
+            if start < stop and predicate(p):
+                ranges.append(slice(start - lo, stop - lo))
+        return ranges
+
+    def _counted_here(self, p: nn.Parameter) -> bool:
+        """global_grad_norm's rule: tensor-split elements on every tensor rank, replicated ones on rank 0,
+        copies held and counted by another stage nowhere."""
+        s = sharding_of(p)
+        split_over_tp = s.split_dim is not None and s.group == "tp"
+        return not s.duplicate_of and (split_over_tp or self.tp_rank == 0)
 
     def _make_bucket(self, params: list[nn.Parameter], decay_if) -> FlatBucket:
         numel = sum(p.numel() for p in params)
@@ -156,6 +195,9 @@ class ZeroDataParallel:
         if self.offload:
             for t in (bucket.decay, bucket.exp_avg, bucket.exp_avg_sq, bucket.master):
                 t._dtrain_host = True
+        if self.tp_group is not None:
+            bucket.partial = self._shard_ranges(bucket, lambda p: sharding_of(p).partial_grad)
+        bucket.counted = self._shard_ranges(bucket, self._counted_here)
         return bucket
 
     # --- gradients ------------------------------------------------------------------------------------
@@ -250,14 +292,35 @@ class ZeroDataParallel:
 
     # --- norm, clipping, step -------------------------------------------------------------------------
 
+    def sum_partial_grads(self) -> None:
+        """grad <- sum over the tensor group on the ranges of tensor-partial gradients (one all-reduce)."""
+        pieces = [b.grad_shard[r] for b in self.buckets for r in b.partial]
+        if not pieces:
+            return
+        flat = torch.cat(pieces)
+        dist.all_reduce(flat, group=self.tp_group)
+        offset = 0
+        for piece in pieces:
+            piece.copy_(flat[offset : offset + piece.numel()])
+            offset += piece.numel()
+
+    def sum_isolated_grads(self, group: dist.ProcessGroup) -> None:
+        """Sum the gradient shards of the isolated (tied) parameters over `group`: both ends bucket them
+        alone, so their shards hold the same elements."""
+        for bucket in self.buckets:
+            if bucket.params[0] in self.isolate:
+                dist.all_reduce(bucket.grad_shard, group=group)
+
     def grad_norm_sq(self) -> torch.Tensor:
-        """Sum of squares of this rank's gradient shards (padding is zero); all-reduce it over the group
-        to get ||g||^2 (the caller also reduces over tensor and pipeline groups)."""
+        """Sum of squares of this rank's gradient shards (padding is zero), over the elements this rank
+        counts; all-reduce it over the group to get ||g||^2 of this rank's parameters (the caller also
+        reduces over tensor and pipeline groups)."""
         total = torch.zeros(
             (), dtype=self.buckets[0].grad_shard.dtype, device=self.buckets[0].grad_shard.device
         )
         for bucket in self.buckets:
-            total += bucket.grad_shard.pow(2).sum()
+            for r in bucket.counted:
+                total += bucket.grad_shard[r].pow(2).sum()
         return total
 
     def reduced_grad_norm_sq(self) -> torch.Tensor:

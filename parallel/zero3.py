@@ -37,17 +37,20 @@ class Zero3DataParallel(ZeroDataParallel):
         adamw: AdamWConfig,
         offload: str = "none",
         decay_if=lambda p: p.dim() >= 2,
+        **facts,
     ):
         """units, in forward order: (the unit's parameters, spans). A span (first, last) is a stretch of
         forward that uses the unit: gathered before `first` runs, freed after `last` returns. The first
-        span of a unit also prefetches the next unit; later spans (a tied head) do not."""
+        span of a unit also prefetches the next unit; later spans (a tied head) do not. `facts`:
+        ZeroDataParallel's tp_group and isolate (a tied parameter must be a unit of its own)."""
         self._units = [params for params, _ in units]
         self.offload_params = offload == "all"
         self.gathered: dict[int, object] = {}  # id(bucket) -> pending gather Work, or None once complete
         self.in_backward: set[int] = set()
         self.peak_gathered = 0
         params = [p for ps in self._units for p in ps]
-        super().__init__(params, group, 3, 0.0, adamw, offload in ("optimizer", "all"), decay_if)
+        offload_state = offload in ("optimizer", "all")
+        super().__init__(params, group, 3, 0.0, adamw, offload_state, decay_if, **facts)
         # Buckets are indexed in backward order (reverse of forward), so launching reductions in index
         # order follows backward; `forward_order` maps forward position -> bucket.
         self.forward_order = self.buckets[::-1]

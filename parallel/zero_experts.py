@@ -1,49 +1,48 @@
-"""ZeRO stages 1-2 with expert parallelism: one sharded optimizer per reduction group.
+"""ZeRO with expert parallelism: one sharded optimizer per reduction group.
 
 A dense parameter is replicated over the whole data-parallel group, so its gradient is summed, and its
-moments and (stage 2) gradient sharded, over dp. An expert parameter is replicated only over the
-expert-data-parallel group (the dp/ep ranks holding the same experts; the all-to-all backward has summed
-the ep group's tokens into it already), so it is reduced and sharded over edp: ZeRO's N is dp for dense
-and dp/ep for expert parameters. Each set is a `ZeroDataParallel`; this class forwards the trainer's calls
-to both and joins the gradient norm, whose squares add over disjoint parameters:
+moments, (stage 2) gradient and (stage 3) parameter sharded, over dp. An expert parameter is replicated
+only over the expert-data-parallel group (the dp/ep ranks holding the same experts; the all-to-all
+backward has summed the ep group's tokens into it already), so it is reduced and sharded over edp: ZeRO's
+N is dp for dense and dp/ep for expert parameters. Each set has its own wrapper (`split_expert_units`
+cuts a stage-3 unit into its dense and its expert part, both gathered around the same forward spans);
+this class forwards the trainer's calls to both and joins the gradient norm, whose squares add over
+disjoint parameters:
 
     ||g||^2 = sum_dp(dense shard squares) + sum_ep(sum_edp(expert shard squares))
 
-Both wrappers launch their reduce-scatters from the same gradient hooks in the same order on every rank,
-so the collectives of each group match across its ranks.
+Both wrappers launch their collectives from the same hooks in the same order on every rank, so the
+collectives of each group match across its ranks.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from parallel.sharding import sharding_of
-from parallel.zero import AdamWConfig, ZeroDataParallel
+from parallel.zero import ZeroDataParallel
+
+
+def split_expert_units(units: list) -> tuple[list, list]:
+    """(parameters, spans) units -> the dense units and the expert units (units without experts drop
+    out of the second list)."""
+    dense, experts = [], []
+    for params, spans in units:
+        expert = [p for p in params if sharding_of(p).expert]
+        dense.append(([p for p in params if not sharding_of(p).expert], spans))
+        if expert:
+            experts.append((expert, spans))
+    return dense, experts
 
 
 class ZeroWithExperts:
-    def __init__(
-        self,
-        params: list[nn.Parameter],
-        *,
-        dp_group: dist.ProcessGroup,
-        edp_group: dist.ProcessGroup,
-        ep_group: dist.ProcessGroup,
-        stage: int,
-        bucket_mb: float,
-        adamw: AdamWConfig,
-        offload: bool = False,
-    ):
-        if stage not in (1, 2):
-            raise ValueError(f"ZeRO stage {stage} with expert parallelism is not implemented; use 1 or 2")
-        dense = [p for p in params if not sharding_of(p).expert]
-        experts = [p for p in params if sharding_of(p).expert]
-        self.dense = ZeroDataParallel(dense, dp_group, stage, bucket_mb, adamw, offload)
-        self.experts = ZeroDataParallel(experts, edp_group, stage, bucket_mb, adamw, offload)
-        self.parts = (self.dense, self.experts)
-        self.ep_group = ep_group
+    def __init__(self, dense: ZeroDataParallel, experts: ZeroDataParallel, ep_group: dist.ProcessGroup):
+        self.dense, self.experts, self.ep_group = dense, experts, ep_group
+        self.parts = (dense, experts)
 
     def before_backward(self, is_last: bool) -> None:
         for part in self.parts:
@@ -56,6 +55,14 @@ class ZeroWithExperts:
     def zero_grad(self) -> None:
         for part in self.parts:
             part.zero_grad()
+
+    def sum_partial_grads(self) -> None:
+        for part in self.parts:
+            part.sum_partial_grads()
+
+    def sum_isolated_grads(self, group: dist.ProcessGroup) -> None:
+        for part in self.parts:
+            part.sum_isolated_grads(group)
 
     def scale_grads(self, factor: torch.Tensor | float) -> None:
         for part in self.parts:
@@ -80,3 +87,9 @@ class ZeroWithExperts:
     def load_full_state(self, state: dict[nn.Parameter, dict[str, torch.Tensor]]) -> None:
         for part in self.parts:
             part.load_full_state(state)
+
+    @contextlib.contextmanager
+    def gathered_params(self):
+        """Stage 3: both parts' parameters whole for the duration."""
+        with self.dense.gathered_params(), self.experts.gathered_params():
+            yield
