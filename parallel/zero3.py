@@ -29,6 +29,13 @@ from torch import nn
 from parallel.zero import AdamWConfig, FlatBucket, ZeroDataParallel
 
 
+def _recomputing() -> bool:
+    """A forward running inside backward is activation checkpointing's recomputation. (Membership in
+    `in_backward` is not the test: under pipelining a unit whose reduction waits for other chunks is
+    still marked while the next micro-batch's forward runs it, and that forward must hook its output.)"""
+    return torch._C._current_graph_task_id() != -1
+
+
 class Zero3DataParallel(ZeroDataParallel):
     def __init__(
         self,
@@ -98,12 +105,12 @@ class Zero3DataParallel(ZeroDataParallel):
     def _before_forward(self, position: int, prefetch: bool) -> None:
         bucket = self.forward_order[position]
         self._ensure(bucket)
-        if prefetch and id(bucket) not in self.in_backward and position + 1 < len(self.forward_order):
+        if prefetch and not _recomputing() and position + 1 < len(self.forward_order):
             self._start_gather(self.forward_order[position + 1])  # prefetch the next unit
 
     def _after_forward(self, position: int, out) -> None:
         bucket = self.forward_order[position]
-        if id(bucket) in self.in_backward:
+        if _recomputing():
             return  # recomputation under activation checkpointing: backward still needs the unit
         if isinstance(out, torch.Tensor) and out.requires_grad:
             out.register_hook(lambda grad, k=position: self._before_backward_of(k))
