@@ -14,14 +14,18 @@ Buckets are planned exactly as parallel/zero.py does (plan_buckets over the para
 each bucket zero-padded to a multiple of dp; under ZeRO-3 one bucket per unit from Stage.zero3_units), so
 the figures equal `Trainer.held_bytes()` after a step, byte for byte.
 
-Layouts: data and pipeline parallelism are modelled exactly (a pipeline rank holds its own chunks). Tensor
-and expert parallelism are not modelled yet: with tp > 1 or ep > 1 the figures are those of the unsplit
-layers and of every expert (an upper bound), and the report says so.
+Layouts: every axis is modelled. A pipeline rank holds its own chunks; a tensor rank holds 1/tp of every
+split matrix (`local_numel` applies dtrain.parallel_layers' rules: heads, hidden units and the padded
+vocabulary split, norms, routers and key/value heads fewer than tp replicated); an expert-parallel rank
+holds E/ep experts, whose ZeRO state is sharded over the dp/ep expert-data-parallel ranks; an embedding tied
+across stages is a bucket of its own. The tests hold these figures to `Trainer.held_bytes()` for every
+layout of the composition matrix.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
@@ -30,6 +34,7 @@ from dtrain.config import Config, ConfigError, load_config, validate
 from dtrain.model import Layers, Transformer
 from dtrain.stage import Stage, balanced_split, n_chunks
 from parallel.data_parallel import plan_buckets
+from parallel.zero_experts import split_expert_units
 
 KINDS = ("params", "grads", "optimizer")
 
@@ -69,30 +74,87 @@ def _params(chunks: list[Transformer]) -> list[torch.nn.Parameter]:
     return [p for chunk in chunks for p in chunk.parameters() if p.requires_grad]
 
 
+def local_numel(name: str, shape: tuple[int, ...], cfg: Config) -> int:
+    """Elements one rank holds of canonical parameter `name` (full `shape`) under cfg's tp and ep."""
+    m, tp, ep = cfg.model, cfg.parallel.tp, cfg.parallel.ep
+    kv = m.n_kv_heads or m.n_heads
+    numel = math.prod(shape)
+    if ".experts." in name:  # (E, ...) stacked experts, split over ep
+        return numel // ep
+    if name.endswith(("embed.weight", "head.weight")):  # the vocabulary padded to a multiple of tp
+        return math.ceil(shape[0] / tp) * shape[1]
+    split = ("attn.wq.weight", "attn.wo.weight", "mlp.w1.weight", "mlp.w2.weight", "mlp.w3.weight")
+    if name.endswith(split) or (name.endswith(("attn.wk.weight", "attn.wv.weight")) and kv >= tp):
+        return numel // tp
+    return numel  # replicated over tp: norms, routers, key/value heads fewer than tp
+
+
+@dataclass
+class RankParams:
+    """What one pipeline rank holds, for replaying the data-parallel wrappers' bookkeeping."""
+
+    numel: dict[int, int]  # id(param) -> local elements
+    element_size: int
+    params: list[torch.nn.Parameter]  # Stage.parameters() order
+    units: list  # Stage.zero3_units() (forward order)
+    isolated: set[int]  # ids of parameters tied across pipeline stages
+
+
+def rank_params(cfg: Config, chunks: list[Transformer]) -> RankParams:
+    stage = SimpleNamespace(cfg=cfg, chunks=dict(enumerate(chunks)))
+    stage.tied_params = lambda: Stage.tied_params(stage)
+    numel = {id(p): local_numel(n, tuple(p.shape), cfg) for c in chunks for n, p in c.named_parameters()}
+    params = _params(chunks)
+    return RankParams(
+        numel=numel,
+        element_size=params[0].element_size(),
+        params=params,
+        units=Stage.zero3_units(stage) if cfg.parallel.zero == 3 else [(params, [])],
+        isolated={id(p) for p in stage.tied_params()},
+    )
+
+
+def _bucket_groups(cfg: Config, rp: RankParams) -> list[tuple[list[int], int]]:
+    """(real elements of every flat bucket, the group size it is sharded over) per ZeRO wrapper: one over
+    dp, and with ep > 1 one over the dp/ep ranks holding the same experts (parallel.zero_experts)."""
+    p = cfg.parallel
+    wrappers = [(rp.units, p.dp)]
+    if p.ep > 1:
+        dense, experts = split_expert_units(rp.units)
+        wrappers = [(dense, p.dp), (experts, p.dp // p.ep)]
+    out = []
+    for units, n in wrappers:
+        if p.zero == 3:  # one bucket per unit, in backward order
+            numels = [sum(rp.numel[id(q)] for q in params) for params, _ in units][::-1]
+        else:  # ZeroDataParallel._plan: backward order, a tied parameter alone
+            params = [q for params, _ in units for q in params][::-1]
+            kinds = [id(q) if id(q) in rp.isolated else None for q in params]
+            sizes = [rp.numel[id(q)] * rp.element_size for q in params]
+            plan = plan_buckets(sizes, int(p.bucket_mb * 2**20), kinds)
+            numels = [sum(rp.numel[id(params[i])] for i in members) for members in plan]
+        out.append((numels, n))
+    return out
+
+
 def zero_bucket_numels(cfg: Config, chunks: list[Transformer]) -> list[int]:
-    """Real (unpadded) elements of every flat bucket of ZeroDataParallel / Zero3DataParallel."""
-    if cfg.parallel.zero == 3:
-        units = Stage.zero3_units(SimpleNamespace(chunks=dict(enumerate(chunks))))
-        return [sum(p.numel() for p in params) for params, _ in units][::-1]
-    params = _params(chunks)[::-1]  # backward order, as ZeroDataParallel._plan
-    plan = plan_buckets([p.numel() * p.element_size() for p in params], int(cfg.parallel.bucket_mb * 2**20))
-    return [sum(params[i].numel() for i in members) for members in plan]
+    """Real (unpadded) elements of every flat bucket of the ZeRO wrappers, dense ones first."""
+    return [n for numels, _ in _bucket_groups(cfg, rank_params(cfg, chunks)) for n in numels]
 
 
-def _held(cfg: Config, chunks: list[Transformer], dp: int) -> dict[str, dict[str, int]]:
+def _held(cfg: Config, chunks: list[Transformer]) -> dict[str, dict[str, int]]:
     """What Trainer.held_bytes() reports for a rank holding `chunks`."""
     p = cfg.parallel
-    params = _params(chunks)
-    e = params[0].element_size()
+    rp = rank_params(cfg, chunks)
+    e = rp.element_size
     out = _empty()
     if p.zero == 0:
-        grad_size = 8 if params[0].dtype == torch.float64 else 4  # DataParallel's fp32 (fp64) buckets
-        numel = sum(q.numel() for q in params)
+        grad_size = 8 if rp.params[0].dtype == torch.float64 else 4  # DataParallel's fp32 (fp64) buckets
+        numel = sum(rp.numel[id(q)] for q in rp.params)
         out["device"].update(params=numel * e, grads=numel * grad_size, optimizer=2 * numel * e)
         return out
     offload = p.offload in ("optimizer", "all")
     opt_where = "host" if offload else "device"
-    for numel in zero_bucket_numels(cfg, chunks):
+    for numel, dp in ((n, dp) for numels, dp in _bucket_groups(cfg, rp) for n in numels):
         padded = math.ceil(numel / dp) * dp
         shard = padded // dp
         if p.zero == 3:  # the whole buffer is resized to 0 after use; the shard persists
@@ -158,22 +220,12 @@ def estimate_model_states(cfg: Config, world: int) -> dict:
     cfg = validate(cfg, world)
     p = cfg.parallel
     notes = []
-    if p.tp > 1:
-        notes.append(
-            f"tensor parallelism (tp={p.tp}) is not modelled yet: figures are for unsplit layers, an upper "
-            f"bound (split matrices would take about 1/{p.tp})"
-        )
-    if p.ep > 1:
-        notes.append(
-            f"expert parallelism (ep={p.ep}) is not modelled yet: figures hold every expert on every rank, "
-            f"an upper bound (a rank holds 1/{p.ep} of the experts)"
-        )
     stages = []
     for pp_rank in range(p.pp):
         chunks = meta_chunks(cfg, pp_rank)
-        params = _params(chunks)
-        n_params, e = sum(q.numel() for q in params), params[0].element_size()
-        held = _held(cfg, chunks, p.dp)
+        rp = rank_params(cfg, chunks)
+        n_params, e = sum(rp.numel[id(q)] for q in rp.params), rp.element_size
+        held = _held(cfg, chunks)
         stages.append(
             {
                 "pp_rank": pp_rank,
@@ -191,7 +243,16 @@ def estimate_model_states(cfg: Config, world: int) -> dict:
         "params": first["params"],
         "formula": first["formula"],
         "stages": stages,
-        "layout": {"world": world, "dp": p.dp, "tp": p.tp, "pp": p.pp, "cp": p.cp, "zero": p.zero},
+        "layout": {
+            "world": world,
+            "dp": p.dp,
+            "tp": p.tp,
+            "pp": p.pp,
+            "cp": p.cp,
+            "ep": p.ep,
+            "sp": p.sp,
+            "zero": p.zero,
+        },
         "offload": p.offload,
         "bucket_mb": p.bucket_mb,
         "notes": notes,
@@ -210,7 +271,7 @@ def format_report(est: dict, source: str = "") -> str:
     zero = "DDP (zero=0)" if lay["zero"] == 0 else f"ZeRO-{lay['zero']}"
     lines = [
         f"dtrain estimate{': ' + source if source else ''} | world {lay['world']} = dp {lay['dp']} x tp "
-        f"{lay['tp']} x pp {lay['pp']} x cp {lay['cp']} | {zero}, offload={est['offload']}, "
+        f"{lay['tp']} x pp {lay['pp']} x cp {lay['cp']}, ep {lay['ep']} | {zero}, offload={est['offload']}, "
         f"bucket_mb={est['bucket_mb']:g}",
         "model states held per rank after a step (parameters, gradients, AdamW states; activations and "
         "temporary buffers not included):",

@@ -172,7 +172,14 @@ def layout_matches_ddp(layout: tuple[str, ...], overrides: tuple[str, ...]) -> l
     ours, ref = dtrain_run(cfg, grid), torch_ddp_run(tiny_config(world, *reference_overrides))
     torch.testing.assert_close(torch.tensor(ours["losses"]), torch.tensor(ref["losses"]), **FP32)
     torch.testing.assert_close(torch.tensor(ours["grad_norms"]), torch.tensor(ref["grad_norms"]), **FP32)
-    return {"losses": ours["losses"], "held": held, "all": sorted(ref["params"]), "moe": ours["moe"]}
+    return {
+        "losses": ours["losses"],
+        "held": held,
+        "all": sorted(ref["params"]),
+        "moe": ours["moe"],
+        "held_bytes": ours["trainer"].held_bytes(),
+        "pp_rank": grid.coords.pp,
+    }
 
 
 def compare_runs(ours: dict, ref: dict, tol: dict | None) -> None:
