@@ -145,13 +145,14 @@ def cmd_schedule(args: argparse.Namespace) -> None:
 def cmd_estimate(args: argparse.Namespace) -> None:
     from dtrain.estimate import run
 
-    print(run(args.config, args.overrides, args.world))
+    print(run(args.config, args.overrides, args.world, args.memory))
 
 
 def add_estimate_parser(sub) -> None:
     est = sub.add_parser(
         "estimate",
-        help="bytes of parameters, gradients and optimizer states per rank (no processes, no tensors)",
+        help="bytes of parameters, gradients, optimizer states and activations per rank, and layouts that "
+        "fit a memory budget (no processes, no tensors)",
     )
     est.add_argument("config", help="YAML config, e.g. configs/gpu_1b.yaml")
     est.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.zero=3")
@@ -159,6 +160,10 @@ def add_estimate_parser(sub) -> None:
         "--world",
         type=int,
         help="process count (default: dp*tp*pp*cp, or dist.nproc_per_node when parallel.dp=-1, else 1)",
+    )
+    est.add_argument(
+        "--memory",
+        help="memory per GPU (e.g. 80GiB, 40GB): also list the layouts of this world that fit, cheapest first",
     )
     est.set_defaults(run=cmd_estimate)
 

@@ -24,12 +24,14 @@ layout of the composition matrix.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
 
+from dtrain.activations import activation_bytes
 from dtrain.config import Config, ConfigError, load_config, validate
 from dtrain.model import Layers, Transformer
 from dtrain.stage import Stage, balanced_split, n_chunks
@@ -234,6 +236,7 @@ def estimate_model_states(cfg: Config, world: int) -> dict:
                 "params": n_params,
                 "element_size": e,
                 "formula": _formula_line(cfg, n_params, e, held),
+                "activations": activation_bytes(cfg, pp_rank),
             }
         )
     first = stages[0]
@@ -259,6 +262,12 @@ def estimate_model_states(cfg: Config, world: int) -> dict:
     }
 
 
+def peak_device_bytes(stage: dict) -> float:
+    """Model states on the device plus the activations held at the peak of a step (temporary buffers,
+    the allocator's fragmentation and communication buckets in flight come on top)."""
+    return sum(stage["device"].values()) + stage["activations"]["total"]
+
+
 def human(n: float) -> str:
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= size:
@@ -273,8 +282,8 @@ def format_report(est: dict, source: str = "") -> str:
         f"dtrain estimate{': ' + source if source else ''} | world {lay['world']} = dp {lay['dp']} x tp "
         f"{lay['tp']} x pp {lay['pp']} x cp {lay['cp']}, ep {lay['ep']} | {zero}, offload={est['offload']}, "
         f"bucket_mb={est['bucket_mb']:g}",
-        "model states held per rank after a step (parameters, gradients, AdamW states; activations and "
-        "temporary buffers not included):",
+        "model states held per rank after a step (parameters, gradients, AdamW states), then the "
+        "activations kept for backward (dtrain/activations.py; fp32 figures):",
     ]
     for s in est["stages"]:
         who = "every rank" if lay["pp"] == 1 else f"pipeline stage {s['pp_rank']} (each of its ranks)"
@@ -287,13 +296,27 @@ def format_report(est: dict, source: str = "") -> str:
         total = sum(s["device"].values()) + sum(s["host"].values())
         lines.append(f"  total   {total:,} bytes ({human(total)})")
         lines.append(f"  {s['formula']}")
+        act = s["activations"]
+        lines.append(
+            f"  activations (device): {human(act['per_microbatch'])} per micro-batch x {act['in_flight']} in "
+            f"flight"
+            + (f" + {human(act['recompute'])} recomputed block" if act["recompute"] else "")
+            + f" = {human(act['total'])}; device peak ~ {human(peak_device_bytes(s))}"
+        )
     lines += [f"note: {n}" for n in est["notes"]]
     return "\n".join(lines)
 
 
-def run(config: str | None, overrides: list[str], world: int | None) -> str:
-    """The CLI's work: load, validate for the world, estimate, format."""
+def run(config: str | None, overrides: list[str], world: int | None, memory: str | None = None) -> str:
+    """The CLI's work: load, validate for the world, estimate, format; with `memory` (per rank, e.g.
+    80GiB) also the layouts of this world that fit it (dtrain.suggest)."""
+    from dtrain.suggest import format_suggestions, parse_bytes, suggest_layouts
+
     cfg = load_config(config, overrides)
     if world is None:
         world = default_world(cfg)
-    return format_report(estimate_model_states(cfg, world), config or "")
+    budget = parse_bytes(memory) if memory is not None else None  # a bad size fails before any work
+    report = format_report(estimate_model_states(copy.deepcopy(cfg), world), config or "")
+    if budget is None:
+        return report
+    return report + "\n" + format_suggestions(suggest_layouts(cfg, world, budget), world, budget)

@@ -50,7 +50,9 @@ def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     moved = x.movedim(dim, 0).contiguous()
     out = torch.empty((n * moved.shape[0], *moved.shape[1:]), dtype=x.dtype, device=x.device)
     dist.all_gather_single(out, moved, group=group)
-    return out.movedim(0, dim)
+    # One contiguous copy here, not one per consumer: under SP the gathered input feeds q, k and v (or
+    # gate and up), and each linear layer would otherwise copy (and keep for backward) its own.
+    return out.movedim(0, dim).contiguous()
 
 
 def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:

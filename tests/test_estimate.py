@@ -134,3 +134,96 @@ def test_cli_bad_config_is_one_line():
     assert out.stdout == ""
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("dtrain: error: "), out.stderr
+
+
+def saved_activation_case(overrides: tuple[str, ...]) -> tuple[int, float]:
+    """One micro-batch through this rank's chunk with every tensor autograd saves for backward counted
+    once per storage (parameters and buffers excluded): what activation memory is. Returns (measured,
+    predicted per micro-batch)."""
+    from dtrain.activations import activation_bytes
+    from dtrain.stage import Stage
+
+    cfg = tiny_config(dist.get_world_size(), *overrides)
+    p, t = cfg.parallel, cfg.train
+    grid = harness.grid(tp=p.tp, pp=p.pp, dp=p.dp)
+    (c, chunk), *_ = Stage(cfg, grid, torch.device("cpu")).chunks.items()
+    fixed = {q.untyped_storage().data_ptr() for q in [*chunk.parameters(), *chunk.buffers()]}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in fixed:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    tokens, targets = (torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, t.seq_len)) for _ in "xy")
+    seq = t.seq_len // (p.tp if p.sp else 1)
+    x = tokens if c == 0 else torch.randn(t.micro_batch_size, seq, cfg.model.d_model, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        chunk(x, targets if chunk.head is not None else None)
+    return sum(saved.values()), activation_bytes(cfg, grid.coords.pp)["per_microbatch"]
+
+
+ACTIVATION_CASES = {
+    "dp": ("world2", ()),
+    "tp2": ("world2", ("parallel.tp=2",)),
+    "tp2-sp-odd-vocab": ("world2", ("parallel.tp=2", "parallel.sp=true", "model.vocab_size=95")),
+    "pp2-stages": ("world2", ("parallel.pp=2", "model.n_layers=3")),
+    "tp4-sp-replicated-kv": ("world4", ("parallel.tp=4", "parallel.sp=true")),
+    "tp2-pp2-sp": ("world4", ("parallel.tp=2", "parallel.pp=2", "parallel.sp=true")),
+}
+
+
+@pytest.mark.parametrize(("fixture", "overrides"), ACTIVATION_CASES.values(), ids=ACTIVATION_CASES.keys())
+def test_activation_estimate_equals_the_bytes_autograd_saves(request, fixture, overrides):
+    for measured, predicted in request.getfixturevalue(fixture).run(saved_activation_case, overrides):
+        assert measured == predicted
+
+
+def test_activation_estimate_counts_in_flight_microbatches_and_checkpointing():
+    from dtrain.activations import activation_bytes
+
+    base = [*TINY, "parallel.pp=2", "train.global_batch_size=32", "train.micro_batch_size=2"]
+    gpipe = activation_bytes(validate_for([*base, "parallel.pp_schedule=gpipe"], 4), 0)
+    one_f_one_b = activation_bytes(validate_for(base, 4), 0)
+    assert gpipe["in_flight"] == 8 and one_f_one_b["in_flight"] == 2  # m, and pp - r
+    assert gpipe["per_microbatch"] == one_f_one_b["per_microbatch"]
+    ckpt = activation_bytes(validate_for([*base, "train.activation_checkpointing=true"], 4), 0)
+    assert ckpt["total"] < one_f_one_b["total"] and ckpt["recompute"] > 0
+
+
+def validate_for(overrides: list[str], world: int):
+    from dtrain.config import validate
+
+    return validate(load_config(None, overrides), world)
+
+
+def test_suggested_layouts_fit_the_budget_and_validate():
+    from dtrain.config import validate
+    from dtrain.suggest import parse_bytes, suggest_layouts
+
+    cfg = load_config(None, [*TINY, "model.moe.num_experts=4"])
+    budget = parse_bytes("1.5MiB")
+    fits = suggest_layouts(cfg, 4, budget, top=100)
+    assert fits and all(f["bytes"] <= budget for f in fits)
+    assert {f["ep"] for f in fits} > {1} and {f["zero"] for f in fits} == {0, 1, 2, 3}
+    assert [f["cost"] for f in fits] == sorted(f["cost"] for f in fits)
+    everything = suggest_layouts(cfg, 4, parse_bytes("1GiB"), top=1000)
+    assert len(everything) > len(fits)  # the budget excluded some
+    for f in fits[:5]:
+        trial = load_config(
+            None,
+            [*TINY, "model.moe.num_experts=4", *(f"parallel.{k}={f[k]}" for k in "tp pp dp ep zero".split())],
+        )
+        validate(trial, 4)
+    with pytest.raises(ConfigError, match="--memory='lots' is not a size"):
+        parse_bytes("lots")
+
+
+def test_cli_suggests_layouts_for_a_memory_budget():
+    out = run_cli("configs/tiny.yaml", "--world", "4", "--memory", "2MiB")
+    assert out.returncode == 0, out.stderr
+    assert "layouts of 4 ranks that fit 2.00 MiB per rank, cheapest first:" in out.stdout
+    assert "activations (device):" in out.stdout
+    bad = run_cli("configs/tiny.yaml", "--memory", "2 parsecs")
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("dtrain: error: --memory='2 parsecs'")
