@@ -178,6 +178,13 @@ RESHARD = {
     "moe-ep2dp4-to-ep4": (4, ("parallel.ep=2", *MOE), ("parallel.ep=4", *MOE)),
     "moe-ep2-to-tp2sp": (2, ("parallel.ep=2", *MOE), (*TP2_SP, *MOE)),
     "moe-ep2pp2-to-ep1": (4, ("parallel.ep=2", *PP2, *MOE), MOE),
+    # Sharded optimizer state under model parallelism, resumed at another stage and layout.
+    "zero3-tp2sp-to-zero1-pp2": (4, ("parallel.zero=3", *TP2_SP), ("parallel.zero=1", *PP2)),
+    "zero2-pp2-moe-ep2-to-zero3-tp2": (
+        4,
+        ("parallel.zero=2", *PP2, "parallel.ep=2", *MOE),
+        ("parallel.zero=3", *TP2, *MOE),
+    ),
 }
 
 
