@@ -59,7 +59,7 @@ class MetricsLogger:
             if key != "step" and isinstance(value, int | float):
                 self.tb.add_scalar(key.replace("_", "/", 1) if key.startswith("val_") else key, value, step)
             elif isinstance(value, list):  # one curve per rank or per expert
-                item = "rank" if key == "peak_mem_mb" else "expert"
+                item = "rank" if key in ("peak_mem_mb", "comm_bytes_per_rank") else "expert"
                 for j, v in enumerate(value):
                     self.tb.add_scalar(f"{key}/{item}{j}", v, step)
         if step % self.log_every == 0 or step == self.total_steps:

@@ -29,6 +29,7 @@ from dtrain.runtime import peak_flops, peak_memory_bytes
 from dtrain.stage import Stage
 from parallel.data_parallel import DataParallel
 from parallel.grid import ProcessGrid
+from parallel.ledger import CommLedger
 from parallel.moe import set_aux_grad_scale
 from parallel.precision import LossScaler, autocast, wide
 from parallel.sharding import clip_coefficient, clip_grads_, global_grad_norm, sum_partial_grads
@@ -113,6 +114,7 @@ class Trainer:
         self.tokens_seen = 0
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
         self.peak_flops = peak_flops(device, t.peak_tflops)
+        self.ledger: CommLedger | None = None  # counts the collectives of logging steps (fit)
 
     def _zero(self, units: list, group: dist.ProcessGroup) -> ZeroDataParallel:
         """ZeRO stage 1 or 2 over the parameters of `units`, or stage 3 gathering unit by unit."""
@@ -161,12 +163,16 @@ class Trainer:
             self.skipped_in_a_row = 0
         self.scaler.update(skipped)
         self.ddp.zero_grad()
-        loss_sum = self._sum_loss(loss_sum)
+        with self._bookkeeping():
+            loss_sum = self._sum_loss(loss_sum)
+            moe = self._moe_metrics()
         self.step += 1
         self.tokens_seen += self.global_tokens
-        return StepResult(
-            float(loss_sum) / self.global_tokens, float(grad_norm), skipped, self._moe_metrics()
-        )
+        return StepResult(float(loss_sum) / self.global_tokens, float(grad_norm), skipped, moe)
+
+    def _bookkeeping(self):
+        """Reductions that only feed the metrics: an active ledger tallies them apart from training."""
+        return self.ledger.bookkeeping() if self.ledger is not None else contextlib.nullcontext()
 
     def _moe_metrics(self) -> dict:
         """Per MoE layer: aux and z loss (means over the global batch's micro-batches, unscaled by their
@@ -367,8 +373,13 @@ class Trainer:
         records = []
         try:
             while self.step < t.steps:
+                # Logging steps count every collective (parallel.ledger); its dispatch mode costs Python
+                # work per operator, which their step_time_s includes, so other steps run without it.
+                logging = (self.step + 1) % r.log_every == 0 or self.step + 1 == t.steps
+                self.ledger = CommLedger(self.grid) if logging else None
                 started = time.perf_counter()
-                result = self.train_step()
+                with self.ledger or contextlib.nullcontext():
+                    result = self.train_step()
                 elapsed = time.perf_counter() - started
                 record = self._record(result, elapsed)
                 last = self.step == t.steps
@@ -380,6 +391,7 @@ class Trainer:
                     path = self.save()
                     logger.message(f"saved checkpoint {path}")
         finally:
+            self.ledger = None
             logger.close()
         return records
 
@@ -402,8 +414,14 @@ class Trainer:
             record["skipped"] = True
         record.update(result.moe)
         if self.step % self.cfg.run.log_every == 0 or self.step == self.cfg.train.steps:
-            mem = torch.tensor([peak_memory_bytes(self.device)], dtype=torch.float64, device=self.device)
+            # This rank's peak memory and bytes sent (on ledger steps), gathered in one collective.
+            comm = float(self.ledger.total_bytes()) if self.ledger is not None else 0.0
+            mine = [peak_memory_bytes(self.device), comm]
+            mem = torch.tensor(mine, dtype=torch.float64, device=self.device)
             gathered = [torch.zeros_like(mem) for _ in range(self.grid.world_size)]
-            dist.all_gather(gathered, mem)
-            record["peak_mem_mb"] = [round(float(m) / 2**20, 1) for m in gathered]
+            dist.all_gather(gathered, mem)  # after the ledger closed: not counted
+            record["peak_mem_mb"] = [round(float(m[0]) / 2**20, 1) for m in gathered]
+            if self.ledger is not None:
+                record.update(self.ledger.metrics())
+                record["comm_bytes_per_rank"] = [round(float(m[1])) for m in gathered]
         return record

@@ -142,6 +142,14 @@ class ProcessGrid:
     def ranks(self, name: str) -> tuple[int, ...]:
         return self._ranks[name]
 
+    def axis_of(self, group_name: str) -> str | None:
+        """The axis ("tp", "dp", ..., "embed" for the tied-embedding group) of this rank's group that torch
+        calls `group_name` (ProcessGroup.group_name), or None for a group the grid did not create."""
+        names = {g.group_name: name for name, g in self._groups.items()}
+        if self.embed_group is not None:
+            names.setdefault(self.embed_group.group_name, "embed")
+        return names.get(group_name)
+
     tp_group = property(lambda self: self._groups["tp"])
     cp_group = property(lambda self: self._groups["cp"])
     dp_group = property(lambda self: self._groups["dp"])

@@ -5,7 +5,8 @@ torch.distributed collectives our library calls (dist.all_reduce(...) and friend
 a dispatcher mode that sees DTensor's functional collectives, the way
 torch.distributed.tensor.debug.CommDebugMode counts them. Each call becomes a `Call` (op, full tensor
 bytes, group size, phase of the step), and `ring_bytes` turns it into bytes sent per rank with the ring
-costs of FORMULAS.md.
+costs of FORMULAS.md (`ring_bytes` and the op names live in parallel.ledger, the library's communication
+ledger, and are re-exported here).
 """
 
 from __future__ import annotations
@@ -18,27 +19,12 @@ from fractions import Fraction
 import torch
 import torch.distributed as dist
 
-ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER, ALL_TO_ALL = (
-    "all-reduce",
-    "all-gather",
-    "reduce-scatter",
-    "all-to-all",
-)
+# Re-exported for the benchmarks, which import them from here.
+from parallel.ledger import ALL_GATHER, ALL_REDUCE, ALL_TO_ALL, REDUCE_SCATTER, ring_bytes
+
 # The parts of a training step a call is stamped with, in step order (the tables sort by it).
 FORWARD, BACKWARD, AFTER = "forward", "backward", "grad sync + optimizer"
 PHASES = (FORWARD, BACKWARD, AFTER)
-
-
-def ring_bytes(kind: str, full_bytes: int, n: int) -> Fraction:
-    """Bytes one rank sends for a collective over n ranks on a tensor of `full_bytes` (the full, gathered
-    size): all-reduce 2(n-1)/n * S; all-gather, reduce-scatter and all-to-all (n-1)/n * S."""
-    if n <= 1:
-        return Fraction(0)
-    if kind == ALL_REDUCE:
-        return Fraction(2 * (n - 1), n) * full_bytes
-    if kind in (ALL_GATHER, REDUCE_SCATTER, ALL_TO_ALL):
-        return Fraction(n - 1, n) * full_bytes
-    raise ValueError(f"no ring cost for {kind!r}")
 
 
 @dataclass

@@ -1,0 +1,481 @@
+"""What one training step communicates, predicted from the config: calls and bytes sent by one rank per
+(grid axis, op), the figures parallel.ledger.CommLedger measures (tests/test_ledger.py holds them equal).
+
+    predict(cfg, rank=0) -> Volume        cfg validated for its world; rank: whose view (pipeline stage,
+                                          data-parallel shard)
+
+Bytes are ring costs (FORMULAS.md, "Communication per rank per step"): all-reduce 2(n-1)/n*S, all-gather
+and reduce-scatter (n-1)/n*S with S the full (gathered) size, point-to-point the tensor sent, all-to-all
+the rows leaving the rank. Everything is derived from the model this rank builds: `meta_chunks` builds
+it on the meta device with this rank's shapes (tensor shards, padded vocabulary, its experts), and the
+gradient buckets are planned by the library's own `plan_buckets` / `Stage.zero3_units`, so padding and
+bucket boundaries are exact. Per step, for the layouts the trainer runs:
+
+  pipeline      every forward of a chunk that is not the last sends b*s*h activations to the next rank,
+                every backward of a chunk that is not the first sends their gradient back (s/t under SP):
+                b*s*h per boundary per micro-batch each way, v times with interleaving
+  tensor        per micro-batch, per block: 2 all-reduces of b*s*h forward (row outputs) and 2 backward
+                (copy_to_tp entries); under SP each becomes an all-gather plus a reduce-scatter. Besides
+                (bench/tensor_parallel.py's count): the embedding's output reduction, the head entry, the
+                vocabulary-parallel loss's 3 all-reduces of b*s. An MoE block's MLP is no region: tokens
+                are split over tp instead (all-gather of the output and of the input gradient without SP)
+                plus an all-gather of tp*k*E int64 counts. After backward one all-reduce sums the
+                partial gradients (SP norm gains, replicated k/v, router and experts)
+  experts       per MoE block and micro-batch: a count exchange (E int64) and 4 all-to-alls of rows
+                (dispatch, combine, and their adjoints in backward). Rows depend on the routing: pass the
+                exact (leaving, arriving) totals as `moe_rows`, else the balanced figure
+                (ep-1)/ep*T*k rows each way is used (FORMULAS.md) and the key is marked `estimated`
+  gradients     DDP: one all-reduce per bucket (dense over dp, experts over edp); ZeRO 1: one
+                reduce-scatter per padded bucket, ZeRO 2: one per micro-batch, both + one all-gather
+                after the step; ZeRO 3: per micro-batch each unit is gathered once per forward use and
+                once for backward, and reduce-scattered once
+  the rest      gradient-norm all-reduces of one scalar (dp under ZeRO, ep, tp, pp), tied embeddings
+                across pipeline ends summed over the embed group
+  bookkeeping   the loss sum (pp, dp) and the MoE routing statistics (world), tallied apart
+
+Activation checkpointing recomputes each block's forward inside backward, issuing its forward
+collectives (tensor and expert) again, all but a last reduction that nothing saved for backward needs
+(`_block_collectives` says which). ZeRO figures depend on the rank's data-parallel shard (which of its
+elements are tensor-partial), pipeline ones on its stage, hence `rank`.
+
+Not modelled, raising NotModelled: 16-bit compute with activation traffic (the dtypes under autocast vary
+per tensor; data parallelism alone is modelled, its gradients are fp32), ZeRO 2/3 with the interleaved
+schedule, ZeRO 3 with ep > 1, context parallelism. A skipped fp16 step (overflow) sends no ZeRO
+all-gather; the prediction assumes none.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from fractions import Fraction
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from dtrain.config import Config, microbatches_per_rank
+from dtrain.model import Layers, RMSNorm, Transformer, is_moe_block
+from dtrain.stage import Stage, balanced_split, n_chunks
+from parallel.data_parallel import plan_buckets
+from parallel.grid import Coords, layout
+from parallel.ledger import (
+    ALL_GATHER,
+    ALL_REDUCE,
+    ALL_TO_ALL,
+    BOOKKEEPING,
+    RECV,
+    REDUCE_SCATTER,
+    SEND,
+    TRAINING,
+    Tally,
+    metrics_of,
+    ring_bytes,
+)
+from parallel.moe import Experts
+from parallel.sharding import Sharding, set_sharding, sharding_of
+
+ID_BYTES = 8  # expert counts travel as int64
+
+
+class NotModelled(ValueError):
+    """The config uses something the analytic count does not cover; the message names the key."""
+
+
+@dataclass
+class Term:
+    section: str
+    axis: str
+    op: str
+    calls: int
+    sent: Fraction
+    label: str
+
+
+@dataclass
+class Volume:
+    """Predicted calls and bytes per (axis, op), for the training traffic and the bookkeeping apart.
+    `estimated`: keys whose bytes depend on the data (MoE rows without `moe_rows`)."""
+
+    terms: list[Term] = field(default_factory=list)
+    estimated: set[tuple[str, str]] = field(default_factory=set)
+
+    def add(self, axis: str, op: str, calls: int, each: Fraction | int, label: str, section=TRAINING) -> None:
+        """`calls` collectives sending `each` bytes apiece; over a group of one rank nothing is sent and
+        the ledger records nothing, so callers skip those."""
+        if calls:
+            self.terms.append(Term(section, axis, op, calls, Fraction(each) * calls, label))
+
+    def ring(self, axis: str, op: str, calls: int, full: int, n: int, label: str, section=TRAINING) -> None:
+        """`calls` collectives on S = `full` bytes over `n` ranks, at their ring cost (none when n = 1)."""
+        if n > 1:
+            self.add(axis, op, calls, ring_bytes(op, full, n), label, section)
+
+    def tallies(self, section: str = TRAINING) -> dict[tuple[str, str], Tally]:
+        out: dict[tuple[str, str], Tally] = {}
+        for t in self.terms:
+            if t.section == section:
+                out.setdefault((t.axis, t.op), Tally()).add(t.calls, t.sent)
+        return dict(sorted(out.items()))
+
+    def total_bytes(self, section: str = TRAINING) -> Fraction:
+        return sum((t.sent for t in self.terms if t.section == section), Fraction(0))
+
+    def metrics(self, prefix: str = "comm") -> dict[str, int | float]:
+        """The keys CommLedger.metrics() writes, predicted."""
+        return metrics_of(self.tallies(), self.tallies(BOOKKEEPING), prefix)
+
+    def table(self) -> str:
+        """Every term, for reading (and for a failing test's message)."""
+        rows = [
+            f"{t.section:12} {t.axis:6} {t.op:15} {t.calls:6} {float(t.sent):>14,.0f}  {t.label}"
+            for t in self.terms
+        ]
+        return "\n".join(rows)
+
+
+# --- this rank's model, shapes only ---------------------------------------------------------------------
+
+
+class _ShapeLayers(Layers):
+    """dtrain.parallel_layers' parts with one tensor rank's shapes and sharding facts, but no process
+    group, built on the meta device: what the gradient buckets and partial sums see."""
+
+    def __init__(self, tp: int, sp: bool, ep: int):
+        super().__init__(None)
+        self.tp_size, self.sp, self.ep = tp, sp and tp > 1, ep
+
+    def _linear(self, in_features: int, out_features: int, partial: bool = False) -> nn.Linear:
+        layer = nn.Linear(in_features, out_features, bias=False)
+        set_sharding(layer.weight, Sharding(full_shape=tuple(layer.weight.shape), partial_grad=partial))
+        return layer
+
+    def column(self, in_features, out_features):
+        return self._linear(in_features, out_features // self.tp_size)
+
+    def row(self, in_features, out_features):
+        return self._linear(in_features // self.tp_size, out_features)
+
+    def replicated_column(self, in_features, out_features):
+        return self._linear(in_features, out_features, partial=self.tp_size > 1)
+
+    def norm(self, dim, eps):
+        layer = RMSNorm(dim, eps)
+        set_sharding(layer.weight, Sharding(full_shape=(dim,), partial_grad=self.sp))
+        return layer
+
+    def embedding(self, vocab_size, d_model):
+        return nn.Embedding(-(-vocab_size // self.tp_size), d_model)  # padded to a multiple of tp
+
+    def head(self, d_model, vocab_size):
+        return self._linear(d_model, -(-vocab_size // self.tp_size))
+
+    def moe(self, cfg):
+        layer = super().moe(cfg)  # every expert, no groups; then this rank's E/ep of them
+        e, tp = cfg.moe.num_experts, self.tp_size
+        layer.experts = Experts(e // self.ep, cfg.d_model, layer.experts.w1.shape[1])
+        set_sharding(layer.router.weight, Sharding(full_shape=(e, cfg.d_model), partial_grad=tp > 1))
+        for w in layer.experts.parameters():
+            set_sharding(w, Sharding(tuple(w.shape), partial_grad=tp > 1, expert=True))
+        return layer
+
+
+def meta_chunks(cfg: Config, pp_rank: int) -> dict[int, Transformer]:
+    """The chunks pipeline rank `pp_rank` builds (dtrain.stage.Stage), on the meta device, with one tensor
+    rank's shapes and this rank's experts."""
+    p = cfg.parallel
+    total = n_chunks(cfg)
+    layers = _ShapeLayers(p.tp, p.sp, p.ep)
+    chunks = {}
+    with torch.device("meta"):
+        for c, block_ids in enumerate(balanced_split(cfg.model.n_layers, total)):
+            if c % p.pp == pp_rank:
+                chunks[c] = Transformer(
+                    cfg.model, layers, block_ids=block_ids, has_embedding=c == 0, has_head=c == total - 1
+                )
+    return chunks
+
+
+def _stage_view(cfg: Config, chunks: dict[int, Transformer]) -> SimpleNamespace:
+    """Enough of a Stage for Stage.tied_params and Stage.zero3_units."""
+    view = SimpleNamespace(cfg=cfg, chunks=chunks)
+    view.tied_params = lambda: Stage.tied_params(view)
+    view.zero3_units = lambda: Stage.zero3_units(view)
+    return view
+
+
+# --- the prediction ----------------------------------------------------------------------------------------
+
+
+def _check_modelled(cfg: Config) -> None:
+    p, t = cfg.parallel, cfg.train
+    activations = p.tp > 1 or p.pp > 1 or p.ep > 1
+    if t.precision != "fp32" and activations:
+        raise NotModelled(
+            f"train.precision={t.precision} with tp/pp/ep traffic: activation dtypes under autocast are not "
+            f"modelled; use train.precision=fp32 (data parallelism alone is modelled at any precision)"
+        )
+    if p.zero >= 2 and n_chunks(cfg) > p.pp:
+        raise NotModelled(
+            f"parallel.zero={p.zero} with parallel.pp_schedule=interleaved: reductions of partly filled "
+            f"buckets between chunks are not modelled; use parallel.zero<=1 or another schedule"
+        )
+    if p.zero == 3 and p.ep > 1:
+        raise NotModelled(f"parallel.zero=3 with parallel.ep={p.ep} is not modelled; use parallel.ep=1")
+    if p.cp > 1:
+        raise NotModelled(f"parallel.cp={p.cp}: context parallelism is not modelled")
+
+
+def predict(
+    cfg: Config,
+    rank: int = 0,
+    *,
+    itemsize: int | None = None,
+    moe_rows: tuple[int, int] | None = None,
+) -> Volume:
+    """Calls and bytes global rank `rank` sends in one training step of `cfg` (validated).
+
+    itemsize: bytes per parameter element (default: torch's default dtype, as the model is built).
+    moe_rows: (rows leaving, rows arriving) summed over this rank's dispatches of the step (every MoE
+    layer and micro-batch, recomputations not counted), from the routing; without it the all-to-all
+    bytes are FORMULAS.md's balanced figure and marked estimated."""
+    _check_modelled(cfg)
+    p = cfg.parallel
+    world = p.dp * p.tp * p.pp * p.cp
+    coords = layout(world, tp=p.tp, cp=p.cp, dp=p.dp, pp=p.pp, ep=p.ep).coords[rank]
+    it = itemsize or torch.empty((), dtype=torch.get_default_dtype()).element_size()
+    chunks = meta_chunks(cfg, coords.pp)
+    v = Volume()
+    _pipeline(v, cfg, chunks, it)
+    _tensor_parallel(v, cfg, chunks, it)
+    _experts(v, cfg, chunks, it, moe_rows)
+    _gradients(v, cfg, coords, chunks, it)
+    _bookkeeping(v, cfg, it)
+    return v
+
+
+def _pipeline(v: Volume, cfg: Config, chunks: dict[int, Transformer], it: int) -> None:
+    """parallel.pipeline: F(c, i) sends its output unless c is the last chunk, B(c, i) the input gradient
+    unless c is the first; each receive is matched by a send on the neighbour."""
+    p, t = cfg.parallel, cfg.train
+    if p.pp == 1:
+        return
+    m, last = microbatches_per_rank(cfg), n_chunks(cfg) - 1
+    seq = t.seq_len // (p.tp if p.sp else 1)
+    act = t.micro_batch_size * seq * cfg.model.d_model * it
+    forward_sends = sum(c != last for c in chunks)
+    backward_sends = sum(c != 0 for c in chunks)
+    v.add("pp", SEND, m * forward_sends, act, "activations to the next stage, b*s*h per micro-batch")
+    v.add("pp", SEND, m * backward_sends, act, "activation gradients to the previous stage")
+    v.add("pp", RECV, m * (forward_sends + backward_sends), 0, "the matching receives (bytes on the sender)")
+
+
+def _block_collectives(sp: bool, moe: bool, dropout: float) -> list[tuple[str, str, str, bool]]:
+    """One block's tensor-parallel collectives per micro-batch: (phase, op, what, recomputed), S = b*s*h
+    ("counts": the MoE routing counts). `recomputed`: whether activation checkpointing issues it again.
+    torch.utils.checkpoint (non-reentrant) stops recomputing once every tensor saved for backward is
+    back, and a block's last reduction feeds only dropout (which saves a mask only when p > 0) and the
+    residual add, so it is recomputed only with dropout."""
+    last = dropout > 0
+    if moe and sp:  # tokens are already sequence chunks: only attention is a region
+        return [
+            ("fwd", ALL_GATHER, "attention entry", True),
+            ("fwd", REDUCE_SCATTER, "attention output", True),
+            ("fwd", ALL_GATHER, "counts", True),
+            ("bwd", REDUCE_SCATTER, "attention entry gradient", False),
+            ("bwd", ALL_GATHER, "attention output gradient", False),
+        ]
+    if moe:  # the layer takes its sequence chunk of the replica and gathers its output back
+        return [
+            ("fwd", ALL_REDUCE, "attention output", True),
+            ("fwd", ALL_GATHER, "counts", True),
+            ("fwd", ALL_GATHER, "MoE output (gather_to_replica)", last),
+            ("bwd", ALL_REDUCE, "attention entry gradient (copy_to_tp)", False),
+            ("bwd", ALL_GATHER, "MoE input gradient (scatter_to_sp)", False),
+        ]
+    if sp:
+        return [
+            ("fwd", ALL_GATHER, "attention entry", True),
+            ("fwd", REDUCE_SCATTER, "attention output", True),
+            ("fwd", ALL_GATHER, "MLP entry", True),
+            ("fwd", REDUCE_SCATTER, "MLP output", last),
+            ("bwd", REDUCE_SCATTER, "attention entry gradient", False),
+            ("bwd", ALL_GATHER, "attention output gradient", False),
+            ("bwd", REDUCE_SCATTER, "MLP entry gradient", False),
+            ("bwd", ALL_GATHER, "MLP output gradient", False),
+        ]
+    return [
+        ("fwd", ALL_REDUCE, "attention output", True),
+        ("fwd", ALL_REDUCE, "MLP output", last),
+        ("bwd", ALL_REDUCE, "attention entry gradient (copy_to_tp)", False),
+        ("bwd", ALL_REDUCE, "MLP entry gradient (copy_to_tp)", False),
+    ]
+
+
+def _tensor_parallel(v: Volume, cfg: Config, chunks: dict[int, Transformer], it: int) -> None:
+    p, t, m = cfg.parallel, cfg.train, cfg.model
+    n = p.tp
+    if n == 1:
+        return
+    mb = microbatches_per_rank(cfg)
+    act = t.micro_batch_size * t.seq_len * m.d_model * it  # one (b, s, h) activation, whole sequence
+    counts = n * m.moe.top_k * m.moe.num_experts * ID_BYTES  # the gathered (tp*k, E) int64 counts
+    blocks = [int(i) for chunk in chunks.values() for i in chunk.blocks]
+    for moe in (False, True):
+        k = sum(is_moe_block(m, i) == moe for i in blocks)
+        for phase, op, what, recomputed in _block_collectives(p.sp, moe, m.dropout):
+            again = t.activation_checkpointing and recomputed
+            label = f"{'MoE' if moe else 'dense'} blocks: {what} ({phase}{', recomputed' if again else ''})"
+            v.ring("tp", op, mb * k * (2 if again else 1), counts if what == "counts" else act, n, label)
+    embed = mb * sum(chunk.embed is not None for chunk in chunks.values())
+    head = mb * sum(chunk.head is not None for chunk in chunks.values())
+    if p.sp:
+        v.ring("tp", REDUCE_SCATTER, embed, act, n, "embedding output (fwd)")
+        v.ring("tp", ALL_GATHER, embed, act, n, "embedding output gradient (bwd)")
+        v.ring("tp", ALL_GATHER, head, act, n, "head entry (fwd)")
+        v.ring("tp", REDUCE_SCATTER, head, act, n, "head entry gradient (bwd)")
+    else:
+        v.ring("tp", ALL_REDUCE, embed, act, n, "embedding output (fwd)")
+        v.ring("tp", ALL_REDUCE, head, act, n, "head entry gradient, copy_to_tp (bwd)")
+    loss = t.micro_batch_size * t.seq_len * max(it, 4)  # the loss widens logits to at least fp32
+    v.ring("tp", ALL_REDUCE, 3 * head, loss, n, "vocab-parallel loss: max, sum of exp, target logit (fwd)")
+
+
+def _experts(
+    v: Volume, cfg: Config, chunks: dict[int, Transformer], it: int, moe_rows: tuple[int, int] | None
+) -> None:
+    """parallel.expert_parallel.run_experts, per MoE layer and micro-batch: counts exchange, dispatch and
+    combine forward; backward runs the adjoints, combine (the dispatch's rows leave again) then dispatch
+    (the rows that arrived go back)."""
+    p, t, m = cfg.parallel, cfg.train, cfg.model
+    ep = p.ep
+    layers = sum(is_moe_block(m, int(i)) for chunk in chunks.values() for i in chunk.blocks)
+    if ep == 1 or not layers:
+        return
+    calls = microbatches_per_rank(cfg) * layers
+    again = 2 if t.activation_checkpointing else 1  # the forward's all-to-alls are recomputed
+    exchange = (ep - 1) * (m.moe.num_experts // ep) * ID_BYTES
+    v.add("ep", ALL_TO_ALL, calls * again, exchange, "count exchange: E/ep int64 to each peer (fwd)")
+    if moe_rows is None:
+        # FORMULAS.md: with balanced routing (ep-1)/ep of the T*k routed rows leave (before dropping);
+        # T is one tensor rank's share of the micro-batch (tokens are split over tp).
+        tokens = t.micro_batch_size * t.seq_len // p.tp
+        leaving = arriving = Fraction(ep - 1, ep) * tokens * m.moe.top_k * calls
+        v.estimated.add(("ep", ALL_TO_ALL))
+    else:
+        leaving, arriving = moe_rows
+    row = m.d_model * it
+    out, back = Fraction(leaving * row, calls), Fraction(arriving * row, calls)  # per call, on average
+    v.add("ep", ALL_TO_ALL, calls * again, out, "dispatch: the rows that leave (fwd)")
+    v.add("ep", ALL_TO_ALL, calls * again, back, "combine: the rows that arrived go back (fwd)")
+    v.add("ep", ALL_TO_ALL, calls, out, "combine adjoint: the dispatched rows' gradients (bwd)")
+    v.add("ep", ALL_TO_ALL, calls, back, "dispatch adjoint: the arrived rows' gradients (bwd)")
+
+
+@dataclass
+class _Bucket:
+    params: list[nn.Parameter]
+    group: str  # axis the bucket is reduced (and sharded) over
+    n: int  # its size
+    shard_index: int  # this rank's index in it (ZeRO)
+
+    @property
+    def numel(self) -> int:
+        return sum(q.numel() for q in self.params)
+
+    @property
+    def padded(self) -> int:
+        return math.ceil(self.numel / self.n) * self.n
+
+    def partial_in_shard(self) -> int:
+        """Elements of this rank's ZeRO shard that belong to tensor-partial parameters."""
+        size = self.padded // self.n
+        lo, hi = self.shard_index * size, (self.shard_index + 1) * size
+        offset, total = 0, 0
+        for q in self.params:
+            if sharding_of(q).partial_grad:
+                total += max(0, min(offset + q.numel(), hi) - max(offset, lo))
+            offset += q.numel()
+        return total
+
+
+def _gradients(v: Volume, cfg: Config, c: Coords, chunks: dict[int, Transformer], it: int) -> None:
+    stage = _stage_view(cfg, chunks)
+    params = [q for chunk in chunks.values() for q in chunk.parameters() if q.requires_grad]
+    if cfg.parallel.zero == 0:
+        _ddp(v, cfg, params, stage.tied_params(), it)
+    else:
+        _zero(v, cfg, c, stage, params, stage.tied_params(), it)
+
+
+def _ddp(v: Volume, cfg: Config, params: list, tied: list, it: int) -> None:
+    """parallel.data_parallel.DataParallel, then the trainer's DDP path after backward."""
+    p = cfg.parallel
+    grad = 8 if it == 8 else 4  # fp32 buckets (fp64 with fp64 parameters)
+    backward = params[::-1]
+    expert = [sharding_of(q).expert and p.ep > 1 for q in backward]
+    # DataParallel plans with 4 bytes per element whatever the dtype.
+    for members in plan_buckets([q.numel() * 4 for q in backward], int(p.bucket_mb * 2**20), expert):
+        axis, n = ("edp", p.dp // p.ep) if expert[members[0]] else ("dp", p.dp)
+        v.ring(axis, ALL_REDUCE, 1, sum(backward[i].numel() for i in members) * grad, n, "gradient bucket")
+    partial = sum(q.numel() for q in params if sharding_of(q).partial_grad)
+    v.ring("tp", ALL_REDUCE, int(partial > 0), partial * grad, p.tp, "sum_partial_grads: one flat all-reduce")
+    for q in tied:  # Stage.sync_tied_embeddings
+        v.ring("embed", ALL_REDUCE, 1, q.numel() * grad, 2, "tied embedding gradient")
+    # global_grad_norm: one scalar per group holding distinct gradients (only if any is larger than 1).
+    for axis, n in (("ep", p.ep), ("tp", p.tp), ("pp", p.pp)):
+        v.ring(axis, ALL_REDUCE, 1, grad, n, "gradient norm: sum of squares")
+
+
+def _zero(v: Volume, cfg: Config, c: Coords, stage, params: list, tied: list, it: int) -> None:
+    """parallel.zero / zero3 / zero_experts as the trainer builds them, then its ZeRO path."""
+    p = cfg.parallel
+    mb = microbatches_per_rank(cfg)
+    isolate = {id(q) for q in tied}
+    if p.zero == 3:
+        units = stage.zero3_units()[::-1]  # bucket order: backward
+        wrappers = [[(_Bucket(ps, "dp", p.dp, c.dp), spans) for ps, spans in units]]
+    else:
+        parts, groups = [params], [("dp", p.dp, c.dp)]
+        if p.ep > 1:  # ZeroWithExperts: dense state sharded over dp, experts over edp
+            experts = [q for q in params if sharding_of(q).expert]
+            parts = [[q for q in params if not sharding_of(q).expert], experts]
+            groups.append(("edp", p.dp // p.ep, c.edp))
+        wrappers = []
+        for part, (axis, n, index) in zip(parts, groups, strict=True):
+            backward = part[::-1]
+            kinds = [id(q) if id(q) in isolate else None for q in backward]  # tied: a bucket of its own
+            sizes = [q.numel() * q.element_size() for q in backward]
+            plan = plan_buckets(sizes, int(p.bucket_mb * 2**20), kinds)
+            wrappers.append([(_Bucket([backward[i] for i in ms], axis, n, index), None) for ms in plan])
+    for buckets in wrappers:
+        for b, spans in buckets:
+            full = b.padded * it
+            if p.zero == 3:  # gathered before each forward use and once for backward, per micro-batch
+                v.ring(b.group, ALL_GATHER, mb * (len(spans) + 1), full, b.n, "unit gathered")
+            v.ring(b.group, REDUCE_SCATTER, 1 if p.zero == 1 else mb, full, b.n, "gradient bucket")
+            if p.zero < 3:
+                v.ring(b.group, ALL_GATHER, 1, full, b.n, "updated bucket, after the step")
+        # sum_partial_grads: one all-reduce of the tensor-partial ranges of this rank's shards.
+        partial = sum(b.partial_in_shard() for b, _ in buckets)
+        v.ring("tp", ALL_REDUCE, int(partial > 0), partial * it, p.tp, "sum_partial_grads on the shards")
+        for b, _ in buckets:  # sum_isolated_grads: the tied parameter's shard over the embed group
+            if id(b.params[0]) in isolate:
+                v.ring("embed", ALL_REDUCE, 1, b.padded // b.n * it, 2, "tied embedding gradient shard")
+        first = buckets[0][0]
+        v.ring(first.group, ALL_REDUCE, 1, it, first.n, "gradient norm: shard squares")
+    if p.ep > 1:  # ZeroWithExperts sums the experts' squares over ep
+        v.ring("ep", ALL_REDUCE, 1, it, p.ep, "gradient norm: sum of squares")
+    for axis, n in (("tp", p.tp), ("pp", p.pp)):
+        v.ring(axis, ALL_REDUCE, 1, it, n, "gradient norm: sum of squares")
+
+
+def _bookkeeping(v: Volume, cfg: Config, it: int) -> None:
+    """The trainer's reductions for its metrics (Trainer._sum_loss, Trainer._moe_metrics)."""
+    p, m = cfg.parallel, cfg.model
+    for axis, n in (("pp", p.pp), ("dp", p.dp)):
+        v.ring(axis, ALL_REDUCE, 1, it, n, "loss sum", BOOKKEEPING)
+    layers = sum(is_moe_block(m, i) for i in range(m.n_layers))
+    stats = layers * (3 + m.moe.num_experts) * 8  # float64 per layer: aux, z, dropped, per expert
+    world = p.dp * p.tp * p.pp * p.cp
+    v.ring("world", ALL_REDUCE, int(layers > 0), stats, world, "MoE routing statistics", BOOKKEEPING)

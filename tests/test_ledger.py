@@ -1,0 +1,373 @@
+"""The communication ledger (parallel/ledger.py) against the analytic volumes (dtrain/comm_volume.py).
+
+One training step per layout runs under a CommLedger on every rank of a Gloo world; every (axis, op) it
+records, calls and bytes, must equal comm_volume.predict for that rank exactly, training traffic and the
+trainer's bookkeeping alike. MoE all-to-all bytes depend on the routing: the test recomputes each
+layer's routing from its input (the layer's own `route`), derives the rows that leave and arrive at each
+rank, and the prediction fed with those rows must equal the measurement; the balanced-routing figure
+FORMULAS.md gives is checked to be close. The meta-device model comm_volume plans buckets with is checked
+against the real one, parameter by parameter."""
+
+from __future__ import annotations
+
+import json
+import os
+from fractions import Fraction
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests import harness
+from tests.reference import tiny_config
+
+SMALL_BUCKETS = "parallel.bucket_mb=0.005"  # several gradient buckets even for the tiny model
+MOE = ("model.moe.num_experts=4", "model.moe.top_k=2")
+
+# name -> overrides of the tiny config; each runs on 2 ranks (dp fills what tp and pp leave).
+LAYOUTS_2 = {
+    "ddp": (SMALL_BUCKETS,),
+    "zero1": ("parallel.zero=1", SMALL_BUCKETS),
+    "zero2": ("parallel.zero=2", SMALL_BUCKETS),
+    "zero3": ("parallel.zero=3",),
+    "tp2": ("parallel.tp=2",),
+    "tp2-sp": ("parallel.tp=2", "parallel.sp=true"),
+    "tp2-sp-checkpointing": ("parallel.tp=2", "parallel.sp=true", "train.activation_checkpointing=true"),
+    "pp2-1f1b-tied": ("parallel.pp=2", "model.tie_embeddings=true"),
+    "pp2-interleaved": (
+        "parallel.pp=2",
+        "parallel.pp_schedule=interleaved",
+        "parallel.pp_virtual_stages=2",
+        "model.n_layers=4",
+    ),
+    "moe-ep2": ("parallel.ep=2", *MOE, SMALL_BUCKETS),
+}
+
+# Heavier compositions on 4 ranks (slow): ZeRO shards meet tensor-partial sums, tied pipeline ends, and
+# tensor-split tokens meet expert parallelism.
+LAYOUTS_4 = {
+    "tp2-dp2-zero1": ("parallel.tp=2", "parallel.zero=1", SMALL_BUCKETS),
+    "tp2-dp2-sp-zero2": ("parallel.tp=2", "parallel.sp=true", "parallel.zero=2"),
+    "tp2-dp2-sp-zero3": ("parallel.tp=2", "parallel.sp=true", "parallel.zero=3"),
+    "pp2-dp2-tied-zero1": ("parallel.pp=2", "model.tie_embeddings=true", "parallel.zero=1"),
+    "pp2-dp2-tied-zero3": ("parallel.pp=2", "model.tie_embeddings=true", "parallel.zero=3"),
+    "tp2-pp2-sp-replicated-kv": ("parallel.tp=2", "parallel.pp=2", "parallel.sp=true", "model.n_kv_heads=1"),
+    "dp4-ep2-zero2": ("parallel.ep=2", *MOE, "parallel.zero=2", SMALL_BUCKETS),
+    "tp2-dp2-ep2-checkpointing": (
+        "parallel.tp=2",
+        "parallel.ep=2",
+        *MOE,
+        "train.activation_checkpointing=true",
+    ),
+}
+
+
+def _tallies(tallies: dict) -> dict:
+    """{(axis, op): Tally} as picklable {(axis, op): (calls, bytes)}."""
+    return {key: (t.calls, t.sent) for key, t in tallies.items()}
+
+
+def _meta_matches_real(cfg, trainer) -> list[str]:
+    """comm_volume's meta-device parameters against the trainer's: same order, sizes and facts."""
+    from dtrain.comm_volume import meta_chunks
+    from parallel.sharding import sharding_of
+
+    def facts(params):
+        return [(q.numel(), sharding_of(q).partial_grad, sharding_of(q).expert) for q in params]
+
+    meta = [q for c in meta_chunks(cfg, trainer.grid.coords.pp).values() for q in c.parameters()]
+    return (
+        []
+        if facts(meta) == facts(trainer.params)
+        else [f"meta {facts(meta)} != real {facts(trainer.params)}"]
+    )
+
+
+def _routing_recorder(trainer) -> list:
+    """Per MoE forward on this rank (layer by layer, micro-batch by micro-batch), the kept slots per
+    expert, recomputed from the layer's input with the layer's own routing (dtrain.bench.moe.routing_of).
+    Under tensor parallelism each tensor rank routes its sequence chunk of the micro-batch."""
+    from dtrain.bench.moe import routing_of
+    from parallel.expert_parallel import group_size
+
+    kept: list[list[int]] = []
+
+    def hook(layer, args, _out):
+        if torch._C._current_graph_task_id() != -1:
+            return  # an activation-checkpointing recompute: the same routing again
+        tp = group_size(layer.tp_group)
+        assert tp == 1 or layer.split_tokens, "under SP the layer input is a chunk; route the gathered one"
+        # Route the whole micro-batch in priority order (sequence-major); capacity counts all of it, and
+        # tensor rank j routes the j-th contiguous part, so its kept slots are that part's.
+        with torch.no_grad():
+            tokens, r = routing_of(layer, args[0])
+        part = tokens.shape[0] // tp
+        mine = slice(0, part) if tp == 1 else slice(rank_in(layer) * part, (rank_in(layer) + 1) * part)
+        expert, keep = r.expert[mine], r.keep[mine]
+        kept.append(torch.bincount(expert[keep], minlength=layer.num_experts).tolist())
+
+    def rank_in(layer) -> int:
+        return dist.get_rank(layer.tp_group)
+
+    for layer in trainer.model.moe_layers().values():
+        layer.register_forward_hook(hook)
+    return kept
+
+
+def measure_step(names_and_overrides: list[tuple[str, tuple[str, ...]]]) -> dict:
+    """For each layout: one training step under a ledger; this rank's tallies, the prediction's, and
+    the MoE routing counts (for the exact all-to-all rows)."""
+    from dtrain.comm_volume import predict
+    from dtrain.trainer import Trainer
+    from parallel.ledger import BOOKKEEPING, CommLedger
+
+    out = {}
+    for name, overrides in names_and_overrides:
+        cfg = tiny_config(dist.get_world_size(), *overrides)
+        p = cfg.parallel
+        grid = harness.grid(tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep)
+        trainer = Trainer(cfg, grid, torch.device("cpu"))
+        kept = _routing_recorder(trainer)
+        trainer.ledger = ledger = CommLedger(grid)  # the trainer tags its bookkeeping in this ledger
+        with ledger:
+            trainer.train_step()
+        volume = predict(cfg, dist.get_rank())
+        out[name] = {
+            "training": _tallies(ledger.tallies()),
+            "bookkeeping": _tallies(ledger.tallies(BOOKKEEPING)),
+            "predicted": _tallies(volume.tallies()),
+            "predicted_bookkeeping": _tallies(volume.tallies(BOOKKEEPING)),
+            "estimated": volume.estimated,
+            "table": volume.table(),
+            "meta": _meta_matches_real(cfg, trainer),
+            "kept": kept,
+            "ep_rank": grid.coords.ep,
+            "ep_ranks": grid.ranks("ep"),
+            "unpriced": ledger.unpriced,
+        }
+    return out
+
+
+def exact_moe_rows(results: list[dict], rank: int, num_experts: int) -> tuple[int, int]:
+    """(rows leaving, rows arriving) of `rank` summed over its dispatches, from every rank's routing:
+    a kept slot for expert e goes to the ep rank holding e (dtrain.bench.moe.alltoall_rows)."""
+    from dtrain.bench.moe import alltoall_rows
+
+    group = results[rank]["ep_ranks"]
+    local = num_experts // len(group)
+    leaving = arriving = 0
+    for call in range(len(results[rank]["kept"])):
+        counts = [results[r]["kept"][call] for r in group]
+        out, back = alltoall_rows(counts, results[rank]["ep_rank"], local)
+        leaving, arriving = leaving + out, arriving + back
+    return leaving, arriving
+
+
+def check_layout(name: str, overrides: tuple[str, ...], results: list[dict]) -> None:
+    """Every rank's measured tallies equal the prediction; MoE rows from the routing."""
+    from dtrain.comm_volume import predict
+    from parallel.ledger import ALL_TO_ALL
+
+    world = len(results)
+    cfg = tiny_config(world, *overrides)
+    for rank, result in enumerate(r[name] for r in results):
+        assert not result["meta"], result["meta"]
+        assert not result["unpriced"], result["unpriced"]
+        predicted, measured = result["predicted"], result["training"]
+        context = f"{name}, rank {rank}; prediction:\n{result['table']}"
+        assert result["bookkeeping"] == result["predicted_bookkeeping"], context
+        if not result["estimated"]:
+            assert measured == predicted, context
+            continue
+        # MoE: the all-to-all bytes depend on the routing; everything else is exact already.
+        key = ("ep", ALL_TO_ALL)
+        assert result["estimated"] == {key}
+        assert {k: v for k, v in measured.items() if k != key} == {
+            k: v for k, v in predicted.items() if k != key
+        }, context
+        rows = exact_moe_rows([r[name] for r in results], rank, cfg.model.moe.num_experts)
+        exact = predict(cfg, rank, moe_rows=rows).tallies()[key]
+        assert measured[key] == (exact.calls, exact.sent), context
+        balanced = predicted[key][1]
+        assert measured[key][0] == predicted[key][0]
+        assert abs(measured[key][1] - balanced) <= Fraction(1, 10) * balanced, (measured[key], balanced)
+
+
+@pytest.fixture(scope="module")
+def measured_2(world2):
+    results = world2.run(measure_step, list(LAYOUTS_2.items()))
+    return [{name: r[name] for name in LAYOUTS_2} for r in results]
+
+
+@pytest.mark.parametrize("name", LAYOUTS_2.keys())
+def test_ledger_equals_analytic_volume_2_ranks(measured_2, name):
+    check_layout(name, LAYOUTS_2[name], measured_2)
+
+
+@pytest.mark.slow
+def test_ledger_equals_analytic_volume_4_ranks(world4):
+    results = world4.run(measure_step, list(LAYOUTS_4.items()))
+    for name, overrides in LAYOUTS_4.items():
+        check_layout(name, overrides, results)
+
+
+def test_moe_rows_are_near_the_balanced_figure(measured_2):
+    """The dispatch moves about (ep-1)/ep of the T*k routed rows each way (FORMULAS.md), not exactly."""
+    from dtrain.comm_volume import predict
+    from dtrain.config import microbatches_per_rank
+
+    cfg = tiny_config(2, *LAYOUTS_2["moe-ep2"])
+    t, layers, m = cfg.train, cfg.model.n_layers, microbatches_per_rank(cfg)
+    for rank in range(2):
+        leaving, arriving = exact_moe_rows([r["moe-ep2"] for r in measured_2], rank, 4)
+        balanced = Fraction(1, 2) * t.micro_batch_size * t.seq_len * cfg.model.moe.top_k * layers * m
+        # 16-token micro-batches route unevenly: one direction may be 10% off, the traffic is closer.
+        assert abs(leaving + arriving - 2 * balanced) <= 2 * balanced / 10, (leaving, arriving, balanced)
+        # Calls are exact either way: per layer and micro-batch, 3 forward all-to-alls and 2 adjoints.
+        assert predict(cfg, rank).tallies()[("ep", "all-to-all")].calls == 5 * layers * m
+
+
+def fit_and_read(out_dir: str, overrides: tuple[str, ...]) -> list[dict] | None:
+    from dtrain.trainer import Trainer
+
+    cfg = tiny_config(dist.get_world_size(), *overrides, f"run.out_dir={out_dir}")
+    p = cfg.parallel
+    Trainer(cfg, harness.grid(tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep), torch.device("cpu")).fit()
+    if dist.get_rank() != 0:
+        return None
+    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_trainer_writes_comm_metrics_on_logging_steps_only(world2, tmp_path):
+    from dtrain.comm_volume import predict
+
+    overrides = ("parallel.zero=1", SMALL_BUCKETS, "train.steps=3", "run.log_every=2", "train.eval_batches=0")
+    records = world2.run(fit_and_read, str(tmp_path), overrides)[0]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert not any(k.startswith("comm") for k in records[0])  # step 1: not a logging step
+    cfg = tiny_config(2, *overrides)
+    want = predict(cfg, 0).metrics()
+    totals = [round(predict(cfg, r).total_bytes()) for r in range(2)]
+    for record in records[1:]:  # step 2 (log_every) and the last step
+        got = {k: v for k, v in record.items() if k.startswith("comm/")}
+        assert got == want
+        assert record["comm_bytes_per_rank"] == totals
+        assert got["comm/dp/reduce_scatter_calls"] > 1 and got["comm/bookkeeping_bytes"] == 4  # the loss sum
+
+
+def test_prediction_reproduces_the_tensor_parallel_benchmark_count():
+    """bench/tensor_parallel.py counts one step of the tp model (one micro-batch, the partial-gradient sum)
+    exactly; the prediction's tensor-parallel bytes are that plus the gradient norm's scalar."""
+    from dtrain.bench.tensor_parallel import analytic_bytes
+    from dtrain.comm_volume import predict
+
+    for sp in ("false", "true"):
+        cfg = tiny_config(
+            2, "parallel.tp=2", f"parallel.sp={sp}", "model.n_kv_heads=1", "train.global_batch_size=4"
+        )
+        volume = predict(cfg)
+        tp = sum(t.sent for t in volume.terms if t.axis == "tp" and not t.label.startswith("gradient norm"))
+        assert all(t.section == "training" for t in volume.terms if t.axis == "tp")
+        assert tp == analytic_bytes(cfg, cfg.train.micro_batch_size, cfg.train.seq_len).total
+
+
+def test_prediction_gives_the_formulas_data_parallel_volumes():
+    """FORMULAS.md: DDP and ZeRO 1/2 send 2Ψ(N-1)/N elements per step, ZeRO-3 3Ψ(N-1)/N (one micro-batch);
+    exactly so here up to the padding of each bucket to a multiple of N."""
+    from dtrain.comm_volume import meta_chunks, predict
+
+    n, psi = 2, sum(q.numel() for c in meta_chunks(tiny_config(2), 0).values() for q in c.parameters())
+    for zero, factor in ((0, 2), (1, 2), (2, 2), (3, 3)):
+        cfg = tiny_config(n, f"parallel.zero={zero}", "train.global_batch_size=8")
+        volume = predict(cfg)
+        sent = sum(
+            t.sent
+            for t in volume.terms
+            if t.axis == "dp" and t.section == "training" and not t.label.startswith("gradient norm")
+        )
+        formula = Fraction(factor * (n - 1), n) * psi * 4
+        assert formula <= sent <= formula * Fraction(1001, 1000), (zero, sent, formula)
+
+
+def test_not_modelled_names_the_key():
+    from dtrain.comm_volume import NotModelled, predict
+
+    cases = {
+        "train.precision": ("parallel.tp=2", "train.precision=bf16"),
+        "parallel.zero=2": (
+            "parallel.pp=2",
+            "parallel.zero=2",
+            "parallel.pp_schedule=interleaved",
+            "parallel.pp_virtual_stages=2",
+            "model.n_layers=4",
+        ),
+    }
+    for key, overrides in cases.items():
+        with pytest.raises(NotModelled, match=key):
+            predict(tiny_config(2, *overrides))
+    predict(tiny_config(2, "train.precision=bf16"))  # data parallelism alone: modelled at any precision
+
+
+def test_ring_bytes_has_one_home():
+    from dtrain.bench import comm
+    from parallel import ledger
+
+    assert comm.ring_bytes is ledger.ring_bytes
+    assert (
+        ledger.ring_bytes(ledger.ALL_REDUCE, 12, 4) == 18 and ledger.ring_bytes(ledger.ALL_GATHER, 12, 4) == 9
+    )
+
+
+def ledger_primitives() -> dict:
+    """Each way a collective can be issued, under one ledger: sync and async, list forms, uneven
+    all-to-all, batched point-to-point, inside autograd's backward and from a post-accumulate-grad hook;
+    a one-rank group and the bookkeeping section."""
+    from parallel.collectives import copy_to_tp
+    from parallel.ledger import BOOKKEEPING, CommLedger
+
+    rank, grid = dist.get_rank(), harness.grid(dp=2)
+    alone = [dist.new_group([r]) for r in range(2)][rank]  # collective: both ranks create both
+    f32 = {"dtype": torch.float32}
+    weight = torch.nn.Parameter(torch.ones(4))
+    weight.register_post_accumulate_grad_hook(lambda p: dist.all_reduce(p.grad, group=grid.dp_group))
+    with CommLedger(grid) as ledger:
+        dist.all_reduce(torch.ones(10, **f32))  # default group: "world"
+        dist.all_reduce(torch.ones(10, **f32), group=grid.dp_group, async_op=True).wait()
+        dist.all_gather_single(torch.empty(10, **f32), torch.ones(5, **f32), group=grid.dp_group)
+        dist.all_gather([torch.empty(5, **f32) for _ in range(2)], torch.ones(5, **f32), group=grid.dp_group)
+        dist.reduce_scatter_single(torch.empty(4, **f32), torch.ones(8, **f32), group=grid.dp_group)
+        send = [1, 3] if rank == 0 else [2, 2]  # rows of a (4, 3) input for ranks 0 and 1
+        recv = [1, 2] if rank == 0 else [3, 2]
+        dist.all_to_all_single(torch.empty(sum(recv), 3), torch.ones(4, 3), recv, send, group=grid.dp_group)
+        peer = 1 - rank
+        ops = [
+            dist.P2POp(dist.isend, torch.ones(5, **f32), peer, grid.dp_group),
+            dist.P2POp(dist.irecv, torch.empty(5, **f32), peer, grid.dp_group),
+        ]
+        for work in dist.batch_isend_irecv(ops if rank == 0 else ops[::-1]):
+            work.wait()
+        copy_to_tp(weight * 1.0, grid.dp_group).sum().backward()  # backward all-reduce + the hook's
+        dist.all_reduce(torch.ones(10, **f32), group=alone)  # one rank: nothing sent, not recorded
+        with ledger.bookkeeping():
+            dist.all_reduce(torch.ones(2, **f32), group=grid.dp_group)
+        dist.barrier(group=grid.dp_group)
+    return {"training": _tallies(ledger.tallies()), "bookkeeping": _tallies(ledger.tallies(BOOKKEEPING))}
+
+
+def test_ledger_sees_every_way_a_collective_is_issued(world2):
+    results = world2.run(ledger_primitives)
+    for rank, result in enumerate(results):
+        leaving = 3 if rank == 0 else 2  # all-to-all rows to the other rank, 12 bytes each
+        assert result["training"] == {
+            ("world", "all-reduce"): (1, 40),  # 2(n-1)/n * 40 bytes
+            # async 40 B; the backward of copy_to_tp and the hook: 16 B each
+            ("dp", "all-reduce"): (3, 40 + 16 + 16),
+            ("dp", "all-gather"): (2, 20 + 20),  # (n-1)/n * the gathered 40 B, single and list form
+            ("dp", "reduce-scatter"): (1, 16),
+            ("dp", "all-to-all"): (1, leaving * 12),
+            ("dp", "send"): (1, 20),
+            ("dp", "recv"): (1, 0),
+            ("dp", "barrier"): (1, 0),
+        }, rank
+        assert result["bookkeeping"] == {("dp", "all-reduce"): (1, 8)}
