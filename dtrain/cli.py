@@ -163,7 +163,8 @@ def add_estimate_parser(sub) -> None:
     )
     est.add_argument(
         "--memory",
-        help="memory per GPU (e.g. 80GiB, 40GB): also list the layouts of this world that fit, cheapest first",
+        help="memory per GPU (e.g. 80GiB, 40GB): also list the layouts of this world that fit, "
+        "cheapest first",
     )
     est.set_defaults(run=cmd_estimate)
 

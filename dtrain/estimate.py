@@ -15,8 +15,9 @@ each bucket zero-padded to a multiple of dp; under ZeRO-3 one bucket per unit fr
 the figures equal `Trainer.held_bytes()` after a step, byte for byte.
 
 Layouts: every axis is modelled. A pipeline rank holds its own chunks; a tensor rank holds 1/tp of every
-split matrix (`local_numel` applies dtrain.parallel_layers' rules: heads, hidden units and the padded
-vocabulary split, norms, routers and key/value heads fewer than tp replicated); an expert-parallel rank
+split matrix (dtrain.meta_model builds the rank's model with dtrain.parallel_layers' shapes: heads,
+hidden units and the padded vocabulary split, norms, routers and key/value heads fewer than tp
+replicated); an expert-parallel rank
 holds E/ep experts, whose ZeRO state is sharded over the dp/ep expert-data-parallel ranks; an embedding tied
 across stages is a bucket of its own. The tests hold these figures to `Trainer.held_bytes()` for every
 layout of the composition matrix.
@@ -27,14 +28,14 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 
 from dtrain.activations import activation_bytes
 from dtrain.config import Config, ConfigError, load_config, validate
-from dtrain.model import Layers, Transformer
-from dtrain.stage import Stage, balanced_split, n_chunks
+from dtrain.meta_model import meta_chunks, stage_view
+from dtrain.model import Transformer
+from dtrain.stage import Stage
 from parallel.data_parallel import plan_buckets
 from parallel.zero_experts import split_expert_units
 
@@ -54,41 +55,9 @@ def _empty() -> dict[str, dict[str, int]]:
     return {where: dict.fromkeys(KINDS, 0) for where in ("device", "host")}
 
 
-def meta_chunks(cfg: Config, pp_rank: int) -> list[Transformer]:
-    """The chunks pipeline rank `pp_rank` builds (dtrain.stage.Stage), on the meta device, dense layers."""
-    p = cfg.parallel
-    total = n_chunks(cfg)
-    chunks = []
-    with torch.device("meta"):
-        for c, block_ids in enumerate(balanced_split(cfg.model.n_layers, total)):
-            if c % p.pp != pp_rank:
-                continue
-            chunks.append(
-                Transformer(
-                    cfg.model, Layers(), block_ids=block_ids, has_embedding=c == 0, has_head=c == total - 1
-                )
-            )
-    return chunks
-
-
-def _params(chunks: list[Transformer]) -> list[torch.nn.Parameter]:
+def _params(chunks: dict[int, Transformer]) -> list[torch.nn.Parameter]:
     """Stage.parameters(): each chunk's parameters once (a tied head is the embedding), chunk order."""
-    return [p for chunk in chunks for p in chunk.parameters() if p.requires_grad]
-
-
-def local_numel(name: str, shape: tuple[int, ...], cfg: Config) -> int:
-    """Elements one rank holds of canonical parameter `name` (full `shape`) under cfg's tp and ep."""
-    m, tp, ep = cfg.model, cfg.parallel.tp, cfg.parallel.ep
-    kv = m.n_kv_heads or m.n_heads
-    numel = math.prod(shape)
-    if ".experts." in name:  # (E, ...) stacked experts, split over ep
-        return numel // ep
-    if name.endswith(("embed.weight", "head.weight")):  # the vocabulary padded to a multiple of tp
-        return math.ceil(shape[0] / tp) * shape[1]
-    split = ("attn.wq.weight", "attn.wo.weight", "mlp.w1.weight", "mlp.w2.weight", "mlp.w3.weight")
-    if name.endswith(split) or (name.endswith(("attn.wk.weight", "attn.wv.weight")) and kv >= tp):
-        return numel // tp
-    return numel  # replicated over tp: norms, routers, key/value heads fewer than tp
+    return [p for chunk in chunks.values() for p in chunk.parameters() if p.requires_grad]
 
 
 @dataclass
@@ -102,10 +71,10 @@ class RankParams:
     isolated: set[int]  # ids of parameters tied across pipeline stages
 
 
-def rank_params(cfg: Config, chunks: list[Transformer]) -> RankParams:
-    stage = SimpleNamespace(cfg=cfg, chunks=dict(enumerate(chunks)))
-    stage.tied_params = lambda: Stage.tied_params(stage)
-    numel = {id(p): local_numel(n, tuple(p.shape), cfg) for c in chunks for n, p in c.named_parameters()}
+def rank_params(cfg: Config, chunks: dict[int, Transformer]) -> RankParams:
+    """`chunks`: dtrain.meta_model.meta_chunks, this rank's shapes."""
+    stage = stage_view(cfg, chunks)
+    numel = {id(p): p.numel() for c in chunks.values() for p in c.parameters()}
     params = _params(chunks)
     return RankParams(
         numel=numel,
@@ -138,12 +107,12 @@ def _bucket_groups(cfg: Config, rp: RankParams) -> list[tuple[list[int], int]]:
     return out
 
 
-def zero_bucket_numels(cfg: Config, chunks: list[Transformer]) -> list[int]:
+def zero_bucket_numels(cfg: Config, chunks: dict[int, Transformer]) -> list[int]:
     """Real (unpadded) elements of every flat bucket of the ZeRO wrappers, dense ones first."""
     return [n for numels, _ in _bucket_groups(cfg, rank_params(cfg, chunks)) for n in numels]
 
 
-def _held(cfg: Config, chunks: list[Transformer]) -> dict[str, dict[str, int]]:
+def _held(cfg: Config, chunks: dict[int, Transformer]) -> dict[str, dict[str, int]]:
     """What Trainer.held_bytes() reports for a rank holding `chunks`."""
     p = cfg.parallel
     rp = rank_params(cfg, chunks)
@@ -228,6 +197,7 @@ def estimate_model_states(cfg: Config, world: int) -> dict:
         rp = rank_params(cfg, chunks)
         n_params, e = sum(rp.numel[id(q)] for q in rp.params), rp.element_size
         held = _held(cfg, chunks)
+        first_rank = pp_rank * p.dp * p.cp * p.tp  # the grid's first rank of this pipeline stage
         stages.append(
             {
                 "pp_rank": pp_rank,
@@ -237,6 +207,7 @@ def estimate_model_states(cfg: Config, world: int) -> dict:
                 "element_size": e,
                 "formula": _formula_line(cfg, n_params, e, held),
                 "activations": activation_bytes(cfg, pp_rank),
+                "communication": _communication(cfg, first_rank),
             }
         )
     first = stages[0]
@@ -259,6 +230,22 @@ def estimate_model_states(cfg: Config, world: int) -> dict:
         "offload": p.offload,
         "bucket_mb": p.bucket_mb,
         "notes": notes,
+    }
+
+
+def _communication(cfg: Config, rank: int) -> dict:
+    """Bytes `rank` sends per step, by (axis, op), from dtrain.comm_volume (what the ledger measures);
+    {"not_modelled": reason} for what that count does not cover."""
+    from dtrain.comm_volume import NotModelled, predict
+
+    try:
+        volume = predict(cfg, rank)
+    except NotModelled as e:
+        return {"not_modelled": str(e)}
+    return {
+        "by_axis_op": {f"{axis} {op}": int(t.sent) for (axis, op), t in volume.tallies().items()},
+        "total": int(volume.total_bytes()),
+        "estimated": sorted(f"{axis} {op}" for axis, op in volume.estimated),
     }
 
 
@@ -303,6 +290,14 @@ def format_report(est: dict, source: str = "") -> str:
             + (f" + {human(act['recompute'])} recomputed block" if act["recompute"] else "")
             + f" = {human(act['total'])}; device peak ~ {human(peak_device_bytes(s))}"
         )
+        comm = s["communication"]
+        if "not_modelled" in comm:
+            lines.append(f"  communication per step: not modelled ({comm['not_modelled']})")
+        else:
+            parts = [f"{k} {human(v)}" + (" (balanced routing)" if k in comm["estimated"] else "")
+                     for k, v in comm["by_axis_op"].items()]  # fmt: skip
+            lines.append(f"  sent per step by one rank: {human(comm['total'])}" + (":" if parts else ""))
+            lines += [f"    {part}" for part in parts]
     lines += [f"note: {n}" for n in est["notes"]]
     return "\n".join(lines)
 

@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 
 from dtrain.config import ConfigError, load_config
-from dtrain.estimate import estimate_model_states, meta_chunks, zero_bucket_numels
+from dtrain.estimate import estimate_model_states, zero_bucket_numels
+from dtrain.meta_model import meta_chunks
 from dtrain.model import count_params
 from tests import harness
 from tests.reference import TINY, tiny_config
@@ -198,6 +199,9 @@ def validate_for(overrides: list[str], world: int):
     return validate(load_config(None, overrides), world)
 
 
+LAYOUT_KEYS = ("tp", "pp", "dp", "ep", "zero")
+
+
 def test_suggested_layouts_fit_the_budget_and_validate():
     from dtrain.config import validate
     from dtrain.suggest import parse_bytes, suggest_layouts
@@ -213,7 +217,7 @@ def test_suggested_layouts_fit_the_budget_and_validate():
     for f in fits[:5]:
         trial = load_config(
             None,
-            [*TINY, "model.moe.num_experts=4", *(f"parallel.{k}={f[k]}" for k in "tp pp dp ep zero".split())],
+            [*TINY, "model.moe.num_experts=4", *(f"parallel.{k}={f[k]}" for k in LAYOUT_KEYS)],
         )
         validate(trial, 4)
     with pytest.raises(ConfigError, match="--memory='lots' is not a size"):
