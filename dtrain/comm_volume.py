@@ -400,7 +400,7 @@ def _zero(v: Volume, cfg: Config, c: Coords, stage, params: list, tied: list, it
 
 
 def _bookkeeping(v: Volume, cfg: Config, it: int) -> None:
-    """The trainer's reductions for its metrics (Trainer._sum_loss, Trainer._moe_metrics)."""
+    """The trainer's reductions for its metrics (Trainer._sum_loss, Stage.routing_metrics)."""
     p, m = cfg.parallel, cfg.model
     for axis, n in (("pp", p.pp), ("dp", p.dp)):
         v.ring(axis, ALL_REDUCE, 1, it, n, "loss sum", BOOKKEEPING)

@@ -22,6 +22,7 @@ class MetricsLogger:
         self.log_every = log_every
         self.start_step = resume_step
         self.start_time = time.perf_counter()
+        self.interval = [0, 0.0]  # tokens and step seconds since the last progress line
         if not enabled:
             return
         os.makedirs(out_dir, exist_ok=True)
@@ -55,6 +56,8 @@ class MetricsLogger:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         step = record["step"]
+        self.interval[0] += record["tokens_per_s"] * record["step_time_s"]
+        self.interval[1] += record["step_time_s"]
         for key, value in record.items():
             if key != "step" and isinstance(value, int | float):
                 self.tb.add_scalar(key.replace("_", "/", 1) if key.startswith("val_") else key, value, step)
@@ -64,6 +67,7 @@ class MetricsLogger:
                     self.tb.add_scalar(f"{key}/{item}{j}", v, step)
         if step % self.log_every == 0 or step == self.total_steps:
             print(self.progress_line(record), flush=True)
+            self.interval = [0, 0.0]
 
     def progress_line(self, r: dict) -> str:
         done = r["step"] - self.start_step
@@ -74,7 +78,9 @@ class MetricsLogger:
             f"loss {r['loss']:.4f}",
             f"lr {r['lr']:.2e}",
             f"grad_norm {r['grad_norm']:.3f}",
-            f"{r['tokens_per_s']:,.0f} tok/s",
+            # Over the steps since the last line: one step's rate would be noisy, and logging steps also
+            # run the communication ledger (parallel.ledger), which slows small models down.
+            f"{self.interval[0] / max(self.interval[1], 1e-9):,.0f} tok/s",
         ]
         if r.get("mfu") is not None:
             parts.append(f"mfu {100 * r['mfu']:.1f}%")

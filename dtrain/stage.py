@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dtrain.config import Config, microbatches_per_rank
-from dtrain.model import Transformer, init_weights
+from dtrain.model import Transformer, init_weights, is_moe_block
 from dtrain.parallel_layers import layers_for
 from parallel import pipeline_schedules
 from parallel.grid import ProcessGrid
@@ -135,6 +135,34 @@ class Stage:
             for i, block in chunk.blocks.items()
             if isinstance(block.mlp, MoELayer)
         }
+
+    def routing_metrics(self) -> dict:
+        """Per MoE layer, for the step just taken: aux and z loss (means over the global batch's
+        micro-batches, unscaled by their coefficients), the share of routed slots dropped and the slots
+        routed to each expert. One all-reduce over the world: a layer lives on one pipeline stage, data
+        ranks route their own tokens and tensor ranks hold shares of them, so the sum over every rank is
+        the global figure."""
+        m, t = self.cfg.model, self.cfg.train
+        if not m.moe.num_experts:
+            return {}
+        held = self.moe_layers()
+        ids = [i for i in range(m.n_layers) if is_moe_block(m, i)]
+        stats = torch.zeros(len(ids), 3 + m.moe.num_experts, dtype=torch.float64, device=self.device)
+        for row, i in enumerate(ids):
+            if i in held:
+                stats[row] = held[i].take_stats()
+        dist.all_reduce(stats)
+        microbatches = t.global_batch_size // t.micro_batch_size
+        slots = t.global_batch_size * t.seq_len * m.moe.top_k
+        out = {"moe/aux_loss": 0.0, "moe/z_loss": 0.0}
+        for (aux, z, dropped, *counts), i in zip(stats.tolist(), ids, strict=True):
+            out[f"moe/layer{i}/aux_loss"] = aux / microbatches
+            out[f"moe/layer{i}/z_loss"] = z / microbatches
+            out[f"moe/layer{i}/dropped_frac"] = dropped / slots
+            out[f"moe/layer{i}/tokens_per_expert"] = [int(c) for c in counts]
+            out["moe/aux_loss"] += aux / microbatches
+            out["moe/z_loss"] += z / microbatches
+        return out
 
     def sync_tied_embeddings(self) -> None:
         """Sum the gradients of the tied embedding (first stage) and head (last stage)."""

@@ -24,7 +24,7 @@ from dtrain import checkpoint
 from dtrain.config import Config, TrainConfig, microbatches_per_rank, to_dict
 from dtrain.data import build_dataset, rank_microbatches
 from dtrain.metrics import MetricsLogger
-from dtrain.model import Transformer, count_params, flops_per_token, is_moe_block
+from dtrain.model import Transformer, count_params, flops_per_token
 from dtrain.runtime import peak_flops, peak_memory_bytes
 from dtrain.stage import Stage
 from parallel.data_parallel import DataParallel
@@ -79,7 +79,7 @@ class StepResult:
     loss: float
     grad_norm: float
     skipped: bool
-    moe: dict = field(default_factory=dict)  # per MoE layer routing metrics (`Trainer._moe_metrics`)
+    moe: dict = field(default_factory=dict)  # per MoE layer routing metrics (`Stage.routing_metrics`)
 
 
 class Trainer:
@@ -165,7 +165,7 @@ class Trainer:
         self.ddp.zero_grad()
         with self._bookkeeping():
             loss_sum = self._sum_loss(loss_sum)
-            moe = self._moe_metrics()
+            moe = self.model.routing_metrics()
         self.step += 1
         self.tokens_seen += self.global_tokens
         return StepResult(float(loss_sum) / self.global_tokens, float(grad_norm), skipped, moe)
@@ -173,33 +173,6 @@ class Trainer:
     def _bookkeeping(self):
         """Reductions that only feed the metrics: an active ledger tallies them apart from training."""
         return self.ledger.bookkeeping() if self.ledger is not None else contextlib.nullcontext()
-
-    def _moe_metrics(self) -> dict:
-        """Per MoE layer: aux and z loss (means over the global batch's micro-batches, unscaled by their
-        coefficients), the share of routed slots dropped and the slots routed to each expert. One
-        all-reduce over the world: a layer lives on one pipeline stage, data ranks route their own
-        tokens and tensor ranks hold shares of them, so the sum over every rank is the global figure."""
-        m = self.cfg.model
-        if not m.moe.num_experts:
-            return {}
-        held = self.model.moe_layers()
-        ids = [i for i in range(m.n_layers) if is_moe_block(m, i)]
-        stats = torch.zeros(len(ids), 3 + m.moe.num_experts, dtype=torch.float64, device=self.device)
-        for row, i in enumerate(ids):
-            if i in held:
-                stats[row] = held[i].take_stats()
-        dist.all_reduce(stats)
-        microbatches = self.cfg.train.global_batch_size // self.cfg.train.micro_batch_size
-        slots = self.global_tokens * m.moe.top_k
-        out = {"moe/aux_loss": 0.0, "moe/z_loss": 0.0}
-        for (aux, z, dropped, *counts), i in zip(stats.tolist(), ids, strict=True):
-            out[f"moe/layer{i}/aux_loss"] = aux / microbatches
-            out[f"moe/layer{i}/z_loss"] = z / microbatches
-            out[f"moe/layer{i}/dropped_frac"] = dropped / slots
-            out[f"moe/layer{i}/tokens_per_expert"] = [int(c) for c in counts]
-            out["moe/aux_loss"] += aux / microbatches
-            out["moe/z_loss"] += z / microbatches
-        return out
 
     def _unscaled_grad_norm(self) -> torch.Tensor:
         """Divide out the fp16 loss scale and return the global gradient norm."""
