@@ -1,4 +1,4 @@
-"""`dtrain` command line: train, prepare-data, export, schedule.
+"""`dtrain` command line: train, prepare-data, export, schedule, estimate, bench.
 
 Expected failures (bad config, bad data, bad checkpoint, diverged training) print one line,
 `dtrain: error: ...`, and exit non-zero without a traceback. Config and data are checked before any
@@ -169,6 +169,30 @@ def add_estimate_parser(sub) -> None:
     est.set_defaults(run=cmd_estimate)
 
 
+# --- bench (scaling sweeps over world sizes and layouts, spawned Gloo worlds on CPU) ----------------------
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from dtrain.bench.scaling import run_sweep
+
+    run_sweep(args)
+
+
+def add_bench_parser(sub) -> None:
+    from dtrain.bench import scaling
+
+    bench = sub.add_parser(
+        "bench",
+        help="scaling benchmark: throughput, memory and bytes sent per rank across worlds and layouts",
+        description="Strong and weak scaling of CONFIG over world sizes and layouts, each point in a fresh "
+        "spawned Gloo world on CPU (warm-up, then timed steps; the median of the slowest rank). Writes "
+        "scaling.csv, throughput/memory/comm PNGs and TensorBoard scalars to --out and prints a table. "
+        "Example: dtrain bench configs/tiny.yaml --worlds 1,2,4 --layouts dp,tp2,pp2+zero1 --mode both",
+    )
+    scaling.add_arguments(bench)
+    bench.set_defaults(run=cmd_bench)
+
+
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -209,6 +233,7 @@ def parser() -> argparse.ArgumentParser:
     sched.add_argument("--out", help="output .png or .svg (without it, only the text is printed)")
     sched.set_defaults(run=cmd_schedule)
     add_estimate_parser(sub)
+    add_bench_parser(sub)
     return ap
 
 
