@@ -132,13 +132,18 @@ class ZeroDataParallel:
         return [[params[i] for i in members] for members in plan]
 
     def _shard_ranges(self, bucket: FlatBucket, predicate) -> list[slice]:
-        """Ranges of this rank's shard covered by the parameters for which predicate(param) holds."""
+        """Ranges of this rank's shard covered by the parameters for which predicate(param) holds,
+        adjacent ones merged (usually one range per bucket: one kernel, not one per parameter)."""
         lo, hi = bucket.shard.start, bucket.shard.stop
-        ranges = []
+        ranges: list[slice] = []
         for p, offset in zip(bucket.params, bucket.offsets, strict=True):
-            start, stop = max(offset, lo), min(offset + p.numel(), hi)
-            if start < stop and predicate(p):
-                ranges.append(slice(start - lo, stop - lo))
+            start, stop = max(offset, lo) - lo, min(offset + p.numel(), hi) - lo
+            if start >= stop or not predicate(p):
+                continue
+            if ranges and ranges[-1].stop == start:
+                ranges[-1] = slice(ranges[-1].start, stop)
+            else:
+                ranges.append(slice(start, stop))
         return ranges
 
     def _counted_here(self, p: nn.Parameter) -> bool:
