@@ -80,8 +80,13 @@ def cmd_export(args: argparse.Namespace) -> None:
             p.copy_(tensors[name])
     # model.state_dict() lists tied weights under both names, so the file loads with strict=True.
     tmp = args.out + ".tmp"
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, args.out)
+    try:
+        torch.save(model.state_dict(), tmp)
+        os.replace(tmp, args.out)
+    except BaseException:  # a full disk: leave neither a torn file nor a stray .tmp behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     n = sum(p.numel() for p in model.parameters())
     print(f"exported {n:,} parameters from {args.checkpoint} to {args.out}")
 
@@ -234,7 +239,8 @@ def main(argv: list[str] | None = None) -> None:
             if rank == "0":
                 print(f"dtrain: error: {e}", file=sys.stderr)
         elif isinstance(e, CollectiveError | OSError):  # seen by some ranks only: each says what it saw
-            print(f"dtrain: error: rank {rank}: {e}", file=sys.stderr)
+            who = f"rank {rank}: " if "RANK" in os.environ else ""
+            print(f"dtrain: error: {who}{e}", file=sys.stderr)
         else:
             raise
         sys.exit(1)

@@ -5,6 +5,7 @@ or data file may not make dtrain do: run pickled code or read the environment.""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -269,6 +270,22 @@ def test_export_never_runs_code_from_a_checkpoint(capsys, saved, tmp_path):
     _reseal(evil)
     line = fails(capsys, ["export", str(evil), "--out", str(exported)], exported)
     assert "run.out_dir='${oc.env:HOME}' in the checkpoint's config calls an omegaconf resolver" in line
+
+
+def test_export_onto_a_full_disk_leaves_nothing_behind(capsys, monkeypatch, saved, tmp_path):
+    exported = tmp_path / "model.pt"
+
+    def full_disk(obj, path):
+        with open(path, "wb") as f:
+            f.write(b"PK\x03\x04 torn")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["export", str(saved / "checkpoints" / "step_2"), "--out", str(exported)])
+    assert e.value.code == 1
+    assert capsys.readouterr().err == f"dtrain: error: [Errno 28] No space left on device: '{exported}.tmp'\n"
+    assert os.listdir(tmp_path) == []
 
 
 def test_torchrun_restarts_need_a_fresh_store_per_attempt(monkeypatch):
