@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dtrain.resilience import first_error, flatten_config
 from parallel.sharding import gather_full, sharding_of
 
 FORMAT_VERSION = 1
@@ -88,6 +89,54 @@ def optimizer_state(
     return flat
 
 
+def _attempt(action) -> str | None:
+    """Run one rank's share of a save; its error as one line (None on success). Any exception counts,
+    not only OSError: torch.save reports a failed write as RuntimeError, and a rank that raised while the
+    others wait in the next collective would hang the job."""
+    try:
+        action()
+        return None
+    except Exception as e:
+        return (str(e).splitlines() or [type(e).__name__])[0]
+
+
+def _finalise(tmp: str, final: str, root: str, step: int, extra_state: dict) -> None:
+    """Rank 0: state.json, then the manifest, then the rename that publishes the checkpoint."""
+    state = {"format": FORMAT_VERSION, "step": step, **extra_state}
+    _write_file(os.path.join(tmp, "state.json"), lambda f: f.write(json.dumps(state, indent=1).encode()))
+    files = {
+        name: {"sha256": _sha256(os.path.join(tmp, name)), "bytes": os.path.getsize(os.path.join(tmp, name))}
+        for name in sorted(os.listdir(tmp))
+    }
+    manifest = {"format": FORMAT_VERSION, "step": step, "files": files}
+    _write_file(
+        os.path.join(tmp, "manifest.json"), lambda f: f.write(json.dumps(manifest, indent=1).encode())
+    )
+    _fsync_dir(tmp)
+    # Saving a step that exists already: move the old one aside first, so some complete step_<N> is on
+    # disk at every moment, and put it back if the new one cannot take its place.
+    old = final + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(final):
+        os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        if os.path.exists(old) and not os.path.exists(final):
+            os.replace(old, final)
+        raise
+    _fsync_dir(root)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove(path: str) -> None:
+    """Rename first, then delete: a crash mid-delete leaves a `.deleting` folder that nothing reads,
+    never a half-deleted step_<N> that looks like a checkpoint."""
+    trash = path + ".deleting"
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def save(
     out_dir: str,
     step: int,
@@ -103,52 +152,57 @@ def save(
 ) -> str:
     """Collective over the world: every rank calls it. Ranks with `gathers` assemble canonical tensors
     from the shards of their groups (one data-parallel replica suffices); the `is_writer` rank among
-    them writes part `part` (its pipeline stage's parameters); rank 0 finalises."""
+    them writes part `part` (its pipeline stage's parameters); rank 0 finalises.
+
+    A failure on any rank (a full disk, a read-only folder) is agreed by all ranks at the end of each
+    phase (`first_error`, which also serves as the barrier), so every rank raises the same one-line
+    CheckpointError; the unfinished `.tmp` folder is removed and earlier checkpoints are left intact."""
     root = os.path.join(out_dir, "checkpoints")
     final = os.path.join(root, f"step_{step}")
     tmp = final + ".tmp"
     rank = dist.get_rank()
-    if rank == 0:
+
+    def agree(error: str | None) -> None:
+        error = first_error(error)
+        if error is None:
+            return
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = [os.path.basename(c) for c in list_checkpoints(out_dir)]
+        kept = f"{previous[-1]} is intact" if previous else "there is no earlier checkpoint"
+        raise CheckpointError(
+            f"could not write checkpoint {final} ({error}); {kept}; fix the cause (free disk space, "
+            f"permissions) and rerun with run.resume=true"
+        )
+
+    def prepare() -> None:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a save that crashed
         os.makedirs(tmp)
-    dist.barrier()
+
+    agree(_attempt(prepare) if rank == 0 else None)
     if gathers:
         model_state = canonical_model_state(model, groups)
         optim_state = optimizer_state(model, optimizer, groups)
-    if is_writer:
+
+    def write_part() -> None:
         _write_file(os.path.join(tmp, f"model_pp{part}.pt"), lambda f: torch.save(model_state, f))
         _write_file(os.path.join(tmp, f"optimizer_pp{part}.pt"), lambda f: torch.save(optim_state, f))
-    dist.barrier()
-    if rank == 0:
-        state = {"format": FORMAT_VERSION, "step": step, **extra_state}
-        _write_file(os.path.join(tmp, "state.json"), lambda f: f.write(json.dumps(state, indent=1).encode()))
-        files = {
-            name: {
-                "sha256": _sha256(os.path.join(tmp, name)),
-                "bytes": os.path.getsize(os.path.join(tmp, name)),
-            }
-            for name in sorted(os.listdir(tmp))
-        }
-        manifest = {"format": FORMAT_VERSION, "step": step, "files": files}
-        _write_file(
-            os.path.join(tmp, "manifest.json"), lambda f: f.write(json.dumps(manifest, indent=1).encode())
-        )
-        _fsync_dir(tmp)
-        # Saving a step that exists already: move the old one aside first, so some complete step_<N> is
-        # on disk at every moment.
-        old = final + ".old"
-        if os.path.exists(final):
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        shutil.rmtree(old, ignore_errors=True)
-        if keep > 0:
-            for old in list_checkpoints(out_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+
+    agree(_attempt(write_part) if is_writer else None)
+    agree(_attempt(lambda: _finalise(tmp, final, root, step, extra_state)) if rank == 0 else None)
+    if rank == 0 and keep > 0:
+        # Count only checkpoints up to this one: a newer folder (left by a run this one resumed behind)
+        # must never make retention delete the checkpoint just written.
+        older = [c for c in list_checkpoints(out_dir) if _step_of(c) <= step]
+        for path in older[:-keep]:
+            _attempt(lambda path=path: _remove(path))  # best effort: the new checkpoint is complete
     dist.barrier()
     return final
+
+
+def _step_of(path: str) -> int:
+    return int(_STEP_DIR.match(os.path.basename(path)).group(1))
 
 
 def list_checkpoints(out_dir: str) -> list[str]:
@@ -161,27 +215,44 @@ def list_checkpoints(out_dir: str) -> list[str]:
 
 
 def verify(path: str) -> dict:
-    """Check the manifest and every checksum; return the manifest. Raises CheckpointError."""
+    """Check the manifest and every checksum; return the manifest. Raises CheckpointError.
+
+    Every file in the folder must be listed, so nothing unverified is ever loaded, and the step in the
+    manifest must match the folder's name (a renamed copy would resume at the wrong step)."""
     manifest_path = os.path.join(path, "manifest.json")
     if not os.path.isfile(manifest_path):
         raise CheckpointError(f"{path} has no manifest.json: not a checkpoint, or its save did not finish")
     try:
         with open(manifest_path, encoding="utf-8") as f:
             manifest = json.load(f)
-    except ValueError:
+    except (ValueError, UnicodeDecodeError):
         raise CheckpointError(f"{manifest_path} is not valid JSON (corrupted checkpoint)") from None
-    if manifest.get("format") != FORMAT_VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise CheckpointError(f"{path} has format {found}; this dtrain reads {FORMAT_VERSION}")
+    files = manifest.get("files")
+    well_formed = isinstance(files, dict) and all(
+        isinstance(m, dict) and isinstance(m.get("bytes"), int) and isinstance(m.get("sha256"), str)
+        for m in files.values()
+    )
+    if not well_formed or "state.json" not in files:
+        raise CheckpointError(f"{manifest_path} does not list the checkpoint's files (corrupted checkpoint)")
+    named = _STEP_DIR.match(os.path.basename(os.path.normpath(path)))
+    if named and int(named.group(1)) != manifest.get("step"):
         raise CheckpointError(
-            f"{path} has format {manifest.get('format')}; this dtrain reads {FORMAT_VERSION}"
+            f"{path} holds step {manifest.get('step')} according to its manifest; the folder was renamed"
         )
-    for name, meta in manifest["files"].items():
+    for name, meta in files.items():
         file = os.path.join(path, name)
-        if not os.path.isfile(file):
+        if os.path.basename(name) != name or not os.path.isfile(file):
             raise CheckpointError(f"{file} is missing (corrupted checkpoint)")
         if os.path.getsize(file) != meta["bytes"] or _sha256(file) != meta["sha256"]:
             raise CheckpointError(
                 f"{file} does not match its checksum in manifest.json (corrupted or truncated)"
             )
+    unlisted = sorted(set(os.listdir(path)) - set(files) - {"manifest.json"})
+    if unlisted:
+        raise CheckpointError(f"{path} holds {unlisted[0]}, which manifest.json does not list; remove it")
     return manifest
 
 
@@ -197,7 +268,16 @@ def latest_valid(out_dir: str, warn=print) -> str | None:
 
 
 def load_tensors(path: str, name: str) -> dict[str, torch.Tensor]:
-    return torch.load(os.path.join(path, name), map_location="cpu", weights_only=True)
+    """One tensor file, read with weights_only=True: anything but tensors and plain containers (a pickled
+    object that would run code) is refused with a one-line CheckpointError."""
+    file = os.path.join(path, name)
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if "weights only" in first.lower():  # torch's text goes on to suggest weights_only=False: never
+            first = "it holds pickled objects other than tensors, which could run code"
+        raise CheckpointError(f"{file} is not a tensor file dtrain can load safely: {first}") from None
 
 
 def load_parts(path: str, kind: str) -> dict[str, torch.Tensor]:
@@ -244,3 +324,48 @@ def restore(path: str, model: nn.Module, optimizer) -> dict:
                 for k, v in optim_by_param[name].items()
             }
     return load_state(path)
+
+
+def _model_difference(saved: dict, wanted: dict) -> str | None:
+    """How two model configs differ in a way that changes parameter names or shapes, as 'model.x=a in
+    the checkpoint, b here' (None if every parameter would load). Built on PyTorch's meta device: no
+    memory, no weights."""
+    from dtrain.config import config_from_dict
+    from dtrain.model import Transformer
+
+    def shapes(model_cfg: dict) -> dict[str, tuple[int, ...]]:
+        with torch.device("meta"):
+            model = Transformer(config_from_dict({"model": model_cfg}).model)
+        return {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+    if shapes(saved) == shapes(wanted):
+        return None
+    a, b = flatten_config(saved, "model."), flatten_config(wanted, "model.")
+    keys = [k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    return ", ".join(f"{k}={a.get(k)!r} in the checkpoint, {b.get(k)!r} here" for k in keys[:3]) or "?"
+
+
+def check_resume(cfg) -> None:
+    """Before any process group: a checkpoint this run would resume from must come from the same model
+    shape, or the run stops with one line naming the model keys that differ (restore() checks every
+    tensor again; this only reads state.json, so it costs nothing). An explicit `run.resume=PATH` must
+    also verify. Checkpoints whose state.json cannot be read are left to latest_valid(), which reports
+    and skips them."""
+    from dtrain.config import ConfigError, to_dict
+
+    resume = cfg.run.resume
+    if resume is False:
+        return
+    if isinstance(resume, str):
+        verify(resume)
+    for path in [resume] if isinstance(resume, str) else list_checkpoints(cfg.run.out_dir):
+        try:
+            saved = load_state(path)["config"]["model"]
+            differs = _model_difference(saved, to_dict(cfg)["model"])
+        except (OSError, ValueError, KeyError, TypeError, ConfigError):
+            continue  # unreadable or from another dtrain version: restore() decides, tensor by tensor
+        if differs:
+            raise CheckpointError(
+                f"{path} was saved from another model shape ({differs}); set the same model.* values to "
+                f"resume it, or use another run.out_dir"
+            )

@@ -19,21 +19,32 @@ EXPECTED = (ConfigError, DataError, CheckpointError)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from datetime import timedelta
+
     import torch.distributed as dist
 
+    from dtrain import resilience
+    from dtrain.checkpoint import check_resume
     from dtrain.config import load_config, validate
-    from dtrain.data import build_dataset
+    from dtrain.data import check_data
     from dtrain.runtime import init_distributed
     from dtrain.trainer import Trainer
     from parallel.grid import ProcessGrid
 
     cfg = validate(load_config(args.config, args.overrides), int(os.environ.get("WORLD_SIZE", "1")))
-    build_dataset(cfg, "train")  # a missing or malformed data file fails here, before any process group
+    # Bad input fails here, in one line, before any process group exists or anything is written:
+    check_data(cfg)  # a missing or malformed data file, token ids beyond the vocabulary
+    check_resume(cfg)  # a checkpoint of another model shape
     device = init_distributed(cfg.dist)
     try:
+        timeout = cfg.dist.timeout_s
+        with resilience.startup_phase(timeout):
+            resilience.check_ranks_agree(cfg)  # before the grid: ranks that disagree cannot build it
         p = cfg.parallel
-        grid = ProcessGrid(tp=p.tp, cp=p.cp, dp=p.dp, pp=p.pp, ep=p.ep)
-        Trainer(cfg, grid, device).fit()
+        grid = ProcessGrid(tp=p.tp, cp=p.cp, dp=p.dp, pp=p.pp, ep=p.ep, timeout=timedelta(seconds=timeout))
+        trainer = Trainer(cfg, grid, device)
+        resilience.name_collective_phases(trainer, timeout)
+        trainer.fit()
     finally:
         dist.destroy_process_group()
 
@@ -69,8 +80,13 @@ def cmd_export(args: argparse.Namespace) -> None:
             p.copy_(tensors[name])
     # model.state_dict() lists tied weights under both names, so the file loads with strict=True.
     tmp = args.out + ".tmp"
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, args.out)
+    try:
+        torch.save(model.state_dict(), tmp)
+        os.replace(tmp, args.out)
+    except BaseException:  # a full disk: leave neither a torn file nor a stray .tmp behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     n = sum(p.numel() for p in model.parameters())
     print(f"exported {n:,} parameters from {args.checkpoint} to {args.out}")
 
@@ -239,16 +255,23 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    rank = os.environ.get("RANK", "0")
     try:
         args.run(args)
     except EXPECTED as e:
-        if os.environ.get("RANK", "0") == "0":  # every rank fails the same way; say it once
+        if rank == "0":  # every rank fails the same way; say it once
             print(f"dtrain: error: {e}", file=sys.stderr)
         sys.exit(2)
     except Exception as e:
+        from dtrain.resilience import CollectiveError
         from dtrain.trainer import TrainingError
 
-        if not isinstance(e, TrainingError):
+        if isinstance(e, TrainingError):  # decided from values every rank shares: every rank stops
+            if rank == "0":
+                print(f"dtrain: error: {e}", file=sys.stderr)
+        elif isinstance(e, CollectiveError | OSError):  # seen by some ranks only: each says what it saw
+            who = f"rank {rank}: " if "RANK" in os.environ else ""
+            print(f"dtrain: error: {who}{e}", file=sys.stderr)
+        else:
             raise
-        print(f"dtrain: error: {e}", file=sys.stderr)
         sys.exit(1)

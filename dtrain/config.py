@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -163,6 +164,40 @@ def _explain(err: OmegaConfBaseException, schema: DictConfig) -> ConfigError:
     return ConfigError(f"config error at '{key}': {str(err).splitlines()[0]}")
 
 
+# `${name:...}` calls an omegaconf resolver (oc.env reads environment variables, oc.decode parses); plain
+# `${section.key}` only copies another config value.
+_RESOLVER = re.compile(r"\$\{\s*[A-Za-z_][\w.]*\s*:")
+
+
+def _check_layer(layer: Any, schema: DictConfig, source: str) -> None:
+    """A YAML file or the overrides, before merging: a mapping, sections given as sections, and no
+    resolvers, so a config is data: nothing in it runs or reads the environment (values end up in
+    checkpoints and logs)."""
+    if not isinstance(layer, DictConfig):
+        raise ConfigError(
+            f"{source} must be a mapping of sections (model:, train:, ...), not a list or value"
+        )
+
+    def walk(node: Any, spec: Any, prefix: str) -> None:
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            sub = spec.get(key) if isinstance(spec, dict) else None
+            if isinstance(sub, dict) and not isinstance(value, dict):
+                example = f"{name}.{next(iter(sub))}"
+                raise ConfigError(
+                    f"{name}={value!r} in {source}: {name} is a section; set its keys, e.g. {example}"
+                )
+            if isinstance(value, dict):
+                walk(value, sub, name + ".")
+            elif isinstance(value, str) and _RESOLVER.search(value):
+                raise ConfigError(
+                    f"{name}={value!r} in {source} calls an omegaconf resolver; configs are data: write the "
+                    f"value itself (a plain ${{section.key}} reference is allowed)"
+                )
+
+    walk(OmegaConf.to_container(layer, resolve=False), OmegaConf.to_container(schema, resolve=False), "")
+
+
 def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     """Schema defaults <- YAML file <- `key=value` overrides, type-checked by omegaconf."""
     schema = OmegaConf.structured(Config)
@@ -176,12 +211,14 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
             layers.append(OmegaConf.load(path))
         except Exception as e:  # yaml errors carry multi-line context; keep the first line
             raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+        _check_layer(layers[-1], schema, f"config file '{path}'")
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value (for example train.steps=20)")
     try:
         if overrides:
             layers.append(OmegaConf.from_dotlist(list(overrides)))
+            _check_layer(layers[-1], schema, "the overrides")
         merged = OmegaConf.merge(schema, *layers)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
@@ -191,8 +228,10 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
 
 def config_from_dict(values: dict) -> Config:
     """A config saved with a checkpoint (state.json) back into the schema."""
+    schema = OmegaConf.structured(Config)
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), values))
+        _check_layer(OmegaConf.create(values), schema, "the checkpoint's config")
+        return OmegaConf.to_object(OmegaConf.merge(schema, values))
     except OmegaConfBaseException as e:
         raise _explain(e, OmegaConf.structured(Config)) from None
 

@@ -118,10 +118,20 @@ class MemmapData:
     def __init__(self, path: str, seq_len: int, global_batch_size: int, seed: int, vocab_size: int):
         if not os.path.isfile(path):
             raise DataError(f"data file {path!r} does not exist; create it with `dtrain prepare-data`")
+        with open(path, "rb") as f:
+            magic = f.read(6)
+        if magic != b"\x93NUMPY":  # numpy would say "pickled data" and suggest allow_pickle=True: never
+            raise DataError(
+                f"data file {path!r} is not a .npy array (no NUMPY header); write token files with "
+                f"`dtrain prepare-data` or np.save of a 1-D uint16/uint32 array"
+            )
         try:
             tokens = np.load(path, mmap_mode="r", allow_pickle=False)
-        except Exception as e:  # numpy's messages for a non-.npy file are multi-line
-            raise DataError(f"data file {path!r} is not a .npy array: {str(e).splitlines()[0]}") from None
+        except Exception as e:  # numpy's messages for a broken .npy file are multi-line
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if "object" in first.lower() or "pickle" in first.lower():
+                first = "it holds Python objects, which dtrain never unpickles"
+            raise DataError(f"data file {path!r} is not a .npy array dtrain can read: {first}") from None
         if not isinstance(tokens, np.ndarray) or not np.issubdtype(tokens.dtype, np.integer):
             raise DataError(f"data file {path!r} has dtype {tokens.dtype}; token files must be uint16/uint32")
         if tokens.ndim != 1:
@@ -135,6 +145,24 @@ class MemmapData:
         self.global_batch_size, self.seed, self.vocab_size = global_batch_size, seed, vocab_size
         self.num_windows = (len(tokens) - 1) // seq_len
         self._perms: dict[int, np.ndarray] = {}  # at most two epochs: a batch can straddle a boundary
+
+    def check_token_ids(self, chunk: int = 1 << 24) -> None:
+        """Every token id in the file lies in [0, vocab_size): read once, in chunks, at start-up, so a
+        bad file fails before any process group exists or anything is written (batch() checks again as
+        it reads). Skipped when the dtype cannot hold a bad id (uint8 data and a 256-token vocabulary)."""
+        info = np.iinfo(self.tokens.dtype)
+        if info.min >= 0 and info.max < self.vocab_size:
+            return
+        for start in range(0, len(self.tokens), chunk):
+            part = self.tokens[start : start + chunk]
+            high, low = part.max(), part.min()
+            if high >= self.vocab_size or low < 0:
+                bad = int(high) if high >= self.vocab_size else int(low)
+                at = start + int(np.argmax(part == bad))
+                raise DataError(
+                    f"data file {self.path!r} holds token id {bad} at position {at}, outside "
+                    f"[0, model.vocab_size={self.vocab_size}); raise model.vocab_size or re-tokenize"
+                )
 
     def _perm(self, epoch: int) -> np.ndarray:
         if epoch not in self._perms:
@@ -194,6 +222,15 @@ def build_dataset(cfg, split: str = "train") -> SyntheticData | MemmapData | Non
     else:
         raise DataError(f"data.path={path!r} does not exist; create it with `dtrain prepare-data`")
     return MemmapData(file, t.seq_len, t.global_batch_size, t.seed, m.vocab_size)
+
+
+def check_data(cfg) -> None:
+    """Open every split the run will read and check its token ids, before any process group exists:
+    a missing, malformed or out-of-vocabulary data file fails here in one line."""
+    for split in ("train", "val"):
+        dataset = build_dataset(cfg, split)
+        if isinstance(dataset, MemmapData):
+            dataset.check_token_ids()
 
 
 def rank_microbatches(

@@ -37,8 +37,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# torch.distributed.run shares its rendezvous store with the workers unless this is "1". The shared store
+# outlives a restart with the previous attempt's keys in it, so a restarted worker can read the address a
+# dead peer listened on and fail to connect, at random (pytorch/pytorch#135712). With sharing off, rank 0
+# hosts a fresh store for every attempt.
+NO_SHARED_STORE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+
+
+def check_restartable() -> None:
+    """Under torchrun with --max-restarts > 0, refuse the shared rendezvous store (see above) at the first
+    start, in one line, rather than fail at random after a restart."""
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+    if restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        from dtrain.config import ConfigError
+
+        raise ConfigError(
+            f"torchrun --max-restarts {restarts} with a shared rendezvous store cannot restart reliably "
+            f"(stale peer addresses); run torchrun with {NO_SHARED_STORE}=1 in its environment "
+            f"(python -m launch sets it)"
+        )
+
+
 def init_distributed(cfg: DistConfig) -> torch.device:
     """Join the world torchrun describes in the environment, or make a one-process world without it."""
+    check_restartable()
     backend = resolve_backend(cfg.backend)
     if backend == "nccl" and not torch.cuda.is_available():
         raise RuntimeError("dist.backend=nccl needs CUDA, which this machine lacks; use dist.backend=gloo")

@@ -152,19 +152,20 @@ class Trainer:
             before_backward=lambda chunk, is_last: self.ddp.before_backward(is_last),
         )
         self.ddp.finish_grad_sync()
+        with self._bookkeeping():  # before the step: a non-finite loss must stop it too
+            loss_sum = self._sum_loss(loss_sum)
         grad_norm = self._unscaled_grad_norm()
         # The norm is reduced over every group that holds distinct gradients, so every rank sees the same
         # value and takes the same decision here without another collective.
-        skipped = not bool(torch.isfinite(grad_norm))
+        skipped = not bool(torch.isfinite(grad_norm) & torch.isfinite(loss_sum))
         if skipped:
-            self._on_overflow(grad_norm)
+            self._on_overflow(grad_norm, loss_sum)
         else:
             self._clip_and_step(grad_norm)
             self.skipped_in_a_row = 0
         self.scaler.update(skipped)
         self.ddp.zero_grad()
         with self._bookkeeping():
-            loss_sum = self._sum_loss(loss_sum)
             moe = self.model.routing_metrics()
         self.step += 1
         self.tokens_seen += self.global_tokens
@@ -252,12 +253,14 @@ class Trainer:
                 dist.all_reduce(loss_sum, group=self.grid.group(name))
         return loss_sum
 
-    def _on_overflow(self, grad_norm: torch.Tensor) -> None:
+    def _on_overflow(self, grad_norm: torch.Tensor, loss_sum: torch.Tensor) -> None:
         t = self.cfg.train
         step = self.step + 1
         if not self.scaler.enabled:
+            what = "gradient norm" if not torch.isfinite(grad_norm) else "loss"
+            value = float(grad_norm) if what == "gradient norm" else float(loss_sum) / self.global_tokens
             raise TrainingError(
-                f"non-finite gradient norm ({float(grad_norm)}) at step {step}; lower train.lr or use "
+                f"non-finite {what} ({value}) at step {step}; lower train.lr or use "
                 f"train.precision=fp32; the last checkpoint is intact"
             )
         self.skipped_in_a_row += 1

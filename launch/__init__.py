@@ -8,6 +8,7 @@ process then runs `python -m dtrain train CONFIG [key=value ...]` (see launch/sl
 
 from __future__ import annotations
 
+import os
 import sys
 
 from dtrain.config import ConfigError, load_config, validate
@@ -110,6 +111,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"launch: error: {e}", file=sys.stderr)
         sys.exit(2)
     print("launch: torchrun " + " ".join(torchrun_argv), file=sys.stderr, flush=True)
+    # Restarts (--max-restarts) need a fresh rendezvous store per attempt: see dtrain.runtime.
+    from dtrain.runtime import NO_SHARED_STORE
+
+    os.environ.setdefault(NO_SHARED_STORE, "1")
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun

@@ -17,6 +17,7 @@ groups from it. Nothing here is global: a test can build several grids in one wo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch.distributed as dist
 
@@ -106,7 +107,19 @@ class ProcessGrid:
     skipped by the library (`size(name) == 1`), so unused axes cost nothing at run time.
     """
 
-    def __init__(self, *, tp: int = 1, cp: int = 1, dp: int = -1, pp: int = 1, ep: int = 1, backend=None):
+    def __init__(
+        self,
+        *,
+        tp: int = 1,
+        cp: int = 1,
+        dp: int = -1,
+        pp: int = 1,
+        ep: int = 1,
+        backend=None,
+        timeout: timedelta | None = None,
+    ):
+        """`timeout` bounds every collective over the grid's groups; None is torch's default for new
+        groups (30 minutes), not the world group's timeout, so a trainer passes its own."""
         if not dist.is_initialized():
             raise GridError("torch.distributed is not initialised; call init_process_group first")
         self.world_size = dist.get_world_size()
@@ -117,14 +130,15 @@ class ProcessGrid:
         self._ranks: dict[str, tuple[int, ...]] = {}
         for name in GROUP_NAMES:
             for ranks in self.layout.groups[name]:
-                group = dist.new_group(list(ranks), backend=backend)  # collective: every rank calls
+                # A collective: every rank calls new_group for every group, member or not.
+                group = dist.new_group(list(ranks), backend=backend, timeout=timeout)
                 if self.rank in ranks:
                     self._groups[name], self._ranks[name] = group, ranks
         # Tied input/output embeddings live on the first and the last pipeline stage: their gradients
         # are summed over a group of those two ranks (one per pipeline group; a single rank when pp=1).
         for ranks in self.layout.groups["pp"]:
             ends = sorted({ranks[0], ranks[-1]})
-            group = dist.new_group(ends, backend=backend)
+            group = dist.new_group(ends, backend=backend, timeout=timeout)
             if self.rank in ends:
                 self.embed_group = group
         if self.coords.pp not in (0, pp - 1):

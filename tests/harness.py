@@ -133,10 +133,10 @@ def repo_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_python(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_python(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python ARGS` in the repository root, importing this checkout, single-threaded (tests run the
-    real command line in a subprocess)."""
-    env = {**os.environ, "PYTHONPATH": repo_root(), "OMP_NUM_THREADS": "1"}
+    real command line in a subprocess); `env` adds variables."""
+    env = {**os.environ, "PYTHONPATH": repo_root(), "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=repo_root()
     )
