@@ -69,6 +69,7 @@ def test_cli_help_and_bad_input_in_one_line(capsys):
         assert err.startswith(message) and err.count("\n") == 1, err
 
 
+@pytest.mark.slow  # four spawned worlds; the bytes it checks are held to the prediction by test_ledger.py
 def test_sweep_writes_csv_plots_tensorboard_with_bytes_sent_and_held(tmp_path, capfd):
     out = str(tmp_path / "bench")
     argv = [TINY, *SMALL, "--worlds", "1,2", "--layouts", "dp,zero1", "--mode", "strong", "--steps", "1"]

@@ -268,7 +268,13 @@ ZERO_CASES = {
 }
 
 
-@pytest.mark.parametrize("layout", ZERO_CASES.values(), ids=ZERO_CASES.keys())
+@pytest.mark.parametrize(
+    "layout",
+    [
+        pytest.param(v, id=k, marks=[] if k.startswith("zero3") else [pytest.mark.slow])
+        for k, v in ZERO_CASES.items()
+    ],
+)
 def test_moe_with_zero_matches_torch_ddp(world4, layout):
     """ZeRO shards dense state over dp and expert state over the expert-data-parallel group."""
     world4.run(moe_training_case, layout, (*TOP2, "train.grad_clip=0.05"))
