@@ -55,7 +55,8 @@ def test_benchmark_times_all_and_matches_the_formulas(capfd, tmp_path):
         assert name in PYTORCH or error.startswith("not implemented"), (name, error)
     for name, r in impls.items():
         assert r["median_s"] > 0, name
-        assert re.search(rf"^{re.escape(LABELS[name])}\s+\d+\.\d\s+\d+\.\d\s+\d\.\d{{3}}\s", out, re.M), out
+        # A row: label, median ms, mean ms, ratio to torch DDP (which a loaded machine can push past 10).
+        assert re.search(rf"^{re.escape(LABELS[name])}\s+\d+\.\d\s+\d+\.\d\s+\d+\.\d{{3}}\s", out, re.M), out
         assert r["ratio_to_torch_ddp"] == pytest.approx(r["median_s"] / impls["torch-ddp"]["median_s"])
         # Same canonical weights, same batch, same loss normalisation: the same first-step loss.
         assert r["first_loss"] == pytest.approx(impls["torch-ddp"]["first_loss"], rel=1e-5), name

@@ -184,7 +184,17 @@ CASES_2 = {
 }
 
 
-@pytest.mark.parametrize(("layout", "overrides"), CASES_2.values(), ids=CASES_2.keys())
+# Tensor-parallel MoE also runs in the default slice of tests/test_matrix.py; these stay in the slow set.
+SLOW_MOE = {"tp2-top1-ckpt", "ep2-tp2-sp-top2"}
+
+
+def _cases(cases: dict) -> list:
+    return [
+        pytest.param(*v, id=k, marks=[pytest.mark.slow] if k in SLOW_MOE else []) for k, v in cases.items()
+    ]
+
+
+@pytest.mark.parametrize(("layout", "overrides"), _cases(CASES_2))
 def test_moe_matches_torch_ddp_2_ranks(world2, layout, overrides):
     result = world2.run(moe_training_case, layout, overrides)[0]
     _check_routing_metrics(result, overrides)
@@ -212,7 +222,7 @@ SLOW_4 = {
 }
 
 
-@pytest.mark.parametrize(("layout", "overrides"), CASES_4.values(), ids=CASES_4.keys())
+@pytest.mark.parametrize(("layout", "overrides"), _cases(CASES_4))
 def test_moe_matches_torch_ddp_4_ranks(world4, layout, overrides):
     result = world4.run(moe_training_case, layout, overrides)[0]
     if "model.n_layers=4" not in overrides:
