@@ -87,6 +87,14 @@ def sum_partial_grads(params: Iterable[torch.nn.Parameter], group: dist.ProcessG
         offset += g.numel()
 
 
+def counted_on_tp_rank(s: Sharding, tp_rank: int) -> bool:
+    """Whether this tensor rank counts the parameter in the gradient norm: tensor-split elements on every
+    tensor rank, tensor-replicated ones (experts included: split over ep, not tp) on rank 0 only, copies
+    held and counted by another pipeline stage nowhere."""
+    split_over_tp = s.split_dim is not None and s.group == "tp"
+    return not s.duplicate_of and (split_over_tp or tp_rank == 0)
+
+
 def sharding_of(param: torch.Tensor) -> Sharding:
     found = getattr(param, "sharding", None)
     return found if found is not None else Sharding(full_shape=tuple(param.shape))
@@ -125,8 +133,7 @@ def global_grad_norm(
         if p.grad is None:
             continue
         s = sharding_of(p)
-        split_over_tp = s.split_dim is not None and s.group == "tp"
-        if s.duplicate_of or (not split_over_tp and tp_rank != 0):
+        if not counted_on_tp_rank(s, tp_rank):
             continue
         (expert if s.expert else dense).append(p.grad)
     needs_reduce = any(g is not None and dist.get_world_size(g) > 1 for g in (tp_group, pp_group, ep_group))

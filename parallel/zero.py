@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from parallel.data_parallel import plan_buckets
-from parallel.sharding import sharding_of
+from parallel.sharding import counted_on_tp_rank, sharding_of
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -147,11 +147,7 @@ class ZeroDataParallel:
         return ranges
 
     def _counted_here(self, p: nn.Parameter) -> bool:
-        """global_grad_norm's rule: tensor-split elements on every tensor rank, replicated ones on rank 0,
-        copies held and counted by another stage nowhere."""
-        s = sharding_of(p)
-        split_over_tp = s.split_dim is not None and s.group == "tp"
-        return not s.duplicate_of and (split_over_tp or self.tp_rank == 0)
+        return counted_on_tp_rank(sharding_of(p), self.tp_rank)  # global_grad_norm's rule
 
     def _make_bucket(self, params: list[nn.Parameter], decay_if) -> FlatBucket:
         numel = sum(p.numel() for p in params)
