@@ -125,30 +125,27 @@ def _all_gather_bytes(data: bytes, group=None) -> list[bytes]:
     return [bytes(b[: int(s)].cpu().tolist()) for b, s in zip(bufs, sizes, strict=True)]
 
 
+def _first_key_differing(a: dict, b: dict) -> str | None:
+    return next((k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)), None)
+
+
 def _difference(mine: dict, theirs: dict) -> str | None:
     """The first difference between rank 0's fingerprint (`mine`) and another's, as a phrase."""
     a, b = mine["versions"], theirs["versions"]
-    for key in sorted(a.keys() | b.keys()):
-        if a.get(key) != b.get(key):
-            return (
-                f"runs {key} {b.get(key)} where rank 0 runs {key} {a.get(key)}; "
-                f"use one environment everywhere"
-            )
+    if (key := _first_key_differing(a, b)) is not None:
+        return f"runs {key} {b.get(key)} where rank 0 runs {key} {a.get(key)}; use one environment everywhere"
     a, b = mine["code"], theirs["code"]
-    for path in sorted(a.keys() | b.keys()):
-        if a.get(path) != b.get(path):
-            what = "lacks" if path not in b else "has an extra" if path not in a else "has another"
-            return (
-                f"{what} {path} (its dtrain source differs from rank 0's); install the same commit on "
-                f"every node"
-            )
+    if (path := _first_key_differing(a, b)) is not None:
+        what = "lacks" if path not in b else "has an extra" if path not in a else "has another"
+        return (
+            f"{what} {path} (its dtrain source differs from rank 0's); install the same commit on every node"
+        )
     a, b = mine["config"], theirs["config"]
-    for key in sorted(a.keys() | b.keys()):
-        if a.get(key) != b.get(key):
-            return (
-                f"was started with {key}={b.get(key)!r} where rank 0 has {a.get(key)!r}; start every rank "
-                f"with the same CONFIG and overrides"
-            )
+    if (key := _first_key_differing(a, b)) is not None:
+        return (
+            f"was started with {key}={b.get(key)!r} where rank 0 has {a.get(key)!r}; start every rank "
+            f"with the same CONFIG and overrides"
+        )
     return None
 
 
