@@ -75,16 +75,14 @@ def canonical_model_state(model: nn.Module, groups: dict) -> dict[str, torch.Ten
     }
 
 
-def optimizer_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer, groups: dict
-) -> dict[str, torch.Tensor]:
+def optimizer_state(model: nn.Module, state: dict, groups: dict) -> dict[str, torch.Tensor]:
     """AdamW state keyed by canonical parameter name instead of the optimizer's positional index; the
     moments are shaped like their parameter, so they are gathered like it."""
     flat = {}
     for name, p in model.named_parameters():
         if sharding_of(p).duplicate_of:
             continue
-        for key, value in optimizer.state.get(p, {}).items():
+        for key, value in state.get(p, {}).items():
             flat[f"{name}/{key}"] = _canonical(p, value, groups) if torch.is_tensor(value) else value
     return flat
 
@@ -141,7 +139,7 @@ def save(
     out_dir: str,
     step: int,
     model: nn.Module,
-    optimizer,
+    optimizer: dict,
     extra_state: dict,
     keep: int,
     *,
@@ -297,8 +295,10 @@ def load_state(path: str) -> dict:
 
 
 @torch.no_grad()
-def restore(path: str, model: nn.Module, optimizer) -> dict:
-    """Load a verified checkpoint into this rank's model and optimizer; returns state.json."""
+def restore(path: str, model: nn.Module) -> tuple[dict, dict]:
+    """Load a verified checkpoint into this rank's model; returns state.json and the AdamW state of this
+    rank's parameters (its slices of the canonical moments), for GradSync.load_state_dict."""
+    optimizer: dict = {}
     model_state = load_parts(path, "model")
     optim_by_param: dict[str, dict] = {}
     for key, value in load_parts(path, "optimizer").items():
@@ -319,11 +319,11 @@ def restore(path: str, model: nn.Module, optimizer) -> dict:
         if name in optim_by_param:
             # Moments are canonical like the parameter: take this rank's slice. AdamW keeps its step
             # counter on the CPU unless capturable.
-            optimizer.state[p] = {
+            optimizer[p] = {
                 k: v if k == "step" else s.take(v).to(p.device).clone()
                 for k, v in optim_by_param[name].items()
             }
-    return load_state(path)
+    return load_state(path), optimizer
 
 
 def _model_difference(saved: dict, wanted: dict) -> str | None:

@@ -42,9 +42,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             resilience.check_ranks_agree(cfg)  # before the grid: ranks that disagree cannot build it
         p = cfg.parallel
         grid = ProcessGrid(tp=p.tp, cp=p.cp, dp=p.dp, pp=p.pp, ep=p.ep, timeout=timedelta(seconds=timeout))
-        trainer = Trainer(cfg, grid, device)
-        resilience.name_collective_phases(trainer, timeout)
-        trainer.fit()
+        Trainer(cfg, grid, device, phases=resilience.CollectivePhases(grid, p.zero, timeout)).fit()
     finally:
         dist.destroy_process_group()
 
@@ -94,7 +92,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_schedule(args: argparse.Namespace) -> None:
     """Draw a pipeline schedule's timeline: from the schedule data (simulated), or measured on a real
     short run of a config (--measure), or from a run's saved measurement (--from-run)."""
-    from dtrain import timeline
+    from dtrain.analysis import timeline
     from parallel import pipeline_schedules as ps
 
     def fail(message: str) -> None:
@@ -159,7 +157,7 @@ def cmd_schedule(args: argparse.Namespace) -> None:
 
 
 def cmd_estimate(args: argparse.Namespace) -> None:
-    from dtrain.estimate import run
+    from dtrain.analysis.estimate import run
 
     print(run(args.config, args.overrides, args.world, args.memory))
 

@@ -1,7 +1,7 @@
 """Token data: a learnable synthetic stream and windows over a memory-mapped .npy token file.
 
-The equivalence contract (DESIGN.md) needs the global batch of step `s` to be a function of (seed, s) only,
-so every dataset here is stateless: `batch(step, start, count)` returns rows `start .. start+count-1` of
+The equivalence contract (docs/design.md) needs the global batch of step `s` to be a function of (seed, s)
+only, so every dataset here is stateless: `batch(step, start, count)` returns rows `start .. start+count-1` of
 that global batch, and a row is the same whichever window it is requested in. Resuming is then a matter of
 knowing the step, and each data-parallel rank materialises only its own rows.
 """

@@ -7,7 +7,7 @@ on what they run, and collective failures named by the training phase they inter
 - `check_ranks_agree`: at start-up, every rank all-gathers a fingerprint of its resolved config, of the
   dtrain/parallel/launch source files and of its torch and Python versions; a rank that differs from rank
   0 stops the run with one line naming that rank and the first key or file that differs.
-- `name_collective_phases`: a collective that times out (after `dist.timeout_s`) or loses its peer
+- `CollectivePhases`: a collective that times out (after `dist.timeout_s`) or loses its peer
   raises a `CollectiveError` naming the phase it belonged to, the process group and its ranks, and the
   step. Gloo's own message names only a buffer and a socket. Covered: every collective the trainer issues
   in a step (forward/backward, gradient reduction, norm, optimizer, loss), evaluation, checkpoint save
@@ -20,7 +20,6 @@ on what they run, and collective failures named by the training phase they inter
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import os
@@ -236,59 +235,36 @@ def group_phrase(grid, names: tuple[str, ...]) -> str:
     return " and ".join(parts) or "one-rank groups (no communication)"
 
 
-def name_collective_phases(trainer, timeout_s: float) -> None:
-    """Wrap the trainer's collective phases so that a timeout or a lost peer is reported by phase, group
-    and step. The methods are looked up by name: if one is renamed, this raises AttributeError at
-    start-up (and tests/test_reliability.py fails) rather than silently naming nothing."""
-    phases = _Phases(timeout_s)
-    g, dp = trainer.grid, "dp_cp"
-    step_groups = ("pp", "tp", dp) if type(trainer.ddp).__name__ == "Zero3DataParallel" else ("pp", "tp")
-    in_step = lambda: f"in step {trainer.step + 1}"  # noqa: E731 - evaluated as the phase starts
-    after_step = lambda: f"after step {trainer.step}"  # noqa: E731
-    save_groups = ("tp", dp) if trainer.optimizer is None else ("tp",)  # ZeRO gathers its shards
-    optimizer = "the optimizer step"
-    if trainer.optimizer is None:  # ZeRO: the updated shards are all-gathered
-        optimizer += f" (all-gather over {group_phrase(g, (dp,))})"
-    table = [
-        # owner, method, what it communicates, which step (the outermost phase's is reported)
-        (
-            trainer,
-            "train_step",
-            f"the forward/backward (send/recv, all-reduce over {group_phrase(g, step_groups)})",
-            in_step,
-        ),
-        (trainer.ddp, "finish_grad_sync", f"the gradient reduction over {group_phrase(g, (dp,))}", None),
-        (
-            trainer,
-            "_unscaled_grad_norm",
-            f"the gradient-norm all-reduce over {group_phrase(g, ('tp', 'pp', 'ep', dp))}",
-            None,
-        ),
-        (trainer, "_clip_and_step", optimizer, None),
-        (trainer, "_sum_loss", f"the loss all-reduce over {group_phrase(g, ('pp', 'dp'))}", None),
-        (trainer, "_record", f"the peak-memory all-gather over {group_phrase(g, ('world',))}", after_step),
-        (
-            trainer,
-            "evaluate",
-            f"the evaluation forward (send/recv, all-reduce over {group_phrase(g, ('pp', 'tp'))})",
-            after_step,
-        ),
-        (
-            trainer,
-            "save",
-            f"the checkpoint save (gathers over {group_phrase(g, save_groups)}, barriers over the world)",
-            after_step,
-        ),
-        (trainer, "resume", "the checkpoint load (gathers over the world)", lambda: "at start-up"),
-    ]
-    for owner, name, what, when in table:
-        original = getattr(owner, name)
+class CollectivePhases:
+    """What each phase the trainer enters communicates, over which of this rank's groups: `enter(name,
+    when)` is the scope the trainer opens around it (dtrain.trainer.Trainer(phases=...)). A collective that
+    times out or loses its peer inside is re-raised naming the innermost phase and the outermost step.
+    `zero`: the ZeRO stage (stage 3 gathers in forward and backward; every stage gathers its shards for a
+    save and all-gathers after the step)."""
 
-        def wrapped(*args, _original=original, _what=what, _when=when, **kwargs):
-            with phases.enter(_what, _when() if _when else ""):
-                return _original(*args, **kwargs)
+    def __init__(self, grid, zero: int, timeout_s: float):
+        self._phases = _Phases(timeout_s)
+        dp = "dp_cp"
+        over = lambda *names: group_phrase(grid, names)  # noqa: E731
+        fb_groups = ("pp", "tp", dp) if zero == 3 else ("pp", "tp")
+        optimizer = "the optimizer step"
+        if zero:
+            optimizer += f" (all-gather over {over(dp)})"
+        self.what = {
+            "forward_backward": f"the forward/backward (send/recv, all-reduce over {over(*fb_groups)})",
+            "grad_sync": f"the gradient reduction over {over(dp, 'tp')}",
+            "grad_norm": f"the gradient-norm all-reduce over {over('tp', 'pp', 'ep', dp)}",
+            "optimizer_step": optimizer,
+            "loss": f"the loss all-reduce over {over('pp', 'dp')}",
+            "metrics": f"the peak-memory all-gather over {over('world')}",
+            "evaluation": f"the evaluation forward (send/recv, all-reduce over {over('pp', 'tp')})",
+            "save": f"the checkpoint save (gathers over {over('tp', dp) if zero else over('tp')}, barriers "
+            "over the world)",
+            "load": "the checkpoint load (gathers over the world)",
+        }  # fmt: skip
 
-        setattr(owner, name, functools.wraps(original)(wrapped))
+    def enter(self, name: str, when: str = ""):
+        return self._phases.enter(self.what[name], when)
 
 
 @contextlib.contextmanager

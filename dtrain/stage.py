@@ -1,5 +1,6 @@
 """This rank's part of the model: its pipeline chunks (tensor-parallel layers where tp > 1), the schedule
-that runs them and the executor.
+that runs them and the executor; the ZeRO-3 units and tied parameters that gradient synchronisation
+needs to know of.
 
 The n_layers blocks are cut into C = pp * v chunks (v = parallel.pp_virtual_stages with the interleaved
 schedule, else 1), chunk c getting blocks [c * L // C, (c + 1) * L // C): sizes differ by at most one.
@@ -18,10 +19,9 @@ import torch.distributed as dist
 from torch import nn
 
 from dtrain.config import Config, microbatches_per_rank
-from dtrain.model import Transformer, init_weights, is_moe_block
-from dtrain.parallel_layers import layers_for
+from dtrain.model import Layers, Transformer, is_moe_block
 from parallel import pipeline_schedules
-from parallel.grid import ProcessGrid
+from parallel.grid import Grid
 from parallel.moe import MoELayer
 from parallel.pipeline import PipelineExecutor
 from parallel.sharding import set_sharding, sharding_of
@@ -41,41 +41,81 @@ def balanced_split(n_layers: int, chunks: int) -> list[range]:
     return [range(c * n_layers // chunks, (c + 1) * n_layers // chunks) for c in range(chunks)]
 
 
+def build_chunks(cfg: Config, layers: Layers, pp_rank: int) -> dict[int, Transformer]:
+    """The chunks pipeline rank `pp_rank` holds, by global chunk index, with uninitialised weights."""
+    p = cfg.parallel
+    total = n_chunks(cfg)
+    chunks: dict[int, Transformer] = {}
+    for c, block_ids in enumerate(balanced_split(cfg.model.n_layers, total)):
+        if c % p.pp != pp_rank:
+            continue
+        chunk = Transformer(
+            cfg.model,
+            layers,
+            block_ids=block_ids,
+            has_embedding=c == 0,
+            has_head=c == total - 1,
+            activation_checkpointing=cfg.train.activation_checkpointing,
+        )
+        if cfg.model.tie_embeddings and chunk.head is not None and chunk.embed is None:
+            # The head on the last stage copies the embedding of the first: same initial value
+            # (init_weights reads it under the embedding's name), gradients summed, counted once.
+            w = chunk.head.weight
+            set_sharding(w, dataclasses.replace(sharding_of(w), duplicate_of="embed.weight"))
+        chunks[c] = chunk
+    return chunks
+
+
+def tied_params(cfg: Config, chunks: dict[int, Transformer]) -> list[nn.Parameter]:
+    """The embedding (first stage) and the head (last stage) when they are tied across stages: their
+    gradients are summed over the grid's embed_group."""
+    if not cfg.model.tie_embeddings or cfg.parallel.pp == 1:
+        return []
+    return [
+        layer.weight for chunk in chunks.values() for layer in (chunk.embed, chunk.head) if layer is not None
+    ]
+
+
+def zero3_units(cfg: Config, chunks: dict[int, Transformer]) -> list:
+    """ZeRO-3 units in forward order: (parameters, spans of forward that use them). The embedding, each
+    block, and the final norm with the head; a head tied to the embedding is a second span of the
+    embedding's unit."""
+    units = []
+    across_stages = bool(tied_params(cfg, chunks))
+    for chunk in chunks.values():
+        tied = chunk.head is not None and chunk.embed is not None and chunk.head.weight is chunk.embed.weight
+        if chunk.embed is not None:
+            spans = [(chunk.embed, chunk.embed)] + ([(chunk.head, chunk.head)] if tied else [])
+            units.append(([chunk.embed.weight], spans))
+        units += [(list(block.parameters()), [(block, block)]) for block in chunk.blocks.values()]
+        if chunk.head is not None and chunk.embed is None and across_stages:
+            # A head tied to another stage's embedding is a unit of its own, sharded like it.
+            units.append(([chunk.norm.weight], [(chunk.norm, chunk.norm)]))
+            units.append(([chunk.head.weight], [(chunk.head, chunk.head)]))
+        elif chunk.head is not None:
+            params = [chunk.norm.weight] + ([] if tied else [chunk.head.weight])
+            units.append((params, [(chunk.norm, chunk.norm if tied else chunk.head)]))
+    return units
+
+
 class Stage:
-    def __init__(self, cfg: Config, grid: ProcessGrid, device: torch.device):
+    """This rank's chunks with the schedule and the executor that run them (dtrain.parallelize builds
+    it)."""
+
+    def __init__(self, cfg: Config, grid: Grid, chunks: dict[int, Transformer], device: torch.device):
         self.cfg, self.grid, self.device = cfg, grid, device
         p = cfg.parallel
-        total = n_chunks(cfg)
-        layers = layers_for(cfg.model, grid, sequence_parallel=p.sp)
-        self.chunks: dict[int, Transformer] = {}
-        for c, block_ids in enumerate(balanced_split(cfg.model.n_layers, total)):
-            if c % p.pp != grid.coords.pp:
-                continue
-            chunk = Transformer(
-                cfg.model,
-                layers,
-                block_ids=block_ids,
-                has_embedding=c == 0,
-                has_head=c == total - 1,
-                activation_checkpointing=cfg.train.activation_checkpointing,
-            )
-            if cfg.model.tie_embeddings and chunk.head is not None and chunk.embed is None:
-                # The head on the last stage copies the embedding of the first: same initial value
-                # (init_weights reads it under the embedding's name), gradients summed, counted once.
-                w = chunk.head.weight
-                set_sharding(w, dataclasses.replace(sharding_of(w), duplicate_of="embed.weight"))
-            init_weights(chunk, cfg.train.seed)
-            self.chunks[c] = chunk.to(device)
-        self.modules = nn.ModuleList(self.chunks.values())
+        self.chunks = chunks
+        self.modules = nn.ModuleList(chunks.values())
         m = microbatches_per_rank(cfg)
         schedule = p.pp_schedule if p.pp > 1 else "1f1b"
         self.train_actions = pipeline_schedules.build(schedule, p.pp, m, p.pp_virtual_stages)[grid.coords.pp]
         # Evaluation: forwards only, chunk by chunk (GPipe's forward half, deadlock-free for any v).
-        self.eval_actions = [pipeline_schedules.Action("F", c, i) for c in self.chunks for i in range(m)]
+        self.eval_actions = [pipeline_schedules.Action("F", c, i) for c in chunks for i in range(m)]
         seq = cfg.train.seq_len // (grid.size("tp") if p.sp else 1)
         self.executor = PipelineExecutor(
-            self.chunks,
-            total,
+            chunks,
+            n_chunks(cfg),
             grid.pp_group,
             activation_shape=lambda rows: (rows, seq, cfg.model.d_model),
             dtype=next(self.modules.parameters()).dtype,
@@ -92,40 +132,6 @@ class Stage:
 
     def train(self, mode: bool = True) -> None:
         self.modules.train(mode)
-
-    def zero3_units(self) -> list:
-        """ZeRO-3 units in forward order: (parameters, spans of forward that use them). The embedding, each
-        block, and the final norm with the head; a head tied to the embedding is a second span of the
-        embedding's unit."""
-        units = []
-        for chunk in self.chunks.values():
-            tied = (
-                chunk.head is not None and chunk.embed is not None and chunk.head.weight is chunk.embed.weight
-            )
-            if chunk.embed is not None:
-                spans = [(chunk.embed, chunk.embed)] + ([(chunk.head, chunk.head)] if tied else [])
-                units.append(([chunk.embed.weight], spans))
-            units += [(list(block.parameters()), [(block, block)]) for block in chunk.blocks.values()]
-            if chunk.head is not None and chunk.embed is None and self.tied_params():
-                # A head tied to another stage's embedding is a unit of its own, sharded like it.
-                units.append(([chunk.norm.weight], [(chunk.norm, chunk.norm)]))
-                units.append(([chunk.head.weight], [(chunk.head, chunk.head)]))
-            elif chunk.head is not None:
-                params = [chunk.norm.weight] + ([] if tied else [chunk.head.weight])
-                units.append((params, [(chunk.norm, chunk.norm if tied else chunk.head)]))
-        return units
-
-    def tied_params(self) -> list[nn.Parameter]:
-        """The embedding (first stage) and the head (last stage) when they are tied across stages: their
-        gradients are summed over the grid's embed_group."""
-        if not self.cfg.model.tie_embeddings or self.cfg.parallel.pp == 1:
-            return []
-        return [
-            layer.weight
-            for chunk in self.chunks.values()
-            for layer in (chunk.embed, chunk.head)
-            if layer is not None
-        ]
 
     def moe_layers(self) -> dict:
         """This rank's mixture-of-experts MLPs by global block index."""
@@ -163,9 +169,3 @@ class Stage:
             out["moe/aux_loss"] += aux / microbatches
             out["moe/z_loss"] += z / microbatches
         return out
-
-    def sync_tied_embeddings(self) -> None:
-        """Sum the gradients of the tied embedding (first stage) and head (last stage)."""
-        for p in self.tied_params():
-            if p.grad is not None:
-                dist.all_reduce(p.grad, group=self.grid.embed_group)

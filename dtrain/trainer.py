@@ -1,7 +1,6 @@
-"""The training loop, composed in the order of DESIGN.md:
-
-config -> validate -> grid -> model for this rank -> data-parallel wrapper -> optimizer -> loop with
-gradient accumulation, loss scaling, clipping, LR schedule, evaluation, logging and checkpoints.
+"""The training loop. `dtrain.parallelize` builds what this rank holds (model chunks, schedule, gradient
+synchronisation with the optimizer); the loop runs gradient accumulation, loss scaling, clipping, the LR
+schedule, evaluation, logging and checkpoints on it.
 
 The loss of a step is sum(token losses) / (tokens in the global batch). Each micro-batch's backward uses
 that same global denominator, so summing gradients over micro-batches and data-parallel ranks yields the
@@ -15,7 +14,6 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -25,17 +23,14 @@ from dtrain.config import Config, TrainConfig, microbatches_per_rank, to_dict
 from dtrain.data import build_dataset, rank_microbatches
 from dtrain.metrics import MetricsLogger
 from dtrain.model import Transformer, count_params, flops_per_token
+from dtrain.parallelize import build_model_chunks, parallelize
 from dtrain.runtime import peak_flops, peak_memory_bytes
-from dtrain.stage import Stage
-from parallel.data_parallel import DataParallel
-from parallel.grid import ProcessGrid
+from parallel.data_parallel import torch_adamw
+from parallel.grad_sync import AdamWConfig, clip_
+from parallel.grid import Grid
 from parallel.ledger import CommLedger
 from parallel.moe import set_aux_grad_scale
 from parallel.precision import LossScaler, autocast, wide
-from parallel.sharding import clip_coefficient, clip_grads_, global_grad_norm, sum_partial_grads
-from parallel.zero import AdamWConfig, ZeroDataParallel
-from parallel.zero3 import Zero3DataParallel
-from parallel.zero_experts import ZeroWithExperts, split_expert_units
 
 
 class TrainingError(RuntimeError):
@@ -51,14 +46,12 @@ def lr_at(step: int, t: TrainConfig) -> float:
 
 
 def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (norm gains are not decayed)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": other, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+    """torch's AdamW as the trainer configures it (weight decay on matrices only), for reference runs."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch_adamw(params, AdamWConfig(t.lr, (t.beta1, t.beta2), t.eps, t.weight_decay))
 
 
-def step_seed(seed: int, step: int, grid: ProcessGrid) -> int:
+def step_seed(seed: int, step: int, grid: Grid) -> int:
     """The default generator's seed for a step: a function of (seed, step) and the grid coordinates
     other than the tensor rank, so tensor ranks draw identical masks in replicated regions (split
     regions derive their own streams, parallel.rng) and a resumed run draws the same masks."""
@@ -67,11 +60,11 @@ def step_seed(seed: int, step: int, grid: ProcessGrid) -> int:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") % 2**63
 
 
-def build_model(cfg: Config, grid: ProcessGrid, device: torch.device) -> Transformer:
+def build_model(cfg: Config, grid: Grid, device: torch.device) -> Transformer:
     """The whole model of a layout without pipelining (tensor-parallel layers where tp > 1)."""
     if cfg.parallel.pp != 1:
-        raise ValueError("build_model builds one chunk; with parallel.pp > 1 use dtrain.stage.Stage")
-    return Stage(cfg, grid, device).chunks[0]
+        raise ValueError("build_model builds one chunk; with parallel.pp > 1 use dtrain.parallelize")
+    return build_model_chunks(cfg, grid, device)[0]
 
 
 @dataclass
@@ -83,27 +76,17 @@ class StepResult:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, grid: ProcessGrid, device: torch.device):
+    """phases: a dtrain.resilience.CollectivePhases naming the collective phases this loop enters (a
+    failing collective then says which phase, group and step), or None."""
+
+    def __init__(self, cfg: Config, grid: Grid, device: torch.device, phases=None):
         self.cfg, self.grid, self.device = cfg, grid, device
+        self.phases = phases
         t = cfg.train
-        p = cfg.parallel
-        self.model = Stage(cfg, grid, device)  # this rank's chunks, schedule and executor
+        built = parallelize(cfg, grid, device)
+        self.model, self.grad_sync = built.model, built.grad_sync
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.accum_dtype = wide(self.params[0].detach()[:0]).dtype  # fp32, or fp64 in exactness tests
-        if p.zero == 0:
-            expert_group = grid.edp_group if p.ep > 1 else None
-            self.ddp = DataParallel(self.model.modules, grid.dp_cp_group, p.bucket_mb, expert_group)
-            self.optimizer = build_optimizer(self.model, t)
-        else:  # the data-parallel wrapper owns the (sharded) optimizer
-            units = self.model.zero3_units() if p.zero == 3 else [(self.params, [])]
-            if p.ep > 1:  # expert parameters are sharded over their own (expert-data-parallel) group
-                dense, experts = split_expert_units(units)
-                self.ddp = ZeroWithExperts(
-                    self._zero(dense, grid.dp_cp_group), self._zero(experts, grid.edp_group), grid.ep_group
-                )
-            else:
-                self.ddp = self._zero(units, grid.dp_cp_group)
-            self.optimizer = None
         self.lr = t.lr
         self.scaler = LossScaler(enabled=t.precision == "fp16")
         self.train_data = build_dataset(cfg, "train")
@@ -116,15 +99,8 @@ class Trainer:
         self.peak_flops = peak_flops(device, t.peak_tflops)
         self.ledger: CommLedger | None = None  # counts the collectives of logging steps (fit)
 
-    def _zero(self, units: list, group: dist.ProcessGroup) -> ZeroDataParallel:
-        """ZeRO stage 1 or 2 over the parameters of `units`, or stage 3 gathering unit by unit."""
-        t, p = self.cfg.train, self.cfg.parallel
-        adamw = AdamWConfig(t.lr, (t.beta1, t.beta2), t.eps, t.weight_decay)
-        facts = {"tp_group": self.grid.tp_group, "isolate": tuple(self.model.tied_params())}
-        if p.zero == 3:
-            return Zero3DataParallel(units, group, adamw, p.offload, **facts)
-        params = [q for unit_params, _ in units for q in unit_params]
-        return ZeroDataParallel(params, group, p.zero, p.bucket_mb, adamw, p.offload == "optimizer", **facts)
+    def _phase(self, name: str, when: str = ""):
+        return self.phases.enter(name, when) if self.phases is not None else contextlib.nullcontext()
 
     def _microbatches(self, dataset, step: int):
         t, dp = self.cfg.train, self.grid.size("dp")
@@ -134,10 +110,12 @@ class Trainer:
 
     def train_step(self) -> StepResult:
         """One optimizer step on the global batch of step `self.step` (0-based)."""
-        t = self.cfg.train
+        with self._phase("forward_backward", f"in step {self.step + 1}"):
+            return self._train_step()
+
+    def _train_step(self) -> StepResult:
+        t, sync = self.cfg.train, self.grad_sync
         self.lr = lr_at(self.step, t)
-        for group in self.optimizer.param_groups if self.optimizer else ():
-            group["lr"] = self.lr
         torch.manual_seed(step_seed(t.seed, self.step, self.grid))
         # MoE auxiliary losses of a micro-batch weigh (its tokens / global batch tokens), like token losses.
         set_aux_grad_scale(
@@ -149,22 +127,28 @@ class Trainer:
             self._microbatches(self.train_data, self.step),
             loss_scale=self.scaler.scale / self.global_tokens,
             compute_context=lambda: autocast(t.precision, self.device),
-            before_backward=lambda chunk, is_last: self.ddp.before_backward(is_last),
+            before_backward=lambda chunk, is_last: sync.before_backward(is_last),
         )
-        self.ddp.finish_grad_sync()
-        with self._bookkeeping():  # before the step: a non-finite loss must stop it too
+        with self._phase("grad_sync"):
+            sync.finish_grad_sync()
+        with self._bookkeeping(), self._phase("loss"):  # before the step: a non-finite loss stops it too
             loss_sum = self._sum_loss(loss_sum)
-        grad_norm = self._unscaled_grad_norm()
+        if self.scaler.enabled:
+            sync.scale_grads(1.0 / self.scaler.scale)
+        with self._phase("grad_norm"):
+            grad_norm = sync.grad_norm()
         # The norm is reduced over every group that holds distinct gradients, so every rank sees the same
         # value and takes the same decision here without another collective.
         skipped = not bool(torch.isfinite(grad_norm) & torch.isfinite(loss_sum))
         if skipped:
             self._on_overflow(grad_norm, loss_sum)
         else:
-            self._clip_and_step(grad_norm)
+            with self._phase("optimizer_step"):
+                clip_(sync, t.grad_clip, grad_norm)
+                sync.step(self.lr)
             self.skipped_in_a_row = 0
         self.scaler.update(skipped)
-        self.ddp.zero_grad()
+        sync.zero_grad()
         with self._bookkeeping():
             moe = self.model.routing_metrics()
         self.step += 1
@@ -175,76 +159,20 @@ class Trainer:
         """Reductions that only feed the metrics: an active ledger tallies them apart from training."""
         return self.ledger.bookkeeping() if self.ledger is not None else contextlib.nullcontext()
 
-    def _unscaled_grad_norm(self) -> torch.Tensor:
-        """Divide out the fp16 loss scale and return the global gradient norm."""
-        g = self.grid
-        if self.optimizer is None:  # sharded gradients: ||g||^2 = sum over shards
-            self.ddp.sum_partial_grads()
-            if self.model.tied_params():
-                self.ddp.sum_isolated_grads(g.embed_group)
-            if self.scaler.enabled:
-                self.ddp.scale_grads(1.0 / self.scaler.scale)
-            sq = self.ddp.reduced_grad_norm_sq()  # over dp (and ep); tensor and pipeline ranks add theirs
-            for name in ("tp", "pp"):
-                if g.size(name) > 1:
-                    dist.all_reduce(sq, group=g.group(name))
-            return sq.sqrt()
-        sum_partial_grads(self.params, g.tp_group)  # norm gains under SP, replicated k/v heads
-        self.model.sync_tied_embeddings()
-        if self.scaler.enabled:
-            torch._foreach_mul_([p.grad for p in self.params], 1.0 / self.scaler.scale)
-        return global_grad_norm(self.params, tp_group=g.tp_group, pp_group=g.pp_group, ep_group=g.ep_group)
-
-    def _clip_and_step(self, grad_norm: torch.Tensor) -> None:
-        if self.optimizer is not None:
-            clip_grads_(self.params, self.cfg.train.grad_clip, grad_norm)
-            self.optimizer.step()
-            return
-        coef = clip_coefficient(self.cfg.train.grad_clip, grad_norm)
-        if coef is not None:
-            self.ddp.scale_grads(coef)
-        self.ddp.step(self.lr)
-
     def held_bytes(self) -> dict[str, dict[str, int]]:
         """Bytes of parameters, gradients and optimizer states this rank holds, counted from the real
         tensors, by where they live (device, or host for offloaded state)."""
-        if self.optimizer is None:
-            return self.ddp.held_bytes()
-
-        def nbytes(t: torch.Tensor) -> int:
-            return t.numel() * t.element_size()
-
-        optimizer = sum(nbytes(v) for s in self.optimizer.state.values() for v in s.values() if v.dim() > 0)
-        return {
-            "device": {
-                "params": sum(nbytes(p) for p in self.params),
-                "grads": sum(nbytes(b.buffer) for b in self.ddp.buckets),
-                "optimizer": optimizer,
-            },
-            "host": {"params": 0, "grads": 0, "optimizer": 0},
-        }
+        return self.grad_sync.held_bytes()
 
     def canonical_state(self) -> dict[str, torch.Tensor]:
         """This rank's parameters as canonical full tensors (tensor shards gathered; under ZeRO-3 the
         parameters gathered whole first). Collective."""
-        with self._params_whole():
+        with self.grad_sync.params_whole():
             return checkpoint.canonical_model_state(self.model, self._shard_groups())
 
     def _shard_groups(self) -> dict:
         """The groups that `Sharding.group` names: tensor-parallel shards and experts spread over ep."""
         return {"tp": self.grid.tp_group, "ep": self.grid.ep_group}
-
-    def _params_whole(self):
-        """ZeRO-3 holds parameter shards; checkpoints read and write whole parameters."""
-        if self.cfg.parallel.zero == 3:
-            return self.ddp.gathered_params()
-        return contextlib.nullcontext()
-
-    def _optimizer_view(self):
-        """What checkpoints read and fill: torch's AdamW, or the sharded state gathered whole."""
-        if self.optimizer is not None:
-            return self.optimizer
-        return SimpleNamespace(state=self.ddp.full_state())  # collective over the data-parallel group
 
     def _sum_loss(self, loss_sum: torch.Tensor) -> torch.Tensor:
         """Token-loss sums live on the last pipeline stage of every data-parallel replica."""
@@ -277,16 +205,23 @@ class Trainer:
         t = self.cfg.train
         self.model.train(False)
         total = torch.zeros((), dtype=self.accum_dtype, device=self.device)
-        for k in range(t.eval_batches):
-            total += self.model.executor.run(
-                self.model.eval_actions,
-                self._microbatches(self.val_data, k),
-                compute_context=lambda: autocast(t.precision, self.device),
-            )
-        loss = float(self._sum_loss(total)) / (self.global_tokens * t.eval_batches)
+        with self._phase("evaluation", f"after step {self.step}"):
+            for k in range(t.eval_batches):
+                total += self.model.executor.run(
+                    self.model.eval_actions,
+                    self._microbatches(self.val_data, k),
+                    compute_context=lambda: autocast(t.precision, self.device),
+                )
+            with self._phase("loss"):
+                total = self._sum_loss(total)
+        loss = float(total) / (self.global_tokens * t.eval_batches)
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
     def save(self) -> str:
+        with self._phase("save", f"after step {self.step}"):
+            return self._save()
+
+    def _save(self) -> str:
         extra = {
             "scaler": self.scaler.state_dict(),
             "tokens_seen": self.tokens_seen,
@@ -294,12 +229,12 @@ class Trainer:
             "config": to_dict(self.cfg),
         }
         c = self.grid.coords
-        with self._params_whole():
+        with self.grad_sync.params_whole():
             return checkpoint.save(
                 self.cfg.run.out_dir,
                 self.step,
                 self.model,
-                self._optimizer_view(),
+                self.grad_sync.state_dict(),  # collective where the state is sharded
                 extra,
                 keep=self.cfg.run.keep_checkpoints,
                 # One replica gathers: the expert-data-parallel index 0 spans the ep group's experts.
@@ -310,11 +245,10 @@ class Trainer:
             )
 
     def resume(self, path: str) -> None:
-        view = self.optimizer if self.optimizer is not None else SimpleNamespace(state={})
-        with self._params_whole():
-            state = checkpoint.restore(path, self.model, view)
-        if self.optimizer is None:
-            self.ddp.load_full_state(view.state)
+        with self._phase("load", "at start-up"):
+            with self.grad_sync.params_whole():
+                state, optimizer_state = checkpoint.restore(path, self.model)
+            self.grad_sync.load_state_dict(optimizer_state)
         self.step = int(state["step"])
         self.tokens_seen = int(state.get("tokens_seen", self.step * self.global_tokens))
         self.scaler.load_state_dict(state["scaler"])
@@ -395,7 +329,8 @@ class Trainer:
             mine = [peak_memory_bytes(self.device), comm]
             mem = torch.tensor(mine, dtype=torch.float64, device=self.device)
             gathered = [torch.zeros_like(mem) for _ in range(self.grid.world_size)]
-            dist.all_gather(gathered, mem)  # after the ledger closed: not counted
+            with self._phase("metrics", f"after step {self.step}"):
+                dist.all_gather(gathered, mem)  # after the ledger closed: not counted
             record["peak_mem_mb"] = [round(float(m[0]) / 2**20, 1) for m in gathered]
             if self.ledger is not None:
                 record.update(self.ledger.metrics())

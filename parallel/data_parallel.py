@@ -18,10 +18,15 @@ Expert parameters (`sharding.expert`) are held by one rank of each expert-parall
 gradients are summed over the expert-data-parallel group instead (the ranks holding the same experts;
 the all-to-all backward has already summed the contributions of the ep group's tokens). They get
 buckets of their own, cut where the parameter kind changes along the backward order.
+
+`DataParallelAdamW` is the `parallel.grad_sync.GradSync` built on it: these buckets, torch's own AdamW on
+the whole parameters, and the sums that make gradients final before the norm (tensor-partial gradients
+over tp, a head tied to the first stage's embedding over the embedding group).
 """
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -29,7 +34,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel.sharding import sharding_of
+from parallel.grad_sync import AdamWConfig, Held, OptimizerState, decays, nbytes, no_bytes
+from parallel.grid import group_size
+from parallel.sharding import global_grad_norm, sharding_of, sum_partial_grads
 
 
 @dataclass
@@ -142,7 +149,7 @@ class DataParallel(nn.Module):
             self._next_launch += 1
 
     def _launch(self, bucket: Bucket) -> None:
-        if dist.get_world_size(bucket.group) > 1:
+        if group_size(bucket.group) > 1:
             bucket.work = dist.all_reduce(
                 bucket.buffer, op=dist.ReduceOp.SUM, group=bucket.group, async_op=True
             )
@@ -159,3 +166,103 @@ class DataParallel(nn.Module):
     def zero_grad(self) -> None:
         for bucket in self.buckets:
             bucket.buffer.zero_()
+
+
+def torch_adamw(params: list[nn.Parameter], adamw: AdamWConfig) -> torch.optim.AdamW:
+    """torch.optim.AdamW with weight decay on matrices only."""
+    groups = [
+        {"params": [p for p in params if decays(p)], "weight_decay": adamw.weight_decay},
+        {"params": [p for p in params if not decays(p)], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=adamw.lr, betas=adamw.betas, eps=adamw.eps)
+
+
+def _init_adamw_state(optimizer: torch.optim.AdamW) -> None:
+    """Create the state AdamW would create lazily at its first step (the same tensors: a CPU step counter
+    in torch's scalar dtype, zero moments shaped like the parameter), so the bytes it holds exist, and can
+    be counted, from the start: on the meta device too."""
+    scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            optimizer.state[p] = {
+                "step": torch.tensor(0.0, dtype=scalar),
+                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+            }
+
+
+class DataParallelAdamW:
+    """Whole gradients summed over `group` in buckets (`DataParallel`), whole parameters, torch's AdamW.
+
+    tp_group, pp_group, ep_group: the groups over which the canonical gradient norm sums (tensor shards,
+    pipeline stages, experts); embed_group and `tied`: the embedding and head tied across the pipeline's
+    ends, whose gradients are summed over that group."""
+
+    def __init__(
+        self,
+        modules: nn.Module,
+        group: dist.ProcessGroup,
+        bucket_mb: float,
+        adamw: AdamWConfig,
+        *,
+        expert_group=None,
+        tp_group=None,
+        pp_group=None,
+        ep_group=None,
+        embed_group=None,
+        tied: tuple[nn.Parameter, ...] = (),
+    ):
+        self.params = [p for p in modules.parameters() if p.requires_grad]
+        self.buckets = DataParallel(modules, group, bucket_mb, expert_group)
+        self.optimizer = torch_adamw(self.params, adamw)
+        _init_adamw_state(self.optimizer)
+        self.tp_group, self.pp_group, self.ep_group = tp_group, pp_group, ep_group
+        self.embed_group, self.tied = embed_group, tied
+
+    def before_backward(self, is_last: bool) -> None:
+        self.buckets.before_backward(is_last)
+
+    def finish_grad_sync(self) -> None:
+        self.buckets.finish_grad_sync()
+        sum_partial_grads(self.params, self.tp_group)  # norm gains under SP, replicated k/v heads
+        for p in self.tied:  # g_embed = g_head = their sum, over the two ends of the pipeline
+            if p.grad is not None:
+                dist.all_reduce(p.grad, group=self.embed_group)
+
+    def scale_grads(self, factor: torch.Tensor | float) -> None:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, factor.to(grads[0].device) if torch.is_tensor(factor) else factor)
+
+    def grad_norm(self) -> torch.Tensor:
+        return global_grad_norm(
+            self.params, tp_group=self.tp_group, pp_group=self.pp_group, ep_group=self.ep_group
+        )
+
+    def step(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        self.buckets.zero_grad()
+
+    def state_dict(self) -> OptimizerState:
+        return dict(self.optimizer.state)
+
+    def load_state_dict(self, state: OptimizerState) -> None:
+        for p, value in state.items():
+            self.optimizer.state[p] = value
+
+    def params_whole(self):
+        return contextlib.nullcontext()
+
+    def held_bytes(self) -> Held:
+        out = no_bytes()
+        states = [v for s in self.optimizer.state.values() for v in s.values() if v.dim() > 0]
+        out["device"].update(
+            params=sum(nbytes(p) for p in self.params),
+            grads=sum(nbytes(b.buffer) for b in self.buckets.buckets),
+            optimizer=sum(nbytes(v) for v in states),
+        )
+        return out

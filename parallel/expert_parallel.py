@@ -17,7 +17,7 @@ E experts are spread evenly over the `ep` ranks of an expert-parallel group: gro
 The autograd adjoint of an all-to-all is the all-to-all with the send and receive splits swapped, so the
 backward pass repeats steps 5 and 3 in reverse on the gradients. Bytes sent by one all-to-all: the rows
 leaving this rank times d times the element size; with balanced routing (ep-1)/ep of the routed rows
-(FORMULAS.md, "MoE dispatch + combine"). An ep group of one (or no group) skips every collective.
+(docs/formulas.md, "MoE dispatch + combine"). An ep group of one (or no group) skips every collective.
 """
 
 from __future__ import annotations
@@ -27,9 +27,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-
-def group_size(group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
+from parallel.grid import group_size
 
 
 def _all_to_all(x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:

@@ -11,13 +11,18 @@ expert-data-parallel group `edp` (size dp / ep) joins the ranks that hold the sa
 gradients are reduced over `edp`, dense gradients over `dp`.
 
 `layout()` is a pure function (tested without processes); `ProcessGrid` creates the torch.distributed
-groups from it. Nothing here is global: a test can build several grids in one world.
+groups from it. `MetaGrid` is the same view of one rank with placeholder groups and no processes: the
+estimator builds that rank's real modules and gradient synchronisation on the meta device with it, so
+every figure it predicts is read from the objects training uses. Library code asks a group its size,
+rank and members through `group_size`, `group_rank` and `group_ranks`, which answer for both kinds.
+Nothing here is global: a test can build several grids in one world.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch.distributed as dist
 
@@ -99,50 +104,51 @@ def layout(world_size: int, *, tp: int = 1, cp: int = 1, dp: int = -1, pp: int =
     return Layout(sizes=sizes, coords=tuple(coords), groups=groups)
 
 
-class ProcessGrid:
-    """This rank's view of a `Layout`: its coordinates and a process group per axis.
+@dataclass(frozen=True)
+class MetaGroup:
+    """A process group's facts without a process group: what building modules on the meta device asks."""
 
-    Every rank of the world must construct the same grid in the same order (group creation is a
-    collective over the world). A group of size 1 is still a real group, but collectives over it are
-    skipped by the library (`size(name) == 1`), so unused axes cost nothing at run time.
-    """
+    ranks: tuple[int, ...]
+    rank: int  # this rank's index in `ranks`
+    group_name: str = ""
 
-    def __init__(
-        self,
-        *,
-        tp: int = 1,
-        cp: int = 1,
-        dp: int = -1,
-        pp: int = 1,
-        ep: int = 1,
-        backend=None,
-        timeout: timedelta | None = None,
-    ):
-        """`timeout` bounds every collective over the grid's groups; None is torch's default for new
-        groups (30 minutes), not the world group's timeout, so a trainer passes its own."""
-        if not dist.is_initialized():
-            raise GridError("torch.distributed is not initialised; call init_process_group first")
-        self.world_size = dist.get_world_size()
-        self.rank = dist.get_rank()
-        self.layout = layout(self.world_size, tp=tp, cp=cp, dp=dp, pp=pp, ep=ep)
-        self.coords = self.layout.coords[self.rank]
-        self._groups: dict[str, dist.ProcessGroup] = {}
+
+def group_size(group: Any) -> int:
+    """Ranks in `group` (None: a group of one, as for an axis of size 1 the caller never made)."""
+    if group is None:
+        return 1
+    return len(group.ranks) if isinstance(group, MetaGroup) else dist.get_world_size(group)
+
+
+def group_rank(group: Any) -> int:
+    if group is None:
+        return 0
+    return group.rank if isinstance(group, MetaGroup) else dist.get_rank(group)
+
+
+def group_ranks(group: Any) -> tuple[int, ...]:
+    """The global ranks of `group`, in group-rank order."""
+    if isinstance(group, MetaGroup):
+        return group.ranks
+    return tuple(dist.get_process_group_ranks(group))
+
+
+class Grid:
+    """One rank's view of a `Layout`: its coordinates and a group per axis (`_groups`, `_ranks` and
+    `embed_group` are filled by the subclass that makes the groups)."""
+
+    world_size: int
+    rank: int
+    layout: Layout
+    coords: Coords
+    embed_group: Any
+
+    def _place(self, world_size: int, rank: int, sizes: dict) -> None:
+        self.world_size, self.rank = world_size, rank
+        self.layout = layout(world_size, **sizes)
+        self.coords = self.layout.coords[rank]
+        self._groups: dict[str, Any] = {}
         self._ranks: dict[str, tuple[int, ...]] = {}
-        for name in GROUP_NAMES:
-            for ranks in self.layout.groups[name]:
-                # A collective: every rank calls new_group for every group, member or not.
-                group = dist.new_group(list(ranks), backend=backend, timeout=timeout)
-                if self.rank in ranks:
-                    self._groups[name], self._ranks[name] = group, ranks
-        # Tied input/output embeddings live on the first and the last pipeline stage: their gradients
-        # are summed over a group of those two ranks (one per pipeline group; a single rank when pp=1).
-        for ranks in self.layout.groups["pp"]:
-            ends = sorted({ranks[0], ranks[-1]})
-            group = dist.new_group(ends, backend=backend, timeout=timeout)
-            if self.rank in ends:
-                self.embed_group = group
-        if self.coords.pp not in (0, pp - 1):
-            self.embed_group = None
 
     def size(self, name: str) -> int:
         return self.layout.sizes[name]
@@ -150,7 +156,7 @@ class ProcessGrid:
     def rank_in(self, name: str) -> int:
         return self._ranks[name].index(self.rank)
 
-    def group(self, name: str) -> dist.ProcessGroup:
+    def group(self, name: str):
         return self._groups[name]
 
     def ranks(self, name: str) -> tuple[int, ...]:
@@ -183,3 +189,62 @@ class ProcessGrid:
     def describe(self) -> str:
         s = self.layout.sizes
         return f"pp={s['pp']} dp={s['dp']} cp={s['cp']} tp={s['tp']} ep={s['ep']} (world {self.world_size})"
+
+
+def _embedding_ends(pp_ranks: tuple[int, ...]) -> list[int]:
+    """Tied input/output embeddings live on the first and the last pipeline stage: their gradients are
+    summed over a group of those two ranks (one per pipeline group; a single rank when pp=1)."""
+    return sorted({pp_ranks[0], pp_ranks[-1]})
+
+
+class ProcessGrid(Grid):
+    """A `Layout` with a torch.distributed group per axis.
+
+    Every rank of the world must construct the same grid in the same order (group creation is a
+    collective over the world). A group of size 1 is still a real group, but collectives over it are
+    skipped by the library (`size(name) == 1`), so unused axes cost nothing at run time.
+    """
+
+    def __init__(
+        self,
+        *,
+        tp: int = 1,
+        cp: int = 1,
+        dp: int = -1,
+        pp: int = 1,
+        ep: int = 1,
+        backend=None,
+        timeout: timedelta | None = None,
+    ):
+        """`timeout` bounds every collective over the grid's groups; None is torch's default for new
+        groups (30 minutes), not the world group's timeout, so a trainer passes its own."""
+        if not dist.is_initialized():
+            raise GridError("torch.distributed is not initialised; call init_process_group first")
+        self._place(dist.get_world_size(), dist.get_rank(), dict(tp=tp, cp=cp, dp=dp, pp=pp, ep=ep))
+        for name in GROUP_NAMES:
+            for ranks in self.layout.groups[name]:
+                # A collective: every rank calls new_group for every group, member or not.
+                group = dist.new_group(list(ranks), backend=backend, timeout=timeout)
+                if self.rank in ranks:
+                    self._groups[name], self._ranks[name] = group, ranks
+        self.embed_group = None
+        for ranks in self.layout.groups["pp"]:
+            ends = _embedding_ends(ranks)
+            group = dist.new_group(ends, backend=backend, timeout=timeout)
+            if self.rank in ends and self.coords.pp in (0, pp - 1):
+                self.embed_group = group
+
+
+class MetaGrid(Grid):
+    """Rank `rank` of a world of `world_size` laid out like ProcessGrid, with `MetaGroup`s: enough to
+    build that rank's modules and gradient synchronisation on the meta device, never to communicate."""
+
+    def __init__(self, world_size: int, rank: int = 0, *, tp=1, cp=1, dp=-1, pp=1, ep=1):
+        self._place(world_size, rank, dict(tp=tp, cp=cp, dp=dp, pp=pp, ep=ep))
+        for name in GROUP_NAMES:
+            ranks = next(r for r in self.layout.groups[name] if rank in r)
+            self._groups[name] = MetaGroup(ranks, ranks.index(rank), name)
+            self._ranks[name] = ranks
+        ends = _embedding_ends(self._ranks["pp"])
+        on_an_end = rank in ends and self.coords.pp in (0, pp - 1)
+        self.embed_group = MetaGroup(tuple(ends), ends.index(rank), "embed") if on_an_end else None

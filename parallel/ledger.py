@@ -14,7 +14,7 @@ inside `with ledger:`, in the entering thread (and in autograd's, which inherits
 The mode adds Python work to every operator, not only collectives, so a trainer enters it only on the
 steps it logs.
 
-Bytes sent per rank, for a tensor of S bytes (S the full, gathered size) over n ranks, FORMULAS.md:
+Bytes sent per rank, for a tensor of S bytes (S the full, gathered size) over n ranks, docs/formulas.md:
 
   all-reduce       2(n-1)/n * S   (ring: reduce-scatter then all-gather)
   all-gather       (n-1)/n * S

@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from parallel.collectives import gather_to_replica, scatter_to_sp
-from parallel.expert_parallel import group_size, run_experts
+from parallel.expert_parallel import run_experts
+from parallel.grid import group_rank, group_size
 from parallel.precision import wide
 from parallel.sharding import Sharding, set_sharding
 
@@ -155,7 +156,7 @@ class MoELayer(nn.Module):
         self.router = nn.Linear(d_model, num_experts, bias=False)
         set_sharding(self.router.weight, Sharding(full_shape=(num_experts, d_model), partial_grad=tp > 1))
         self.experts = Experts(num_experts // ep, d_model, d_ff)
-        ep_rank = dist.get_rank(ep_group) if ep > 1 else 0
+        ep_rank = group_rank(ep_group)
         for w in self.experts.parameters():
             full = (num_experts, *w.shape[1:])
             set_sharding(

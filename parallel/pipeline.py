@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from parallel.grid import group_ranks, group_size
 from parallel.pipeline_schedules import Action
 
 
@@ -37,8 +38,8 @@ class PipelineExecutor:
         """chunks: this rank's chunk index -> module. activation_shape(micro_batch_rows) gives the shape
         of a hidden state crossing a stage boundary (the sequence is local under sequence parallelism)."""
         self.chunks, self.n_chunks, self.group = chunks, n_chunks, group
-        self.pp = dist.get_world_size(group)
-        self.group_ranks = dist.get_process_group_ranks(group)
+        self.pp = group_size(group)
+        self.group_ranks = group_ranks(group)
         self.activation_shape, self.dtype, self.device = activation_shape, dtype, device
 
     def _peer(self, chunk: int) -> int:
@@ -77,7 +78,7 @@ class PipelineExecutor:
         before each backward, with is_last true for the chunk's final backward of this step (where a
         data-parallel wrapper should start reducing its gradients). With a `record` list, each action appends
         `(action, start, end)`, time.perf_counter() around its compute only (the chunk call of a forward,
-        the backward call of a backward; receives and sends are outside), for dtrain.timeline."""
+        the backward call of a backward; receives and sends are outside), for dtrain.analysis.timeline."""
         self.pending_sends: list = []
         last_backward = {a.chunk: i for i, a in enumerate(actions) if a.kind == "B"}
         stored: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}

@@ -5,7 +5,7 @@ are printed, tested and drawn.
 The model is cut into C = pp * v chunks; chunk c lives on rank c % pp (v = 1 except for the interleaved
 schedule, where each rank holds v chunks spaced pp apart). With m micro-batches, in units of one
 chunk's forward (F) and backward (B = 2F) time, the ideal step is m * v * (F + B) per rank and the bubble
-adds (p - 1) * (F + B) for GPipe and 1F1B, (p - 1) * (F + B) / v for interleaved 1F1B (FORMULAS.md).
+adds (p - 1) * (F + B) for GPipe and 1F1B, (p - 1) * (F + B) / v for interleaved 1F1B (docs/formulas.md).
 """
 
 from __future__ import annotations

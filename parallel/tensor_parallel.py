@@ -22,12 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from parallel.collectives import gather_from_tp, reduce_from_tp, reduce_scatter_to_sp
+from parallel.grid import group_rank, group_size
 from parallel.precision import wide
 from parallel.sharding import Sharding, set_sharding
 
 
 def _rank_size(group) -> tuple[int, int]:
-    return dist.get_rank(group), dist.get_world_size(group)
+    return group_rank(group), group_size(group)
 
 
 def _divide(value: int, n: int, what: str) -> int:
@@ -116,7 +117,7 @@ class VocabParallelEmbedding(nn.Module):
         self.group, self.sequence_parallel = group, sequence_parallel
         self.weight = _row_split_parameter(vocab_size, dim, group, pad=True, what="vocab_size")
         self.per_rank = self.weight.shape[0]
-        self.start = dist.get_rank(group) * self.per_rank
+        self.start = group_rank(group) * self.per_rank
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         outside = (ids < self.start) | (ids >= self.start + self.per_rank)

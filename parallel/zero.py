@@ -15,7 +15,7 @@ parameter instead of 8.
            persistent shard; the whole-bucket gradient exists only while the bucket is being filled.
            Per rank: 4 + 12/N bytes (params, gradient shard, moments).
 
-Reduce-scatter plus all-gather move the same bytes as one all-reduce (2 Psi per step, FORMULAS.md).
+Reduce-scatter plus all-gather move the same bytes as one all-reduce (2 Psi per step, docs/formulas.md).
 
 With tensor and pipeline parallelism each rank shards *its own* parameters (tensor shards, its stages)
 over its dp group. Tensor ranks hold equal shapes in equal order, so their buckets and shards line up
@@ -25,12 +25,15 @@ tensor-replicated element on tensor rank 0 only. A parameter tied across pipelin
 head) gets a bucket of its own on both stages, so both shard it alike and the shards are summed over the
 embedding group.
 
-The optimizer is AdamW written on flat shards with torch.optim.AdamW's single-tensor arithmetic, element
-for element, so a rank's update equals what torch's would be on the same gradient.
+The optimizer is AdamW on flat shards (parallel.flat_adamw). Where whole parameters live is a strategy the
+wrapper is composed with: `WholeParams` (stages 1 and 2: all-gather each bucket after the step) or
+parallel.zero3.ShardedParams (stage 3: gather a unit just before it runs, free it after). The wrapper is a
+`parallel.grad_sync.GradSync`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -39,25 +42,16 @@ import torch.distributed as dist
 from torch import nn
 
 from parallel.data_parallel import plan_buckets
+from parallel.flat_adamw import adamw_step_
+from parallel.grad_sync import AdamWConfig, Held, OptimizerState, decays, nbytes, no_bytes
+from parallel.grid import group_rank, group_size
 from parallel.sharding import counted_on_tp_rank, sharding_of
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
 
 
 def _where(t: torch.Tensor) -> str:
     """Offloaded state is a separate host tensor; on a CPU-only machine the "device" is the CPU too, so
     the distinction is by construction (see ZeroDataParallel(offload=...)), not by t.device."""
     return "host" if getattr(t, "_dtrain_host", False) else "device"
-
-
-@dataclass
-class AdamWConfig:
-    lr: float
-    betas: tuple[float, float]
-    eps: float
-    weight_decay: float
 
 
 @dataclass
@@ -84,52 +78,83 @@ class FlatBucket:
         return self.store if self.store is not None else self.flat_params[self.shard]
 
 
+def plan_zero_buckets(
+    params: list[nn.Parameter], bucket_bytes: int, isolate: tuple[nn.Parameter, ...] = ()
+) -> list[list[nn.Parameter]]:
+    """Stage 1/2 buckets of at most `bucket_bytes` in backward order (the reverse of `params`, which is
+    registration order); an isolated parameter (tied across pipeline stages) gets a bucket of its own so
+    both ends shard it alike. Pure: the estimator calls it on meta parameters."""
+    backward = [p for p in params if p.requires_grad][::-1]
+    kinds = [id(p) if any(p is q for q in isolate) else None for p in backward]
+    plan = plan_buckets([p.numel() * p.element_size() for p in backward], bucket_bytes, kinds)
+    return [[backward[i] for i in members] for members in plan]
+
+
+class WholeParams:
+    """Stages 1 and 2: every rank holds the whole parameters; after the step each rank's updated shard
+    is all-gathered into every bucket (the all-gather half of the 2 Psi an all-reduce would move)."""
+
+    def adopt(self, bucket: FlatBucket, group) -> None:
+        pass
+
+    def reduced(self, bucket: FlatBucket) -> None:
+        pass
+
+    def synced(self, buckets: list[FlatBucket]) -> None:
+        pass
+
+    def after_step(self, buckets: list[FlatBucket], group) -> None:
+        for bucket in buckets:
+            dist.all_gather_single(bucket.flat_params, bucket.shard_params.clone(), group=group)
+
+    def whole(self, buckets: list[FlatBucket]):
+        return contextlib.nullcontext()
+
+
 class ZeroDataParallel:
-    """Stage 1 or 2 data parallelism with a sharded AdamW. Same interface as DataParallel for the
-    trainer (`sync_grads`, `finish_grad_sync`, `zero_grad`), plus `grad_norm_sq`, `clip` and `step`."""
+    """ZeRO over `group` with a sharded AdamW; a `parallel.grad_sync.GradSync`.
+
+    plan: the flat buckets in backward order (`plan_zero_buckets`, or one per ZeRO-3 unit); stage 1 or 2
+    with `WholeParams`, stage 3 with parallel.zero3.ShardedParams as `residency`. tp_group: partial
+    gradients and norm counting; pp_group: the norm sums over stages; embed_group and `isolate`: the
+    parameters tied across the pipeline's ends, summed over that group."""
 
     def __init__(
         self,
-        params: list[nn.Parameter],
+        plan: list[list[nn.Parameter]],
         group: dist.ProcessGroup,
         stage: int,
-        bucket_mb: float,
         adamw: AdamWConfig,
         offload: bool = False,
-        decay_if=lambda p: p.dim() >= 2,
         *,
-        tp_group: dist.ProcessGroup | None = None,
+        residency=None,
+        tp_group=None,
+        pp_group=None,
+        embed_group=None,
         isolate: tuple[nn.Parameter, ...] = (),
     ):
-        """tp_group: the tensor group (partial gradients, norm counting); isolate: parameters that get a
-        bucket of their own (tied across pipeline stages)."""
         if stage not in (1, 2, 3):
             raise ValueError(f"ZeRO stage must be 1, 2 or 3, not {stage}")
         self.group, self.stage, self.adamw, self.offload = group, stage, adamw, offload
-        self.n, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        self.tp_group = tp_group if tp_group is not None and dist.get_world_size(tp_group) > 1 else None
-        self.tp_rank = dist.get_rank(self.tp_group) if self.tp_group is not None else 0
-        self.isolate = set(isolate)
+        self.residency = residency if residency is not None else WholeParams()
+        self.n, self.rank = group_size(group), group_rank(group)
+        self.tp_group = tp_group if group_size(tp_group) > 1 else None
+        self.tp_rank = group_rank(self.tp_group)
+        self.pp_group, self.embed_group = pp_group, embed_group
+        self.isolate = isolate
         self.sync_grads = True
         self.step_count = 0
-        self.buckets = [self._make_bucket(members, decay_if) for members in self._plan(params, bucket_mb)]
+        self.buckets = [self._make_bucket(members) for members in plan]
         # Parameter -> (bucket index, offset in the bucket); dict lookups hash tensors by identity.
         self._place = {
             p: (b, offset)
             for b, bucket in enumerate(self.buckets)
             for p, offset in zip(bucket.params, bucket.offsets, strict=True)
         }
-        for p in params:
-            p.register_post_accumulate_grad_hook(self._grad_ready)
+        for members in plan:
+            for p in members:
+                p.register_post_accumulate_grad_hook(self._grad_ready)
         self._reset()
-
-    def _plan(self, params: list[nn.Parameter], bucket_mb: float) -> list[list[nn.Parameter]]:
-        """Buckets of about bucket_mb in backward order (the reverse of registration order)."""
-        params = [p for p in params if p.requires_grad][::-1]
-        # An isolated parameter is a kind of its own, so bucket boundaries fall on both sides of it.
-        kinds = [id(p) if p in self.isolate else None for p in params]
-        plan = plan_buckets([p.numel() * p.element_size() for p in params], int(bucket_mb * 2**20), kinds)
-        return [[params[i] for i in members] for members in plan]
 
     def _shard_ranges(self, bucket: FlatBucket, predicate) -> list[slice]:
         """Ranges of this rank's shard covered by the parameters for which predicate(param) holds,
@@ -149,29 +174,30 @@ class ZeroDataParallel:
     def _counted_here(self, p: nn.Parameter) -> bool:
         return counted_on_tp_rank(sharding_of(p), self.tp_rank)  # global_grad_norm's rule
 
-    def _make_bucket(self, params: list[nn.Parameter], decay_if) -> FlatBucket:
+    def _make_bucket(self, params: list[nn.Parameter]) -> FlatBucket:
         numel = sum(p.numel() for p in params)
         padded = math.ceil(numel / self.n) * self.n
         size = padded // self.n
         dtype, device = params[0].dtype, params[0].device
         flat = torch.zeros(padded, dtype=dtype, device=device)
-        decay_full = torch.zeros(padded, dtype=dtype)
+        decay_full = torch.zeros(padded, dtype=dtype, device=device)
         offsets, offset = [], 0
         with torch.no_grad():
             for p in params:
                 flat[offset : offset + p.numel()].copy_(p.reshape(-1))
                 p.data = flat[offset : offset + p.numel()].view_as(p)  # the parameter now lives in the bucket
-                decay_full[offset : offset + p.numel()] = 1.0 if decay_if(p) else 0.0
+                decay_full[offset : offset + p.numel()] = 1.0 if decays(p) else 0.0
                 offsets.append(offset)
                 offset += p.numel()
         shard = slice(self.rank * size, (self.rank + 1) * size)
-        host = torch.device("cpu") if self.offload else device
-        # Offloaded optimizer state lives in host memory: moments and a master copy of the shard, in the
-        # parameters' dtype (they are the fp32 master weights; compute runs in 16 bits under autocast).
+        # Offloaded optimizer state lives in host memory (on the meta device, the estimator's, it stays
+        # there): moments and a master copy of the shard, in the parameters' dtype (they are the fp32
+        # master weights; compute runs in 16 bits under autocast).
+        host = torch.device("cpu") if device.type != "meta" else device
+        state_device = host if self.offload else device
         master = flat[shard].detach().to(host, copy=True) if self.offload else None
-        state_dtype = dtype
-        # Stage 1 keeps whole gradients for the step and reduces into its own slice of them; stage 2 keeps
-        # only a shard and fills a whole-bucket buffer transiently.
+        # Stage 1 keeps whole gradients for the step and reduces into its own slice of them; stages 2 and 3
+        # keep only a shard and fill a whole-bucket buffer transiently.
         flat_grads = torch.zeros_like(flat) if self.stage == 1 else None
         grad_shard = (
             flat_grads[shard] if flat_grads is not None else torch.zeros(size, dtype=dtype, device=device)
@@ -182,9 +208,9 @@ class ZeroDataParallel:
             numel=numel,
             flat_params=flat,
             shard=shard,
-            decay=decay_full[shard].to(host, state_dtype),
-            exp_avg=torch.zeros(size, dtype=state_dtype, device=host),
-            exp_avg_sq=torch.zeros(size, dtype=state_dtype, device=host),
+            decay=decay_full[shard].to(state_device, dtype),
+            exp_avg=torch.zeros(size, dtype=dtype, device=state_device),
+            exp_avg_sq=torch.zeros(size, dtype=dtype, device=state_device),
             master=master,
             grad_shard=grad_shard,
             flat_grads=flat_grads,
@@ -199,6 +225,7 @@ class ZeroDataParallel:
         if self.tp_group is not None:
             bucket.partial = self._shard_ranges(bucket, lambda p: sharding_of(p).partial_grad)
         bucket.counted = self._shard_ranges(bucket, self._counted_here)
+        self.residency.adopt(bucket, self.group)
         return bucket
 
     # --- gradients ------------------------------------------------------------------------------------
@@ -222,7 +249,7 @@ class ZeroDataParallel:
         if self.stage >= 2:  # stage 1's gradients are views into its persistent bucket already
             self._flat_grads(bucket)[offset : offset + param.numel()].add_(param.grad.reshape(-1))
             param.grad = None  # the transient bucket holds it now
-        if not (self.sync_grads or self.stage == 2):
+        if not (self.sync_grads or self.stage >= 2):
             return  # stage 1 accumulates whole gradients until the last micro-batch
         if param in self._ready:
             raise RuntimeError(
@@ -239,18 +266,19 @@ class ZeroDataParallel:
         out = torch.empty_like(bucket.grad_shard)
         work = dist.reduce_scatter_single(out, grads, group=self.group, async_op=True)
         bucket.work.append((work, out))
+        self.residency.reduced(bucket)
 
     def before_backward(self, is_last: bool) -> None:
-        """Called before each backward of the step. Stage 2 first completes the previous backward's
+        """Called before each backward of the step. Stages 2 and 3 first complete the previous backward's
         reductions (whatever buckets it filled: the sum is linear, so partial buckets reduce correctly),
-        then reduces as it goes; stage 1 reduces only during the last backward."""
+        then reduce as they go; stage 1 reduces only during the last backward."""
         if self.stage >= 2:
-            self.finish_grad_sync()
+            self._complete_reductions()
         self.sync_grads = is_last or self.stage >= 2
 
-    def finish_grad_sync(self) -> None:
+    def _complete_reductions(self) -> None:
         """Complete the reductions into the gradient shards. Stage 1: the shard (a slice of the whole
-        gradient) is replaced by its reduced value; stage 2: the reduction is added to the persistent
+        gradient) is replaced by its reduced value; stages 2, 3: the reduction is added to the persistent
         shard and the whole-bucket buffer is freed."""
         for bucket in self.buckets[self._next_launch :]:
             if bucket.flat_grads is not None:
@@ -265,35 +293,19 @@ class ZeroDataParallel:
             bucket.work = []
             if self.stage >= 2:
                 bucket.flat_grads = None
+        self.residency.synced(self.buckets)
         self._reset()
 
-    def zero_grad(self) -> None:
-        for bucket in self.buckets:
-            (bucket.flat_grads if self.stage == 1 else bucket.grad_shard).zero_()
+    def finish_grad_sync(self) -> None:
+        self._complete_reductions()
+        self._sum_partial_grads()
+        if self.isolate:
+            # Both pipeline ends bucket a tied parameter alone, so their shards hold the same elements.
+            for bucket in self.buckets:
+                if any(bucket.params[0] is p for p in self.isolate):
+                    dist.all_reduce(bucket.grad_shard, group=self.embed_group)
 
-    def held_bytes(self) -> dict[str, dict[str, int]]:
-        """Bytes of parameters, gradients and optimizer states this rank holds, counted from the real
-        tensors, by where they live ("device" or "host")."""
-        out = {
-            "device": {"params": 0, "grads": 0, "optimizer": 0},
-            "host": {"params": 0, "grads": 0, "optimizer": 0},
-        }
-        for b in self.buckets:
-            # Storage actually allocated: a stage-3 bucket's whole buffer is empty between uses, and its
-            # persistent shard may wait in host memory (offload=all).
-            out[_where(b.flat_params)]["params"] += b.flat_params.untyped_storage().nbytes()
-            if b.store is not None:
-                out[_where(b.store)]["params"] += _nbytes(b.store)
-            grads = b.flat_grads if self.stage == 1 else b.grad_shard
-            out[_where(grads)]["grads"] += _nbytes(grads)
-            for t in (b.exp_avg, b.exp_avg_sq, b.master):
-                if t is not None:
-                    out[_where(t)]["optimizer"] += _nbytes(t)
-        return out
-
-    # --- norm, clipping, step -------------------------------------------------------------------------
-
-    def sum_partial_grads(self) -> None:
+    def _sum_partial_grads(self) -> None:
         """grad <- sum over the tensor group on the ranges of tensor-partial gradients (one all-reduce)."""
         pieces = [b.grad_shard[r] for b in self.buckets for r in b.partial]
         if not pieces:
@@ -305,17 +317,30 @@ class ZeroDataParallel:
             piece.copy_(flat[offset : offset + piece.numel()])
             offset += piece.numel()
 
-    def sum_isolated_grads(self, group: dist.ProcessGroup) -> None:
-        """Sum the gradient shards of the isolated (tied) parameters over `group`: both ends bucket them
-        alone, so their shards hold the same elements."""
+    def zero_grad(self) -> None:
         for bucket in self.buckets:
-            if bucket.params[0] in self.isolate:
-                dist.all_reduce(bucket.grad_shard, group=group)
+            (bucket.flat_grads if self.stage == 1 else bucket.grad_shard).zero_()
+
+    def held_bytes(self) -> Held:
+        out = no_bytes()
+        for b in self.buckets:
+            # Storage actually allocated: a stage-3 bucket's whole buffer is empty between uses, and its
+            # persistent shard may wait in host memory (offload=all).
+            out[_where(b.flat_params)]["params"] += b.flat_params.untyped_storage().nbytes()
+            if b.store is not None:
+                out[_where(b.store)]["params"] += nbytes(b.store)
+            grads = b.flat_grads if self.stage == 1 else b.grad_shard
+            out[_where(grads)]["grads"] += nbytes(grads)
+            for t in (b.exp_avg, b.exp_avg_sq, b.master):
+                if t is not None:
+                    out[_where(t)]["optimizer"] += nbytes(t)
+        return out
+
+    # --- norm, clipping, step -------------------------------------------------------------------------
 
     def grad_norm_sq(self) -> torch.Tensor:
         """Sum of squares of this rank's gradient shards (padding is zero), over the elements this rank
-        counts; all-reduce it over the group to get ||g||^2 of this rank's parameters (the caller also
-        reduces over tensor and pipeline groups)."""
+        counts."""
         total = torch.zeros(
             (), dtype=self.buckets[0].grad_shard.dtype, device=self.buckets[0].grad_shard.device
         )
@@ -325,11 +350,15 @@ class ZeroDataParallel:
         return total
 
     def reduced_grad_norm_sq(self) -> torch.Tensor:
-        """||g||^2 of the parameters this wrapper holds: the shard squares summed over the group."""
+        """||g||^2 of this rank's parameters (its tensor shards, its stages): shard squares summed over
+        the group."""
         total = self.grad_norm_sq()
         if self.n > 1:
             dist.all_reduce(total, group=self.group)
         return total
+
+    def grad_norm(self) -> torch.Tensor:
+        return model_parallel_norm(self.reduced_grad_norm_sq(), self.tp_group, self.pp_group)
 
     def scale_grads(self, factor: torch.Tensor | float) -> None:
         for bucket in self.buckets:
@@ -337,36 +366,26 @@ class ZeroDataParallel:
 
     @torch.no_grad()
     def step(self, lr: float) -> None:
-        """AdamW on every shard, element for element as torch.optim.AdamW's single-tensor path, then
-        all-gather the updated buckets."""
-        a = self.adamw
-        beta1, beta2 = a.betas
+        """AdamW on every shard, then the residency makes the parameters whole again where it must."""
         self.step_count += 1
-        bias_correction1 = 1 - beta1**self.step_count
-        bias_correction2_sqrt = (1 - beta2**self.step_count) ** 0.5
-        step_size = lr / bias_correction1
         for bucket in self.buckets:
             param = bucket.master if bucket.master is not None else bucket.shard_params
             grad = bucket.grad_shard.to(param.device, param.dtype)
-            # Decoupled weight decay p *= 1 - lr*wd on decayed elements (the same fp32 factor as torch's).
-            param.mul_(torch.where(bucket.decay > 0, 1 - lr * a.weight_decay, 1.0).to(param.dtype))
-            bucket.exp_avg.lerp_(grad, 1 - beta1)
-            bucket.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            denom = (bucket.exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(a.eps)
-            param.addcdiv_(bucket.exp_avg, denom, value=-step_size)
+            adamw_step_(
+                param, grad, bucket.exp_avg, bucket.exp_avg_sq, bucket.decay, lr, self.step_count, self.adamw
+            )
             if bucket.master is not None:
                 bucket.shard_params.copy_(bucket.master)
-        self._after_step()
+        self.residency.after_step(self.buckets, self.group)
 
-    def _after_step(self) -> None:
-        """Stages 1-2: every rank needs the whole updated parameters (stage 3 gathers them on use)."""
-        for bucket in self.buckets:
-            dist.all_gather_single(bucket.flat_params, bucket.shard_params.clone(), group=self.group)
+    def params_whole(self):
+        return self.residency.whole(self.buckets)
 
     # --- canonical state for checkpoints -----------------------------------------------------------------
 
-    def full_state(self) -> dict[nn.Parameter, dict[str, torch.Tensor]]:
-        """Every parameter's AdamW state, whole (gathered over the group), as torch's AdamW would hold it."""
+    def state_dict(self) -> OptimizerState:
+        """Every parameter's AdamW state, whole (gathered over the group), as torch's AdamW would hold it.
+        Under stage 3 call it inside params_whole()."""
         out = {}
         for bucket in self.buckets:
             gathered = {}
@@ -381,8 +400,9 @@ class ZeroDataParallel:
         return out
 
     @torch.no_grad()
-    def load_full_state(self, state: dict[nn.Parameter, dict[str, torch.Tensor]]) -> None:
-        """Inverse of full_state: take this rank's slice of every parameter's moments."""
+    def load_state_dict(self, state: OptimizerState) -> None:
+        """Inverse of state_dict: take this rank's slice of every parameter's moments (inside
+        params_whole() under stage 3, after the parameters were loaded)."""
         for bucket in self.buckets:
             for name in ("exp_avg", "exp_avg_sq"):
                 whole = torch.zeros_like(bucket.flat_params)
@@ -394,3 +414,11 @@ class ZeroDataParallel:
                 bucket.master.copy_(bucket.shard_params)
         steps = [int(s["step"]) for s in state.values() if "step" in s]
         self.step_count = steps[0] if steps else 0
+
+
+def model_parallel_norm(sq: torch.Tensor, tp_group, pp_group) -> torch.Tensor:
+    """sqrt of ||g||^2 summed over tensor and pipeline ranks, which hold disjoint counted elements."""
+    for group in (tp_group, pp_group):
+        if group_size(group) > 1:
+            dist.all_reduce(sq, group=group)
+    return sq.sqrt()

@@ -1,4 +1,4 @@
-"""ZeRO stage 3: parameters sharded too (16/N bytes per parameter for fp32 AdamW, FORMULAS.md).
+"""ZeRO stage 3: parameters sharded too (16/N bytes per parameter for fp32 AdamW, docs/formulas.md).
 
 A unit (the embedding, each transformer block, the final norm with the head) is one flat bucket whose
 whole tensor exists only while the unit runs. Rank r keeps the slice [r*S, (r+1)*S) in `store`.
@@ -16,6 +16,10 @@ Every rank runs the same modules in the same order, so gathers match across rank
 outside its unit (an output head tied to the embedding) belongs to the embedding's unit, which the head's
 hooks gather and free as well. Activation checkpointing recomputes a block inside its backward: the unit
 is then already gathered and is not freed by the recomputation's post-hook.
+
+Stage 3 is the stage 1/2 machinery (parallel.zero.ZeroDataParallel: flat buckets, reduce-scatter into
+gradient shards, sharded AdamW) composed with `ShardedParams`, the residency that keeps only the shard of
+each unit between uses; `zero3` builds the pair.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel.zero import AdamWConfig, FlatBucket, ZeroDataParallel
+from parallel.grad_sync import AdamWConfig
+from parallel.zero import FlatBucket, ZeroDataParallel
 
 
 def _recomputing() -> bool:
@@ -36,51 +41,78 @@ def _recomputing() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-class Zero3DataParallel(ZeroDataParallel):
-    def __init__(
-        self,
-        units: list[tuple[list[nn.Parameter], list[tuple[nn.Module, nn.Module]]]],
-        group: dist.ProcessGroup,
-        adamw: AdamWConfig,
-        offload: str = "none",
-        decay_if=lambda p: p.dim() >= 2,
-        **facts,
-    ):
-        """units, in forward order: (the unit's parameters, spans). A span (first, last) is a stretch of
-        forward that uses the unit: gathered before `first` runs, freed after `last` returns. The first
-        span of a unit also prefetches the next unit; later spans (a tied head) do not. `facts`:
-        ZeroDataParallel's tp_group and isolate (a tied parameter must be a unit of its own)."""
-        self._units = [params for params, _ in units]
-        self.offload_params = offload == "all"
+Unit = tuple[list[nn.Parameter], list[tuple[nn.Module, nn.Module]]]
+
+
+class ShardedParams:
+    """Where ZeRO-3 parameters live: each unit's shard in `bucket.store` (on the host with offload=all),
+    the whole unit only between the all-gather before it runs and the free after it (or after its
+    gradient is reduced)."""
+
+    def __init__(self, offload_params: bool = False):
+        self.offload_params = offload_params
+        self.group = None
+        self.forward_order: list[FlatBucket] = []
         self.gathered: dict[int, object] = {}  # id(bucket) -> pending gather Work, or None once complete
         self.in_backward: set[int] = set()
         self.peak_gathered = 0
-        params = [p for ps in self._units for p in ps]
-        offload_state = offload in ("optimizer", "all")
-        super().__init__(params, group, 3, 0.0, adamw, offload_state, decay_if, **facts)
-        # Buckets are indexed in backward order (reverse of forward), so launching reductions in index
-        # order follows backward; `forward_order` maps forward position -> bucket.
-        self.forward_order = self.buckets[::-1]
+        self.uses: dict[int, int] = {}
+
+    # --- the residency interface ZeroDataParallel calls ---------------------------------------------
+
+    def adopt(self, bucket: FlatBucket, group) -> None:
+        self.group = group
+        bucket.store = bucket.flat_params[bucket.shard].clone()
+        if self.offload_params:  # offload=all: parameter shards wait in host memory between uses
+            bucket.store = bucket.store.to("cpu" if bucket.store.device.type != "meta" else "meta")
+            bucket.store._dtrain_host = True
+        self._free(bucket)
+
+    def reduced(self, bucket: FlatBucket) -> None:
+        """The unit's backward is done and its gradient is being reduced: free its parameters."""
+        self.in_backward.discard(id(bucket))
+        self._free(bucket)
+
+    def synced(self, buckets: list[FlatBucket]) -> None:
+        for bucket in buckets:  # units whose parameters got no gradient this backward
+            if id(bucket) in self.in_backward:
+                self.in_backward.discard(id(bucket))
+                self._free(bucket)
+
+    def after_step(self, buckets: list[FlatBucket], group) -> None:
+        pass  # the updated shards are gathered on next use
+
+    @contextlib.contextmanager
+    def whole(self, buckets: list[FlatBucket]):
+        """Every parameter whole for the duration (checkpoints read and write them); written values are
+        copied back into the shards."""
+        for bucket in buckets:
+            self._ensure(bucket)
+        try:
+            yield
+        finally:
+            for bucket in buckets:
+                bucket.store.copy_(bucket.flat_params[bucket.shard].to(bucket.store.device))
+                if bucket.master is not None:
+                    bucket.master.copy_(bucket.store)
+                self._free(bucket)
+
+    # --- gather and free around the units' forward and backward --------------------------------------
+
+    def hook(self, buckets: list[FlatBucket], units: list[Unit]) -> None:
+        """Buckets are indexed in backward order (reverse of forward), so launching reductions in index
+        order follows backward; `forward_order` maps forward position -> bucket. The first span of a unit
+        also prefetches the next unit; later spans (a tied head) do not."""
+        self.forward_order = buckets[::-1]
+        # Forward uses per unit (bucket id -> spans): each is one all-gather per micro-batch, plus one
+        # for backward.
+        self.uses = {id(b): len(spans) for b, (_, spans) in zip(self.forward_order, units, strict=True)}
         for position, (_, spans) in enumerate(units):
             for n, (first, last) in enumerate(spans):
                 first.register_forward_pre_hook(
                     lambda m, a, k=position, pf=n == 0: self._before_forward(k, pf)
                 )
                 last.register_forward_hook(lambda m, a, out, k=position: self._after_forward(k, out))
-
-    def _plan(self, params, bucket_mb):
-        return self._units[::-1]
-
-    def _make_bucket(self, params, decay_if) -> FlatBucket:
-        bucket = super()._make_bucket(params, decay_if)
-        bucket.store = bucket.flat_params[bucket.shard].clone()
-        if self.offload_params:  # offload=all: parameter shards wait in host memory between uses
-            bucket.store = bucket.store.to("cpu")
-            bucket.store._dtrain_host = True
-        self._free(bucket)
-        return bucket
-
-    # --- gather and free -------------------------------------------------------------------------------
 
     def _free(self, bucket: FlatBucket) -> None:
         bucket.flat_params.untyped_storage().resize_(0)
@@ -123,32 +155,18 @@ class Zero3DataParallel(ZeroDataParallel):
         if position > 0:
             self._start_gather(self.forward_order[position - 1])  # prefetch the unit before it
 
-    def _launch(self, bucket: FlatBucket) -> None:
-        super()._launch(bucket)  # the unit's backward is done: reduce its gradient, free its parameters
-        self.in_backward.discard(id(bucket))
-        self._free(bucket)
 
-    def finish_grad_sync(self) -> None:
-        super().finish_grad_sync()
-        for bucket in self.buckets:  # units whose parameters got no gradient this backward
-            if id(bucket) in self.in_backward:
-                self.in_backward.discard(id(bucket))
-                self._free(bucket)
-
-    def _after_step(self) -> None:
-        pass  # the updated shards are gathered on next use
-
-    @contextlib.contextmanager
-    def gathered_params(self):
-        """Every parameter whole for the duration (checkpoints read and write them); written values are
-        copied back into the shards."""
-        for bucket in self.buckets:
-            self._ensure(bucket)
-        try:
-            yield
-        finally:
-            for bucket in self.buckets:
-                bucket.store.copy_(bucket.flat_params[bucket.shard].to(bucket.store.device))
-                if bucket.master is not None:
-                    bucket.master.copy_(bucket.store)
-                self._free(bucket)
+def zero3(
+    units: list[Unit], group: dist.ProcessGroup, adamw: AdamWConfig, offload: str = "none", **facts
+) -> ZeroDataParallel:
+    """ZeRO-3 over `units`, in forward order: (the unit's parameters, spans). A span (first, last) is a
+    stretch of forward that uses the unit: gathered before `first` runs, freed after `last` returns.
+    `facts`: ZeroDataParallel's tp_group, pp_group, embed_group and isolate (a parameter tied across
+    pipeline stages must be a unit of its own)."""
+    residency = ShardedParams(offload_params=offload == "all")
+    plan = [params for params, _ in units][::-1]  # one bucket per unit, in backward order
+    sync = ZeroDataParallel(
+        plan, group, 3, adamw, offload in ("optimizer", "all"), residency=residency, **facts
+    )
+    residency.hook(sync.buckets, units)
+    return sync

@@ -21,10 +21,10 @@ import contextlib
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
+from parallel.grad_sync import Held, OptimizerState
 from parallel.sharding import sharding_of
-from parallel.zero import ZeroDataParallel
+from parallel.zero import ZeroDataParallel, model_parallel_norm
 
 
 def split_expert_units(units: list) -> tuple[list, list]:
@@ -40,6 +40,8 @@ def split_expert_units(units: list) -> tuple[list, list]:
 
 
 class ZeroWithExperts:
+    """A `parallel.grad_sync.GradSync` of two ZeRO wrappers over disjoint parameters."""
+
     def __init__(self, dense: ZeroDataParallel, experts: ZeroDataParallel, ep_group: dist.ProcessGroup):
         self.dense, self.experts, self.ep_group = dense, experts, ep_group
         self.parts = (dense, experts)
@@ -56,40 +58,32 @@ class ZeroWithExperts:
         for part in self.parts:
             part.zero_grad()
 
-    def sum_partial_grads(self) -> None:
-        for part in self.parts:
-            part.sum_partial_grads()
-
-    def sum_isolated_grads(self, group: dist.ProcessGroup) -> None:
-        for part in self.parts:
-            part.sum_isolated_grads(group)
-
     def scale_grads(self, factor: torch.Tensor | float) -> None:
         for part in self.parts:
             part.scale_grads(factor)
 
-    def reduced_grad_norm_sq(self) -> torch.Tensor:
+    def grad_norm(self) -> torch.Tensor:
         experts = self.experts.reduced_grad_norm_sq()
         dist.all_reduce(experts, group=self.ep_group)  # each ep rank holds different experts
-        return self.dense.reduced_grad_norm_sq() + experts
+        dense = self.dense
+        return model_parallel_norm(dense.reduced_grad_norm_sq() + experts, dense.tp_group, dense.pp_group)
 
     def step(self, lr: float) -> None:
         for part in self.parts:
             part.step(lr)
 
-    def held_bytes(self) -> dict[str, dict[str, int]]:
+    def held_bytes(self) -> Held:
         dense, experts = self.dense.held_bytes(), self.experts.held_bytes()
         return {where: {k: v + experts[where][k] for k, v in kinds.items()} for where, kinds in dense.items()}
 
-    def full_state(self) -> dict[nn.Parameter, dict[str, torch.Tensor]]:
-        return {**self.dense.full_state(), **self.experts.full_state()}
+    def state_dict(self) -> OptimizerState:
+        return {**self.dense.state_dict(), **self.experts.state_dict()}
 
-    def load_full_state(self, state: dict[nn.Parameter, dict[str, torch.Tensor]]) -> None:
+    def load_state_dict(self, state: OptimizerState) -> None:
         for part in self.parts:
-            part.load_full_state(state)
+            part.load_state_dict(state)
 
     @contextlib.contextmanager
-    def gathered_params(self):
-        """Stage 3: both parts' parameters whole for the duration."""
-        with self.dense.gathered_params(), self.experts.gathered_params():
+    def params_whole(self):
+        with self.dense.params_whole(), self.experts.params_whole():
             yield

@@ -1,7 +1,7 @@
 """`dtrain estimate` predicts, from the config alone (meta tensors, no process group), the bytes of
 parameters, gradients and optimizer states a rank holds after a step: it must equal what a real run's
-`Trainer.held_bytes()` measures, byte for byte (the estimator replays the same bucket planning and
-padding)."""
+`Trainer.held_bytes()` measures, byte for byte (the estimator builds the same modules and gradient
+synchronisation on the meta device)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from dtrain.analysis.estimate import estimate_model_states, meta_rank
 from dtrain.config import ConfigError, load_config
-from dtrain.estimate import estimate_model_states, zero_bucket_numels
-from dtrain.meta_model import meta_chunks
 from dtrain.model import count_params
 from tests import harness
 from tests.reference import TINY, tiny_config
@@ -77,14 +76,16 @@ def test_estimate_equals_measured_held_bytes(request, fixture):
 def test_small_buckets_are_several_and_padded():
     """The bucket case above really exercises the planning: several buckets, some padded for dp=4."""
     cfg = tiny_config(4, *overrides(1, "none", ODD + SMALL_BUCKETS))
-    numels = zero_bucket_numels(cfg, meta_chunks(cfg, 0))
+    built = meta_rank(cfg, 0)
+    numels = [b.numel for b in built.grad_sync.buckets]
     assert len(numels) > 5
     assert any(n % 4 for n in numels)
-    assert sum(numels) == sum(p.numel() for p in meta_chunks(cfg, 0)[0].parameters())
+    assert sum(numels) == sum(p.numel() for p in built.model.parameters())
 
 
 def test_large_model_on_meta_matches_formulas():
-    """A 1B model costs nothing to estimate (meta tensors) and lands on FORMULAS.md's bytes per parameter."""
+    """A 1B model costs nothing to estimate (meta tensors) and lands on docs/formulas.md's bytes per
+    parameter."""
     cfg = load_config(os.path.join(ROOT, "configs/gpu_1b.yaml"), ["parallel.zero=3", "parallel.offload=all"])
     est = estimate_model_states(cfg, 8)
     n = est["params"]
@@ -93,7 +94,7 @@ def test_large_model_on_meta_matches_formulas():
     assert abs(est["device"]["grads"] / n - 4 / 8) < 1e-6
     assert abs(est["host"]["params"] / n - 4 / 8) < 1e-6
     assert abs(est["host"]["optimizer"] / n - 12 / 8) < 1e-6
-    assert "FORMULAS.md ZeRO-3 offload=all, N=8" in est["formula"]
+    assert "docs/formulas.md ZeRO-3 offload=all, N=8" in est["formula"]
 
 
 def test_pipeline_ranks_hold_their_own_chunks():
@@ -125,7 +126,7 @@ def test_cli_prints_the_figures():
     for where in ("device", "host"):
         for value in est[where].values():
             assert f"{value:,}" in text
-    assert "FORMULAS.md ZeRO-2, N=2" in text
+    assert "docs/formulas.md ZeRO-2, N=2" in text
 
 
 def test_cli_bad_config_is_one_line():
@@ -141,13 +142,13 @@ def saved_activation_case(overrides: tuple[str, ...]) -> tuple[int, float]:
     """One micro-batch through this rank's chunk with every tensor autograd saves for backward counted
     once per storage (parameters and buffers excluded): what activation memory is. Returns (measured,
     predicted per micro-batch)."""
-    from dtrain.activations import activation_bytes
-    from dtrain.stage import Stage
+    from dtrain.analysis.activations import activation_bytes
+    from dtrain.parallelize import build_model_chunks
 
     cfg = tiny_config(dist.get_world_size(), *overrides)
     p, t = cfg.parallel, cfg.train
     grid = harness.grid(tp=p.tp, pp=p.pp, dp=p.dp)
-    (c, chunk), *_ = Stage(cfg, grid, torch.device("cpu")).chunks.items()
+    (c, chunk), *_ = build_model_chunks(cfg, grid, torch.device("cpu")).items()
     fixed = {q.untyped_storage().data_ptr() for q in [*chunk.parameters(), *chunk.buffers()]}
     saved = {}
 
@@ -182,7 +183,7 @@ def test_activation_estimate_equals_the_bytes_autograd_saves(request, fixture, o
 
 
 def test_activation_estimate_counts_in_flight_microbatches_and_checkpointing():
-    from dtrain.activations import activation_bytes
+    from dtrain.analysis.activations import activation_bytes
 
     base = [*TINY, "parallel.pp=2", "train.global_batch_size=32", "train.micro_batch_size=2"]
     gpipe = activation_bytes(validate_for([*base, "parallel.pp_schedule=gpipe"], 4), 0)
@@ -203,8 +204,8 @@ LAYOUT_KEYS = ("tp", "pp", "dp", "ep", "zero")
 
 
 def test_suggested_layouts_fit_the_budget_and_validate():
+    from dtrain.analysis.suggest import parse_bytes, suggest_layouts
     from dtrain.config import validate
-    from dtrain.suggest import parse_bytes, suggest_layouts
 
     cfg = load_config(None, [*TINY, "model.moe.num_experts=4"])
     budget = parse_bytes("1.5MiB")

@@ -214,14 +214,14 @@ def test_ranks_must_agree_on_config_code_and_versions(world2, change):
 def phase_case(error: str, layout: tuple[str, ...]) -> str:
     """A collective error raised inside the gradient reduction of step 1, as Gloo would raise it."""
     trainer = _trainer(*layout)
-    original = trainer.ddp.finish_grad_sync
+    original = trainer.grad_sync.finish_grad_sync
 
     def failing():
         original()
         raise RuntimeError(error)
 
-    trainer.ddp.finish_grad_sync = failing
-    resilience.name_collective_phases(trainer, timeout_s=3)
+    trainer.grad_sync.finish_grad_sync = failing
+    trainer.phases = resilience.CollectivePhases(trainer.grid, trainer.cfg.parallel.zero, timeout_s=3)
     try:
         trainer.train_step()
     except Exception as e:
@@ -264,7 +264,12 @@ def test_collective_failures_are_named_by_phase(world2, error, layout, expected)
 
 
 def phases_exist_case(layout: tuple[str, ...]) -> str:
-    resilience.name_collective_phases(_trainer(*layout), timeout_s=3)  # AttributeError if one is renamed
+    """Every phase the trainer enters in a step, an evaluation and a save is named (KeyError if not)."""
+    trainer = _trainer(*layout, "train.eval_batches=1")
+    trainer.phases = resilience.CollectivePhases(trainer.grid, trainer.cfg.parallel.zero, timeout_s=30)
+    trainer.train_step()
+    trainer.evaluate()
+    trainer._record(trainer.train_step(), 1.0)
     return "ok"
 
 

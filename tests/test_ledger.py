@@ -5,7 +5,7 @@ records, calls and bytes, must equal comm_volume.predict for that rank exactly, 
 trainer's bookkeeping alike. MoE all-to-all bytes depend on the routing: the test recomputes each
 layer's routing from its input (the layer's own `route`), derives the rows that leave and arrive at each
 rank, and the prediction fed with those rows must equal the measurement; the balanced-routing figure
-FORMULAS.md gives is checked to be close. The meta-device model comm_volume plans buckets with is checked
+docs/formulas.md gives is checked to be close. The meta-device model comm_volume plans buckets with is checked
 against the real one, parameter by parameter."""
 
 from __future__ import annotations
@@ -68,14 +68,14 @@ def _tallies(tallies: dict) -> dict:
 
 
 def _meta_matches_real(cfg, trainer) -> list[str]:
-    """comm_volume's meta-device parameters against the trainer's: same order, sizes and facts."""
-    from dtrain.comm_volume import meta_chunks
+    """The meta-device parameters comm_volume reads against the trainer's: same order, sizes and facts."""
+    from dtrain.analysis.estimate import meta_rank
     from parallel.sharding import sharding_of
 
     def facts(params):
         return [(q.numel(), sharding_of(q).partial_grad, sharding_of(q).expert) for q in params]
 
-    meta = [q for c in meta_chunks(cfg, trainer.grid.coords.pp).values() for q in c.parameters()]
+    meta = list(meta_rank(cfg, trainer.grid.rank).model.parameters())
     return (
         []
         if facts(meta) == facts(trainer.params)
@@ -88,7 +88,7 @@ def _routing_recorder(trainer) -> list:
     expert, recomputed from the layer's input with the layer's own routing (dtrain.bench.moe.routing_of).
     Under tensor parallelism each tensor rank routes its sequence chunk of the micro-batch."""
     from dtrain.bench.moe import routing_of
-    from parallel.expert_parallel import group_size
+    from parallel.grid import group_size
 
     kept: list[list[int]] = []
 
@@ -117,7 +117,7 @@ def _routing_recorder(trainer) -> list:
 def measure_step(names_and_overrides: list[tuple[str, tuple[str, ...]]]) -> dict:
     """For each layout: one training step under a ledger; this rank's tallies, the prediction's, and
     the MoE routing counts (for the exact all-to-all rows)."""
-    from dtrain.comm_volume import predict
+    from dtrain.analysis.comm_volume import predict
     from dtrain.trainer import Trainer
     from parallel.ledger import BOOKKEEPING, CommLedger
 
@@ -165,7 +165,7 @@ def exact_moe_rows(results: list[dict], rank: int, num_experts: int) -> tuple[in
 
 def check_layout(name: str, overrides: tuple[str, ...], results: list[dict]) -> None:
     """Every rank's measured tallies equal the prediction; MoE rows from the routing."""
-    from dtrain.comm_volume import predict
+    from dtrain.analysis.comm_volume import predict
     from parallel.ledger import ALL_TO_ALL
 
     world = len(results)
@@ -212,8 +212,8 @@ def test_ledger_equals_analytic_volume_4_ranks(world4):
 
 
 def test_moe_rows_are_near_the_balanced_figure(measured_2):
-    """The dispatch moves about (ep-1)/ep of the T*k routed rows each way (FORMULAS.md), not exactly."""
-    from dtrain.comm_volume import predict
+    """The dispatch moves about (ep-1)/ep of the T*k routed rows each way (docs/formulas.md), not exactly."""
+    from dtrain.analysis.comm_volume import predict
     from dtrain.config import microbatches_per_rank
 
     cfg = tiny_config(2, *LAYOUTS_2["moe-ep2"])
@@ -240,7 +240,7 @@ def fit_and_read(out_dir: str, overrides: tuple[str, ...]) -> list[dict] | None:
 
 
 def test_trainer_writes_comm_metrics_on_logging_steps_only(world2, tmp_path):
-    from dtrain.comm_volume import predict
+    from dtrain.analysis.comm_volume import predict
 
     overrides = ("parallel.zero=1", SMALL_BUCKETS, "train.steps=3", "run.log_every=2", "train.eval_batches=0")
     records = world2.run(fit_and_read, str(tmp_path), overrides)[0]
@@ -259,8 +259,8 @@ def test_trainer_writes_comm_metrics_on_logging_steps_only(world2, tmp_path):
 def test_prediction_reproduces_the_tensor_parallel_benchmark_count():
     """bench/tensor_parallel.py counts one step of the tp model (one micro-batch, the partial-gradient sum)
     exactly; the prediction's tensor-parallel bytes are that plus the gradient norm's scalar."""
+    from dtrain.analysis.comm_volume import predict
     from dtrain.bench.tensor_parallel import analytic_bytes
-    from dtrain.comm_volume import predict
 
     for sp in ("false", "true"):
         cfg = tiny_config(
@@ -273,11 +273,13 @@ def test_prediction_reproduces_the_tensor_parallel_benchmark_count():
 
 
 def test_prediction_gives_the_formulas_data_parallel_volumes():
-    """FORMULAS.md: DDP and ZeRO 1/2 send 2Ψ(N-1)/N elements per step, ZeRO-3 3Ψ(N-1)/N (one micro-batch);
+    """docs/formulas.md: DDP and ZeRO 1/2 send 2Ψ(N-1)/N elements per step, ZeRO-3 3Ψ(N-1)/N (one
+    micro-batch);
     exactly so here up to the padding of each bucket to a multiple of N."""
-    from dtrain.comm_volume import meta_chunks, predict
+    from dtrain.analysis.comm_volume import predict
+    from dtrain.analysis.estimate import meta_rank
 
-    n, psi = 2, sum(q.numel() for c in meta_chunks(tiny_config(2), 0).values() for q in c.parameters())
+    n, psi = 2, sum(q.numel() for q in meta_rank(tiny_config(2), 0).model.parameters())
     for zero, factor in ((0, 2), (1, 2), (2, 2), (3, 3)):
         cfg = tiny_config(n, f"parallel.zero={zero}", "train.global_batch_size=8")
         volume = predict(cfg)
@@ -291,7 +293,7 @@ def test_prediction_gives_the_formulas_data_parallel_volumes():
 
 
 def test_not_modelled_names_the_key():
-    from dtrain.comm_volume import NotModelled, predict
+    from dtrain.analysis.comm_volume import NotModelled, predict
 
     cases = {
         "train.precision": ("parallel.tp=2", "train.precision=bf16"),

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import pytest
 
+from dtrain.analysis.estimate import estimate_model_states
 from dtrain.config import load_config
-from dtrain.estimate import estimate_model_states
 from tests.reference import TINY, layout_matches_ddp
 
 MODEL = (

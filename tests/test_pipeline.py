@@ -43,7 +43,7 @@ def test_bubble_matches_formula_and_interleaving_shrinks_it(pp, m):
         for v in (2, 3):
             sim = ps.simulate(ps.build("interleaved", pp, m, v), pp)
             assert sim["bubble"] < (pp - 1) / (m + pp - 1)
-            # FORMULAS.md: interleaved bubble over ideal time = (p - 1) / (v * m)
+            # docs/formulas.md: interleaved bubble over ideal time = (p - 1) / (v * m)
             assert sim["bubble"] / (1 - sim["bubble"]) == pytest.approx((pp - 1) / (v * m), abs=1e-12)
 
 

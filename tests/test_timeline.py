@@ -1,4 +1,4 @@
-"""`dtrain schedule` and dtrain.timeline: timelines drawn from the schedule data (PNG and SVG), the
+"""`dtrain schedule` and dtrain.analysis.timeline: timelines drawn from the schedule data (PNG and SVG), the
 executor's per-action timings, and a measured timeline from a real 2-rank pipeline run."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from dtrain import timeline
+from dtrain.analysis import timeline
 from parallel import pipeline_schedules as ps
 from tests import harness
 from tests.harness import repo_root, run_python
@@ -78,12 +78,12 @@ def executor_records() -> dict:
             actions,
             microbatches,
             loss_scale=1 / trainer.global_tokens,
-            before_backward=lambda chunk, is_last: setattr(trainer.ddp, "sync_grads", is_last),
+            before_backward=lambda chunk, is_last: trainer.grad_sync.before_backward(is_last),
             **record,
         )
-        trainer.ddp.finish_grad_sync()
+        trainer.grad_sync.finish_grad_sync()
         grads = [p.grad.clone() for p in trainer.params]
-        trainer.ddp.zero_grad()
+        trainer.grad_sync.zero_grad()
         return loss, grads
 
     rec: list = []
@@ -121,7 +121,7 @@ def test_cli_draws_schedule_and_prints_bubble(tmp_path):
 
     result = run_cli("--schedule", "interleaved", "--pp", "4", "--microbatches", "8", "--virtual", "2")
     assert result.returncode == 0, result.stderr
-    assert "18.8% over the ideal time (FORMULAS.md: (p-1)/(v*m) = 3/16 = 18.8%" in result.stdout
+    assert "18.8% over the ideal time (docs/formulas.md: (p-1)/(v*m) = 3/16 = 18.8%" in result.stdout
 
 
 @pytest.mark.parametrize(

@@ -133,7 +133,7 @@ def memory_case(stage: int, offload: str) -> dict:
     return {"held": trainer.held_bytes(), "params": count_params(cfg.model)["total"]}
 
 
-# Bytes per parameter for fp32 AdamW (FORMULAS.md, ZeRO paper): params + grads + optimizer states.
+# Bytes per parameter for fp32 AdamW (docs/formulas.md, ZeRO paper): params + grads + optimizer states.
 EXPECTED = {
     0: lambda n: (4, 4, 8),
     1: lambda n: (4, 4, 8 / n),
@@ -222,16 +222,17 @@ def peak_gathered_case() -> dict:
     cfg = tiny_config(world, "parallel.zero=3", "model.n_layers=4", "train.steps=2")
     trainer = Trainer(cfg, harness.grid(dp=world), torch.device("cpu"))
     observed = []  # units gathered, sampled whenever a gather starts
-    original = trainer.ddp._start_gather
+    residency = trainer.grad_sync.residency
+    original = residency._start_gather
 
     def counting(bucket):
         original(bucket)
-        observed.append(len(trainer.ddp.gathered))
+        observed.append(len(residency.gathered))
 
-    trainer.ddp._start_gather = counting
+    residency._start_gather = counting
     trainer.train_step()
     trainer.train_step()
-    return {"max": max(observed), "units": len(trainer.ddp.buckets), "after": trainer.held_bytes()}
+    return {"max": max(observed), "units": len(trainer.grad_sync.buckets), "after": trainer.held_bytes()}
 
 
 def test_zero3_holds_at_most_the_current_and_prefetched_unit(world2):

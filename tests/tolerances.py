@@ -8,7 +8,7 @@ fp32, bounded: with four ranks Gloo's ring all-reduce adds the four contribution
 depends on where an element falls in its bucket's chunks, and one process accumulates micro-batches as
 ((g1+g2)+g3)+g4 where two ranks compute (g1+g2)+(g3+g4). Each step then agrees to a few ulps, and Adam's
 g/sqrt(v) magnifies that on the odd element whose gradient nearly cancels, so parameters are compared
-per tensor in the 2-norm, ||ours - ref|| <= 1e-5 * ||ref|| (the 1e-5 of DESIGN.md), and losses and
+per tensor in the 2-norm, ||ours - ref|| <= 1e-5 * ||ref|| (the 1e-5 of docs/design.md), and losses and
 gradient norms elementwise to 1e-5 relative. Measured worst case on the tiny model over 6 steps:
 1.5e-6 per-tensor relative, 1.2e-7 relative on the loss.
 

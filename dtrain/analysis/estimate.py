@@ -1,7 +1,10 @@
 """Model-state memory per rank, predicted from a config without processes or real tensors.
 
-`estimate_model_states(cfg, world)` builds this rank's model chunks on the meta device (shapes and dtypes,
-no storage), then replays the bookkeeping of the data-parallel wrapper the trainer would use:
+`estimate_model_states(cfg, world)` runs the trainer's own composition (dtrain.parallelize) for the first
+rank of every pipeline stage on the meta device, with a `parallel.grid.MetaGrid` in place of process
+groups, and reads `GradSync.held_bytes()` off the gradient synchronisation it built: the same buckets,
+padding, shards, units, offloaded copies and AdamW state as a real run holds, with shapes and no storage.
+What the figures are, per wrapper (docs/formulas.md):
 
   DDP (zero=0)  parameters + fp32 gradient buckets (no padding) + AdamW exp_avg/exp_avg_sq per parameter
   ZeRO-1        parameters (padded buckets) + whole padded gradient buckets + moments of this rank's shard
@@ -10,36 +13,22 @@ no storage), then replays the bookkeeping of the data-parallel wrapper the train
   offload       optimizer: moments and an fp32 master copy of the shard in host memory;
                 all (ZeRO-3): the parameter shards in host memory too
 
-Buckets are planned exactly as parallel/zero.py does (plan_buckets over the parameters in backward order,
-each bucket zero-padded to a multiple of dp; under ZeRO-3 one bucket per unit from Stage.zero3_units), so
-the figures equal `Trainer.held_bytes()` after a step, byte for byte.
-
-Layouts: every axis is modelled. A pipeline rank holds its own chunks; a tensor rank holds 1/tp of every
-split matrix (dtrain.meta_model builds the rank's model with dtrain.parallel_layers' shapes: heads,
-hidden units and the padded vocabulary split, norms, routers and key/value heads fewer than tp
-replicated); an expert-parallel rank
-holds E/ep experts, whose ZeRO state is sharded over the dp/ep expert-data-parallel ranks; an embedding tied
-across stages is a bucket of its own. The tests hold these figures to `Trainer.held_bytes()` for every
-layout of the composition matrix.
+The tests hold these figures to a real `Trainer.held_bytes()` for every layout of the composition matrix.
 """
 
 from __future__ import annotations
 
 import copy
-import math
-from dataclasses import dataclass
 
 import torch
 
-from dtrain.activations import activation_bytes
+from dtrain.analysis.activations import activation_bytes
 from dtrain.config import Config, ConfigError, load_config, validate
-from dtrain.meta_model import meta_chunks, stage_view
-from dtrain.model import Transformer
-from dtrain.stage import Stage
-from parallel.data_parallel import plan_buckets
-from parallel.zero_experts import split_expert_units
+from dtrain.parallelize import Parallelized, parallelize
+from parallel.grid import MetaGrid
 
 KINDS = ("params", "grads", "optimizer")
+META = torch.device("meta")
 
 
 def default_world(cfg: Config) -> int:
@@ -51,94 +40,20 @@ def default_world(cfg: Config) -> int:
     return cfg.dist.nproc_per_node or 1
 
 
-def _empty() -> dict[str, dict[str, int]]:
-    return {where: dict.fromkeys(KINDS, 0) for where in ("device", "host")}
-
-
-def _params(chunks: dict[int, Transformer]) -> list[torch.nn.Parameter]:
-    """Stage.parameters(): each chunk's parameters once (a tied head is the embedding), chunk order."""
-    return [p for chunk in chunks.values() for p in chunk.parameters() if p.requires_grad]
-
-
-@dataclass
-class RankParams:
-    """What one pipeline rank holds, for replaying the data-parallel wrappers' bookkeeping."""
-
-    numel: dict[int, int]  # id(param) -> local elements
-    element_size: int
-    params: list[torch.nn.Parameter]  # Stage.parameters() order
-    units: list  # Stage.zero3_units() (forward order)
-    isolated: set[int]  # ids of parameters tied across pipeline stages
-
-
-def rank_params(cfg: Config, chunks: dict[int, Transformer]) -> RankParams:
-    """`chunks`: dtrain.meta_model.meta_chunks, this rank's shapes."""
-    stage = stage_view(cfg, chunks)
-    numel = {id(p): p.numel() for c in chunks.values() for p in c.parameters()}
-    params = _params(chunks)
-    return RankParams(
-        numel=numel,
-        element_size=params[0].element_size(),
-        params=params,
-        units=Stage.zero3_units(stage) if cfg.parallel.zero == 3 else [(params, [])],
-        isolated={id(p) for p in stage.tied_params()},
-    )
-
-
-def _bucket_groups(cfg: Config, rp: RankParams) -> list[tuple[list[int], int]]:
-    """(real elements of every flat bucket, the group size it is sharded over) per ZeRO wrapper: one over
-    dp, and with ep > 1 one over the dp/ep ranks holding the same experts (parallel.zero_experts)."""
+def meta_rank(cfg: Config, rank: int) -> Parallelized:
+    """What global `rank` of a validated config's world builds, on the meta device."""
     p = cfg.parallel
-    wrappers = [(rp.units, p.dp)]
-    if p.ep > 1:
-        dense, experts = split_expert_units(rp.units)
-        wrappers = [(dense, p.dp), (experts, p.dp // p.ep)]
-    out = []
-    for units, n in wrappers:
-        if p.zero == 3:  # one bucket per unit, in backward order
-            numels = [sum(rp.numel[id(q)] for q in params) for params, _ in units][::-1]
-        else:  # ZeroDataParallel._plan: backward order, a tied parameter alone
-            params = [q for params, _ in units for q in params][::-1]
-            kinds = [id(q) if id(q) in rp.isolated else None for q in params]
-            sizes = [rp.numel[id(q)] * rp.element_size for q in params]
-            plan = plan_buckets(sizes, int(p.bucket_mb * 2**20), kinds)
-            numels = [sum(rp.numel[id(params[i])] for i in members) for members in plan]
-        out.append((numels, n))
-    return out
+    world = p.dp * p.tp * p.pp * p.cp
+    return parallelize(cfg, MetaGrid(world, rank, tp=p.tp, cp=p.cp, dp=p.dp, pp=p.pp, ep=p.ep), META)
 
 
-def zero_bucket_numels(cfg: Config, chunks: dict[int, Transformer]) -> list[int]:
-    """Real (unpadded) elements of every flat bucket of the ZeRO wrappers, dense ones first."""
-    return [n for numels, _ in _bucket_groups(cfg, rank_params(cfg, chunks)) for n in numels]
-
-
-def _held(cfg: Config, chunks: dict[int, Transformer]) -> dict[str, dict[str, int]]:
-    """What Trainer.held_bytes() reports for a rank holding `chunks`."""
+def first_rank_of_stage(cfg: Config, pp_rank: int) -> int:
     p = cfg.parallel
-    rp = rank_params(cfg, chunks)
-    e = rp.element_size
-    out = _empty()
-    if p.zero == 0:
-        grad_size = 8 if rp.params[0].dtype == torch.float64 else 4  # DataParallel's fp32 (fp64) buckets
-        numel = sum(rp.numel[id(q)] for q in rp.params)
-        out["device"].update(params=numel * e, grads=numel * grad_size, optimizer=2 * numel * e)
-        return out
-    offload = p.offload in ("optimizer", "all")
-    opt_where = "host" if offload else "device"
-    for numel, dp in ((n, dp) for numels, dp in _bucket_groups(cfg, rp) for n in numels):
-        padded = math.ceil(numel / dp) * dp
-        shard = padded // dp
-        if p.zero == 3:  # the whole buffer is resized to 0 after use; the shard persists
-            out["host" if p.offload == "all" else "device"]["params"] += shard * e
-        else:
-            out["device"]["params"] += padded * e
-        out["device"]["grads"] += (padded if p.zero == 1 else shard) * e
-        out[opt_where]["optimizer"] += 2 * shard * e + (shard * e if offload else 0)
-    return out
+    return pp_rank * p.dp * p.cp * p.tp  # the grid's first rank of this pipeline stage
 
 
 def formula_bytes_per_param(cfg: Config, e: int, n: int) -> dict[str, dict[str, float]]:
-    """FORMULAS.md, "Memory of model states per rank" (fp32 parameters and AdamW), with the offload rule:
+    """docs/formulas.md, "Memory of model states per rank" (fp32 parameters and AdamW), with the offload rule:
     the optimizer term (moments plus a master copy of the shard) and for offload=all the parameter shard
     move to host memory. e = bytes per element (4 for fp32)."""
     p = cfg.parallel
@@ -172,7 +87,7 @@ def _formula_line(cfg: Config, n_params: int, e: int, held: dict) -> str:
     got = {w: _total(held[w]) / n_params for w in held}
     extra = (_total(held["device"]) + _total(held["host"])) / (n_params * (want["device"] + want["host"])) - 1
     return (
-        f"FORMULAS.md {name}, N={p.dp}, {e}-byte parameters: device {want['device']:.4g} + host "
+        f"docs/formulas.md {name}, N={p.dp}, {e}-byte parameters: device {want['device']:.4g} + host "
         f"{want['host']:.4g} B/param; estimate device {got['device']:.4g} + host {got['host']:.4g} B/param "
         f"over {n_params:,} parameters (padding to a multiple of N: {extra:+.4%})"
     )
@@ -182,7 +97,7 @@ def estimate_model_states(cfg: Config, world: int) -> dict:
     """Bytes of parameters, gradients and optimizer states one rank holds after a step.
 
     Returns {"device": {...}, "host": {...}} (pipeline rank 0's figures, as Trainer.held_bytes()), plus
-    "params" (this rank's parameter count), "formula" (the FORMULAS.md comparison), "stages" (one entry
+    "params" (this rank's parameter count), "formula" (the docs/formulas.md comparison), "stages" (one entry
     per pipeline rank: every rank of a pipeline stage holds the same), "layout" and "notes". `cfg` is
     validated for `world` here (parallel.dp=-1 is filled in); a bad config raises ConfigError.
     """
@@ -193,11 +108,11 @@ def estimate_model_states(cfg: Config, world: int) -> dict:
     notes = []
     stages = []
     for pp_rank in range(p.pp):
-        chunks = meta_chunks(cfg, pp_rank)
-        rp = rank_params(cfg, chunks)
-        n_params, e = sum(rp.numel[id(q)] for q in rp.params), rp.element_size
-        held = _held(cfg, chunks)
-        first_rank = pp_rank * p.dp * p.cp * p.tp  # the grid's first rank of this pipeline stage
+        first_rank = first_rank_of_stage(cfg, pp_rank)
+        built = meta_rank(cfg, first_rank)
+        params = [q for q in built.model.parameters() if q.requires_grad]
+        n_params, e = sum(q.numel() for q in params), params[0].element_size()
+        held = built.grad_sync.held_bytes()
         stages.append(
             {
                 "pp_rank": pp_rank,
@@ -234,9 +149,10 @@ def estimate_model_states(cfg: Config, world: int) -> dict:
 
 
 def _communication(cfg: Config, rank: int) -> dict:
-    """Bytes `rank` sends per step, by (axis, op), from dtrain.comm_volume (what the ledger measures);
+    """Bytes `rank` sends per step, by (axis, op), from dtrain.analysis.comm_volume (what the ledger
+    measures);
     {"not_modelled": reason} for what that count does not cover."""
-    from dtrain.comm_volume import NotModelled, predict
+    from dtrain.analysis.comm_volume import NotModelled, predict
 
     try:
         volume = predict(cfg, rank)
@@ -304,8 +220,8 @@ def format_report(est: dict, source: str = "") -> str:
 
 def run(config: str | None, overrides: list[str], world: int | None, memory: str | None = None) -> str:
     """The CLI's work: load, validate for the world, estimate, format; with `memory` (per rank, e.g.
-    80GiB) also the layouts of this world that fit it (dtrain.suggest)."""
-    from dtrain.suggest import format_suggestions, parse_bytes, suggest_layouts
+    80GiB) also the layouts of this world that fit it (dtrain.analysis.suggest)."""
+    from dtrain.analysis.suggest import format_suggestions, parse_bytes, suggest_layouts
 
     cfg = load_config(config, overrides)
     if world is None:

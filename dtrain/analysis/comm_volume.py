@@ -4,12 +4,12 @@
     predict(cfg, rank=0) -> Volume        cfg validated for its world; rank: whose view (pipeline stage,
                                           data-parallel shard)
 
-Bytes are ring costs (FORMULAS.md, "Communication per rank per step"): all-reduce 2(n-1)/n*S, all-gather
+Bytes are ring costs (docs/formulas.md, "Communication per rank per step"): all-reduce 2(n-1)/n*S, all-gather
 and reduce-scatter (n-1)/n*S with S the full (gathered) size, point-to-point the tensor sent, all-to-all
-the rows leaving the rank. Everything is derived from the model this rank builds: `meta_chunks` builds
-it on the meta device with this rank's shapes (tensor shards, padded vocabulary, its experts), and the
-gradient buckets are planned by the library's own `plan_buckets` / `Stage.zero3_units`, so padding and
-bucket boundaries are exact. Per step, for the layouts the trainer runs:
+the rows leaving the rank. Everything is read off what this rank builds: dtrain.parallelize on the meta
+device (dtrain.analysis.estimate.meta_rank) gives its chunks with their shapes (tensor shards, padded
+vocabulary, its experts) and the gradient synchronisation with its real buckets, shards and units, so
+padding and bucket boundaries are exact. Per step, for the layouts the trainer runs:
 
   pipeline      every forward of a chunk that is not the last sends b*s*h activations to the next rank,
                 every backward of a chunk that is not the first sends their gradient back (s/t under SP):
@@ -24,7 +24,7 @@ bucket boundaries are exact. Per step, for the layouts the trainer runs:
   experts       per MoE block and micro-batch: a count exchange (E int64) and 4 all-to-alls of rows
                 (dispatch, combine, and their adjoints in backward). Rows depend on the routing: pass the
                 exact (leaving, arriving) totals as `moe_rows`, else the balanced figure
-                (ep-1)/ep*T*k rows each way is used (FORMULAS.md) and the key is marked `estimated`
+                (ep-1)/ep*T*k rows each way is used (docs/formulas.md) and the key is marked `estimated`
   gradients     DDP: one all-reduce per bucket (dense over dp, experts over edp); ZeRO 1: one
                 reduce-scatter per padded bucket, ZeRO 2: one per micro-batch, both + one all-gather
                 after the step; ZeRO 3: per micro-batch each unit is gathered once per forward use and
@@ -46,19 +46,17 @@ all-gather; the prediction assumes none.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 
 import torch
-from torch import nn
 
+from dtrain.analysis.estimate import meta_rank
 from dtrain.config import Config, microbatches_per_rank
-from dtrain.meta_model import meta_chunks, stage_view
 from dtrain.model import Transformer, is_moe_block
 from dtrain.stage import n_chunks
-from parallel.data_parallel import plan_buckets
-from parallel.grid import Coords, layout
+from parallel.data_parallel import DataParallelAdamW
+from parallel.grid import group_size
 from parallel.ledger import (
     ALL_GATHER,
     ALL_REDUCE,
@@ -73,6 +71,7 @@ from parallel.ledger import (
     ring_bytes,
 )
 from parallel.sharding import sharding_of
+from parallel.zero_experts import ZeroWithExperts
 
 ID_BYTES = 8  # expert counts travel as int64
 
@@ -167,18 +166,16 @@ def predict(
     itemsize: bytes per parameter element (default: torch's default dtype, as the model is built).
     moe_rows: (rows leaving, rows arriving) summed over this rank's dispatches of the step (every MoE
     layer and micro-batch, recomputations not counted), from the routing; without it the all-to-all
-    bytes are FORMULAS.md's balanced figure and marked estimated."""
+    bytes are docs/formulas.md's balanced figure and marked estimated."""
     _check_modelled(cfg)
-    p = cfg.parallel
-    world = p.dp * p.tp * p.pp * p.cp
-    coords = layout(world, tp=p.tp, cp=p.cp, dp=p.dp, pp=p.pp, ep=p.ep).coords[rank]
     it = itemsize or torch.empty((), dtype=torch.get_default_dtype()).element_size()
-    chunks = meta_chunks(cfg, coords.pp)
+    built = meta_rank(cfg, rank)
+    chunks = built.model.chunks
     v = Volume()
     _pipeline(v, cfg, chunks, it)
     _tensor_parallel(v, cfg, chunks, it)
     _experts(v, cfg, chunks, it, moe_rows)
-    _gradients(v, cfg, coords, chunks, it)
+    _gradients(v, cfg, built.grad_sync, it)
     _bookkeeping(v, cfg, it)
     return v
 
@@ -286,7 +283,7 @@ def _experts(
     exchange = (ep - 1) * (m.moe.num_experts // ep) * ID_BYTES
     v.add("ep", ALL_TO_ALL, calls * again, exchange, "count exchange: E/ep int64 to each peer (fwd)")
     if moe_rows is None:
-        # FORMULAS.md: with balanced routing (ep-1)/ep of the T*k routed rows leave (before dropping);
+        # docs/formulas.md: with balanced routing (ep-1)/ep of the T*k routed rows leave (before dropping);
         # T is one tensor rank's share of the micro-batch (tokens are split over tp).
         tokens = t.micro_batch_size * t.seq_len // p.tp
         leaving = arriving = Fraction(ep - 1, ep) * tokens * m.moe.top_k * calls
@@ -301,99 +298,56 @@ def _experts(
     v.add("ep", ALL_TO_ALL, calls, back, "dispatch adjoint: the arrived rows' gradients (bwd)")
 
 
-@dataclass
-class _Bucket:
-    params: list[nn.Parameter]
-    group: str  # axis the bucket is reduced (and sharded) over
-    n: int  # its size
-    shard_index: int  # this rank's index in it (ZeRO)
-
-    @property
-    def numel(self) -> int:
-        return sum(q.numel() for q in self.params)
-
-    @property
-    def padded(self) -> int:
-        return math.ceil(self.numel / self.n) * self.n
-
-    def partial_in_shard(self) -> int:
-        """Elements of this rank's ZeRO shard that belong to tensor-partial parameters."""
-        size = self.padded // self.n
-        lo, hi = self.shard_index * size, (self.shard_index + 1) * size
-        offset, total = 0, 0
-        for q in self.params:
-            if sharding_of(q).partial_grad:
-                total += max(0, min(offset + q.numel(), hi) - max(offset, lo))
-            offset += q.numel()
-        return total
+def _axis(group) -> str:
+    """The ledger's axis name for one of a MetaGrid's groups (dp x cp is "dp" while cp = 1)."""
+    return "dp" if group.group_name == "dp_cp" else group.group_name
 
 
-def _gradients(v: Volume, cfg: Config, c: Coords, chunks: dict[int, Transformer], it: int) -> None:
-    stage = stage_view(cfg, chunks)
-    params = [q for chunk in chunks.values() for q in chunk.parameters() if q.requires_grad]
-    if cfg.parallel.zero == 0:
-        _ddp(v, cfg, params, stage.tied_params(), it)
+def _gradients(v: Volume, cfg: Config, sync, it: int) -> None:
+    if isinstance(sync, DataParallelAdamW):
+        _ddp(v, cfg, sync, it)
     else:
-        _zero(v, cfg, c, stage, params, stage.tied_params(), it)
+        _zero(v, cfg, sync, it)
 
 
-def _ddp(v: Volume, cfg: Config, params: list, tied: list, it: int) -> None:
-    """parallel.data_parallel.DataParallel, then the trainer's DDP path after backward."""
+def _ddp(v: Volume, cfg: Config, sync: DataParallelAdamW, it: int) -> None:
+    """parallel.data_parallel.DataParallelAdamW: its buckets' all-reduces, then finish_grad_sync's sums
+    and the norm's scalars."""
     p = cfg.parallel
-    grad = 8 if it == 8 else 4  # fp32 buckets (fp64 with fp64 parameters)
-    backward = params[::-1]
-    expert = [sharding_of(q).expert and p.ep > 1 for q in backward]
-    # DataParallel plans with 4 bytes per element whatever the dtype.
-    for members in plan_buckets([q.numel() * 4 for q in backward], int(p.bucket_mb * 2**20), expert):
-        axis, n = ("edp", p.dp // p.ep) if expert[members[0]] else ("dp", p.dp)
-        v.ring(axis, ALL_REDUCE, 1, sum(backward[i].numel() for i in members) * grad, n, "gradient bucket")
-    partial = sum(q.numel() for q in params if sharding_of(q).partial_grad)
+    grad = sync.buckets.buckets[0].buffer.element_size()  # fp32 buckets (fp64 with fp64 parameters)
+    for b in sync.buckets.buckets:
+        v.ring(_axis(b.group), ALL_REDUCE, 1, b.buffer.numel() * grad, group_size(b.group), "gradient bucket")
+    partial = sum(q.numel() for q in sync.params if sharding_of(q).partial_grad)
     v.ring("tp", ALL_REDUCE, int(partial > 0), partial * grad, p.tp, "sum_partial_grads: one flat all-reduce")
-    for q in tied:  # Stage.sync_tied_embeddings
+    for q in sync.tied:
         v.ring("embed", ALL_REDUCE, 1, q.numel() * grad, 2, "tied embedding gradient")
     # global_grad_norm: one scalar per group holding distinct gradients (only if any is larger than 1).
     for axis, n in (("ep", p.ep), ("tp", p.tp), ("pp", p.pp)):
         v.ring(axis, ALL_REDUCE, 1, grad, n, "gradient norm: sum of squares")
 
 
-def _zero(v: Volume, cfg: Config, c: Coords, stage, params: list, tied: list, it: int) -> None:
-    """parallel.zero / zero3 / zero_experts as the trainer builds them, then its ZeRO path."""
+def _zero(v: Volume, cfg: Config, sync, it: int) -> None:
+    """parallel.zero / zero3 / zero_experts: every bucket of every wrapper, as built."""
     p = cfg.parallel
     mb = microbatches_per_rank(cfg)
-    isolate = {id(q) for q in tied}
-    if p.zero == 3:
-        units = stage.zero3_units()[::-1]  # bucket order: backward
-        wrappers = [[(_Bucket(ps, "dp", p.dp, c.dp), spans) for ps, spans in units]]
-    else:
-        parts, groups = [params], [("dp", p.dp, c.dp)]
-        if p.ep > 1:  # ZeroWithExperts: dense state sharded over dp, experts over edp
-            experts = [q for q in params if sharding_of(q).expert]
-            parts = [[q for q in params if not sharding_of(q).expert], experts]
-            groups.append(("edp", p.dp // p.ep, c.edp))
-        wrappers = []
-        for part, (axis, n, index) in zip(parts, groups, strict=True):
-            backward = part[::-1]
-            kinds = [id(q) if id(q) in isolate else None for q in backward]  # tied: a bucket of its own
-            sizes = [q.numel() * q.element_size() for q in backward]
-            plan = plan_buckets(sizes, int(p.bucket_mb * 2**20), kinds)
-            wrappers.append([(_Bucket([backward[i] for i in ms], axis, n, index), None) for ms in plan])
-    for buckets in wrappers:
-        for b, spans in buckets:
-            full = b.padded * it
+    for w in sync.parts if isinstance(sync, ZeroWithExperts) else (sync,):
+        axis = _axis(w.group)
+        for b in w.buckets:
+            full = b.flat_params.numel() * it  # padded to a multiple of n
             if p.zero == 3:  # gathered before each forward use and once for backward, per micro-batch
-                v.ring(b.group, ALL_GATHER, mb * (len(spans) + 1), full, b.n, "unit gathered")
-            v.ring(b.group, REDUCE_SCATTER, 1 if p.zero == 1 else mb, full, b.n, "gradient bucket")
+                uses = w.residency.uses[id(b)]
+                v.ring(axis, ALL_GATHER, mb * (uses + 1), full, w.n, "unit gathered")
+            v.ring(axis, REDUCE_SCATTER, 1 if p.zero == 1 else mb, full, w.n, "gradient bucket")
             if p.zero < 3:
-                v.ring(b.group, ALL_GATHER, 1, full, b.n, "updated bucket, after the step")
-        # sum_partial_grads: one all-reduce of the tensor-partial ranges of this rank's shards.
-        partial = sum(b.partial_in_shard() for b, _ in buckets)
+                v.ring(axis, ALL_GATHER, 1, full, w.n, "updated bucket, after the step")
+        # _sum_partial_grads: one all-reduce of the tensor-partial ranges of this rank's shards.
+        partial = sum(r.stop - r.start for b in w.buckets for r in b.partial)
         v.ring("tp", ALL_REDUCE, int(partial > 0), partial * it, p.tp, "sum_partial_grads on the shards")
-        for b, _ in buckets:  # sum_isolated_grads: the tied parameter's shard over the embed group
-            if id(b.params[0]) in isolate:
-                v.ring("embed", ALL_REDUCE, 1, b.padded // b.n * it, 2, "tied embedding gradient shard")
-        first = buckets[0][0]
-        v.ring(first.group, ALL_REDUCE, 1, it, first.n, "gradient norm: shard squares")
-    if p.ep > 1:  # ZeroWithExperts sums the experts' squares over ep
+        for b in w.buckets:  # the tied parameter's shard over the embed group
+            if any(b.params[0] is q for q in w.isolate):
+                v.ring("embed", ALL_REDUCE, 1, b.grad_shard.numel() * it, 2, "tied embedding gradient shard")
+        v.ring(axis, ALL_REDUCE, 1, it, w.n, "gradient norm: shard squares")
+    if isinstance(sync, ZeroWithExperts):  # the experts' squares summed over ep
         v.ring("ep", ALL_REDUCE, 1, it, p.ep, "gradient norm: sum of squares")
     for axis, n in (("tp", p.tp), ("pp", p.pp)):
         v.ring(axis, ALL_REDUCE, 1, it, n, "gradient norm: sum of squares")

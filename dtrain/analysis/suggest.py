@@ -1,10 +1,10 @@
 """Layouts that fit a per-GPU memory budget, from the config alone (`dtrain estimate --memory 80GiB`).
 
 Every layout of the world the config validates for is estimated (model states on the device plus the
-activations of the micro-batches in flight, dtrain.estimate and dtrain.activations) and kept when its
-most loaded pipeline stage fits. They are ranked by what they cost in speed, cheapest first: plain data
-parallelism before tensor and pipeline splits (which communicate per layer and idle in the bubble),
-lower ZeRO stages before higher (stage 3 gathers every parameter twice per step), no activation
+activations of the micro-batches in flight, dtrain.analysis.estimate and dtrain.analysis.activations) and
+kept when its most loaded pipeline stage fits. They are ranked by what they cost in speed, cheapest
+first: plain data parallelism before tensor and pipeline splits (which communicate per layer and idle in
+the bubble), lower ZeRO stages before higher (stage 3 gathers every parameter twice per step), no activation
 recomputation before recomputation, and no offload before offload.
 """
 
@@ -14,8 +14,8 @@ import copy
 import itertools
 import re
 
+from dtrain.analysis.estimate import estimate_model_states, human, peak_device_bytes
 from dtrain.config import Config, ConfigError
-from dtrain.estimate import estimate_model_states, human, peak_device_bytes
 
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 

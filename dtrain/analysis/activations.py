@@ -17,7 +17,7 @@ key/value width, t = tp, V the vocabulary padded to a multiple of t), in fp32:
                          at a time, so one block's full set is added once
 
 Key/value heads fewer than t are replicated: each rank keeps the rotated k and (contiguous) v of the one
-head its query heads use. This is FORMULAS.md's Korthikanti et al. (2022) count redone for this
+head its query heads use. This is docs/formulas.md's Korthikanti et al. (2022) count redone for this
 Llama block (SwiGLU, RMSNorm, rotary, grouped-query SDPA) at 4 bytes per element; tests hold it to the
 bytes autograd actually saves (torch.autograd.graph.saved_tensors_hooks) on CPU for fp32 layouts.
 

@@ -10,7 +10,7 @@ as a shade and `chunk.microbatch` inside each box where it fits, idle time (the 
 
 The bubble is the idle share of the step: 1 - busy / step, per rank. On the idealised machine it is
 (p-1)/(m+p-1) for GPipe and 1F1B; interleaved 1F1B with v chunks per rank has bubble over ideal time
-(p-1)/(v*m) (FORMULAS.md), an idle share of (p-1)/(v*m+p-1).
+(p-1)/(v*m) (docs/formulas.md), an idle share of (p-1)/(v*m+p-1).
 """
 
 from __future__ import annotations
@@ -60,23 +60,24 @@ def bubble_fraction(timeline, pp: int, steps: list[float] | None = None) -> floa
 
 
 def formula_bubble(name: str, pp: int, m: int, v: int = 1) -> float:
-    """FORMULAS.md's bubble as an idle share of the step (the form `bubble_fraction` measures)."""
+    """docs/formulas.md's bubble as an idle share of the step (the form `bubble_fraction` measures)."""
     if name == "interleaved":
         return (pp - 1) / (v * m + pp - 1)  # bubble over ideal time (p-1)/(v*m) = x  ->  x / (1 + x)
     return (pp - 1) / (m + pp - 1)
 
 
 def bubble_report(name: str, pp: int, m: int, v: int, bubble: float, what: str = "simulated") -> str:
-    """One line: this bubble next to FORMULAS.md's, in the form the formula is written in."""
+    """One line: this bubble next to docs/formulas.md's, in the form the formula is written in."""
     if name == "interleaved":
         over_ideal = bubble / (1 - bubble)
         return (
             f"{what} bubble: {bubble:.1%} of the step = {over_ideal:.1%} over the ideal time "
-            f"(FORMULAS.md: (p-1)/(v*m) = {pp - 1}/{v * m} = {(pp - 1) / (v * m):.1%} over the ideal time)"
+            f"(docs/formulas.md: (p-1)/(v*m) = {pp - 1}/{v * m} = {(pp - 1) / (v * m):.1%} over the ideal "
+            "time)"
         )
     return (
         f"{what} bubble: {bubble:.1%} of the step "
-        f"(FORMULAS.md: (p-1)/(m+p-1) = {pp - 1}/{m + pp - 1} = {formula_bubble(name, pp, m):.1%})"
+        f"(docs/formulas.md: (p-1)/(m+p-1) = {pp - 1}/{m + pp - 1} = {formula_bubble(name, pp, m):.1%})"
     )
 
 

@@ -1,0 +1,93 @@
+"""The composition: what one rank holds for training, built in the order it happens.
+
+    grid (given) -> layers: tensor (+ sequence) parallel parts over tp, experts over ep
+                 -> the pipeline chunks of this rank
+                 -> initial weights, a function of (seed, name, full shape) only
+                 -> gradient synchronisation and optimizer: DDP + AdamW, or ZeRO 1/2/3 (+ offload),
+                    dense state over dp x cp and expert state over the expert-data-parallel group
+                 -> schedule and executor (which chunk runs which micro-batch when)
+
+The trainer calls `parallelize` on its device with a `parallel.grid.ProcessGrid`. `dtrain estimate` and the
+communication count call it on the meta device with a `parallel.grid.MetaGrid`: the same modules, buckets,
+shards and units, with shapes and no storage, so the bytes they predict are read off the objects training
+builds (`GradSync.held_bytes`, the buckets' parameters), not recomputed beside them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dtrain.config import Config
+from dtrain.model import Transformer, init_weights
+from dtrain.parallel_layers import layers_for
+from dtrain.stage import Stage, build_chunks, tied_params, zero3_units
+from parallel.data_parallel import DataParallelAdamW
+from parallel.grad_sync import AdamWConfig, GradSync
+from parallel.grid import Grid
+from parallel.zero import ZeroDataParallel, plan_zero_buckets
+from parallel.zero3 import zero3
+from parallel.zero_experts import ZeroWithExperts, split_expert_units
+
+
+@dataclass
+class Parallelized:
+    model: Stage
+    grad_sync: GradSync
+
+
+def parallelize(cfg: Config, grid: Grid, device: torch.device) -> Parallelized:
+    chunks = build_model_chunks(cfg, grid, device)
+    grad_sync = build_grad_sync(cfg, grid, chunks)
+    return Parallelized(Stage(cfg, grid, chunks, device), grad_sync)
+
+
+def build_model_chunks(cfg: Config, grid: Grid, device: torch.device) -> dict[int, Transformer]:
+    """This rank's chunks with their initial weights (shapes only on the meta device)."""
+    layers = layers_for(cfg.model, grid, sequence_parallel=cfg.parallel.sp)
+    meta = device.type == "meta"
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        chunks = build_chunks(cfg, layers, grid.coords.pp)
+    if not meta:
+        for chunk in chunks.values():
+            init_weights(chunk, cfg.train.seed)  # the full tensor from (seed, name), then this rank's slice
+            chunk.to(device)
+    return chunks
+
+
+def build_grad_sync(cfg: Config, grid: Grid, chunks: dict[int, Transformer]) -> GradSync:
+    """Dense gradients are summed (and ZeRO state sharded) over dp x cp; with ep > 1 expert gradients over
+    the expert-data-parallel group, whose ranks hold the same experts."""
+    p, t = cfg.parallel, cfg.train
+    adamw = AdamWConfig(t.lr, (t.beta1, t.beta2), t.eps, t.weight_decay)
+    tied = tuple(tied_params(cfg, chunks))
+    groups = {"tp_group": grid.tp_group, "pp_group": grid.pp_group, "embed_group": grid.embed_group}
+    experts_apart = p.ep > 1
+    if p.zero == 0:
+        return DataParallelAdamW(
+            nn.ModuleList(chunks.values()),
+            grid.dp_cp_group,
+            p.bucket_mb,
+            adamw,
+            expert_group=grid.edp_group if experts_apart else None,
+            ep_group=grid.ep_group,
+            tied=tied,
+            **groups,
+        )
+
+    def zero(units: list, group) -> ZeroDataParallel:
+        if p.zero == 3:
+            return zero3(units, group, adamw, p.offload, isolate=tied, **groups)
+        params = [q for unit_params, _ in units for q in unit_params]
+        plan = plan_zero_buckets(params, int(p.bucket_mb * 2**20), tied)
+        return ZeroDataParallel(plan, group, p.zero, adamw, p.offload == "optimizer", isolate=tied, **groups)
+
+    params = [q for chunk in chunks.values() for q in chunk.parameters() if q.requires_grad]
+    units = zero3_units(cfg, chunks) if p.zero == 3 else [(params, [])]
+    if not experts_apart:
+        return zero(units, grid.dp_cp_group)
+    dense, experts = split_expert_units(units)
+    return ZeroWithExperts(zero(dense, grid.dp_cp_group), zero(experts, grid.edp_group), grid.ep_group)
