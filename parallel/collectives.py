@@ -29,6 +29,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+# Flat all-gather into one tensor and reduce-scatter out of one: torch 2.13 named them all_gather_single and
+# reduce_scatter_single and deprecated all_gather_into_tensor / reduce_scatter_tensor, the names earlier
+# releases have. Both dispatch the same c10d operators (_allgather_base_, _reduce_scatter_base_), so the
+# communication ledger counts them alike whichever this torch offers.
+all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 def _size(group) -> int:
     return dist.get_world_size(group)
@@ -49,7 +56,7 @@ def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     # all_gather_into_tensor concatenates on dim 0; move `dim` there and back.
     moved = x.movedim(dim, 0).contiguous()
     out = torch.empty((n * moved.shape[0], *moved.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_single(out, moved, group=group)
+    all_gather_flat(out, moved, group=group)
     # One contiguous copy here, not one per consumer: under SP the gathered input feeds q, k and v (or
     # gate and up), and each linear layer would otherwise copy (and keep for backward) its own.
     return out.movedim(0, dim).contiguous()
@@ -63,7 +70,7 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     if moved.shape[0] % n:
         raise ValueError(f"dim {dim} of size {moved.shape[0]} is not divisible by the group size {n}")
     out = torch.empty((moved.shape[0] // n, *moved.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_single(out, moved, group=group)
+    reduce_scatter_flat(out, moved, group=group)
     return out.movedim(0, dim)
 
 

@@ -2,7 +2,7 @@
 is entered, counted per (grid axis, op) as calls and bytes sent by this rank.
 
 How it sees them: each torch.distributed call dispatches one c10d operator (dist.all_reduce ->
-c10d.allreduce_, all_gather_single -> c10d._allgather_base_, reduce_scatter_single ->
+c10d.allreduce_, all_gather_flat -> c10d._allgather_base_, reduce_scatter_flat ->
 c10d._reduce_scatter_base_, all_to_all_single -> c10d.alltoall_base_, batch_isend_irecv -> c10d.send /
 c10d.recv_, ...). A TorchDispatchMode sees every such operator, whether it is issued in forward, inside
 autograd's backward (the conjugate collectives of parallel.collectives, the all-to-all adjoints) or from a

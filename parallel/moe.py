@@ -39,7 +39,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from parallel.collectives import gather_to_replica, scatter_to_sp
+from parallel.collectives import all_gather_flat, gather_to_replica, scatter_to_sp
 from parallel.expert_parallel import run_experts
 from parallel.grid import group_rank, group_size
 from parallel.precision import wide
@@ -73,7 +73,7 @@ def route(logits: torch.Tensor, top_k: int, capacity: int, total_tokens: int, tp
     tp = group_size(tp_group)
     if tp > 1:
         all_counts = local_counts.new_empty((tp * top_k, num_experts))  # gathered along dim 0
-        dist.all_gather_single(all_counts, local_counts, group=tp_group)
+        all_gather_flat(all_counts, local_counts, group=tp_group)
         all_counts = all_counts.view(tp, top_k, num_experts)
         earlier_ranks = all_counts[: dist.get_rank(tp_group)].sum(0)
         total = all_counts.sum(0)

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from parallel.collectives import all_gather_flat, reduce_scatter_flat
 from parallel.data_parallel import plan_buckets
 from parallel.flat_adamw import adamw_step_
 from parallel.grad_sync import AdamWConfig, Held, OptimizerState, decays, nbytes, no_bytes
@@ -105,7 +106,7 @@ class WholeParams:
 
     def after_step(self, buckets: list[FlatBucket], group) -> None:
         for bucket in buckets:
-            dist.all_gather_single(bucket.flat_params, bucket.shard_params.clone(), group=group)
+            all_gather_flat(bucket.flat_params, bucket.shard_params.clone(), group=group)
 
     def whole(self, buckets: list[FlatBucket]):
         return contextlib.nullcontext()
@@ -264,7 +265,7 @@ class ZeroDataParallel:
     def _launch(self, bucket: FlatBucket) -> None:
         grads = self._flat_grads(bucket)
         out = torch.empty_like(bucket.grad_shard)
-        work = dist.reduce_scatter_single(out, grads, group=self.group, async_op=True)
+        work = reduce_scatter_flat(out, grads, group=self.group, async_op=True)
         bucket.work.append((work, out))
         self.residency.reduced(bucket)
 
@@ -392,7 +393,7 @@ class ZeroDataParallel:
             for name in ("exp_avg", "exp_avg_sq"):
                 local = getattr(bucket, name).to(bucket.flat_params.device, bucket.flat_params.dtype)
                 whole = torch.empty_like(bucket.flat_params)
-                dist.all_gather_single(whole, local.contiguous(), group=self.group)
+                all_gather_flat(whole, local.contiguous(), group=self.group)
                 gathered[name] = whole
             for p, offset in zip(bucket.params, bucket.offsets, strict=True):
                 out[p] = {k: v[offset : offset + p.numel()].view_as(p).clone() for k, v in gathered.items()}

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from parallel.collectives import all_gather_flat
 from parallel.grad_sync import AdamWConfig
 from parallel.zero import FlatBucket, ZeroDataParallel
 
@@ -124,7 +125,7 @@ class ShardedParams:
         flat = bucket.flat_params
         flat.untyped_storage().resize_(flat.numel() * flat.element_size())
         shard = bucket.store.to(flat.device)  # host -> device when parameter shards are offloaded
-        self.gathered[id(bucket)] = dist.all_gather_single(flat, shard, group=self.group, async_op=True)
+        self.gathered[id(bucket)] = all_gather_flat(flat, shard, group=self.group, async_op=True)
         self.peak_gathered = max(self.peak_gathered, len(self.gathered))
 
     def _ensure(self, bucket: FlatBucket) -> None:
