@@ -80,12 +80,15 @@ def train_case(mode: str) -> dict:
             clip_(sync, MAX_NORM, norm)
             sync.step(ADAMW.lr)
             sync.zero_grad()
+            # torch DDP averages gradients over the n ranks where ours sums them (the loss already has the
+            # global denominator), so its loss is n times ours for the same gradient.
+            n = dist.get_world_size()
             for i, (x, y) in enumerate(mbs):
                 if i < len(mbs) - 1:
                     with ref.no_sync():
-                        loss_of(ref, x, y).backward()
+                        (loss_of(ref, x, y) * n).backward()
                 else:
-                    loss_of(ref, x, y).backward()
+                    (loss_of(ref, x, y) * n).backward()
             ref_norm = torch.nn.utils.clip_grad_norm_(ref_model.parameters(), MAX_NORM)
             ref_opt.step()
             ref_opt.zero_grad(set_to_none=True)
@@ -93,6 +96,7 @@ def train_case(mode: str) -> dict:
         with sync.params_whole():
             ours = [p.detach().clone() for p in ours_model.parameters()]
         for a, b in zip(ours, ref_model.parameters(), strict=True):
+            b = b.detach()
             worst = max(worst, float((a - b).norm() / b.norm()))
         start = list(mlp().parameters())
         moved = min(float((a - b).norm() / b.norm()) for a, b in zip(ours, start, strict=True))
