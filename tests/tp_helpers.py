@@ -56,7 +56,7 @@ def same_on_every_rank(x: torch.Tensor, group) -> bool:
 
 
 def close(ours: torch.Tensor, ref: torch.Tensor, what: str, rtol: float = FP32["rtol"]) -> float:
-    """||ours - ref|| <= rtol * ||ref|| (per tensor, as tests/test_data_parallel.py's `compare`)."""
+    """||ours - ref|| <= rtol * ||ref|| (per tensor, as tests/reference.py's `compare_runs`)."""
     assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
     ref_norm = ref.double().norm()
     assert ref_norm > 0, f"{what}: the reference is zero, the comparison would be vacuous"

@@ -1,5 +1,6 @@
 """What one training step communicates, predicted from the config: calls and bytes sent by one rank per
-(grid axis, op), the figures parallel.ledger.CommLedger measures (tests/test_ledger.py holds them equal).
+(grid axis, op), the figures parallel.ledger.CommLedger measures (tests/equivalence/test_ledger.py holds
+them equal).
 
     predict(cfg, rank=0) -> Volume        cfg validated for its world; rank: whose view (pipeline stage,
                                           data-parallel shard)

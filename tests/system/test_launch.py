@@ -12,8 +12,9 @@ import pytest
 
 from dtrain.config import ConfigError
 from launch import build_torchrun_argv
+from tests import harness
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(harness.repo_root())
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ alone) to what every rank's trainer measures (`Trainer.held_bytes()`): they must
 
 Offload, activation checkpointing, the pipeline schedule and tied embeddings rotate over the cases (each
 appears many times, in many layouts) rather than multiplying them. The full matrix is marked slow
-(`pytest -m slow tests/test_matrix.py`); the default run trains a representative slice on 2 and 4 ranks,
-one case per kind of composition.
+(`pytest -m slow tests/equivalence/test_matrix.py`); the default run trains a representative slice on 2
+and 4 ranks, one case per kind of composition.
 """
 
 from __future__ import annotations
