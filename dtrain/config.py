@@ -35,17 +35,35 @@ class MoEConfig:
 
 
 @dataclass
+class RopeScalingConfig:
+    """Llama 3.1's rotary frequency scaling (type llama3): wavelengths longer than
+    original_max_seq_len / low_freq_factor are stretched by `factor`, shorter than
+    original_max_seq_len / high_freq_factor kept, the band between interpolated."""
+
+    type: str = "none"  # none | llama3
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_seq_len: int = 8192
+
+
+@dataclass
 class ModelConfig:
+    init_from: str | None = None  # a local Hugging Face model folder: shape from config.json, its weights
     vocab_size: int = 256
     d_model: int = 64
     n_layers: int = 2
     n_heads: int = 4
     n_kv_heads: int | None = None  # None = n_heads (plain multi-head attention)
+    head_dim: int | None = None  # None = d_model / n_heads
     d_ff: int | None = None  # None = the Llama rule: 2/3 * 4 * d_model rounded up to a multiple of 16
     max_seq_len: int = 128
     tie_embeddings: bool = False
+    qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2)
+    qk_norm: bool = False  # RMSNorm over each query and key head before the rotation (Qwen3)
     dropout: float = 0.0
     rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     norm_eps: float = 1e-5
     init_std: float = 0.02
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -220,6 +238,10 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
             layers.append(OmegaConf.from_dotlist(list(overrides)))
             _check_layer(layers[-1], schema, "the overrides")
         merged = OmegaConf.merge(schema, *layers)
+        if merged.model.init_from:
+            from dtrain.hf import apply_init_from
+
+            apply_init_from(merged, layers)  # the shape from the folder's config.json
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise _explain(e, schema) from None
@@ -242,6 +264,10 @@ def to_yaml(cfg: Config) -> str:
 
 def to_dict(cfg: Config) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def head_dim_of(m: ModelConfig) -> int:
+    return m.head_dim if m.head_dim is not None else m.d_model // m.n_heads
 
 
 def d_ff_of(m: ModelConfig) -> int:
@@ -324,9 +350,27 @@ def validate(cfg: Config, world_size: int) -> Config:
     for key in ("model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads", "model.max_seq_len"):
         value = getattr(m, key.split(".")[1])
         _require(value > 0, f"{key}={value} must be positive")
-    _require(m.d_model % m.n_heads == 0, f"model.n_heads={m.n_heads} must divide model.d_model={m.d_model}")
-    head_dim = m.d_model // m.n_heads
-    _require(head_dim % 2 == 0, f"model.d_model/model.n_heads={head_dim} must be even for rotary embeddings")
+    if m.head_dim is None:
+        _require(
+            m.d_model % m.n_heads == 0,
+            f"model.n_heads={m.n_heads} must divide model.d_model={m.d_model} (or set model.head_dim)",
+        )
+    head_dim = head_dim_of(m)
+    _require(
+        head_dim > 0 and head_dim % 2 == 0,
+        f"the head dimension {head_dim} must be even for rotary embeddings",
+    )
+    rs = m.rope_scaling
+    _require(
+        rs.type in ("none", "llama3"),
+        f"model.rope_scaling.type={rs.type!r} is not valid; choose none or llama3",
+    )
+    if rs.type == "llama3":
+        _require(
+            rs.factor >= 1 and 0 < rs.low_freq_factor < rs.high_freq_factor and rs.original_max_seq_len > 0,
+            "model.rope_scaling needs factor >= 1, 0 < low_freq_factor < high_freq_factor and "
+            "original_max_seq_len > 0",
+        )
     kv = m.n_kv_heads if m.n_kv_heads is not None else m.n_heads
     _require(
         kv > 0 and m.n_heads % kv == 0,

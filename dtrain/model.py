@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dtrain.config import ModelConfig, d_ff_of
+from dtrain.config import ModelConfig, RopeScalingConfig, d_ff_of, head_dim_of
 from parallel.moe import MoELayer
 from parallel.precision import wide
 from parallel.sharding import sharding_of
@@ -38,8 +38,29 @@ class RMSNorm(nn.Module):
         return F.rms_norm(wide(x), (x.shape[-1],), wide(self.weight), self.eps).type_as(x)
 
 
-def rotary_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_frequencies(head_dim: int, theta: float, scaling: RopeScalingConfig) -> torch.Tensor:
+    """theta^(-2i/d) per pair of dimensions; with Llama 3.1's scaling the low frequencies (wavelengths
+    beyond original / low_freq_factor) are divided by `factor`, the high ones (below original /
+    high_freq_factor) kept, and the band between interpolated smoothly."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if scaling.type == "none":
+        return inv_freq
+    s = scaling
+    wavelength = 2 * math.pi / inv_freq
+    smooth = (s.original_max_seq_len / wavelength - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    interpolated = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+    out = torch.where(wavelength > s.original_max_seq_len / s.low_freq_factor, inv_freq / s.factor, inv_freq)
+    band = (wavelength <= s.original_max_seq_len / s.low_freq_factor) & (
+        wavelength >= s.original_max_seq_len / s.high_freq_factor
+    )
+    return torch.where(band, interpolated, out)
+
+
+def rotary_tables(head_dim: int, max_seq_len: int, theta: float, scaling: RopeScalingConfig | None = None):
+    """(cos, sin) of every position's angle per pair: (max_seq_len, head_dim / 2) each."""
+    inv_freq = rotary_frequencies(head_dim, theta, scaling or RopeScalingConfig())
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
     dtype = torch.get_default_dtype()
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -91,18 +112,22 @@ class Layers:
     def __init__(self, ep_group=None):
         self.ep_group = ep_group  # experts spread over this group (None: all experts local)
 
-    def column(self, in_features: int, out_features: int) -> nn.Module:
-        return nn.Linear(in_features, out_features, bias=False)
+    def column(self, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
+        return nn.Linear(in_features, out_features, bias=bias)
 
     def row(self, in_features: int, out_features: int) -> nn.Module:
         return nn.Linear(in_features, out_features, bias=False)
 
-    def replicated_column(self, in_features: int, out_features: int) -> nn.Module:
+    def replicated_column(self, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
         """A column layer every tensor rank holds whole (key/value heads fewer than tensor ranks)."""
-        return nn.Linear(in_features, out_features, bias=False)
+        return nn.Linear(in_features, out_features, bias=bias)
 
     def norm(self, dim: int, eps: float) -> nn.Module:
         return RMSNorm(dim, eps)
+
+    def head_norm(self, head_dim: int, eps: float) -> nn.Module:
+        """RMSNorm over each attention head's features (one gain shared by all heads)."""
+        return RMSNorm(head_dim, eps)
 
     def embedding(self, vocab_size: int, d_model: int) -> nn.Module:
         return nn.Embedding(vocab_size, d_model)
@@ -156,34 +181,43 @@ class Attention(nn.Module):
         super().__init__()
         tp = layers.tp_size
         n_kv = cfg.n_kv_heads or cfg.n_heads
-        self.head_dim = cfg.d_model // cfg.n_heads
+        self.head_dim = head_dim_of(cfg)
         self.n_heads = cfg.n_heads // tp
         self.dropout = cfg.dropout
         self.layers = layers
-        self.wq = layers.column(cfg.d_model, cfg.n_heads * self.head_dim)
+        bias = cfg.qkv_bias
+        self.wq = layers.column(cfg.d_model, cfg.n_heads * self.head_dim, bias=bias)
         if n_kv >= tp:
             self.n_kv_heads, self.kv_pick = n_kv // tp, None
-            self.wk = layers.column(cfg.d_model, n_kv * self.head_dim)
-            self.wv = layers.column(cfg.d_model, n_kv * self.head_dim)
+            self.wk = layers.column(cfg.d_model, n_kv * self.head_dim, bias=bias)
+            self.wv = layers.column(cfg.d_model, n_kv * self.head_dim, bias=bias)
         else:
             self.n_kv_heads = 1
             self.kv_pick = layers.tp_rank * self.n_heads // (cfg.n_heads // n_kv)
-            self.wk = layers.replicated_column(cfg.d_model, n_kv * self.head_dim)
-            self.wv = layers.replicated_column(cfg.d_model, n_kv * self.head_dim)
+            self.wk = layers.replicated_column(cfg.d_model, n_kv * self.head_dim, bias=bias)
+            self.wv = layers.replicated_column(cfg.d_model, n_kv * self.head_dim, bias=bias)
         self.wo = layers.row(cfg.n_heads * self.head_dim, cfg.d_model)
+        # Qwen3: each query and key head is RMS-normalised over its features before the rotation.
+        self.q_norm = layers.head_norm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = layers.head_norm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
-    def _kv(self, proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _kv(self, proj: nn.Module, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
         b, s, _ = x.shape
         kv = proj(x).view(b, s, -1, self.head_dim)
         if self.kv_pick is not None:
             kv = kv[:, :, self.kv_pick : self.kv_pick + 1]
+        if norm is not None:
+            kv = norm(kv)
         return kv.transpose(1, 2)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
         cos, sin = cos[:s], sin[:s]
-        q = self.wq(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
-        k, v = self._kv(self.wk, x), self._kv(self.wv, x)
+        q = self.wq(x).view(b, s, self.n_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        q = q.transpose(1, 2)
+        k, v = self._kv(self.wk, x, self.k_norm), self._kv(self.wv, x)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         with self.layers.split_region_rng():
             out = F.scaled_dot_product_attention(
@@ -257,7 +291,7 @@ class Transformer(nn.Module):
             self.head.weight = self.embed.weight
         self.dropout = nn.Dropout(cfg.dropout)
         self.residual_rng = layers.residual_rng
-        cos, sin = rotary_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rotary_tables(head_dim_of(cfg), cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -290,6 +324,8 @@ def init_value(name: str, shape: tuple[int, ...], seed: int, cfg: ModelConfig) -
     """The canonical initial value of parameter `name`: a function of (seed, name, full shape) only."""
     if name.endswith("norm.weight"):
         return torch.ones(shape)
+    if name.endswith(".bias"):
+        return torch.zeros(shape)
     std = cfg.init_std
     if name.endswith(("attn.wo.weight", "mlp.w2.weight", "experts.w2")):
         std /= math.sqrt(2 * cfg.n_layers)  # residual-branch outputs (GPT-2 scaling)
@@ -303,20 +339,23 @@ def canonical_name(name: str, cfg: ModelConfig) -> str:
 
 
 @torch.no_grad()
-def init_weights(model: nn.Module, seed: int) -> None:
-    """Fill every parameter from its canonical value, then take this rank's slice (sharding facts)."""
+def init_weights(model: nn.Module, seed: int, read=None) -> None:
+    """Fill every parameter from its canonical value, then take this rank's slice (sharding facts); with
+    `read(name, sharding)`, this rank's slice of stored weights instead (dtrain.hf.HFWeights.read)."""
     cfg = model.cfg
     for name, p in model.named_parameters():
-        s = sharding_of(p)
-        p.copy_(s.take(init_value(canonical_name(name, cfg), s.full_shape, seed, cfg)))
+        s, canonical = sharding_of(p), canonical_name(name, cfg)
+        p.copy_(read(canonical, s) if read else s.take(init_value(canonical, s.full_shape, seed, cfg)))
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:
     """Canonical parameter counts from the config (no model built). `blocks_active`: the block
     parameters one token runs through (top_k of the experts of an MoE block, and its router)."""
-    d, v, hd = cfg.d_model, cfg.vocab_size, cfg.d_model // cfg.n_heads
+    d, v, hd = cfg.d_model, cfg.vocab_size, head_dim_of(cfg)
     kv = cfg.n_kv_heads or cfg.n_heads
     attn = d * cfg.n_heads * hd * 2 + d * kv * hd * 2
+    attn += (cfg.n_heads + 2 * kv) * hd if cfg.qkv_bias else 0
+    attn += 2 * hd if cfg.qk_norm else 0
     mlp = 3 * d * d_ff_of(cfg)
     n_moe = sum(is_moe_block(cfg, i) for i in range(cfg.n_layers))
     experts, top_k = cfg.moe.num_experts, cfg.moe.top_k
@@ -335,4 +374,4 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     length."""
     c = count_params(cfg)
     n = c["blocks_active"] + cfg.d_model + cfg.vocab_size * cfg.d_model
-    return 6.0 * n + 12.0 * cfg.n_layers * cfg.n_heads * (cfg.d_model // cfg.n_heads) * seq_len
+    return 6.0 * n + 12.0 * cfg.n_layers * cfg.n_heads * head_dim_of(cfg) * seq_len

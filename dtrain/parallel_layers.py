@@ -49,23 +49,31 @@ class TensorParallelLayers(Layers):
         self.vocab_size = vocab_size
         self.sequence_parallel = sequence_parallel
 
-    def column(self, in_features: int, out_features: int) -> nn.Module:
-        return ColumnParallelLinear(in_features, out_features, self.group)
+    def column(self, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
+        return ColumnParallelLinear(in_features, out_features, self.group, bias=bias)
 
     def row(self, in_features: int, out_features: int) -> nn.Module:
         return RowParallelLinear(
             in_features, out_features, self.group, sequence_parallel=self.sequence_parallel
         )
 
-    def replicated_column(self, in_features: int, out_features: int) -> nn.Module:
+    def replicated_column(self, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
         # Each rank uses only the key/value head of its own query heads: its gradient is partial.
-        layer = nn.Linear(in_features, out_features, bias=False)
-        set_sharding(layer.weight, Sharding(full_shape=(out_features, in_features), partial_grad=True))
+        layer = nn.Linear(in_features, out_features, bias=bias)
+        for p in layer.parameters():
+            set_sharding(p, Sharding(full_shape=tuple(p.shape), partial_grad=True))
         return layer
 
     def norm(self, dim: int, eps: float) -> nn.Module:
         layer = RMSNorm(dim, eps)
         set_sharding(layer.weight, Sharding(full_shape=(dim,), partial_grad=self.sequence_parallel))
+        return layer
+
+    def head_norm(self, head_dim: int, eps: float) -> nn.Module:
+        # One gain shared by every head; each tensor rank normalises only its own heads, so its gradient
+        # is this rank's share, summed over the group after backward.
+        layer = RMSNorm(head_dim, eps)
+        set_sharding(layer.weight, Sharding(full_shape=(head_dim,), partial_grad=True))
         return layer
 
     def embedding(self, vocab_size: int, d_model: int) -> nn.Module:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from dtrain.config import Config
+from dtrain.hf import HFWeights
 from dtrain.model import Transformer, init_weights
 from dtrain.parallel_layers import layers_for
 from dtrain.stage import Stage, build_chunks, tied_params, zero3_units
@@ -52,9 +53,13 @@ def build_model_chunks(cfg: Config, grid: Grid, device: torch.device) -> dict[in
     with torch.device("meta") if meta else contextlib.nullcontext():
         chunks = build_chunks(cfg, layers, grid.coords.pp)
     if not meta:
+        # The full tensor from (seed, name), or from the Hugging Face folder, then this rank's slice.
+        weights = HFWeights(cfg.model.init_from) if cfg.model.init_from else None
         for chunk in chunks.values():
-            init_weights(chunk, cfg.train.seed)  # the full tensor from (seed, name), then this rank's slice
+            init_weights(chunk, cfg.train.seed, weights.read if weights else None)
             chunk.to(device)
+        if weights:
+            weights.close()
     return chunks
 
 

@@ -57,6 +57,16 @@ class Sharding:
             full = torch.cat([full, full.new_zeros(pad)], dim=self.split_dim)
         return full.chunk(self.num_shards, dim=self.split_dim)[self.shard_index]
 
+    def local_range(self) -> tuple[int, int, int]:
+        """(start, stop, zero rows after) of this rank's slice along split_dim in canonical coordinates,
+        so a reader can fetch only those rows of a stored full tensor (the last shard of a padded
+        vocabulary ends in zero rows the canonical tensor does not have)."""
+        size = self.full_shape[self.split_dim]
+        per = (self.padded_size or size) // self.num_shards
+        start = self.shard_index * per
+        stop = min(start + per, size)
+        return min(start, size), stop, per - max(0, stop - start)
+
     def assemble(self, shards: list[torch.Tensor]) -> torch.Tensor:
         """The canonical tensor from every rank's shard, in group-rank order (inverse of `take`)."""
         if self.split_dim is None:

@@ -24,7 +24,7 @@ from torch import nn
 from parallel.collectives import gather_from_tp, reduce_from_tp, reduce_scatter_to_sp
 from parallel.grid import group_rank, group_size
 from parallel.precision import wide
-from parallel.sharding import Sharding, set_sharding
+from parallel.sharding import Sharding, set_sharding, sharding_of
 
 
 def _rank_size(group) -> tuple[int, int]:
@@ -59,16 +59,23 @@ class ColumnParallelLinear(nn.Module):
     last dim, padding dropped). `pad_output` pads the output features to a multiple of n (the vocabulary
     of the head); the padded rows are zero, so split outputs carry zero columns there."""
 
-    def __init__(self, in_features, out_features, group, gather_output=False, pad_output=False):
+    def __init__(self, in_features, out_features, group, gather_output=False, pad_output=False, bias=False):
         super().__init__()
         self.group = group
         self.gather_output, self.out_features = gather_output, out_features
         self.weight = _row_split_parameter(
             out_features, in_features, group, pad=pad_output, what="out_features"
         )
+        self.bias = None
+        if bias:  # split with the output features it is added to: no reduction involved
+            s = sharding_of(self.weight)
+            self.bias = set_sharding(
+                nn.Parameter(torch.zeros(self.weight.shape[0])),
+                Sharding((out_features,), 0, s.num_shards, s.shard_index, s.padded_size),
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = F.linear(x, self.weight, self.bias)
         if not self.gather_output:
             return y
         return gather_from_tp(y, self.group)[..., : self.out_features]
