@@ -18,6 +18,36 @@ from dtrain.data import DataError
 EXPECTED = (ConfigError, DataError, CheckpointError)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, like every other dtrain error (argparse prints the usage block too)."""
+
+    def error(self, message: str):
+        print(f"dtrain: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
+
+
+class _IntermixedParser(_Parser):
+    """A subcommand's parser that takes its options and its positionals (CONFIG, key=value overrides) in
+    any order, as `parse_intermixed_args` does: `dtrain estimate CONFIG parallel.zero=1 --world 8` and
+    `dtrain estimate --world 8 CONFIG parallel.zero=1` are the same command. argparse calls a
+    subparser's parse_known_args; parse_known_intermixed_args calls it back twice (options first, then
+    positionals), which the flag sends to the ordinary parsing."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._intermixing:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            namespace, extras = self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+        if extras:  # said here, where the subcommand is known
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from datetime import timedelta
 
@@ -213,8 +243,8 @@ def add_bench_parser(sub) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="dtrain", description="Hand-written distributed LM training.")
-    sub = ap.add_subparsers(dest="command", required=True)
+    ap = _Parser(prog="dtrain", description="Hand-written distributed LM training.")
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_IntermixedParser)
     train = sub.add_parser("train", help="train (under torchrun for several processes)")
     train.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=20 parallel.dp=2")

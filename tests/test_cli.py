@@ -1,6 +1,7 @@
 """The command line end to end, in real subprocesses: bad configs fail in one line before any process
 group exists; real torchrun with 1 and 2 ranks logs the same losses; metrics.jsonl and TensorBoard files
-are written; prepare-data feeds a memmap run; export loads into the single-process model."""
+are written; prepare-data feeds a memmap run; export loads into the single-process model; every
+subcommand takes its options and overrides in any order, and usage errors are one line."""
 
 from __future__ import annotations
 
@@ -121,3 +122,77 @@ def test_memmap_token_beyond_vocab_is_refused(tmp_path):
     )  # fmt: skip
     assert result.returncode == 2
     assert "model.vocab_size=128" in result.stderr and "Traceback" not in result.stderr
+
+
+# --- argument order -----------------------------------------------------------------------------------
+
+
+GPU_1B = os.path.join(ROOT, "configs", "gpu_1b.yaml")
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (
+            ["estimate", "C", "--world", "8", "parallel.zero=1"],
+            {"world": 8, "overrides": ["parallel.zero=1"]},
+        ),
+        (
+            ["estimate", "--memory", "80GiB", "C", "train.seq_len=512", "--world", "4", "parallel.zero=2"],
+            {
+                "config": "C",
+                "memory": "80GiB",
+                "world": 4,
+                "overrides": ["train.seq_len=512", "parallel.zero=2"],
+            },
+        ),
+        (["train", "C", "a.b=1", "c.d=2"], {"config": "C", "overrides": ["a.b=1", "c.d=2"]}),
+        (
+            ["schedule", "--measure", "C", "train.steps=1", "--out", "t.png", "parallel.pp=2"],
+            {"measure": "C", "out": "t.png", "overrides": ["train.steps=1", "parallel.pp=2"]},
+        ),
+        (["schedule", "--pp", "2", "--microbatches", "4"], {"pp": 2, "microbatches": 4, "overrides": []}),
+        (
+            ["bench", "C", "model.d_model=32", "--worlds", "1,2", "train.seq_len=16", "--mode", "strong"],
+            {
+                "config": "C",
+                "worlds": "1,2",
+                "mode": "strong",
+                "overrides": ["model.d_model=32", "train.seq_len=16"],
+            },
+        ),
+        (["export", "--out", "m.pt", "ckpt"], {"checkpoint": "ckpt", "out": "m.pt"}),
+        (["export", "ckpt", "--out", "m.pt"], {"checkpoint": "ckpt", "out": "m.pt"}),
+        (
+            ["prepare-data", "--out", "d", "corpus.txt", "--dtype", "uint32"],
+            {"text": "corpus.txt", "out": "d"},
+        ),
+    ],
+)
+def test_options_and_overrides_in_any_order(argv, expected):
+    from dtrain.cli import parser
+
+    args = vars(parser().parse_args(argv))
+    assert {k: args[k] for k in expected} == expected
+
+
+def test_usage_errors_are_one_line(capsys):
+    from dtrain.cli import main
+
+    for argv, message in [
+        (["estimate", "C", "parallel.zero=1", "--wrld", "8"], "unrecognized arguments: --wrld 8"),
+        (["schedule", "--pp", "2", "--out"], "argument --out: expected one argument"),
+        (["trian", "C"], "argument command: invalid choice: 'trian'"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"dtrain: error: {message}"), err
+
+
+def test_estimate_with_options_after_the_overrides():
+    """The README's form: CONFIG, then overrides and options in any order."""
+    result = run("-m", "dtrain", "estimate", GPU_1B, "--world", "8", "parallel.zero=1")
+    assert result.returncode == 0, result.stderr
+    assert "world 8 = dp 8" in result.stdout and "ZeRO-1" in result.stdout
