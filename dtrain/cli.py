@@ -190,8 +190,14 @@ def cmd_schedule(args: argparse.Namespace) -> None:
 
 def cmd_estimate(args: argparse.Namespace) -> None:
     from dtrain.estimate import run
+    from dtrain.suggest import parse_bytes, suggestions
 
-    print(run(args.config, args.overrides, args.world, args.memory))
+    budget = parse_bytes(args.memory) if args.memory is not None else None  # before any work or output
+    if args.top < 0:
+        raise ConfigError(f"--top={args.top} must be at least 0 (0 lists every layout that fits)")
+    print(run(args.config, args.overrides, args.world))
+    if budget is not None:
+        print(suggestions(args.config, args.overrides, args.world, budget, args.top))
 
 
 def add_estimate_parser(sub) -> None:
@@ -209,8 +215,11 @@ def add_estimate_parser(sub) -> None:
     )
     est.add_argument(
         "--memory",
-        help="memory per GPU (e.g. 80GiB, 40GB): also list the layouts of this world that fit, "
-        "cheapest first",
+        help="memory per GPU with its unit (80GiB, 40GB, 512MiB): also list the layouts of this world "
+        "that fit it, fastest first, each as the overrides that reproduce its figure",
+    )
+    est.add_argument(
+        "--top", type=int, default=8, help="with --memory: how many layouts to list (default 8, 0: all)"
     )
     est.set_defaults(run=cmd_estimate)
 
