@@ -97,7 +97,27 @@ def build_torchrun_argv(argv: list[str]) -> list[str]:
         extra += ["--nproc-per-node", str(world // nnodes)]
     if nnodes == 1 and not RENDEZVOUS & seen.keys():
         extra.append("--standalone")
+    _check_restartable(seen, nnodes, standalone="--standalone" in extra)
     return [*opts, *extra, "--module", "dtrain", "train", config, *overrides]
+
+
+def _check_restartable(seen: dict[str, str | None], nnodes: int, standalone: bool) -> None:
+    """Restarts under the static rendezvous cannot work (dtrain.runtime): say so before anything starts.
+    torchrun runs the static rendezvous for --rdzv-backend static (its default) unless --standalone, or
+    one node with neither --rdzv-endpoint nor --master-port (which it turns into --standalone)."""
+    raw = seen.get("--max-restarts") or "0"
+    if not raw.isdigit():
+        raise ConfigError(f"--max-restarts={raw} is not a number of restarts")
+    static = (
+        not standalone
+        and "--standalone" not in seen
+        and (seen.get("--rdzv-backend") or "static") == "static"
+        and ("--rdzv-endpoint" in seen or "--master-port" in seen or nnodes > 1)
+    )
+    if int(raw) > 0 and static:
+        from dtrain.runtime import static_restart_error
+
+        raise ConfigError(static_restart_error(int(raw)))
 
 
 def main(argv: list[str] | None = None) -> None:
