@@ -292,25 +292,41 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def exit_error(line: str, code: int, say: bool = True) -> None:
+    """Exit with `code` after `line` (one line, `dtrain: error: ...`) on stderr where `say`. Under torchrun
+    the line also goes to the error file it gives each worker (TORCHELASTIC_ERROR_FILE, the format of
+    torch.distributed.elastic's ErrorHandler), so torchrun's failure report shows it as the root cause
+    instead of 'To enable traceback see ...', and `python -m launch` can end with it."""
+    if say:
+        print(line, file=sys.stderr, flush=True)
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        import json
+        import time
+
+        record = {"message": {"message": line, "extraInfo": {"timestamp": str(int(time.time()))}}}
+        try:
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(record, f)
+        except OSError:
+            pass  # the report then says less; the line itself is printed already
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     rank = os.environ.get("RANK", "0")
     try:
         args.run(args)
     except EXPECTED as e:
-        if rank == "0":  # every rank fails the same way; say it once
-            print(f"dtrain: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        exit_error(f"dtrain: error: {e}", 2, say=rank == "0")  # every rank fails the same way; say it once
     except Exception as e:
         from dtrain.resilience import CollectiveError
         from dtrain.trainer import TrainingError
 
         if isinstance(e, TrainingError):  # decided from values every rank shares: every rank stops
-            if rank == "0":
-                print(f"dtrain: error: {e}", file=sys.stderr)
+            exit_error(f"dtrain: error: {e}", 1, say=rank == "0")
         elif isinstance(e, CollectiveError | OSError):  # seen by some ranks only: each says what it saw
             who = f"rank {rank}: " if "RANK" in os.environ else ""
-            print(f"dtrain: error: {who}{e}", file=sys.stderr)
-        else:
-            raise
-        sys.exit(1)
+            exit_error(f"dtrain: error: {who}{e}", 1)
+        raise
