@@ -18,6 +18,36 @@ from dtrain.data import DataError
 EXPECTED = (ConfigError, DataError, CheckpointError)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, like every other dtrain error (argparse prints the usage block too)."""
+
+    def error(self, message: str):
+        print(f"dtrain: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
+
+
+class _IntermixedParser(_Parser):
+    """A subcommand's parser that takes its options and its positionals (CONFIG, key=value overrides) in
+    any order, as `parse_intermixed_args` does: `dtrain estimate CONFIG parallel.zero=1 --world 8` and
+    `dtrain estimate --world 8 CONFIG parallel.zero=1` are the same command. argparse calls a
+    subparser's parse_known_args; parse_known_intermixed_args calls it back twice (options first, then
+    positionals), which the flag sends to the ordinary parsing."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._intermixing:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            namespace, extras = self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+        if extras:  # said here, where the subcommand is known
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from datetime import timedelta
 
@@ -158,8 +188,14 @@ def cmd_schedule(args: argparse.Namespace) -> None:
 
 def cmd_estimate(args: argparse.Namespace) -> None:
     from dtrain.analysis.estimate import run
+    from dtrain.analysis.suggest import parse_bytes, suggestions
 
-    print(run(args.config, args.overrides, args.world, args.memory))
+    budget = parse_bytes(args.memory) if args.memory is not None else None  # before any work or output
+    if args.top < 0:
+        raise ConfigError(f"--top={args.top} must be at least 0 (0 lists every layout that fits)")
+    print(run(args.config, args.overrides, args.world))
+    if budget is not None:
+        print(suggestions(args.config, args.overrides, args.world, budget, args.top))
 
 
 def add_estimate_parser(sub) -> None:
@@ -177,8 +213,11 @@ def add_estimate_parser(sub) -> None:
     )
     est.add_argument(
         "--memory",
-        help="memory per GPU (e.g. 80GiB, 40GB): also list the layouts of this world that fit, "
-        "cheapest first",
+        help="memory per GPU with its unit (80GiB, 40GB, 512MiB): also list the layouts of this world "
+        "that fit it, fastest first, each as the overrides that reproduce its figure",
+    )
+    est.add_argument(
+        "--top", type=int, default=8, help="with --memory: how many layouts to list (default 8, 0: all)"
     )
     est.set_defaults(run=cmd_estimate)
 
@@ -211,8 +250,8 @@ def add_bench_parser(sub) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="dtrain", description="Hand-written distributed LM training.")
-    sub = ap.add_subparsers(dest="command", required=True)
+    ap = _Parser(prog="dtrain", description="Hand-written distributed LM training.")
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_IntermixedParser)
     train = sub.add_parser("train", help="train (under torchrun for several processes)")
     train.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=20 parallel.dp=2")
@@ -251,25 +290,41 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def exit_error(line: str, code: int, say: bool = True) -> None:
+    """Exit with `code` after `line` (one line, `dtrain: error: ...`) on stderr where `say`. Under torchrun
+    the line also goes to the error file it gives each worker (TORCHELASTIC_ERROR_FILE, the format of
+    torch.distributed.elastic's ErrorHandler), so torchrun's failure report shows it as the root cause
+    instead of 'To enable traceback see ...', and `python -m launch` can end with it."""
+    if say:
+        print(line, file=sys.stderr, flush=True)
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        import json
+        import time
+
+        record = {"message": {"message": line, "extraInfo": {"timestamp": str(int(time.time()))}}}
+        try:
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(record, f)
+        except OSError:
+            pass  # the report then says less; the line itself is printed already
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     rank = os.environ.get("RANK", "0")
     try:
         args.run(args)
     except EXPECTED as e:
-        if rank == "0":  # every rank fails the same way; say it once
-            print(f"dtrain: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        exit_error(f"dtrain: error: {e}", 2, say=rank == "0")  # every rank fails the same way; say it once
     except Exception as e:
         from dtrain.resilience import CollectiveError
         from dtrain.trainer import TrainingError
 
         if isinstance(e, TrainingError):  # decided from values every rank shares: every rank stops
-            if rank == "0":
-                print(f"dtrain: error: {e}", file=sys.stderr)
+            exit_error(f"dtrain: error: {e}", 1, say=rank == "0")
         elif isinstance(e, CollectiveError | OSError):  # seen by some ranks only: each says what it saw
             who = f"rank {rank}: " if "RANK" in os.environ else ""
-            print(f"dtrain: error: {who}{e}", file=sys.stderr)
-        else:
-            raise
-        sys.exit(1)
+            exit_error(f"dtrain: error: {who}{e}", 1)
+        raise

@@ -37,25 +37,48 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# torch.distributed.run shares its rendezvous store with the workers unless this is "1". The shared store
-# outlives a restart with the previous attempt's keys in it, so a restarted worker can read the address a
-# dead peer listened on and fail to connect, at random (pytorch/pytorch#135712). With sharing off, rank 0
-# hosts a fresh store for every attempt.
+# Restarts under torchrun (--max-restarts N) need a fresh rendezvous store for every attempt (torch 2.13).
+# torchrun tells its workers in TORCHELASTIC_USE_AGENT_STORE whether they share the agent's store:
+#   static rendezvous (--master-port, --rdzv-backend static, or several nodes without rendezvous options):
+#       always shared (StaticTCPRendezvous.use_agent_store is True; TORCH_DISABLE_SHARE_RDZV_TCP_STORE is
+#       not read), and the agent keeps that one store for every attempt;
+#   c10d rendezvous (--standalone, --rdzv-backend c10d, and one node without rendezvous options, which
+#       torchrun turns into --standalone): shared unless TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1; the shared
+#       server is created once and reused for every later round. With the variable, rank 0 of every
+#       attempt hosts a fresh store (torch.distributed.rendezvous._create_c10d_store).
+# A shared store keeps the previous attempt's keys, which carry no attempt number, so a restarted worker
+# can read the address a dead peer listened on and fail to connect, at random (pytorch/pytorch#135712).
 NO_SHARED_STORE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+WHAT_RESTARTS = (
+    f"a c10d rendezvous with {NO_SHARED_STORE}=1 in torchrun's environment: --standalone (or no rendezvous "
+    f"options) on one node, --rdzv-backend c10d --rdzv-endpoint HOST:PORT on several (python -m launch "
+    f"sets the variable)"
+)
+
+
+def static_restart_error(restarts: int) -> str:
+    return (
+        f"torchrun --max-restarts {restarts} with the static rendezvous (--master-port, --rdzv-backend "
+        f"static) cannot restart reliably: it shares its store with the workers whatever {NO_SHARED_STORE} "
+        f"says, and restarted workers read stale peer addresses from it; restarts need {WHAT_RESTARTS}"
+    )
 
 
 def check_restartable() -> None:
-    """Under torchrun with --max-restarts > 0, refuse the shared rendezvous store (see above) at the first
-    start, in one line, rather than fail at random after a restart."""
+    """Under torchrun with --max-restarts > 0, refuse a shared rendezvous store (see above) at the first
+    start, in one line saying what restarts there, rather than fail at random after a restart."""
     restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
-    if restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        from dtrain.config import ConfigError
+    if restarts == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    from dtrain.config import ConfigError
 
-        raise ConfigError(
-            f"torchrun --max-restarts {restarts} with a shared rendezvous store cannot restart reliably "
-            f"(stale peer addresses); run torchrun with {NO_SHARED_STORE}=1 in its environment "
-            f"(python -m launch sets it)"
-        )
+    if os.environ.get(NO_SHARED_STORE) == "1":  # shared all the same: only the static rendezvous does that
+        raise ConfigError(static_restart_error(restarts))
+    raise ConfigError(
+        f"torchrun --max-restarts {restarts} with a shared rendezvous store cannot restart reliably "
+        f"(restarted workers read stale peer addresses from it); restarts need {WHAT_RESTARTS}; the "
+        f"static rendezvous (--master-port) shares its store whatever the variable says"
+    )
 
 
 def init_distributed(cfg: DistConfig) -> torch.device:

@@ -38,10 +38,25 @@ class TrainingError(RuntimeError):
 
 
 def lr_at(step: int, t: TrainConfig) -> float:
-    """Linear warm-up over `warmup_steps`, then cosine decay from `lr` to `min_lr` at the last step."""
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+    """The learning rate of 0-based optimizer step `step` of `t.steps`: linear warm-up, then cosine decay.
+
+    With W = warmup_steps, S = steps, lr and min_lr from `t`:
+
+        step < W:   lr * (step + 1) / W                       (the last warm-up step, W - 1, is lr)
+        otherwise:  min_lr + (lr - min_lr) * (1 + cos(pi * p)) / 2, p = (step - P) / (S - 1 - P)
+
+    where P = W - 1 is the step at which lr is reached (P = 0 without warm-up, whose step 0 is lr). The
+    peak is reached once: p > 0 after it, so the cosine never repeats lr; p = 1 at the last step, S - 1,
+    which is exactly min_lr. p is clamped to [0, 1] (steps past S - 1 stay at min_lr). With no step after
+    the peak (S = 1 without warm-up, or W >= S) there is no decay: the run ends at or before the peak.
+    """
+    warmup, last = t.warmup_steps, t.steps - 1
+    if step < warmup:
+        return t.lr * ((step + 1) / warmup)  # the fraction first: exactly lr at step W - 1
+    peak = max(warmup - 1, 0)
+    if last <= peak:
+        return t.lr
+    progress = min(1.0, max(0.0, (step - peak) / (last - peak)))
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 

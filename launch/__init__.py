@@ -1,19 +1,23 @@
 """Runs `dtrain train` under torchrun, with the process count taken from the config.
 
 The config is loaded and validated here, before any process starts, so a bad one costs one line. Options
-before CONFIG are torchrun's and pass through verbatim; `--nproc-per-node` defaults to the config's world
-size divided by `--nnodes`, and a single node without rendezvous options runs `--standalone`. Every
-process then runs `python -m dtrain train CONFIG [key=value ...]` (see launch/slurm.sbatch for clusters).
+(before or after CONFIG) are torchrun's and pass through verbatim, ahead of the program;
+`--nproc-per-node` defaults to the config's world size divided by `--nnodes`, and a single node without
+rendezvous options runs `--standalone`. Every process then runs `python -m dtrain train CONFIG
+[key=value ...]` (see launch/slurm.sbatch for clusters). When a worker fails with a dtrain error, the
+launcher ends with that one line (in place of torchrun's failure report) and its exit status.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import tempfile
 
 from dtrain.config import ConfigError, load_config, validate
 
-USAGE = "usage: python -m launch [torchrun options] CONFIG [key=value ...]"
+ERROR_FILE = "TORCHELASTIC_ERROR_FILE"  # where a torchrun process or worker records its error (JSON)
+USAGE = "usage: python -m launch [torchrun options] CONFIG [key=value ...] [torchrun options]"
 # torchrun options that take no value; every other option takes one (`--opt value` or `--opt=value`).
 FLAGS = {"--standalone", "--virtual-local-rank"}
 # Set by the launcher itself: the program is always `-m dtrain train ...`.
@@ -24,12 +28,18 @@ RENDEZVOUS = {"--rdzv-backend", "--rdzv-endpoint", "--rdzv-id", "--rdzv-conf", "
 
 
 def _split(argv: list[str]) -> tuple[list[str], dict[str, str | None], str, list[str]]:
-    """Torchrun options (verbatim, and by canonical name) apart from CONFIG and the overrides."""
+    """Torchrun options (verbatim, and by canonical name) apart from CONFIG and the overrides. Options may
+    come before or after CONFIG (an override never starts with '-'); they are handed to torchrun first."""
     opts: list[str] = []
     seen: dict[str, str | None] = {}
+    rest: list[str] = []
     i = 0
-    while i < len(argv) and argv[i].startswith("-") and argv[i] != "-":
+    while i < len(argv):
         token = argv[i]
+        if not token.startswith("-") or token == "-":
+            rest.append(token)
+            i += 1
+            continue
         name, eq, value = token.partition("=")
         if token.startswith("--"):
             name = name.replace("_", "-")
@@ -43,9 +53,9 @@ def _split(argv: list[str]) -> tuple[list[str], dict[str, str | None], str, list
         opts += argv[i : i + step]
         seen[name] = None if name in FLAGS else argv[i + 1] if step == 2 else value
         i += step
-    if i >= len(argv):
+    if not rest:
         raise ConfigError(f"no CONFIG given; {USAGE}")
-    return opts, seen, argv[i], argv[i + 1 :]
+    return opts, seen, rest[0], rest[1:]
 
 
 def _nnodes(seen: dict[str, str | None]) -> int:
@@ -97,7 +107,27 @@ def build_torchrun_argv(argv: list[str]) -> list[str]:
         extra += ["--nproc-per-node", str(world // nnodes)]
     if nnodes == 1 and not RENDEZVOUS & seen.keys():
         extra.append("--standalone")
+    _check_restartable(seen, nnodes, standalone="--standalone" in extra)
     return [*opts, *extra, "--module", "dtrain", "train", config, *overrides]
+
+
+def _check_restartable(seen: dict[str, str | None], nnodes: int, standalone: bool) -> None:
+    """Restarts under the static rendezvous cannot work (dtrain.runtime): say so before anything starts.
+    torchrun runs the static rendezvous for --rdzv-backend static (its default) unless --standalone, or
+    one node with neither --rdzv-endpoint nor --master-port (which it turns into --standalone)."""
+    raw = seen.get("--max-restarts") or "0"
+    if not raw.isdigit():
+        raise ConfigError(f"--max-restarts={raw} is not a number of restarts")
+    static = (
+        not standalone
+        and "--standalone" not in seen
+        and (seen.get("--rdzv-backend") or "static") == "static"
+        and ("--rdzv-endpoint" in seen or "--master-port" in seen or nnodes > 1)
+    )
+    if int(raw) > 0 and static:
+        from dtrain.runtime import static_restart_error
+
+        raise ConfigError(static_restart_error(int(raw)))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -119,10 +149,33 @@ def main(argv: list[str] | None = None) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
+    # torchrun's @record copies the failed worker's error file to its own, or logs an error that it has
+    # none: give it one (a scheduler's own TORCHELASTIC_ERROR_FILE is kept).
+    own_error_file = None
+    if not os.environ.get(ERROR_FILE):
+        own_error_file = os.path.join(tempfile.gettempdir(), f"dtrain-launch-{os.getpid()}-error.json")
+        os.environ[ERROR_FILE] = own_error_file
     try:
         torchrun(torchrun_argv)
     except ChildFailedError as e:
-        # The workers printed their own errors; add torchrun's summary, no launcher traceback.
-        print(e, file=sys.stderr)
-        code = e.get_first_failure()[1].exitcode
+        line, code = worker_error(e)
+        # The workers printed their own errors; end with the first one dtrain reported (its error file),
+        # else with torchrun's summary. No launcher traceback either way.
+        print(line or e, file=sys.stderr)
         sys.exit(code if 0 < code < 256 else 1)
+    finally:
+        if own_error_file is not None:
+            del os.environ[ERROR_FILE]
+            if os.path.exists(own_error_file):
+                os.remove(own_error_file)
+
+
+def worker_error(e) -> tuple[str | None, int]:
+    """The earliest `dtrain: error: ...` line a failed worker left in its torchrun error file (written by
+    dtrain.cli.exit_error) and that worker's exit code; else (None, exit code of torchrun's first failure)."""
+    failures = sorted(e.failures.values(), key=lambda f: f.timestamp)
+    for failure in failures:
+        message = failure.message.get("message") if isinstance(failure.message, dict) else None
+        if isinstance(message, str) and message.startswith("dtrain: error: "):
+            return message, failure.exitcode
+    return None, e.get_first_failure()[1].exitcode

@@ -4,8 +4,12 @@ Every layout of the world the config validates for is estimated (model states on
 activations of the micro-batches in flight, dtrain.analysis.estimate and dtrain.analysis.activations) and
 kept when its most loaded pipeline stage fits. They are ranked by what they cost in speed, cheapest
 first: plain data parallelism before tensor and pipeline splits (which communicate per layer and idle in
-the bubble), lower ZeRO stages before higher (stage 3 gathers every parameter twice per step), no activation
-recomputation before recomputation, and no offload before offload.
+the bubble), lower ZeRO stages before higher (stage 3 gathers every parameter twice per step), no
+activation recomputation before recomputation, and no offload before offload; equal ones by memory.
+
+Each layout is printed as the complete override list that reproduces its figure on top of the same config:
+the overrides the estimate was given (those the layout does not replace) and every key the search varies
+(LAYOUT_KEYS), so that nothing is left to whatever the config says, such as its activation checkpointing.
 """
 
 from __future__ import annotations
@@ -17,14 +21,23 @@ import re
 from dtrain.analysis.estimate import estimate_model_states, human, peak_device_bytes
 from dtrain.config import Config, ConfigError
 
-UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+# A size needs its unit: a bare 80 could mean bytes, GB or GiB, and read as bytes it fits nothing.
+UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+FORMS = "write it with a unit, like 80GiB, 40GB or 512MiB (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
 
 
 def parse_bytes(text: str) -> int:
-    match = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    """`80GiB`, `40 GB`, `1.5TiB`, `512MiB` -> bytes (units case-insensitive; 1 GB = 10**9, 1 GiB = 2**30)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    if match and not match.group(2):
+        raise ConfigError(f"--memory={text} has no unit; {FORMS}")
     if not match or match.group(2).lower() not in UNITS:
-        raise ConfigError(f"--memory={text!r} is not a size; write it like 80GiB, 40GB or 8e9")
-    return int(float(match.group(1)) * UNITS[match.group(2).lower()])
+        raise ConfigError(f"--memory={text!r} is not a size; {FORMS}")
+    size = int(float(match.group(1)) * UNITS[match.group(2).lower()])
+    if size <= 0:
+        raise ConfigError(f"--memory={text} must be more than 0 bytes")
+    return size
 
 
 def _divisors(n: int) -> list[int]:
@@ -49,8 +62,22 @@ def candidate_overrides(cfg: Config, world: int) -> list[dict]:
     return out
 
 
-def suggest_layouts(cfg: Config, world: int, memory: int, top: int = 8) -> list[dict]:
-    """Layouts of `world` ranks whose busiest rank needs at most `memory` bytes, cheapest first."""
+# What a layout sets, in the order it is printed: every key the search varies, so that its overrides on
+# top of the same config reproduce the figure whatever the config says for them.
+LAYOUT_KEYS = {
+    "dp": "parallel.dp", "tp": "parallel.tp", "pp": "parallel.pp", "ep": "parallel.ep", "sp": "parallel.sp",
+    "zero": "parallel.zero", "offload": "parallel.offload",
+    "activation_checkpointing": "train.activation_checkpointing",
+}  # fmt: skip
+ORDER = (
+    "fastest first by expected cost: fewer tensor x pipeline ranks (tp*pp), then a lower ZeRO stage, then no "
+    "activation recomputation, then no offload; equal ones by memory, least first"
+)
+
+
+def suggest_layouts(cfg: Config, world: int, memory: int, top: int | None = None) -> list[dict]:
+    """Layouts of `world` ranks whose busiest rank needs at most `memory` bytes, in ORDER (the first `top`,
+    or all)."""
     fits = []
     for o in candidate_overrides(cfg, world):
         trial = copy.deepcopy(cfg)
@@ -66,22 +93,55 @@ def suggest_layouts(cfg: Config, world: int, memory: int, top: int = 8) -> list[
             cost = (o["tp"] * o["pp"], o["zero"], o["activation_checkpointing"], o["offload"] != "none")
             fits.append({**o, "bytes": need, "cost": cost})
     fits.sort(key=lambda f: (f["cost"], f["bytes"]))
-    return fits[:top]
+    return fits if top is None else fits[:top]
 
 
-def format_suggestions(fits: list[dict], world: int, memory: int) -> str:
+def layout_overrides(fit: dict, base: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The complete override list of a layout: the `base` overrides it does not replace, then its own."""
+    own = [f"{name}={str(fit[key]).lower()}" for key, name in LAYOUT_KEYS.items()]
+    replaced = set(LAYOUT_KEYS.values())
+    return [o for o in base if o.partition("=")[0].strip() not in replaced] + own
+
+
+def format_suggestions(
+    fits: list[dict],
+    world: int,
+    memory: int,
+    top: int = 8,
+    config: str = "CONFIG",
+    overrides: list[str] | tuple[str, ...] = (),
+) -> str:
+    """`fits` (all of them, in ORDER): how many fit, the first `top` (0: all) with the override list that
+    reproduces each figure on top of `config` (`overrides` are the ones the estimate was given)."""
     if not fits:
         return (
             f"no layout of {world} ranks fits {human(memory)} per rank; use more ranks, a smaller "
             f"train.micro_batch_size, or a smaller model"
         )
-    lines = [f"layouts of {world} ranks that fit {human(memory)} per rank, cheapest first:"]
-    for f in fits:
-        keys = " ".join(
-            f"parallel.{k}={v}".replace("True", "true").replace("False", "false")
-            for k, v in f.items()
-            if k in ("dp", "tp", "pp", "ep", "sp", "zero", "offload")
-        )
-        ckpt = " train.activation_checkpointing=true" if f["activation_checkpointing"] else ""
-        lines.append(f"  {human(f['bytes']):>11}  {keys}{ckpt}")
+    shown = fits[:top] if top else fits
+    more = len(fits) - len(shown)
+    rest = (
+        f"; the first {len(shown)} are shown, {more} more fit (--top N shows N, --top 0 all)" if more else ""
+    )
+    lines = [
+        f"layouts of {world} ranks that fit {human(memory)} per rank: {len(fits)}{rest}.",
+        f"Listed {ORDER}.",
+        f"Each line: the busiest rank's device peak, then the overrides that reproduce it: "
+        f"dtrain estimate {config} OVERRIDES",
+    ]
+    for f in shown:
+        lines.append(f"  {human(f['bytes']):>11}  {' '.join(layout_overrides(f, overrides))}")
     return "\n".join(lines)
+
+
+def suggestions(
+    config: str | None, overrides: list[str], world: int | None, memory: int, top: int = 8
+) -> str:
+    """`dtrain estimate --memory`: the layouts of the world the estimate reports on that fit `memory`."""
+    from dtrain.analysis.estimate import default_world
+    from dtrain.config import load_config
+
+    cfg = load_config(config, overrides)
+    world = default_world(cfg) if world is None else world
+    fits = suggest_layouts(cfg, world, memory)
+    return format_suggestions(fits, world, memory, top, config or "CONFIG", overrides)

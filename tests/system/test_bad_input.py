@@ -289,15 +289,34 @@ def test_export_onto_a_full_disk_leaves_nothing_behind(capsys, monkeypatch, save
 
 
 def test_torchrun_restarts_need_a_fresh_store_per_attempt(monkeypatch):
-    """A shared rendezvous store would hand restarted workers stale addresses (see dtrain.runtime)."""
+    """A shared rendezvous store would hand restarted workers stale addresses (see dtrain.runtime). The
+    line says what restarts: the c10d rendezvous with the variable set; the static rendezvous shares its
+    store whatever the variable says, so with the variable set a shared store means static."""
+    works = (
+        "restarts need a c10d rendezvous with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's "
+        "environment: --standalone (or no rendezvous options) on one node, --rdzv-backend c10d "
+        "--rdzv-endpoint HOST:PORT on several (python -m launch sets the variable)"
+    )
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "2")
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.delenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", raising=False)
     with pytest.raises(ConfigError) as e:
         runtime.check_restartable()
     assert str(e.value) == (
-        "torchrun --max-restarts 2 with a shared rendezvous store cannot restart reliably (stale peer "
-        "addresses); run torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment (python -m "
-        "launch sets it)"
+        "torchrun --max-restarts 2 with a shared rendezvous store cannot restart reliably (restarted "
+        f"workers read stale peer addresses from it); {works}; the static rendezvous (--master-port) shares "
+        "its store whatever the variable says"
     )
-    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")
+    monkeypatch.setenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    with pytest.raises(ConfigError) as e:
+        runtime.check_restartable()
+    assert str(e.value) == (
+        "torchrun --max-restarts 2 with the static rendezvous (--master-port, --rdzv-backend static) cannot "
+        "restart reliably: it shares its store with the workers whatever TORCH_DISABLE_SHARE_RDZV_TCP_STORE "
+        f"says, and restarted workers read stale peer addresses from it; {works}"
+    )
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # c10d with the variable: a fresh store
+    runtime.check_restartable()
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")  # no restarts: nothing to go stale
     runtime.check_restartable()

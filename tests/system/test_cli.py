@@ -1,6 +1,7 @@
 """The command line end to end, in real subprocesses: bad configs fail in one line before any process
 group exists; real torchrun with 1 and 2 ranks logs the same losses; metrics.jsonl and TensorBoard files
-are written; prepare-data feeds a memmap run; export loads into the single-process model."""
+are written; prepare-data feeds a memmap run; export loads into the single-process model; every
+subcommand takes its options and overrides in any order, and usage errors are one line."""
 
 from __future__ import annotations
 
@@ -121,3 +122,145 @@ def test_memmap_token_beyond_vocab_is_refused(tmp_path):
     )  # fmt: skip
     assert result.returncode == 2
     assert "model.vocab_size=128" in result.stderr and "Traceback" not in result.stderr
+
+
+# --- argument order -----------------------------------------------------------------------------------
+
+
+GPU_1B = os.path.join(ROOT, "configs", "gpu_1b.yaml")
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (
+            ["estimate", "C", "--world", "8", "parallel.zero=1"],
+            {"world": 8, "overrides": ["parallel.zero=1"]},
+        ),
+        (
+            ["estimate", "--memory", "80GiB", "C", "train.seq_len=512", "--world", "4", "parallel.zero=2"],
+            {
+                "config": "C",
+                "memory": "80GiB",
+                "world": 4,
+                "overrides": ["train.seq_len=512", "parallel.zero=2"],
+            },
+        ),
+        (["train", "C", "a.b=1", "c.d=2"], {"config": "C", "overrides": ["a.b=1", "c.d=2"]}),
+        (
+            ["schedule", "--measure", "C", "train.steps=1", "--out", "t.png", "parallel.pp=2"],
+            {"measure": "C", "out": "t.png", "overrides": ["train.steps=1", "parallel.pp=2"]},
+        ),
+        (["schedule", "--pp", "2", "--microbatches", "4"], {"pp": 2, "microbatches": 4, "overrides": []}),
+        (
+            ["bench", "C", "model.d_model=32", "--worlds", "1,2", "train.seq_len=16", "--mode", "strong"],
+            {
+                "config": "C",
+                "worlds": "1,2",
+                "mode": "strong",
+                "overrides": ["model.d_model=32", "train.seq_len=16"],
+            },
+        ),
+        (["export", "--out", "m.pt", "ckpt"], {"checkpoint": "ckpt", "out": "m.pt"}),
+        (["export", "ckpt", "--out", "m.pt"], {"checkpoint": "ckpt", "out": "m.pt"}),
+        (
+            ["prepare-data", "--out", "d", "corpus.txt", "--dtype", "uint32"],
+            {"text": "corpus.txt", "out": "d"},
+        ),
+    ],
+)
+def test_options_and_overrides_in_any_order(argv, expected):
+    from dtrain.cli import parser
+
+    args = vars(parser().parse_args(argv))
+    assert {k: args[k] for k in expected} == expected
+
+
+def test_usage_errors_are_one_line(capsys):
+    from dtrain.cli import main
+
+    for argv, message in [
+        (["estimate", "C", "parallel.zero=1", "--wrld", "8"], "unrecognized arguments: --wrld 8"),
+        (["schedule", "--pp", "2", "--out"], "argument --out: expected one argument"),
+        (["trian", "C"], "argument command: invalid choice: 'trian'"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"dtrain: error: {message}"), err
+
+
+def test_estimate_with_options_after_the_overrides():
+    """The README's form: CONFIG, then overrides and options in any order."""
+    result = run("-m", "dtrain", "estimate", GPU_1B, "--world", "8", "parallel.zero=1")
+    assert result.returncode == 0, result.stderr
+    assert "world 8 = dp 8" in result.stdout and "ZeRO-1" in result.stdout
+
+
+# --- estimate --memory --------------------------------------------------------------------------------
+
+
+def test_memory_without_a_unit_is_refused():
+    result = run("-m", "dtrain", "estimate", GPU_1B, "--world", "8", "--memory", "80")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (
+        "dtrain: error: --memory=80 has no unit; write it with a unit, like 80GiB, 40GB or 512MiB (B, KB, "
+        "MB, GB, TB, KiB, MiB, GiB, TiB)\n"
+    )
+
+
+def test_parse_bytes_forms():
+    from dtrain.analysis.suggest import parse_bytes
+    from dtrain.config import ConfigError
+
+    assert parse_bytes("80GiB") == 80 * 2**30 and parse_bytes("40 GB") == 40 * 10**9
+    assert parse_bytes("512mib") == 512 * 2**20 and parse_bytes("1.5TiB") == int(1.5 * 2**40)
+    for bad, why in [
+        ("8e9", "has no unit"),
+        ("80G", "is not a size"),
+        ("lots", "is not a size"),
+        ("0GiB", "more"),
+    ]:
+        with pytest.raises(ConfigError, match=why):
+            parse_bytes(bad)
+
+
+def _suggestions(stdout: str) -> list[tuple[str, list[str]]]:
+    """(figure, overrides) of every listed layout: lines '  <figure> <unit>  key=value ...'."""
+    out = []
+    for line in stdout.splitlines():
+        parts = line.split()
+        if line.startswith("  ") and len(parts) > 2 and all("=" in p for p in parts[2:]):
+            out.append((f"{parts[0]} {parts[1]}", parts[2:]))
+    return out
+
+
+@pytest.mark.parametrize("given", [[], ["train.micro_batch_size=4", "parallel.zero=3"]])
+def test_pasted_suggestion_reproduces_its_figure(given):
+    """gpu_1b.yaml turns activation checkpointing on; the first layout that fits 80 GiB turns it off, so a
+    suggestion that left the key out would give another figure when pasted."""
+    from dtrain.analysis.estimate import default_world, estimate_model_states
+    from dtrain.analysis.suggest import human, peak_device_bytes
+    from dtrain.config import load_config
+
+    result = run("-m", "dtrain", "estimate", GPU_1B, *given, "--world", "8", "--memory", "80GiB")
+    assert result.returncode == 0, result.stderr
+    listed = _suggestions(result.stdout)
+    assert len(listed) == 8
+    header = [line for line in result.stdout.splitlines() if line.startswith("layouts of 8 ranks that fit")]
+    total = int(header[0].split(": ")[1].split(";")[0])
+    assert f"the first 8 are shown, {total - 8} more fit" in header[0]
+    assert "Listed fastest first by expected cost" in result.stdout
+    figure, overrides = listed[0]
+    assert "train.activation_checkpointing=false" in overrides  # varied, so printed even where it is off
+    keys = [o.partition("=")[0] for o in overrides]
+    assert len(set(keys)) == len(keys)  # the given overrides the layout replaces are left out
+    assert all(o in overrides for o in given if not o.startswith("parallel."))
+    pasted = run("-m", "dtrain", "estimate", GPU_1B, *overrides)  # the world follows from parallel.dp etc.
+    assert pasted.returncode == 0, pasted.stderr
+    assert "world 8" in pasted.stdout and f"~ {figure}" in pasted.stdout, (figure, pasted.stdout)
+    for figure, overrides in listed:  # every line, through the API
+        cfg = load_config(GPU_1B, overrides)
+        est = estimate_model_states(cfg, default_world(cfg))
+        assert human(max(peak_device_bytes(s) for s in est["stages"])) == figure, overrides

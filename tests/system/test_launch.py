@@ -1,5 +1,6 @@
-"""The launcher's argument handling: what it hands torchrun, and how it refuses a bad config. Nothing is
-launched except one short `python -m launch` that fails before torch is imported."""
+"""The launcher's argument handling: what it hands torchrun, and how it refuses a bad config (one short
+`python -m launch` that fails before torch is imported); and how a worker's one-line error ends a failed
+launch, under `python -m launch` and raw torchrun (one rank each, failing at start-up)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 from dtrain.config import ConfigError
 from launch import build_torchrun_argv
 from tests import harness
+from tests.harness import run_python
 
 ROOT = Path(harness.repo_root())
 
@@ -66,6 +68,22 @@ def test_other_options_pass_through_in_both_forms(cfg):
     opts = ["--max-restarts", "3", "--max_restarts=3", "--log-dir", "/tmp/logs", "-r", "3", "-t3"]
     argv = build_torchrun_argv([*opts, path])
     assert argv == [*opts, "--nproc-per-node", "2", "--standalone", "--module", "dtrain", "train", path]
+
+
+def test_torchrun_options_after_config(cfg):
+    """Options may follow CONFIG and the overrides; they go to torchrun, ahead of the program."""
+    path = cfg()
+    argv = build_torchrun_argv(
+        [path, "train.steps=5", "--nproc-per-node", "2", "--max_restarts=1", "train.lr=0.01"]
+    )
+    assert argv == [
+        "--nproc-per-node", "2", "--max_restarts=1", "--standalone",
+        "--module", "dtrain", "train", path, "train.steps=5", "train.lr=0.01",
+    ]  # fmt: skip
+    with pytest.raises(ConfigError, match="does not match the world size 3"):
+        build_torchrun_argv([path, "--nproc-per-node=3"])
+    with pytest.raises(ConfigError, match="torchrun option --log-dir needs a value"):
+        build_torchrun_argv([path, "--log-dir"])
 
 
 @pytest.mark.parametrize("form", [["--nproc-per-node", "2"], ["--nproc_per_node=2"]])
@@ -148,3 +166,41 @@ def test_bad_config_exits_2_with_one_line(cfg):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("launch: error: model.n_heads=3"), out.stderr
     assert out.stdout == ""
+
+
+def _bad_data(tmp_path) -> tuple[list[str], str]:
+    """Overrides that pass the launcher's config check but fail in the worker's data check, and its line."""
+    import numpy as np
+
+    data = tmp_path / "data"
+    data.mkdir()
+    np.save(data / "train.npy", np.zeros(4096, dtype=np.float32))
+    line = f"dtrain: error: data file '{data}/train.npy' has dtype float32; token files must be uint16/uint32"
+    return ["data.kind=memmap", f"data.path={data}", f"run.out_dir={tmp_path / 'run'}"], line
+
+
+def test_worker_error_ends_a_failed_launch(tmp_path):
+    """The worker's one line is the last thing `python -m launch` prints, and its status the exit status
+    (not torchrun's ~35-line failure report)."""
+    overrides, line = _bad_data(tmp_path)
+    config = str(ROOT / "configs" / "tiny.yaml")
+    out = run_python("-m", "launch", config, *overrides, "--nproc-per-node", "1", timeout=180)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == line, out.stderr
+    assert "Traceback" not in out.stderr and "FAILED" not in out.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_raw_torchrun_reports_the_worker_error_as_root_cause(tmp_path):
+    """Raw torchrun prints its own traceback and report, which dtrain cannot change; the worker's error
+    file makes the report's root cause the dtrain line instead of 'To enable traceback see ...'."""
+    overrides, line = _bad_data(tmp_path)
+    config = str(ROOT / "configs" / "tiny.yaml")
+    out = run_python(
+        "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+        "-m", "dtrain", "train", config, *overrides, timeout=180,
+    )  # fmt: skip
+    assert out.returncode != 0
+    root = out.stderr.split("Root Cause (first observed failure):")[1]
+    assert f"traceback : {line}" in root, out.stderr
+    assert "To enable traceback" not in out.stderr

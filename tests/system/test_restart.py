@@ -142,6 +142,47 @@ def test_soak_with_periodic_checkpoints_and_a_restart(tmp_path):
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["step_220", "step_240"]
 
 
+@pytest.mark.parametrize("variable", ["1", "0"])
+def test_static_rendezvous_with_restarts_is_refused_saying_what_restarts(tmp_path, variable):
+    """torchrun --master-port P --max-restarts 1 runs the static rendezvous, whose store is shared with the
+    workers whatever TORCH_DISABLE_SHARE_RDZV_TCP_STORE says ("0": as if unset): dtrain refuses at the
+    first start (torchrun then restarts the worker once, which refuses again) and names what restarts."""
+    from dtrain.runtime import free_port
+
+    out_dir = tmp_path / "run"
+    out = run_python(
+        "-m", "torch.distributed.run", "--master-port", str(free_port()), "--nproc-per-node", "1",
+        "--max-restarts", "1", "--monitor-interval", "0.1",
+        "-m", "dtrain", "train", TINY, "train.steps=1", f"run.out_dir={out_dir}",
+        timeout=180, env={NO_SHARED_STORE: variable},
+    )  # fmt: skip
+    assert out.returncode != 0
+    errors = [line for line in out.stderr.splitlines() if line.startswith("dtrain: error:")]
+    assert len(errors) == 2 and errors[0] == errors[1], failure(out)  # the first start and the restart
+    assert errors[0].startswith("dtrain: error: torchrun --max-restarts 1 with ")
+    assert "--standalone (or no rendezvous options) on one node, --rdzv-backend c10d" in errors[0]
+    if variable == "1":
+        assert "the static rendezvous (--master-port, --rdzv-backend static) cannot restart" in errors[0]
+    assert not out_dir.exists()
+
+
+def test_launcher_refuses_restarts_under_the_static_rendezvous():
+    """python -m launch says it before starting torchrun; one node without rendezvous options is c10d."""
+    from dtrain.config import ConfigError
+    from launch import build_torchrun_argv
+
+    for opts in (
+        ["--master-port", "29600"],
+        ["--rdzv-backend=static", "--rdzv-endpoint=h:1"],
+        ["--nnodes=2"],
+    ):
+        with pytest.raises(ConfigError, match=r"^torchrun --max-restarts 2 with the static rendezvous"):
+            build_torchrun_argv([*opts, "--max-restarts", "2", TINY])
+        build_torchrun_argv([*opts, "--max-restarts", "0", TINY])
+    for opts in ([], ["--standalone"], ["--master-addr", "127.0.0.1"], ["--rdzv-backend", "c10d"]):
+        build_torchrun_argv([*opts, "--max_restarts=2", TINY])
+
+
 def test_launcher_gives_torchrun_a_fresh_store_per_attempt(monkeypatch):
     """`python -m launch --max-restarts N` must work without the user knowing about the shared store."""
     import torch.distributed.run
