@@ -57,6 +57,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from dtrain.checkpoint import check_resume
     from dtrain.config import load_config, validate
     from dtrain.data import check_data
+    from dtrain.hf import check_init_from
     from dtrain.runtime import init_distributed
     from dtrain.trainer import Trainer
     from parallel.grid import ProcessGrid
@@ -64,6 +65,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg = validate(load_config(args.config, args.overrides), int(os.environ.get("WORLD_SIZE", "1")))
     # Bad input fails here, in one line, before any process group exists or anything is written:
     check_data(cfg)  # a missing or malformed data file, token ids beyond the vocabulary
+    check_init_from(cfg.model)  # a Hugging Face folder whose tensors are not the model's
     check_resume(cfg)  # a checkpoint of another model shape
     device = init_distributed(cfg.dist)
     try:
@@ -106,6 +108,17 @@ def cmd_export(args: argparse.Namespace) -> None:
                     f"{args.checkpoint}: parameter '{name}' is missing or has another shape"
                 )
             p.copy_(tensors[name])
+    if args.format == "hf":
+        from dtrain import hf
+
+        dtype = args.dtype or hf.default_dtype(cfg.model)
+        canonical = dict(model.named_parameters())  # a tied head is the embedding: listed once
+        hf.export_hf(canonical, cfg.model, args.out, dtype, hf.parse_size(args.max_shard_size))
+        n = sum(p.numel() for p in canonical.values())
+        print(
+            f"exported {n:,} parameters ({dtype}) from {args.checkpoint} to {args.out} (Hugging Face folder)"
+        )
+        return
     # model.state_dict() lists tied weights under both names, so the file loads with strict=True.
     tmp = args.out + ".tmp"
     try:
@@ -262,10 +275,31 @@ def parser() -> argparse.ArgumentParser:
     prep.add_argument("--val-fraction", type=float, default=0.1, help="share held out for validation")
     prep.add_argument("--dtype", choices=("uint16", "uint32"), default="uint16")
     prep.set_defaults(run=cmd_prepare_data)
-    export = sub.add_parser("export", help="write one consolidated single-process state dict")
+    export = sub.add_parser(
+        "export", help="write a checkpoint as one consolidated state dict, or as a Hugging Face model folder"
+    )
     export.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/tiny/checkpoints/step_200")
     export.add_argument(
-        "--out", required=True, help="output .pt file (load with torch.load(weights_only=True))"
+        "--out",
+        required=True,
+        help="output .pt file (load with torch.load(weights_only=True)), or a new folder with --format hf",
+    )
+    export.add_argument(
+        "--format",
+        choices=("pt", "hf"),
+        default="pt",
+        help="pt: dtrain's consolidated state dict (default); hf: config.json + safetensors that "
+        "transformers loads, with the tokenizer files of model.init_from",
+    )
+    export.add_argument(
+        "--dtype",
+        choices=("bf16", "fp32"),
+        help="--format hf: weight dtype (default: the init_from folder's, else fp32)",
+    )
+    export.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        help="--format hf: largest safetensors file before sharding (default 5GB)",
     )
     export.set_defaults(run=cmd_export)
     sched = sub.add_parser(

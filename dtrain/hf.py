@@ -197,7 +197,8 @@ def apply_init_from(merged, layers: list) -> None:
         for key, value in given.items():
             if key in keys and value is not None and value != keys[key]:
                 raise ConfigError(
-                    f"model.{key}={value!r} contradicts {source}, which gives {keys[key]!r}; drop model.{key} "
+                    f"model.{key}={value!r} contradicts {source}, which gives {keys[key]!r}; drop "
+                    f"model.{key} "
                     f"(with model.init_from the shape comes from config.json)"
                 )
     for key, value in keys.items():

@@ -13,18 +13,22 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dtrain.config import load_config, validate
 from dtrain.data import build_dataset, rank_microbatches
+from dtrain.hf import HFWeights
 from dtrain.model import Transformer, init_weights
 from dtrain.trainer import build_optimizer, lr_at
 from parallel.moe import set_aux_grad_scale
 from parallel.precision import DTYPES
 
-TINY = [
+TINY_MODEL = [
     "model.vocab_size=96",
     "model.d_model=32",
     "model.n_layers=2",
     "model.n_heads=4",
     "model.n_kv_heads=2",
     "model.max_seq_len=32",
+]
+TINY = [
+    *TINY_MODEL,
     "train.seq_len=16",
     "train.global_batch_size=16",
     "train.micro_batch_size=4",
@@ -38,7 +42,10 @@ TINY = [
 
 
 def tiny_config(world_size: int, *overrides: str):
-    return validate(load_config(None, [*TINY, *overrides]), world_size)
+    """The tiny training setup; with a model.init_from override the model is that folder's instead."""
+    from_folder = any(o.startswith("model.init_from=") for o in overrides)
+    base = [o for o in TINY if o not in TINY_MODEL] if from_folder else TINY
+    return validate(load_config(None, [*base, *overrides]), world_size)
 
 
 @contextlib.contextmanager
@@ -65,7 +72,8 @@ def _autocast(precision: str):
 def _setup(cfg):
     """The pieces a reference shares with dtrain: model and initial weights, optimizer, data."""
     model = Transformer(cfg.model)
-    init_weights(model, cfg.train.seed)
+    weights = HFWeights(cfg.model.init_from) if cfg.model.init_from else None
+    init_weights(model, cfg.train.seed, weights.read if weights else None)
     return model, build_optimizer(model, cfg.train), build_dataset(cfg, "train")
 
 

@@ -1,0 +1,63 @@
+"""Small random Hugging Face models of every supported family, made locally with transformers (the
+reference none of us wrote) and saved as the folders users start from."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+COMMON = {
+    "vocab_size": 97,  # odd: the vocabulary is padded over tensor ranks
+    "hidden_size": 48,
+    "intermediate_size": 72,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,  # grouped-query attention
+    "max_position_embeddings": 64,
+    "rms_norm_eps": 1e-6,
+}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,  # short, so positions 0..31 reach the scaled band
+}
+FAMILIES = {
+    "llama-tied-llama3-rope": (
+        "llama",
+        {"tie_word_embeddings": True, "rope_scaling": LLAMA3_ROPE, "rope_theta": 5e5},
+    ),
+    "llama-mha-untied": ("llama", {"num_key_value_heads": 4}),
+    "mistral": ("mistral", {"sliding_window": None}),
+    "qwen2-biases-tied": ("qwen2", {"tie_word_embeddings": True}),
+    "qwen3-qk-norm-head-dim": ("qwen3", {"head_dim": 16}),  # head_dim != hidden / heads = 12
+}
+
+
+def make(folder: str, family: str, max_shard_size: str | None = None) -> str:
+    """Save a randomly initialised model of `family` to `folder`; every weight (biases and norm gains
+    included) is perturbed so that none is a trivial zero or one."""
+    import transformers
+
+    model_type, extra = FAMILIES[family]
+    config = transformers.AutoConfig.for_model(model_type, **{**COMMON, **extra})
+    torch.manual_seed(sum(map(ord, family)))
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    os.makedirs(folder, exist_ok=True)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, **kwargs)
+    return folder
+
+
+def reference_logits(folder: str, tokens: torch.Tensor) -> torch.Tensor:
+    """transformers' logits for `tokens` from the saved folder, in fp32."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        return model(tokens).logits
