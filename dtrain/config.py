@@ -442,7 +442,12 @@ def validate(cfg: Config, world_size: int) -> Config:
     _validate_moe(m.moe, m.n_layers, p, t.micro_batch_size * t.seq_len)
     _require(
         t.seq_len <= m.max_seq_len,
-        f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; raise model.max_seq_len",
+        f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
+        + (
+            "lower train.seq_len (the model's max_position_embeddings bounds it)"
+            if m.init_from
+            else "raise model.max_seq_len"
+        ),
     )
     _require(t.lr > 0, f"train.lr={t.lr} must be positive")
     _require(0 <= t.min_lr <= t.lr, f"train.min_lr={t.min_lr} must be in [0, train.lr={t.lr}]")

@@ -14,7 +14,7 @@ COMMON = {
     "num_hidden_layers": 4,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,  # grouped-query attention
-    "max_position_embeddings": 64,
+    "max_position_embeddings": 128,
     "rms_norm_eps": 1e-6,
 }
 LLAMA3_ROPE = {
