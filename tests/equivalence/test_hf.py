@@ -174,3 +174,38 @@ def test_training_from_hf_weights_matches_torch_ddp(request, folders, world, fam
         layout_matches_ddp, layout, (f"model.init_from={folders[family]}",)
     )
     assert all(r["losses"][-1] < r["losses"][0] for r in results)  # it learned
+
+
+def read_elements_case(folder: str, layout: tuple[str, ...]) -> tuple[int, int, int]:
+    """(elements this rank read from the folder, elements of its model part, elements of the whole)."""
+    from dtrain.parallelize import build_model_chunks
+
+    cfg = validate(
+        load_config(None, [f"model.init_from={folder}", "train.seq_len=32", *layout]), dist.get_world_size()
+    )
+    p = cfg.parallel
+    read = 0
+    original = HFWeights.read
+
+    def counting(self, name, sharding):
+        nonlocal read
+        start, stop, _ = sharding.local_range() if sharding.split_dim is not None else (0, 1, 0)
+        part = original(self, name, sharding)
+        rows = stop - start if sharding.split_dim is not None else None
+        read += part.numel() if rows is None else part.numel() // part.shape[sharding.split_dim] * rows
+        return part
+
+    HFWeights.read = counting
+    try:
+        chunks = build_model_chunks(cfg, harness.grid(tp=p.tp, pp=p.pp, dp=p.dp), torch.device("cpu"))
+    finally:
+        HFWeights.read = original
+    held = sum(q.numel() for c in chunks.values() for q in c.parameters())
+    whole = sum(q.numel() for q in Transformer(cfg.model).parameters())
+    return read, held, whole
+
+
+def test_each_rank_reads_only_its_own_part(world2, folders):
+    for layout in (("parallel.tp=2",), ("parallel.pp=2",)):
+        for read, held, whole in world2.run(read_elements_case, folders["qwen2-biases-tied"], layout):
+            assert read <= held < whole, (layout, read, held, whole)
