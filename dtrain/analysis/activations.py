@@ -23,15 +23,16 @@ bytes autograd actually saves (torch.autograd.graph.saved_tensors_hooks) on CPU 
 
 A pipeline rank keeps the activations of the micro-batches in flight on it (GPipe all m, 1F1B at most
 pp - r, read from parallel.pipeline_schedules.simulate). MoE blocks depend on routing and are counted
-as dense blocks here (noted in the report). 16-bit runs keep most of these tensors in 2 bytes but add
-autocast's cached 16-bit weight copies; the figures are the fp32 ones, an upper bound for the rest.
+as dense blocks here, and model.qk_norm's per-head norms are not counted (both noted in the report).
+16-bit runs keep most of these tensors in 2 bytes but add autocast's cached 16-bit weight copies; the
+figures are the fp32 ones, an upper bound for the rest.
 """
 
 from __future__ import annotations
 
 import math
 
-from dtrain.config import Config, d_ff_of
+from dtrain.config import Config, d_ff_of, head_dim_of
 from dtrain.stage import balanced_split, n_chunks
 from parallel import pipeline_schedules
 
@@ -43,14 +44,15 @@ def block_elements_per_token(cfg: Config, checkpointed: bool = False) -> float:
     """Elements one transformer block keeps per token of the micro-batch (the full sequence)."""
     m, p = cfg.model, cfg.parallel
     t, h, f, a = p.tp, m.d_model, d_ff_of(m), m.n_heads
-    hd = h // a
+    hd = head_dim_of(m)
+    q = a * hd  # the query width: h unless model.head_dim says otherwise
     n_kv = m.n_kv_heads or a
     kv = n_kv * hd
     if checkpointed:
         return h / t if p.sp else h
     norms = 2 * ((2 * h + 1) / t + h if p.sp else 3 * h + 1)
     kv_local = kv / t if n_kv >= t else hd  # replicated key/value heads: the one head this rank uses
-    attention = h / t + 2 * kv_local + a / t + 2 * h / t
+    attention = q / t + 2 * kv_local + a / t + 2 * q / t
     mlp = 4 * f / t
     return norms + attention + mlp
 

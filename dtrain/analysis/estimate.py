@@ -106,6 +106,10 @@ def estimate_model_states(cfg: Config, world: int) -> dict:
     cfg = validate(cfg, world)
     p = cfg.parallel
     notes = []
+    if cfg.model.qk_norm:
+        notes.append("activations leave out model.qk_norm's per-head norms (about 2 q/k widths per token)")
+    if cfg.model.moe.num_experts:
+        notes.append("activations count mixture-of-experts blocks as dense blocks (routing-dependent)")
     stages = []
     for pp_rank in range(p.pp):
         first_rank = first_rank_of_stage(cfg, pp_rank)
@@ -186,7 +190,7 @@ def format_report(est: dict, source: str = "") -> str:
         f"{lay['tp']} x pp {lay['pp']} x cp {lay['cp']}, ep {lay['ep']} | {zero}, offload={est['offload']}, "
         f"bucket_mb={est['bucket_mb']:g}",
         "model states held per rank after a step (parameters, gradients, AdamW states), then the "
-        "activations kept for backward (dtrain/activations.py; fp32 figures):",
+        "activations kept for backward (dtrain/analysis/activations.py; fp32 figures):",
     ]
     for s in est["stages"]:
         who = "every rank" if lay["pp"] == 1 else f"pipeline stage {s['pp_rank']} (each of its ranks)"
