@@ -53,28 +53,43 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     import torch.distributed as dist
 
-    from dtrain import resilience
-    from dtrain.checkpoint import check_resume
+    from dtrain import checkpoint, resilience, runtime
     from dtrain.config import load_config, validate
     from dtrain.data import check_data
     from dtrain.hf import check_init_from
-    from dtrain.runtime import init_distributed
     from dtrain.trainer import Trainer
     from parallel.grid import ProcessGrid
 
     cfg = validate(load_config(args.config, args.overrides), int(os.environ.get("WORLD_SIZE", "1")))
+    first = os.environ.get("RANK", "0") == "0"  # every rank checks the same; rank 0 says and moves
+
+    def say(text: str) -> None:
+        if first:
+            print(text, flush=True)
+
     # Bad input fails here, in one line, before any process group exists or anything is written:
     check_data(cfg)  # a missing or malformed data file, token ids beyond the vocabulary
     check_init_from(cfg.model)  # a Hugging Face folder whose tensors are not the model's
-    check_resume(cfg)  # a checkpoint of another model shape
-    device = init_distributed(cfg.dist)
+    checkpoint.check_out_dir(cfg)  # a fresh run into the folder of an earlier one
+    resume_from = checkpoint.check_resume(cfg, warn=say)  # the checkpoint to resume: another model shape
+    runtime.check_restartable()  # torchrun restarts that cannot work
+    done = checkpoint.run_complete(resume_from, cfg.train.steps) if resume_from else None
+    if done:
+        say(done)
+        return
+    if cfg.run.overwrite and first:
+        aside = checkpoint.move_aside(cfg.run.out_dir)
+        if aside:
+            say(f"dtrain: run.overwrite=true: moved the earlier run's outputs to {aside}")
+    device = runtime.init_distributed(cfg.dist)
     try:
         timeout = cfg.dist.timeout_s
         with resilience.startup_phase(timeout):
             resilience.check_ranks_agree(cfg)  # before the grid: ranks that disagree cannot build it
         p = cfg.parallel
         grid = ProcessGrid(tp=p.tp, cp=p.cp, dp=p.dp, pp=p.pp, ep=p.ep, timeout=timedelta(seconds=timeout))
-        Trainer(cfg, grid, device, phases=resilience.CollectivePhases(grid, p.zero, timeout)).fit()
+        phases = resilience.CollectivePhases(grid, p.zero, timeout)
+        Trainer(cfg, grid, device, phases=phases).fit(resume_from)
     finally:
         dist.destroy_process_group()
 

@@ -120,6 +120,9 @@ class RunConfig:
     ckpt_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 3  # 0 = keep all
     resume: Any = False  # false | true | path to a checkpoint folder
+    # A fresh run (resume=false) into an out_dir that holds an earlier run's outputs is refused; true moves
+    # those outputs aside into out_dir/replaced-<date>-<time>/ first (nothing is deleted).
+    overwrite: bool = False
 
 
 @dataclass

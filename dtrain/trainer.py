@@ -281,13 +281,18 @@ class Trainer:
         if self.grid.rank == 0:
             print(text, flush=True)
 
-    def fit(self) -> list[dict]:
-        """Train to `train.steps`; returns the records logged (rank 0's view on every rank)."""
+    def fit(self, resume_from: str | None = None) -> list[dict]:
+        """Train to `train.steps`; returns the records logged (rank 0's view on every rank). `resume_from`:
+        the checkpoint run.resume resolved to where the caller resolved it (dtrain.cli, before the process
+        group: checkpoint.check_resume), else resolved here."""
         cfg, t, r = self.cfg, self.cfg.train, self.cfg.run
-        path = self.resume_path()
+        path = resume_from or self.resume_path()
         if path is not None:
             self.resume(path)
             self._say(f"resumed from {path} at step {self.step}")
+            if self.step >= t.steps:  # nothing to train: no log files opened, nothing written
+                self._say(checkpoint.run_complete(path, t.steps))
+                return []
         logger = MetricsLogger(r.out_dir, t.steps, r.log_every, self.step, enabled=self.grid.rank == 0)
         n_params = count_params(cfg.model)["total"]
         self._say(

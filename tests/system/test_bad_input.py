@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -197,34 +198,90 @@ def test_token_beyond_vocabulary_anywhere_in_the_file(capsys, tmp_path, split):
 def save_case(out_dir: str) -> None:
     from dtrain.trainer import Trainer
 
-    cfg = tiny_config(dist.get_world_size(), f"run.out_dir={out_dir}", "train.steps=2")
+    cfg = tiny_config(dist.get_world_size(), f"run.out_dir={out_dir}", "train.steps=4", "run.ckpt_every=2")
     Trainer(cfg, harness.grid(dp=dist.get_world_size()), torch.device("cpu")).fit()
 
 
 @pytest.fixture(scope="module")
 def saved(world2, tmp_path_factory):
-    """A finished run of the tiny model (d_model 32) with its checkpoint step_2."""
+    """A finished 4-step run of the tiny model (d_model 32) with its checkpoints step_2 and step_4."""
     out = tmp_path_factory.mktemp("saved") / "run"
     world2.run(save_case, str(out))
     return out
 
 
 def test_checkpoint_of_another_model_shape(capsys, saved, tmp_path):
+    def expected(path) -> str:
+        return (
+            f"dtrain: error: {path} was saved from another model shape (model.d_model=32 in the checkpoint, "
+            f"48 here); set the same model.* values to resume it, or use another run.out_dir"
+        )
+
     step_2 = saved / "checkpoints" / "step_2"
-    expected = (
-        f"dtrain: error: {step_2} was saved from another model shape (model.d_model=32 in the checkpoint, 48 "
-        f"here); set the same model.* values to resume it, or use another run.out_dir"
-    )
     out = tmp_path / "new"
-    assert fails(capsys, train(out, "model.d_model=48", f"run.resume={step_2}"), out) == expected
+    assert fails(capsys, train(out, "model.d_model=48", f"run.resume={step_2}"), out) == expected(step_2)
     assert not out.exists()
-    # run.resume=true in the old run's folder: the same line, and its files untouched (fails() checks).
-    assert fails(capsys, train(saved, "model.d_model=48", "run.resume=true"), saved) == expected
+    # run.resume=true in the old run's folder names the checkpoint it would resume from, the newest, and
+    # leaves its files untouched (fails() checks).
+    line = fails(capsys, train(saved, "model.d_model=48", "run.resume=true"), saved)
+    assert line == expected(saved / "checkpoints" / "step_4")
     # Settings that do not change a parameter's shape may differ.
     from dtrain.checkpoint import check_resume
     from dtrain.config import load_config, validate
 
     check_resume(validate(load_config(CONFIG, [*TINY, "model.dropout=0.1", f"run.resume={step_2}"]), 1))
+
+
+def test_fresh_run_into_an_earlier_runs_folder(capsys, saved):
+    """run.resume=false where an earlier run left checkpoints and metrics: one line, nothing written."""
+    line = fails(capsys, train(saved), saved)
+    assert line == (
+        f"dtrain: error: run.out_dir={saved} already holds an earlier run's outputs (checkpoints up to "
+        f"step_4, metrics.jsonl, TensorBoard event files); continue that run with run.resume=true, write "
+        f"this one elsewhere with another run.out_dir, or set run.overwrite=true to move the old outputs "
+        f"aside into {saved}/replaced-<date>-<time>/ (nothing is deleted)"
+    )
+    line = fails(capsys, train(saved, "run.overwrite=true", "run.resume=true"), saved)
+    assert line == "dtrain: error: run.overwrite=true starts afresh, run.resume=true continues a run: set one"
+
+
+def test_overwrite_moves_the_earlier_outputs_aside(capsys, saved, tmp_path):
+    """run.overwrite=true renames the earlier run's files into replaced-<date>-<time>/, byte for byte, and
+    only then goes on to create the process group (refused here by the fixture)."""
+    run = tmp_path / "run"
+    shutil.copytree(saved, run)
+    (run / "notes.txt").write_text("mine")  # not a dtrain output: stays where it is
+    before = tree(run)
+    with pytest.raises(AssertionError, match="reached process-group creation"):
+        cli.main(train(run, "run.overwrite=true"))
+    aside = [name for name in os.listdir(run) if name.startswith("replaced-")]
+    assert len(aside) == 1 and capsys.readouterr().out == (
+        f"dtrain: run.overwrite=true: moved the earlier run's outputs to {run / aside[0]}\n"
+    )
+    moved = {os.path.relpath(k, aside[0]): v for k, v in tree(run).items() if k.startswith(aside[0])}
+    assert moved == {k: v for k, v in before.items() if k != "notes.txt"}
+    assert sorted(os.listdir(run)) == sorted([aside[0], "notes.txt"])
+    # A second overwrite within the same second gets a numbered folder; nothing to move: no folder.
+    from dtrain import checkpoint
+
+    (run / "metrics.jsonl").write_text("{}\n")
+    stamp = aside[0].removeprefix("replaced-")
+    again = checkpoint.move_aside(str(run), now=time.mktime(time.strptime(stamp, "%Y%m%d-%H%M%S")))
+    assert again == str(run / f"replaced-{stamp}-2") and os.listdir(again) == ["metrics.jsonl"]
+    assert checkpoint.move_aside(str(run)) is None
+
+
+def test_resuming_a_complete_run_says_so(capsys, saved):
+    """run.resume=true where the newest checkpoint is at train.steps: one line, exit 0, nothing written."""
+    before = tree(saved)
+    cli.main(train(saved, "run.resume=true", "train.steps=4"))
+    assert capsys.readouterr().out == (
+        f"dtrain: nothing to do: {saved}/checkpoints/step_4 is at step 4 and train.steps=4, so this run is "
+        f"complete (raise train.steps to train further)\n"
+    )
+    cli.main(train(saved, f"run.resume={saved}/checkpoints/step_4", "train.steps=3"))
+    assert "is at step 4 and train.steps=3, so this run is complete" in capsys.readouterr().out
+    assert tree(saved) == before
 
 
 def test_corrupted_checkpoint_given_explicitly(capsys, saved, tmp_path):

@@ -264,3 +264,38 @@ def test_pasted_suggestion_reproduces_its_figure(given):
         cfg = load_config(GPU_1B, overrides)
         est = estimate_model_states(cfg, default_world(cfg))
         assert human(max(peak_device_bytes(s) for s in est["stages"])) == figure, overrides
+
+
+# --- output folders -----------------------------------------------------------------------------------
+
+
+def test_rerun_into_the_same_folder_loses_nothing(tmp_path):
+    """Rerunning a job used to truncate its metrics.jsonl and leave its later checkpoints beside the new
+    ones. Now a fresh run into the folder refuses; run.overwrite=true moves the old outputs aside; a
+    resume of the finished run says there is nothing to do."""
+    out = tmp_path / "run"
+    job = ("-m", "dtrain", "train", TINY, "run.ckpt_every=2", "train.eval_every=0", f"run.out_dir={out}")
+    first = run(*job, "train.steps=4")
+    assert first.returncode == 0, first.stderr[-3000:]
+    old_metrics = (out / "metrics.jsonl").read_text()
+
+    again = run(*job, "train.steps=2")
+    assert again.returncode == 2 and again.stdout == ""
+    assert again.stderr.startswith(f"dtrain: error: run.out_dir={out} already holds an earlier run's")
+    assert again.stderr.count("\n") == 1 and (out / "metrics.jsonl").read_text() == old_metrics
+
+    done = run(*job, "train.steps=4", "run.resume=true")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == (
+        f"dtrain: nothing to do: {out}/checkpoints/step_4 is at step 4 and train.steps=4, so this run is "
+        f"complete (raise train.steps to train further)\n"
+    )
+
+    fresh = run(*job, "train.steps=2", "run.overwrite=true")
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    (aside,) = [p for p in out.iterdir() if p.name.startswith("replaced-")]
+    assert f"moved the earlier run's outputs to {aside}" in fresh.stdout
+    assert (aside / "metrics.jsonl").read_text() == old_metrics
+    assert sorted(os.listdir(aside / "checkpoints")) == ["step_2", "step_4"]
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_2"]  # no step_4 of the old run beside it
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
