@@ -37,7 +37,6 @@ CONFIG_PAGE = DOCS / "config.md"
 AWAITING_REFACTOR = {
     "dtrain/parallelize.py",
     "parallel/grad_sync.py",
-    "dtrain/analysis",
     "dtrain/analysis/estimate.py",
     "dtrain/analysis/activations.py",
     "dtrain/analysis/comm_volume.py",
