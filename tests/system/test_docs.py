@@ -25,28 +25,12 @@ from pathlib import Path
 import pytest
 
 from dtrain.config import Config
+from tests import harness
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(harness.repo_root())
 DOCS = ROOT / "docs"
 PAGES = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
 CONFIG_PAGE = DOCS / "config.md"
-
-# Paths the docs describe that the composition refactoring creates (dtrain/parallelize.py and friends,
-# the analysis package, the re-laid test folders). They exist once that work is merged; delete this set
-# then, and the link test holds every one of them to the tree like any other path.
-AWAITING_REFACTOR = {
-    "dtrain/parallelize.py",
-    "parallel/grad_sync.py",
-    "dtrain/analysis/estimate.py",
-    "dtrain/analysis/activations.py",
-    "dtrain/analysis/comm_volume.py",
-    "dtrain/analysis/suggest.py",
-    "dtrain/analysis/timeline.py",
-    "tests/unit",
-    "tests/equivalence",
-    "tests/system",
-    "tests/bench",
-}
 
 # Top-level entries of the repository: a backquoted token starting with one of these is a path to check.
 TOP_LEVEL = {"parallel", "dtrain", "launch", "tests", "docs", "configs", "scripts", ".ci"}
@@ -191,7 +175,7 @@ def unresolved(page: Path) -> list[str]:
     bad = []
     for kind, target in references(page):
         if kind == "path":
-            if not exists(target) and target not in AWAITING_REFACTOR:
+            if not exists(target):
                 bad.append(f"path `{target}`")
         elif kind == "file":
             if not any(ROOT.rglob(target)):
@@ -204,8 +188,7 @@ def unresolved(page: Path) -> list[str]:
             dest = (page.parent / file).resolve() if file else page
             rel = os.path.relpath(dest, ROOT)
             if not dest.exists():
-                if rel not in AWAITING_REFACTOR:
-                    bad.append(f"link ({target})")
+                bad.append(f"link ({target})")
             elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
                 bad.append(f"link ({target}): no heading with anchor #{anchor} in {rel}")
     return bad
@@ -215,20 +198,6 @@ def unresolved(page: Path) -> list[str]:
 def test_links_and_paths_resolve(page):
     bad = unresolved(page)
     assert not bad, f"{os.path.relpath(page, ROOT)}: unresolved " + "; ".join(bad)
-
-
-def test_awaited_paths_are_still_mentioned():
-    """The set above holds only paths some page really names, so it shrinks to nothing after merging."""
-    mentioned = set()
-    for page in PAGES:
-        for kind, target in references(page):
-            if kind == "path":
-                mentioned.add(target)
-            elif kind == "link":
-                dest = (page.parent / target.partition("#")[0]).resolve()
-                mentioned.add(os.path.relpath(dest, ROOT))
-    unnamed = sorted(AWAITING_REFACTOR - mentioned)
-    assert not unnamed, f"no page names: {unnamed}"
 
 
 def test_the_link_checker_catches_what_it_should(tmp_path):
