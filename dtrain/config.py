@@ -152,7 +152,7 @@ CHOICES = {
     "dist.backend": ("auto", "gloo", "nccl"),
 }
 
-# Layout features that later issues deliver. Until then a config asking for one is refused up front
+# Layout features not implemented yet: a config asking for one is refused up front
 # rather than silently trained as plain data parallelism.
 NOT_YET = {
     "parallel.cp": (1, "context parallelism"),

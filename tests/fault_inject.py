@@ -49,13 +49,15 @@ def install(faults: list[str]) -> None:
     def for_me(kind: str, step: int):
         return [f for f in mine if f[0] == dist.get_rank() and f[1] == kind and f[2] == step]
 
-    grad_norm, train_step = Trainer._unscaled_grad_norm, Trainer.train_step
+    sum_loss, train_step = Trainer._sum_loss, Trainer.train_step
 
-    def mid_step(self):
-        if for_me("kill", self.step + 1):
+    def mid_step(self, loss_sum):
+        # The loss sum of a training step comes after its backward and gradient reduction and before the
+        # optimizer step (evaluation sums its loss with the model in eval mode).
+        if self.model.modules.training and for_me("kill", self.step + 1):
             print(f"fault_inject: killing rank {dist.get_rank()} in step {self.step + 1}", flush=True)
             _die()
-        return grad_norm(self)
+        return sum_loss(self, loss_sum)
 
     def stalling_step(self):
         if for_me("stall", self.step + 1):
@@ -63,7 +65,7 @@ def install(faults: list[str]) -> None:
             time.sleep(3600)
         return train_step(self)
 
-    Trainer._unscaled_grad_norm, Trainer.train_step = mid_step, stalling_step
+    Trainer._sum_loss, Trainer.train_step = mid_step, stalling_step
 
     write_file = checkpoint._write_file
 

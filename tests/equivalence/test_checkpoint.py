@@ -189,7 +189,7 @@ RESHARD = {
 
 
 # Covered in kind by the cases above; the default run keeps one resume per kind of change.
-SLOW_RESHARD = {"tp1-to-tp2sp", "tp4sp-to-tp2dp2", "pp4-to-pp2-interleaved-dp2", "moe-ep2pp2-to-ep1"}
+SLOW_RESHARD = {"tp1-to-tp2sp", "tp4sp-to-tp2dp2", "tp2pp2-to-dp4", "moe-ep2pp2-to-ep1"}
 
 
 @pytest.mark.parametrize(

@@ -116,7 +116,7 @@ def test_full_matrix_matches_torch_ddp(request, name):
 
 
 def test_matrix_covers_every_axis():
-    """The generated matrix holds every axis value the issue names, so a change to the generator cannot
+    """The generated matrix holds every axis value the design names, so a change to the generator cannot
     silently drop a combination."""
     joined = " ".join(" ".join(layout + overrides) for _, layout, overrides in MATRIX.values())
     for fragment in (

@@ -90,7 +90,7 @@ def test_pipeline_matches_torch_ddp_4_ranks(world4, layout, tie):
 
 
 def _full_matrix() -> dict:
-    """Every combination the issue names: pp {2, 4} x schedule x m {pp, 2pp} x dp {1, 2} x tied/untied,
+    """Every combination of pp {2, 4} x schedule x m {pp, 2pp} x dp {1, 2} x tied/untied,
     less those the default run covers above."""
     cases = {}
     for pp, schedule, m_factor, dp, tie in itertools.product(

@@ -64,10 +64,11 @@ def assert_same_training(a, b, steps: int) -> None:
 
 
 def test_killed_ranks_restart_and_match_an_uninterrupted_run(tmp_path):
-    """Attempt 0: rank 1 is killed in the middle of step 3 (after its backward, before the optimizer step).
-    Attempt 1 resumes from step_2 and rank 0 is killed half-way through writing step_4's model file.
-    Attempt 2 resumes from step_2 again (step_4.tmp is incomplete) and finishes."""
-    args = ("train.steps=6", "run.ckpt_every=2", "run.log_every=1", "run.resume=true")
+    """Two pipeline stages. Attempt 0: rank 1 (the last stage) is killed in the middle of step 3 (after its
+    backward, before the optimizer step). Attempt 1 resumes from step_2 and rank 0 is killed half-way
+    through writing its stage's part of step_4. Attempt 2 resumes from step_2 again (step_4.tmp is
+    incomplete) and finishes. (Data-parallel and tensor-parallel restarts: the slow set.)"""
+    args = ("parallel.pp=2", "train.steps=6", "run.ckpt_every=2", "run.log_every=1", "run.resume=true")
     ref = torchrun(2, [], *args, f"run.out_dir={tmp_path / 'ref'}")
     assert ref.returncode == 0, failure(ref)
     faults = ["0:1:kill:3", "1:0:save:4"]
@@ -90,14 +91,15 @@ def test_stalled_rank_times_out_naming_the_collective(tmp_path):
     which gives up after dist.timeout_s and says so in one line. Step 1's checkpoint stays intact. (The
     grid's groups once ignored dist.timeout_s and waited 30 minutes: this would then hang.)"""
     out_dir = tmp_path / "run"
-    # 5 s: short for a test, but a rank slowed by a loaded machine must not be taken for the stalled one.
-    args = ("train.steps=4", "run.ckpt_every=1", "dist.timeout_s=5", f"run.out_dir={out_dir}")
+    # 20 s: a rank slowed by a loaded machine (a checkpoint write, a late start) must not be taken for the
+    # stalled one, which sleeps for an hour.
+    args = ("train.steps=4", "run.ckpt_every=1", "dist.timeout_s=20", f"run.out_dir={out_dir}")
     out = torchrun(2, ["0:1:stall:2"], *args, timeout=120)
     assert out.returncode != 0
     errors = [line for line in out.stderr.splitlines() if line.startswith("dtrain: error:")]
     assert errors == [
         "dtrain: error: rank 0: the gradient reduction over the data-parallel group (ranks 0, 1) in step 2 "
-        "timed out after 5s: a rank of that group is stalled or has died (its own log says which); raise "
+        "timed out after 20s: a rank of that group is stalled or has died (its own log says which); raise "
         "dist.timeout_s if this phase is just slow"
     ], failure(out)
     assert checkpoint.list_checkpoints(str(out_dir)) == [str(out_dir / "checkpoints" / "step_1")]
@@ -107,6 +109,7 @@ def test_stalled_rank_times_out_naming_the_collective(tmp_path):
 
 MIXED = {
     # layout, faults: a kill mid-step, then a kill while the last pipeline stage writes its part
+    "dp4": ((), ["0:1:kill:3", "1:0:save:4"]),
     "tp2-dp2": (("parallel.tp=2",), ["0:3:kill:7", "1:0:save:8:optimizer_pp0.pt"]),
     "pp2-dp2": (("parallel.pp=2",), ["0:2:kill:5", "1:2:save:8:model_pp1.pt"]),
 }

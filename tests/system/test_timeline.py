@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import os
 import subprocess
-import time
 
 import pytest
 import torch
@@ -153,9 +152,7 @@ def test_cli_measures_a_real_pipeline_step(tmp_path):
     run_dir = tmp_path / "run"
     config.write_text(TINY_PP2.replace("OUT_DIR", str(run_dir)))
     out = tmp_path / "measured.png"
-    started = time.perf_counter()
     result = run_cli("--measure", str(config), "train.seq_len=8", "--out", str(out))
-    assert time.perf_counter() - started < 60
     assert result.returncode == 0, result.stderr
     assert_png(out)
     assert "measured bubble:" in result.stdout
