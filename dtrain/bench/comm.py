@@ -16,6 +16,8 @@ from fractions import Fraction
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Re-exported for the benchmarks, which import them from here.
 from parallel.ledger import ALL_GATHER, ALL_REDUCE, ALL_TO_ALL, BROADCAST, REDUCE_SCATTER, ring_bytes
@@ -60,22 +62,19 @@ _C10D = {
     "reduce_scatter_tensor_coalesced_": (REDUCE_SCATTER, "inputs"),
     "alltoall_base_": (ALL_TO_ALL, "input"),
 }
-# _c10d_functional.<op> -> kind; their inputs are what this rank holds (an all-gather's: one shard)
+# _c10d_functional.<op> (with or without _coalesced and a trailing _) -> kind; their inputs are what this
+# rank holds: an all-gather's is one shard of S
 _FUNCTIONAL = {
     "all_reduce": ALL_REDUCE,
-    "all_reduce_": ALL_REDUCE,
-    "all_reduce_coalesced": ALL_REDUCE,
-    "all_reduce_coalesced_": ALL_REDUCE,
     "all_gather_into_tensor": ALL_GATHER,
-    "all_gather_into_tensor_coalesced": ALL_GATHER,
     "reduce_scatter_tensor": REDUCE_SCATTER,
-    "reduce_scatter_tensor_coalesced": REDUCE_SCATTER,
     "all_to_all_single": ALL_TO_ALL,
 }
 
 
 def _call(namespace: str, name: str, bound: dict, phase: str) -> Call | None:
     """The collective operator `namespace.name` with bound arguments as a Call, or None for another op."""
+    functional = _FUNCTIONAL.get(name.removesuffix("_").removesuffix("_coalesced"))
     if namespace == "c10d" and name in _C10D:
         kind, sized = _C10D[name]
         group = dist.ProcessGroup.unbox(bound["process_group"])  # a TorchScript object at the dispatcher
@@ -85,87 +84,62 @@ def _call(namespace: str, name: str, bound: dict, phase: str) -> Call | None:
             splits = list(bound["input_split_sizes"]) or [x.shape[0] // n] * n
             leaving = (x.shape[0] - splits[group.rank()]) * (full // max(1, x.shape[0]))
             return Call(kind, full, n, phase, Fraction(leaving))
-    elif namespace == "_c10d_functional" and name in _FUNCTIONAL:
+    elif namespace == "_c10d_functional" and functional:
         from torch.distributed.distributed_c10d import _resolve_process_group
 
-        kind = _FUNCTIONAL[name]
-        full = _nbytes(bound["inputs"] if "inputs" in bound else bound["input"])
+        kind, full = functional, _nbytes(bound["inputs"] if "inputs" in bound else bound["input"])
         n = int(bound.get("group_size") or _resolve_process_group(bound["group_name"]).size())
-        if kind == ALL_GATHER:
-            full *= n
+        full *= n if kind == ALL_GATHER else 1
     else:
         return None
     return Call(kind, full, n, phase, ring_bytes(kind, full, n))
 
 
-class CommRecorder:
-    """Records every collective reaching the dispatcher while active, stamped with `phase.name`: `calls`,
-    and `counts` per operator. DTensor ops are let through first, so they desugar into the collectives
-    recorded here. (CommDebugMode itself breaks on this model: its module tracker registers a forward hook
-    per call, and each Block calls its dropout module twice in one forward.)"""
+class CommRecorder(TorchDispatchMode):
+    """Records every collective reaching the dispatcher while active (`with CommRecorder(phase):`),
+    stamped with `phase.name`: `calls`, and `counts` per operator. DTensor ops are let through first, so
+    they desugar into the collectives recorded here. (CommDebugMode itself breaks on this model: its
+    module tracker registers a forward hook per call, and each Block calls its dropout twice a forward.)"""
 
     def __init__(self, phase: Phase):
-        from torch.distributed.tensor import DTensor
-        from torch.utils._python_dispatch import TorchDispatchMode
+        super().__init__()
+        self.phase, self.calls, self.counts = phase, [], {}
 
-        self.calls: list[Call] = []
-        self.counts: dict[str, int] = {}
-        recorder = self
-
-        class _Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                if any(t is DTensor for t in types):
-                    return NotImplemented
-                kwargs = kwargs or {}
-                namespace = getattr(func, "namespace", None)
-                if namespace in ("c10d", "_c10d_functional"):
-                    name = func._overloadpacket.__name__
-                    bound = {a.name: v for a, v in zip(func._schema.arguments, args, strict=False)} | kwargs
-                    call = _call(namespace, name, bound, phase.name)
-                    if call is not None:
-                        recorder.calls.append(call)
-                        recorder.counts[f"{namespace}.{name}"] = (
-                            recorder.counts.get(f"{namespace}.{name}", 0) + 1
-                        )
-                return func(*args, **kwargs)
-
-        self._mode = _Mode()
-
-    def __enter__(self) -> CommRecorder:
-        self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._mode.__exit__(*exc)
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(t is DTensor for t in types):
+            return NotImplemented
+        kwargs, namespace = kwargs or {}, getattr(func, "namespace", None)
+        if namespace in ("c10d", "_c10d_functional"):
+            name = func._overloadpacket.__name__
+            bound = {a.name: v for a, v in zip(func._schema.arguments, args, strict=False)} | kwargs
+            call = _call(namespace, name, bound, self.phase.name)
+            if call is not None:
+                self.calls.append(call)
+                self.counts[f"{namespace}.{name}"] = self.counts.get(f"{namespace}.{name}", 0) + 1
+        return func(*args, **kwargs)
 
     def total(self) -> Fraction:
         return sum((c.sent for c in self.calls), Fraction(0))
 
 
-def tally(calls: list[Call]) -> dict[tuple[str, str], tuple[int, Fraction]]:
-    """(phase, op) -> (calls, bytes sent), in step order."""
-    out: dict[tuple[str, str], tuple[int, Fraction]] = {}
-    for c in calls:
-        count, sent = out.get((c.phase, c.kind), (0, Fraction(0)))
-        out[(c.phase, c.kind)] = (count + 1, sent + c.sent)
-    return dict(sorted(out.items(), key=lambda kv: (PHASES.index(kv[0][0]), kv[0][1])))
-
-
 def tally_lines(
     calls_of: dict[str, list[Call]], label_width: int, phase_width: int, counts=None
 ) -> list[str]:
-    """The table of collectives per step, one block per implementation label: phase, op, calls, MiB sent;
-    with `counts` (label -> operator counts) a line of the dispatcher's operators under each block."""
+    """The table of collectives per step, a block per implementation label: calls and MiB sent per phase
+    and op, in step order; with `counts` (label -> operator counts) the dispatcher's operators below."""
     lines = [f"  {'':<{label_width}}{'phase':<{phase_width}}{'op':<16}{'calls':>6}{'sent':>14}"]
     for label, calls in calls_of.items():
-        shown = label
-        for (phase, kind), (count, sent) in tally(calls).items():
-            lines.append(
-                f"  {shown:<{label_width}}{phase:<{phase_width}}{kind:<16}{count:>6}"
-                f"{float(sent) / 2**20:>10.3f} MiB"
-            )
-            shown = ""
+        rows: dict[tuple[str, str], list] = {}
+        for c in sorted(calls, key=lambda c: (PHASES.index(c.phase), c.kind)):
+            row = rows.setdefault((c.phase, c.kind), [0, Fraction(0)])
+            row[0], row[1] = row[0] + 1, row[1] + c.sent
+        for i, ((phase, kind), (count, sent)) in enumerate(rows.items()):
+            shown = label if i == 0 else ""
+            sent_mib = f"{float(sent) / 2**20:.3f} MiB"
+            lines.append(f"  {shown:<{label_width}}{phase:<{phase_width}}{kind:<16}{count:>6}{sent_mib:>14}")
         if counts is not None:
-            ops = ", ".join(f"{op} {n}" for op, n in sorted(counts[label].items()))
-            lines.append(f"  {'':<{label_width}}dispatcher ops: {ops}")
+            lines.append(
+                f"  {'':<{label_width}}dispatcher ops: "
+                + ", ".join(f"{op} {n}" for op, n in sorted(counts[label].items()))
+            )
     return lines

@@ -20,6 +20,7 @@ import pickle
 import statistics
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -368,6 +369,16 @@ def mib(x, digits: int = 3) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{float(x) / MIB:.{digits}f}"
 
 
+def text(x, spec: str, scale: float = 1.0) -> str:
+    """A figure in a table cell, "-" where there is none (an implementation that did not run)."""
+    return "-" if x is None or x == {} else format(scale * x, spec)
+
+
+def note(text: str) -> list[str]:
+    """Prose under a table, wrapped and indented."""
+    return textwrap.wrap(text, 104, initial_indent="  ", subsequent_indent="  ")
+
+
 def banner(title: str, world_size: int, model: str) -> list[str]:
     """A table's first lines: the technique and the world, the model's shape."""
     return ["", f"== {title} | Gloo on CPU, {threads_per_rank(world_size)} threads per rank ==", model]
@@ -377,6 +388,11 @@ def model_line(c: dict, d_ff: int) -> str:
     """The model's shape from the flags `c` (vars(args)) and its feed-forward width."""
     shape = f"d_model={c['d_model']} n_layers={c['n_layers']} n_heads={c['n_heads']} d_ff={d_ff}"
     return f"model {shape} vocab={c['vocab']}"
+
+
+def subset(values: dict, keys: str) -> dict:
+    """The entries of `values` named in `keys` (separated by spaces), in that order."""
+    return {k: values[k] for k in keys.split()}
 
 
 def flat(values: dict) -> dict:

@@ -4,41 +4,34 @@
         [--schedules gpipe,1f1b,interleaved] [--d-model 256 --n-layers 8 --n-heads 8 --seq-len 128
         --micro-batch 4 --vocab 1024] [--csv out.csv]
 
-For every schedule each rank builds two pipelines of one config with the same canonical initial weights
-(dtrain.model.init_weights) and runs them on the same data (dtrain.data, the global batch of each step):
+For every schedule each rank builds two pipelines from the canonical initial weights, on the same data:
 
-  ours     a dtrain Trainer for parallel.pp=pp with that schedule (interleaved: pp_virtual_stages=2) on a
-           ProcessGrid(pp=pp, dp=1); a step is Trainer.train_step (schedule, clipping, AdamW).
-  pytorch  the dense dtrain.model.Transformer cut into our chunks (the blocks, embedding and head of each
-           of this rank's chunks in our Trainer) as torch.distributed.pipelining PipelineStages, run by
-           ScheduleGPipe, Schedule1F1B or ScheduleInterleaved1F1B with loss_fn = token-loss sum / tokens
-           in the global batch and scale_grads=False, so it computes our loss and gradients; then the same
-           global gradient-norm clipping and AdamW at our learning rate (harness.TorchSide).
+  ours     a dtrain Trainer for parallel.pp=pp with that schedule (interleaved: pp_virtual_stages=2).
+  pytorch  the dense dtrain.model.Transformer cut as our Trainer's chunks, as torch.distributed.pipelining
+           PipelineStages run by ScheduleGPipe, Schedule1F1B or ScheduleInterleaved1F1B with loss_fn =
+           token-loss sum / global tokens and scale_grads=False (our loss and gradients), then our clipping
+           and AdamW (harness.TorchSide).
 
-The first two steps of each are not timed: step 0 gives the first-step losses, and step 1 counts activation
-memory (PyTorch's first step, which also infers the stage shapes, leaves some saved tensors alive after it
-returns, so it is not counted).
+Two steps are untimed: step 0 gives the first-step losses, step 1 counts activations (PyTorch's first step,
+which also infers the stage shapes, leaves some saved tensors alive after it returns).
 
-Bubble. Every rank adds up the wall time of its chunk forwards (forward hooks on the chunk modules, plus
-PyTorch's loss_fn, which ours computes inside its last chunk) and of its backwards (every call of
-torch.autograd.backward, patched in the benchmark processes: our executor's B action and PyTorch's
-stage_backward both go through it, and nothing else in a step does). The pipeline phase is the span from
-the barrier to the end of executor.run / schedule.step on the slowest rank; the measured bubble of a step
-is the mean over ranks of 1 - busy / pipeline phase, the idle share FORMULAS.md gives as (p-1)/(m+p-1) for
-GPipe and 1F1B. Interleaved 1F1B is given there as bubble over ideal time (p-1)/(v*m); as an idle share
-that is x/(1+x) = (p-1)/(v*m+p-1). simulate()'s figure is the same quantity for the exact action order
-(F = 1, B = 2 per chunk, no communication), for our order and for PyTorch's. The whole-step bubble
-(1 - busy / step time) also counts gradient clipping and the optimizer step as idle.
+Bubble: every rank adds up the wall time of its chunk forwards (forward hooks, plus PyTorch's loss_fn,
+which ours computes inside its last chunk) and of its backwards (torch.autograd.backward, patched: our
+executor's B action and PyTorch's stage_backward both go through it, nothing else in a step does). The
+pipeline phase runs from the barrier to the end of executor.run / schedule.step on the slowest rank; a
+step's bubble is the mean over ranks of 1 - busy / pipeline phase, FORMULAS.md's (p-1)/(m+p-1) for GPipe
+and 1F1B; interleaved's (p-1)/(v*m), bubble over ideal time, is x/(1+x) = (p-1)/(v*m+p-1) as an idle share.
+simulate() gives the same quantity for the exact action order (F = 1, B = 2, no communication).
 
-Activation memory. During step 1, torch.autograd.graph.saved_tensors_hooks tracks the bytes autograd holds
-for backward (`ActivationMeter`); the peak of that running total is the activation memory the schedule
-holds. FORMULAS.md: GPipe holds all m micro-batches, 1F1B at most p - r on stage r, so the expected GPipe /
-1F1B ratio on rank r is m / (p - r). Activations that autograd does not save (the stage outputs both
-executors keep to call backward on, b*s*h per micro-batch) are not in the count.
+Activation memory: in step 1, saved_tensors_hooks track the bytes autograd holds for backward; FORMULAS.md:
+GPipe holds all m micro-batches, 1F1B at most p - r on stage r, so GPipe / 1F1B on rank r is m / (p - r).
+The stage outputs both executors keep to call backward on (b*s*h per micro-batch) are not saved tensors.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -119,42 +112,32 @@ def time_forwards(module: torch.nn.Module, clock: Clock) -> None:
     module.register_forward_hook(post)
 
 
-class BackwardTimer:
-    """Patches torch.autograd.backward and torch.autograd.grad, in this process and until exit, to add
-    their wall time to clock.backward. Our executor calls torch.autograd.backward (directly or through
-    Tensor.backward) and PyTorch's stage_backward does too, both resolving the module attribute at call
-    time."""
+@contextlib.contextmanager
+def timing_backwards(clock: Clock):
+    """Patches torch.autograd.backward and torch.autograd.grad, in this process while active, to add their
+    wall time to clock.backward (nested calls count once). Our executor calls torch.autograd.backward
+    (directly or through Tensor.backward) and PyTorch's stage_backward does too, both resolving the module
+    attribute at call time."""
+    saved = {name: getattr(torch.autograd, name) for name in ("backward", "grad")}
 
-    NAMES = ("backward", "grad")
-
-    def __init__(self, clock: Clock):
-        self.clock = clock
-
-    def __enter__(self) -> BackwardTimer:
-        self._saved = {name: getattr(torch.autograd, name) for name in self.NAMES}
-        for name, fn in self._saved.items():
-            setattr(torch.autograd, name, self._wrap(fn))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for name, fn in self._saved.items():
-            setattr(torch.autograd, name, fn)
-
-    def _wrap(self, fn):
-        clock = self.clock
-
-        def timed(*args, **kwargs):
-            clock.depth += 1
-            started = time.perf_counter()
+    def timed(fn):
+        def call(*args, **kwargs):
+            clock.depth, started = clock.depth + 1, time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
                 clock.depth -= 1
-                if clock.depth == 0:
-                    clock.backward += time.perf_counter() - started
+                clock.backward += time.perf_counter() - started if clock.depth == 0 else 0.0
 
-        timed.__wrapped__ = fn
-        return timed
+        return functools.wraps(fn)(call)
+
+    for name, fn in saved.items():
+        setattr(torch.autograd, name, timed(fn))
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.autograd, name, fn)
 
 
 class _Saved:
@@ -390,7 +373,7 @@ def measure(rank: int, args) -> dict:
     from parallel.grid import ProcessGrid
 
     grid, clock = ProcessGrid(pp=args.pp, dp=1), Clock()
-    with BackwardTimer(clock):
+    with timing_backwards(clock):
         rows = {schedule: measure_schedule(rank, args, grid, clock, schedule) for schedule in args.schedules}
     return {"d_ff": d_ff_of(make_config(args, args.schedules[0]).model), "schedules": rows}
 
@@ -399,20 +382,8 @@ def _label(schedule: str, v: int) -> str:
     return f"{schedule} v={v}" if v > 1 else schedule
 
 
-def _ms(x) -> str:
-    return "-" if x is None else f"{1e3 * x:.1f}"
-
-
-def _ratio(a, b) -> float | None:
-    return None if a is None or not b else a / b
-
-
-def _frac(x, digits: int = 3) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
-
-
 def format_table(s: dict) -> str:
-    c, rows = s["config"], s["schedules"]
+    c, rows, text = s["config"], s["schedules"], harness.text
     p, m = c["pp"], c["microbatches"]
     lines = [
         *harness.banner(
@@ -430,18 +401,16 @@ def format_table(s: dict) -> str:
         f"{'rel diff':>10}{'all steps':>11}",
     ]
     for schedule, r in rows.items():
-        o, t = r["impls"].get("ours"), r["impls"].get("pytorch")
+        o, t = r["impls"]["ours"], r["impls"].get("pytorch", {})
         lines.append(
-            f"  {_label(schedule, r['v']):<16}{_ms(o and o['median_s']):>9}{_ms(t and t['median_s']):>9}"
-            f"{_frac(r.get('ratio')):>9}{_frac(o and o['losses'][0], 6):>12}"
-            f"{_frac(t and t['losses'][0], 6):>12}"
-            f"{'-' if t is None else format(r['loss_rel_diff'], '.1e'):>10}"
-            f"{'-' if t is None else format(r['loss_gap'], '.1e'):>11}"
+            f"  {_label(schedule, r['v']):<16}{1e3 * o['median_s']:>9.1f}"
+            f"{text(t.get('median_s'), '.1f', 1e3):>9}{text(r.get('ratio'), '.3f'):>9}{o['losses'][0]:>12.6f}"
+            f"{text(t and t['losses'][0], '.6f'):>12}{text(r.get('loss_rel_diff'), '.1e'):>10}"
+            f"{text(r.get('loss_gap'), '.1e'):>11}"
         )
     for schedule, r in rows.items():
         for name, error in r["errors"].items():
-            which = PYTORCH_CLASSES[schedule] if name == "pytorch" else schedule
-            lines.append(f"  {LABELS[name]} {which}: not done: {error}")
+            lines.append(f"  {LABELS[name]} {PYTORCH_CLASSES[schedule]}: not done: {error}")
     lines += [
         "",
         "bubble: idle share of the pipeline phase (barrier to the end of the schedule, slowest rank), mean",
@@ -452,24 +421,16 @@ def format_table(s: dict) -> str:
     ]
     notes = []
     for schedule, r in rows.items():
-        o, t = r["impls"]["ours"], r["impls"].get("pytorch")
-        fm, ob, tb = r["formula"], o["bubble"], t and t["bubble"]
-        cells = [
-            (8, f"{fm:.3f}"),
-            (9, f"{r['simulate']:.3f}"),
-            (8, _frac(r["simulate_pytorch"])),
-            (8, _frac(ob)),
-            (8, _frac(tb)),
-            (8, _frac(_ratio(ob, fm))),
-            (8, _frac(_ratio(tb, fm))),
-            (8, _frac(_ratio(ob, tb))),
-            (10, _frac(o["bubble_step"])),
-            (9, _ms(o["pipeline_s"])),
-            (8, _ms(o["formula_pipeline_s"])),
-            (8, _frac(_ratio(o["pipeline_s"], o["formula_pipeline_s"]))),
-        ]
-        lines.append(f"  {_label(schedule, r['v']):<16}" + "".join(f"{text:>{w}}" for w, text in cells))
-        if r["simulate_pytorch_note"] and t:
+        o, theirs, fm = r["impls"]["ours"], r["impls"].get("pytorch", {}).get("bubble"), r["formula"]
+        lines.append(
+            f"  {_label(schedule, r['v']):<16}{fm:>8.3f}{r['simulate']:>9.3f}"
+            f"{text(r['simulate_pytorch'], '.3f'):>8}{o['bubble']:>8.3f}{text(theirs, '.3f'):>8}"
+            f"{o['bubble'] / fm:>8.3f}{text(theirs and theirs / fm, '.3f'):>8}"
+            f"{text(theirs and o['bubble'] / theirs, '.3f'):>8}{o['bubble_step']:>10.3f}"
+            f"{1e3 * o['pipeline_s']:>9.1f}{1e3 * o['formula_pipeline_s']:>8.1f}"
+            f"{o['pipeline_s'] / o['formula_pipeline_s']:>8.3f}"
+        )
+        if r["simulate_pytorch_note"] and "pytorch" in r["impls"]:
             notes.append(f"  sim PT {schedule}: {PYTORCH_CLASSES[schedule]}: {r['simulate_pytorch_note']}")
     lines += [
         "  ours step = 1 - busy / whole step time (clipping and AdamW count as idle); fm ms = busy time per",
@@ -482,18 +443,13 @@ def format_table(s: dict) -> str:
     present = [sch for sch in SCHEDULES if sch in rows]
     head = "".join(f"{_label(sch, rows[sch]['v']):>16}" for sch in present)
     lines.append(f"  {'implementation':<20}{'rank':>5}{head}{'gpipe/1f1b':>12}{'m/(p-r)':>9}")
-    for name in LABELS:
-        for rank in range(p):
-            peaks = {
-                sch: rows[sch]["impls"][name]["peak_bytes"][rank]
-                for sch in present
-                if name in rows[sch]["impls"]
-            }
-            cells = "".join(f"{harness.mib(peaks.get(sch), 2):>16}" for sch in present)
-            ratio = (
-                f"{peaks['gpipe'] / peaks['1f1b']:.2f}" if peaks.get("gpipe") and peaks.get("1f1b") else "-"
-            )
-            lines.append(f"  {LABELS[name]:<20}{rank:>5}{cells}{ratio:>12}{m / (p - rank):>9.2f}")
+    for name, rank in ((name, rank) for name in LABELS for rank in range(p)):
+        peaks = {
+            sch: rows[sch]["impls"][name]["peak_bytes"][rank] for sch in present if name in rows[sch]["impls"]
+        }
+        cells = "".join(f"{harness.mib(peaks.get(sch), 2):>16}" for sch in present)
+        ratio = peaks["gpipe"] / peaks["1f1b"] if peaks.get("gpipe") and peaks.get("1f1b") else None
+        lines.append(f"  {LABELS[name]:<20}{rank:>5}{cells}{text(ratio, '.2f'):>12}{m / (p - rank):>9.2f}")
     flights = "; ".join(f"{_label(sch, rows[sch]['v'])} {rows[sch]['in_flight']}" for sch in present)
     held = [b for r in rows.values() for impl in r["impls"].values() for b in impl["held_after_bytes"]]
     lines += [
@@ -505,16 +461,8 @@ def format_table(s: dict) -> str:
 
 def csv_rows(s: dict) -> list[dict]:
     """One summary row per schedule and implementation (one not done: its error)."""
-    keys = (
-        "pp",
-        "microbatches",
-        "d_model",
-        "n_layers",
-        "n_heads",
-        "seq_len",
-        "micro_batch",
-        "vocab",
-        "steps",
+    config = harness.subset(
+        s["config"], "pp microbatches d_model n_layers n_heads seq_len micro_batch vocab steps"
     )
     out = []
     for schedule, r in s["schedules"].items():
@@ -523,17 +471,13 @@ def csv_rows(s: dict) -> list[dict]:
         )
         for name in LABELS:
             impl = harness.flat(r["impls"].get(name, {})) | {"error": r["errors"].get(name, "")}
-            out.append(
-                {k: s["config"][k] for k in keys} | {"schedule": schedule, "impl": name} | figures | impl
-            )
+            out.append(config | {"schedule": schedule, "impl": name} | figures | impl)
     return out
 
 
 def add_arguments(p) -> None:
     p.add_argument("--microbatches", type=int, default=8, help="micro-batches per step (m)")
-    p.add_argument(
-        "--schedules", default=",".join(SCHEDULES), help="comma-separated subset of " + ",".join(SCHEDULES)
-    )
+    p.add_argument("--schedules", default=",".join(SCHEDULES), help=f"comma-separated subset of {SCHEDULES}")
 
 
 def check(p, args) -> None:

@@ -39,7 +39,6 @@ import argparse
 import os
 import re
 import statistics
-import sys
 from dataclasses import dataclass
 from fractions import Fraction
 from types import SimpleNamespace
@@ -392,53 +391,29 @@ def run_sweep(args) -> list[dict]:
     return rows
 
 
-FLAGS = [  # (flag, type, default, help) of `dtrain bench` after CONFIG and the overrides; --mode aside
-    ("--worlds", str, "1,2,4", "comma-separated world sizes to sweep (default 1,2,4)"),
-    (
-        "--layouts",
-        str,
-        DEFAULT_LAYOUTS,
-        f"comma-separated layouts (default {DEFAULT_LAYOUTS}); {SYNTAX}; dp takes the ranks tp*pp leave; "
-        "epN makes a dense config a mixture of experts (model.moe.num_experts = the least multiple of "
-        "N >= 4); each layout runs at the worlds it fits",
-    ),
-    ("--steps", int, 5, "timed steps per point (default 5; the median counts)"),
-    ("--warmup", int, 2, "untimed steps per point after the counted one (default 2)"),
-    ("--global-batch", int, None, "strong scaling: rows per step (default train.global_batch_size)"),
-    (
-        "--rank-batch",
-        int,
-        None,
-        "weak scaling: rows per data-parallel rank (default train.global_batch_size)",
-    ),
-    (
-        "--out",
-        str,
-        "runs/bench",
-        "folder for scaling.csv, the PNGs and TensorBoard scalars (default runs/bench)",
-    ),
-    ("--threads", int, None, "torch threads per rank (default: the machine's cores / the world size)"),
-    ("--timeout", float, 300.0, "Gloo collective timeout in seconds (default 300)"),
-]
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "config", help="YAML config, e.g. configs/tiny.yaml (its parallel.* layout keys are replaced)"
+    """The flags of `dtrain bench` and `python -m dtrain.bench.scaling`."""
+    layouts = (
+        f"comma-separated layouts (default {DEFAULT_LAYOUTS}); {SYNTAX}; dp takes the ranks tp*pp leave; epN "
+        "makes a dense config a mixture of experts (model.moe.num_experts = the least multiple of N >= 4); "
+        "each layout runs at the worlds it fits"
     )
-    p.add_argument(
-        "overrides",
-        nargs="*",
-        help="dotted config overrides, e.g. model.d_model=128 (parallel.dp/tp/pp/ep/zero/sp: use --layouts)",
+    mode = "strong: fixed global batch; weak: fixed rows per data-parallel rank; both (default)"
+    add = p.add_argument
+    add("config", help="YAML config, e.g. configs/tiny.yaml (its parallel.* layout keys are replaced)")
+    add(
+        "overrides", nargs="*", help="dotted config overrides, e.g. model.d_model=128 (parallel.*: --layouts)"
     )
-    p.add_argument(
-        "--mode",
-        choices=("strong", "weak", "both"),
-        default="both",
-        help="strong: fixed global batch; weak: fixed rows per data-parallel rank; both (default)",
-    )
-    for flag, kind, default, help_ in FLAGS:
-        p.add_argument(flag, type=kind, default=default, help=help_)
+    add("--mode", choices=("strong", "weak", "both"), default="both", help=mode)
+    add("--worlds", default="1,2,4", help="comma-separated world sizes to sweep (default 1,2,4)")
+    add("--layouts", default=DEFAULT_LAYOUTS, help=layouts)
+    add("--steps", type=int, default=5, help="timed steps per point (default 5; the median counts)")
+    add("--warmup", type=int, default=2, help="untimed steps per point after the counted one (default 2)")
+    add("--global-batch", type=int, help="strong scaling: rows per step (default train.global_batch_size)")
+    add("--rank-batch", type=int, help="weak scaling: rows per dp rank (default train.global_batch_size)")
+    add("--out", default="runs/bench", help="folder for scaling.csv, PNGs, TensorBoard (default runs/bench)")
+    add("--threads", type=int, help="torch threads per rank (default: the machine's cores / the world size)")
+    add("--timeout", type=float, default=300.0, help="Gloo collective timeout in seconds (default 300)")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -452,4 +427,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -58,16 +58,11 @@ SCALAR_BYTES = 8  # our all-reduces of one number (loss sum, squared gradient no
 
 def make_config(args, zero: int = 0, offload: str = "none"):
     """One implementation's config: dp ranks of `micro_batches` micro-batches of `micro_batch` rows."""
-    batch = f"train.global_batch_size={args.dp * args.micro_batches * args.micro_batch}"
+    rows, steps = args.dp * args.micro_batches * args.micro_batch, 1 + args.warmup + args.steps
     parallel = [f"parallel.dp={args.dp}", f"parallel.zero={zero}", f"parallel.offload={offload}"]
-    train = [
-        batch,
-        f"train.micro_batch_size={args.micro_batch}",
-        f"train.steps={1 + args.warmup + args.steps}",
-    ]
-    return harness.config_of(
-        args, [*parallel, f"parallel.bucket_mb={args.bucket_mb}", *train, "train.eval_batches=0"], args.dp
-    )
+    train = [f"train.global_batch_size={rows}", f"train.micro_batch_size={args.micro_batch}"]
+    train += [f"train.steps={steps}", "train.eval_batches=0", f"parallel.bucket_mb={args.bucket_mb}"]
+    return harness.config_of(args, [*parallel, *train], args.dp)
 
 
 def configs(args) -> tuple[dict, dict[str, str]]:
@@ -118,7 +113,8 @@ def predicted(name: str, n: int) -> tuple[float, float, str]:
     if name.endswith("-offload"):
         device, how = total - 8 / n, {1: "4+4", 2: "4+4/N", 3: "8/N"}[stage]
         return device, 12 / n, f"{how} = {device:.3f} + host 12/N = {12 / n:.3f}"
-    return total, 0.0, f"{ ({0: '4+4+8', 1: '4+4+8/N', 2: '4+12/N', 3: '16/N'}[stage]) } = {total:.3f}"
+    how = {0: "4+4+8", 1: "4+4+8/N", 2: "4+12/N", 3: "16/N"}[stage]
+    return total, 0.0, f"{how} = {total:.3f}"
 
 
 class TorchDataParallel(harness.TorchSide):
@@ -154,13 +150,9 @@ class TorchDataParallel(harness.TorchSide):
                 from torch.distributed.optim import ZeroRedundancyOptimizer
 
                 groups = [dict(g, params=list(g["params"])) for g in self.optimizer.param_groups]
+                adamw = {"optimizer_class": torch.optim.AdamW, "lr": t.lr, "betas": (t.beta1, t.beta2)}
                 self.optimizer = ZeroRedundancyOptimizer(
-                    groups,
-                    optimizer_class=torch.optim.AdamW,
-                    parameters_as_bucket_view=True,
-                    lr=t.lr,
-                    betas=(t.beta1, t.beta2),
-                    eps=t.eps,
+                    groups, parameters_as_bucket_view=True, eps=t.eps, **adamw
                 )
         self.params = [p for p in model.parameters() if p.requires_grad]  # FSDP2's: DTensor shards
 
@@ -191,14 +183,8 @@ class TorchDataParallel(harness.TorchSide):
             states = getattr(self.optimizer, "optim", self.optimizer).state.values()  # ZeRO: the local one
             optimizer = sum(local(v) for s in states for v in s.values() if torch.is_tensor(v) and v.dim())
             grads = sum(local(p.grad) for p in self.params if p.grad is not None)
-            self.held = {
-                "device": {
-                    "params": sum(local(p) for p in self.params),
-                    "grads": grads,
-                    "optimizer": optimizer,
-                },
-                "host": {"params": 0, "grads": 0, "optimizer": 0},
-            }
+            device = {"params": sum(local(p) for p in self.params), "grads": grads, "optimizer": optimizer}
+            self.held = {"device": device, "host": dict.fromkeys(device, 0)}
 
 
 def _peak_rss() -> int:
@@ -233,9 +219,7 @@ def count_step(impl, index: int) -> tuple[float, dict]:
     calls, held = recorder.calls, trainer.held_bytes() if trainer else impl.held
     by_kind: dict[str, list] = {}
     for call in calls:
-        row = by_kind.setdefault(
-            f"{call.kind}{' (norm, loss)' if _norm_loss(call) else ''}", [0, Fraction(0)]
-        )
+        row = by_kind.setdefault(call.kind + (" (norm, loss)" if _norm_loss(call) else ""), [0, Fraction(0)])
         row[0], row[1] = row[0] + 1, row[1] + call.sent
     out = {
         "held": [float(held[where][what]) for where, what in HELD_KEYS],
@@ -272,31 +256,23 @@ def measure(rank: int, args) -> dict:
     for name, c in counted.items():
         held = [dict(zip(HELD_KEYS, rank[name][0], strict=True)) for rank in per_rank]
         peak = max(held, key=lambda r: sum(r.values()))  # the rank holding most
-        device = sum(v for (where, _), v in peak.items() if where == "device")
-        host = sum(v for (where, _), v in peak.items() if where == "host")
+        device = sum(v for (where, _), v in peak.items() if where == "device") / psi
+        host = sum(v for (where, _), v in peak.items() if where == "host") / psi
         want_device, want_host, how = predicted(name, n)
         formula = (3 if IMPLS[name][2] == 3 else 2) * psi * 4
-        impls[name] = (
-            done.summary(name)
-            | c
-            | {
-                "held_per_rank": [{f"{w}_{k}": v for (w, k), v in r.items()} for r in held],
-                "device_per_param": device / psi,
-                "host_per_param": host / psi,
-                "predicted_device": want_device,
-                "predicted_host": want_host,
-                "predicted_how": how,
-                "held_ratio": (device + host) / psi / (want_device + want_host),
-                "rss_growth": max(rank[name][1][0] for rank in per_rank),
-                "formula": Fraction(formula),
-                "exact_ring": Fraction(formula * (n - 1), n),
-            }
-        )
+        r = impls[name] = done.summary(name) | c
+        r["held_per_rank"] = [{f"{w}_{k}": v for (w, k), v in rank.items()} for rank in held]
+        r |= {"device_per_param": device, "host_per_param": host, "predicted_device": want_device}
+        r |= {
+            "predicted_host": want_host,
+            "predicted_how": how,
+            "held_ratio": (device + host) / (want_device + want_host),
+        }
+        r |= {"rss_growth": max(rank[name][1][0] for rank in per_rank), "formula": Fraction(formula)}
+        r["exact_ring"] = Fraction(formula * (n - 1), n)
         if "torch-ddp" in done.impls:
-            impls[name]["loss_gap"] = done.loss_gap(name, "torch-ddp")
-            impls[name]["ratio_to_torch_ddp"] = (
-                impls[name]["median_s"] / done.summary("torch-ddp")["median_s"]
-            )
+            r["loss_gap"] = done.loss_gap(name, "torch-ddp")
+            r["ratio_to_torch_ddp"] = r["median_s"] / done.summary("torch-ddp")["median_s"]
     middle = statistics.median(r["losses"][0] for r in impls.values())
     return {
         "d_ff": d_ff_of(cfgs["ddp"].model),
@@ -326,11 +302,10 @@ def format_table(s: dict) -> str:
         f"{'loss last':>11}{'loss gap':>10}",
     ]
     for name, r in s["impls"].items():
-        ratio = f"{r['ratio_to_torch_ddp']:.3f}" if "ratio_to_torch_ddp" in r else "-"
-        gap = f"{r['loss_gap']:.1e}" if "loss_gap" in r else "-"
         lines.append(
-            f"{LABELS[name]:<25}{1e3 * r['median_s']:>10.1f}{1e3 * r['mean_s']:>10.1f}{ratio:>13}"
-            f"{r['losses'][0]:>13.6f}{r['losses'][-1]:>11.6f}{gap:>10}"
+            f"{LABELS[name]:<25}{1e3 * r['median_s']:>10.1f}{1e3 * r['mean_s']:>10.1f}"
+            f"{harness.text(r.get('ratio_to_torch_ddp'), '.3f'):>13}{r['losses'][0]:>13.6f}"
+            f"{r['losses'][-1]:>11.6f}{harness.text(r.get('loss_gap'), '.1e'):>10}"
         )
     lines += [f"{LABELS[name]:<25}not run: {error}" for name, error in s["errors"].items()]
     lines += [
@@ -350,13 +325,15 @@ def format_table(s: dict) -> str:
             f"{mib(r['rss_growth'], 1):>10}"
         )
     lines += [
-        "  ours: Trainer.held_bytes(); PyTorch: local tensors (DTensor.to_local()) of parameters, gradients",
-        "  and optimizer state after optimizer.step(), before zero_grad. ZeroRedundancyOptimizer shards",
-        "  whole parameters, unevenly: its largest rank holds a bit more than 8/N. RSS +MiB: growth of the",
-        "  process's peak RSS (ru_maxrss, largest rank) while the implementation was built and ran its first",
-        "  step, in build order, in one process: the first pays the framework's one-time set-up, later ones",
-        f"  reuse memory earlier ones freed. The process peak at the end is {mib(s['peak_rss'], 1)} MiB,",
-        "  most of it the framework's own (torch, Python, Gloo), not model states.",
+        *harness.note(
+            "ours: Trainer.held_bytes(); PyTorch: local tensors (DTensor.to_local()) after "
+            "optimizer.step(), before zero_grad; ZeroRedundancyOptimizer shards whole parameters, unevenly: "
+            "its largest rank holds a bit more than 8/N. RSS +MiB: growth of the peak RSS (ru_maxrss, "
+            "largest rank) while the implementation was built and stepped, in build order in one process: "
+            "the first pays the framework's one-time set-up, later ones reuse memory earlier ones freed. "
+            f"The process peak at the end: {mib(s['peak_rss'], 1)} MiB, most of it torch, Python and Gloo's "
+            "own, not model states."
+        ),
         "",
         "bytes sent per rank per step (ring costs; FORMULAS.md 2Ψ·4 for stages 0-2, 3Ψ·4 for stage 3,",
         "(N-1)/N rounded to 1; exact ring = FORMULAS x (N-1)/N)",
@@ -373,17 +350,18 @@ def format_table(s: dict) -> str:
             f"{mib(r['bucket_traffic']):>12}{r.get('buckets_match', '-')!s:>7}{padding:>10}{ledger:>8}"
         )
     lines += [
-        "  sent: every collective at the dispatcher; states: without the gradient-norm and loss all-reduces",
-        "  (ours: one number each; PyTorch: clip_grad_norm_'s, FSDP2's a vector of per-parameter norms, and",
-        "  the loss). buckets: our exact count, reduce-scatter + all-gather of each bucket padded to a",
-        "  multiple of N (stage 0: all-reduce); equal: states == buckets; padding: what padding adds to",
-        "  buckets, all the excess over the exact ring with one micro-batch (none when N divides d_model:",
-        "  every parameter holds a multiple of d_model elements). FORMULAS.md counts one reduction per step:",
-        "  with several micro-batches ZeRO-2, ZeRO-3 and FSDP2 reduce-scatter (3 and FSDP2 also gather) per",
-        "  micro-batch. ledger: whether sent equals what the library's CommLedger counted in the same step.",
-        "  ZeroRedundancyOptimizer all-reduces gradients (DDP) and broadcasts the updated parameters:",
-        "  3(N-1)/N·Ψ·4. FSDP2 keeps the root (embedding, head, final norm) gathered from forward to",
-        "  backward, so it gathers the blocks twice and the root once.",
+        *harness.note(
+            "sent: every collective at the dispatcher; states: without the gradient-norm and loss "
+            "all-reduces (ours: one number each; PyTorch: clip_grad_norm_'s, FSDP2's a vector of "
+            "per-parameter norms, and the loss). buckets: our exact count, each bucket padded to a multiple "
+            "of N, reduce-scattered and all-gathered (stage 0: all-reduced); equal: states == buckets; "
+            "padding: what padding adds, all the excess over the exact ring with one micro-batch. "
+            "FORMULAS.md counts one reduction per step: with several micro-batches ZeRO-2, ZeRO-3 and FSDP2 "
+            "reduce-scatter per micro-batch. ledger: sent == what the library's CommLedger counted in the "
+            "same step. ZeroRedundancyOptimizer all-reduces gradients (DDP) and broadcasts the updated "
+            "parameters: 3(N-1)/N·Ψ·4. FSDP2 keeps the root (embedding, head, final norm) gathered from "
+            "forward to backward: it gathers the blocks twice."
+        ),
         "",
         "collectives per step (at the dispatcher), calls x op = MiB sent",
     ]
@@ -395,18 +373,10 @@ def format_table(s: dict) -> str:
 
 def csv_rows(s: dict) -> list[dict]:
     """One summary row per implementation that ran."""
-    keys = (
-        "dp",
-        "d_model",
-        "n_layers",
-        "n_heads",
-        "seq_len",
-        "micro_batch",
-        "micro_batches",
-        "vocab",
-        "steps",
+    config = harness.subset(
+        s["config"], "dp d_model n_layers n_heads seq_len micro_batch micro_batches vocab steps"
     )
-    config = {k: s["config"][k] for k in (*keys, "bucket_mb")} | {"n_params": s["n_params"]}
+    config |= {"bucket_mb": s["config"]["bucket_mb"], "n_params": s["n_params"]}
     return [config | {"impl": name} | harness.flat(r) for name, r in s["impls"].items()]
 
 
