@@ -135,8 +135,9 @@ class TorchSide(Implementation):
     """PyTorch's side, trained by our recipe (tests/reference.py `torch_ddp_run`): the dense
     dtrain.model.Transformer's modules from the canonical initial weights, our data, the token-loss sum over
     the global batch's tokens, clipping to train.grad_clip and AdamW with our hyper-parameters at our
-    learning rate. A subclass parallelises the model and sets `optimizer`; `forward_backward` returns this
-    rank's share of the loss, whose sum over `loss_group` is the step's loss."""
+    learning rate. A subclass parallelises the model and sets `optimizer`; its `forward_backward(micro-
+    batches)` returns this rank's share of the loss (summed over `loss_group`: the step's loss), and its
+    `clip()` clips the gradients."""
 
     def __init__(self, cfg, data_rank: int = 0, data_ranks: int = 1, loss_group=None):
         from dtrain.data import build_dataset
@@ -152,12 +153,6 @@ class TorchSide(Implementation):
         model = Transformer(self.cfg.model, **layout)
         init_weights(model, self.cfg.train.seed)  # the same canonical weights as ours
         return model.train()
-
-    def forward_backward(self, microbatches: list) -> torch.Tensor:
-        raise NotImplementedError
-
-    def clip(self) -> None:
-        raise NotImplementedError
 
     def after_optimizer_step(self) -> None:
         """Runs between optimizer.step() and zero_grad, while gradients and updated states coexist."""
@@ -199,9 +194,7 @@ class Contest:
 
     def step_times(self, name: str) -> list[float]:
         """Each timed step's time on its slowest rank."""
-        return [
-            max(step) for step in zip(*([r[0] for r in rank] for rank in self.per_rank[name]), strict=True)
-        ]
+        return [max(r[0] for r in records) for records in zip(*self.per_rank[name], strict=True)]
 
     def summary(self, name: str) -> dict:
         """Step times (the median: the figure ratios use, robust to a stray slow step; and the mean) and
@@ -210,10 +203,9 @@ class Contest:
         return {"median_s": statistics.median(times), "mean_s": statistics.fmean(times), "losses": losses}
 
     def loss_gap(self, name: str, reference: str) -> float:
-        """The largest relative difference of two implementations' losses over all steps, updates included."""
-        return max(
-            abs(a - b) / abs(b) for a, b in zip(self.losses[name], self.losses[reference], strict=True)
-        )
+        """The largest relative difference of two implementations' losses over all steps (updates too)."""
+        pairs = zip(self.losses[name], self.losses[reference], strict=True)
+        return max(abs(a - b) / abs(b) for a, b in pairs)
 
 
 def contest(

@@ -5,37 +5,25 @@
         [--d-model 256 --d-ff D --n-layers 2 --n-heads 8 --seq-len 64 --micro-batch 4 --vocab 1024]
         [--csv out.csv] [--load-csv load.csv]
 
-A world of `ep` ranks (one expert-parallel group) measures two things in one run. PyTorch has no expert
-parallelism, so the peer is a dispatcher written here.
+PyTorch has no expert parallelism, so the peer is a dispatcher written here. Two parts, one world of `ep`
+ranks (one expert-parallel group):
 
-1. Dispatch, on one parallel.moe.MoELayer (forward + backward), every rank routing its own --tokens
-   tokens (random, fixed seed per rank) with the same router and its E/ep experts (canonical tensors of
-   all E experts from one seed, this rank's slice):
+1. Dispatch through one parallel.moe.MoELayer (forward + backward), every rank routing its own --tokens
+   random tokens with the same router and its E/ep experts (this rank's slice of canonical tensors):
+     all-to-all  ours, MoELayer.forward (parallel.expert_parallel.run_experts): a count exchange, the kept
+                 (token, expert) rows by all_to_all_single with uneven splits to the ranks holding their
+                 experts, the experts, the reverse all-to-all; backward the same two, splits swapped.
+     all-gather  `allgather_forward`, Megatron-Core's "allgather" dispatcher: all-gather every rank's
+                 tokens (each once), slot experts and gate weights; each rank runs its experts on the
+                 gathered tokens routed to them and a reduce-scatter returns every rank its tokens' sums.
+   The counting step records the collectives (comm.CommRecorder: an all-to-all as the bytes of the rows
+   bound for other ranks) and keeps outputs and gradients, which must agree. Our bytes must equal the rows
+   each rank actually sends (`alltoall_analytic`), set against FORMULAS.md's balanced figure, 4 all-to-alls
+   of (ep-1)/ep * T*k*d*bytes per layer step; the all-gather's, the ring cost of each collective.
 
-     all-to-all  ours: MoELayer.forward, i.e. parallel.expert_parallel.run_experts: a count exchange, then
-                 all_to_all_single of the kept (token, expert) rows with uneven splits to the ranks that
-                 hold their experts, the experts, and the reverse all-to-all (backward: the same two
-                 all-to-alls with the splits swapped).
-     all-gather  `allgather_forward` below, Megatron-Core's "allgather" token dispatcher: all-gather every
-                 rank's tokens (not rows: each token once), their slot experts (-1 for a dropped slot) and
-                 gate weights over the ep group; each rank runs its experts on the gathered tokens routed
-                 to them and sums the weighted results per gathered token; a reduce-scatter returns every
-                 rank the sums for its own tokens (backward: reduce-scatter of the token gradients,
-                 all-gather of the output gradients). Routing, capacity and gate weights are MoELayer's.
-
-   The untimed counting step of each records its collectives (comm.CommRecorder, which counts an
-   all-to-all exactly, as the bytes of the rows bound for other ranks) and keeps its output and
-   gradients; the two must agree. The analytic counts: all-to-all from the rows each rank actually sends
-   (`alltoall_analytic`, from every rank's kept rows per expert), which the measured bytes must equal
-   exactly, set against FORMULAS.md's balanced-routing figure, 4 all-to-alls per layer step (dispatch and
-   combine, forward and backward) of (ep-1)/ep * T*k*d*bytes each; all-gather from the ring cost
-   (n-1)/n * S of each collective (`allgather_analytic`).
-
-2. Expert load over training: the dtrain Trainer (parallel.dp = parallel.ep = ep, the model flags with
-   every block's MLP a mixture of experts, synthetic data) for --train-steps steps, recording each
-   step's `moe/layer{i}/tokens_per_expert` and `moe/layer{i}/dropped_frac` (StepResult.moe). The report
-   shows max/mean and min/mean expert load, dropped share and load-balancing loss at the first, middle
-   and last step; --load-csv writes every step.
+2. Expert load: the dtrain Trainer (dp = ep, every block's MLP a mixture of experts, synthetic data) for
+   --train-steps steps; each step's StepResult.moe gives the tokens per expert and dropped share per layer,
+   shown at the first, middle and last step (--load-csv: every step).
 """
 
 from __future__ import annotations
@@ -48,17 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dtrain.bench import harness
-from dtrain.bench.comm import (
-    ALL_GATHER,
-    ALL_TO_ALL,
-    BACKWARD,
-    FORWARD,
-    REDUCE_SCATTER,
-    CommRecorder,
-    ring_bytes,
-    tally_lines,
-)
+from dtrain.bench import comm, harness
 from parallel.collectives import gather_from_sp, reduce_scatter_to_sp
 from parallel.expert_parallel import group_size
 from parallel.moe import MoELayer, Routing, expert_capacity, route
@@ -137,7 +115,7 @@ def alltoall_analytic(
 
 def formulas_alltoall(ep: int, tokens: int, top_k: int, d: int, itemsize: int) -> Fraction:
     """FORMULAS.md, balanced routing, before dropping: one all-to-all moves (ep-1)/ep * T*k*d*bytes."""
-    return ring_bytes(ALL_TO_ALL, tokens * top_k * d * itemsize, ep)
+    return comm.ring_bytes(comm.ALL_TO_ALL, tokens * top_k * d * itemsize, ep)
 
 
 def allgather_analytic(
@@ -149,34 +127,33 @@ def allgather_analytic(
     ids = ep * tokens * top_k * ID_BYTES
     gates = ep * tokens * top_k * weight_itemsize
     return [
-        ("tokens fwd: all-gather of ep*T*d", ring_bytes(ALL_GATHER, act, ep)),
-        ("slot experts fwd: all-gather of ep*T*k int64", ring_bytes(ALL_GATHER, ids, ep)),
-        ("gate weights fwd: all-gather of ep*T*k", ring_bytes(ALL_GATHER, gates, ep)),
-        ("combine fwd: reduce-scatter of ep*T*d", ring_bytes(REDUCE_SCATTER, act, ep)),
-        ("combine bwd: all-gather of ep*T*d", ring_bytes(ALL_GATHER, act, ep)),
-        ("gate weights bwd: reduce-scatter of ep*T*k", ring_bytes(REDUCE_SCATTER, gates, ep)),
-        ("tokens bwd: reduce-scatter of ep*T*d", ring_bytes(REDUCE_SCATTER, act, ep)),
+        ("tokens fwd: all-gather of ep*T*d", comm.ring_bytes(comm.ALL_GATHER, act, ep)),
+        ("slot experts fwd: all-gather of ep*T*k int64", comm.ring_bytes(comm.ALL_GATHER, ids, ep)),
+        ("gate weights fwd: all-gather of ep*T*k", comm.ring_bytes(comm.ALL_GATHER, gates, ep)),
+        ("combine fwd: reduce-scatter of ep*T*d", comm.ring_bytes(comm.REDUCE_SCATTER, act, ep)),
+        ("combine bwd: all-gather of ep*T*d", comm.ring_bytes(comm.ALL_GATHER, act, ep)),
+        ("gate weights bwd: reduce-scatter of ep*T*k", comm.ring_bytes(comm.REDUCE_SCATTER, gates, ep)),
+        ("tokens bwd: reduce-scatter of ep*T*d", comm.ring_bytes(comm.REDUCE_SCATTER, act, ep)),
     ]
 
 
 def configs(args):
     """The training run's config, whose model section also shapes the dispatch layer: ep ranks, each a
     data-parallel rank of one micro-batch per step, every block's MLP a mixture of experts."""
-    overrides = [
-        f"model.moe.num_experts={args.experts}",
-        f"model.moe.top_k={args.top_k}",
-        f"model.moe.capacity_factor={args.capacity_factor}",
-        f"parallel.dp={args.ep}",
-        f"parallel.ep={args.ep}",
+    moe = [f"model.moe.num_experts={args.experts}", f"model.moe.top_k={args.top_k}"]
+    moe += [f"model.moe.capacity_factor={args.capacity_factor}"] + [f"model.d_ff={args.d_ff}"] * (
+        args.d_ff is not None
+    )
+    batch = [
         f"train.global_batch_size={args.ep * args.micro_batch}",
         f"train.micro_batch_size={args.micro_batch}",
+    ]
+    steps = [
         f"train.steps={max(1, args.train_steps)}",
         f"train.warmup_steps={min(10, args.train_steps // 4)}",
-        "train.eval_batches=0",
     ]
-    if args.d_ff is not None:
-        overrides.append(f"model.d_ff={args.d_ff}")
-    return harness.config_of(args, overrides, args.ep)
+    layout = [f"parallel.dp={args.ep}", f"parallel.ep={args.ep}", "train.eval_batches=0"]
+    return harness.config_of(args, [*moe, *batch, *steps, *layout], args.ep)
 
 
 def build_layer(cfg, grid, dtype: torch.dtype, seed: int) -> MoELayer:
@@ -185,16 +162,8 @@ def build_layer(cfg, grid, dtype: torch.dtype, seed: int) -> MoELayer:
     from dtrain.config import d_ff_of
 
     m, moe = cfg.model, cfg.model.moe
-    layer = MoELayer(
-        m.d_model,
-        d_ff_of(m),
-        moe.num_experts,
-        moe.top_k,
-        moe.capacity_factor,
-        moe.aux_loss_coef,
-        moe.z_loss_coef,
-        ep_group=grid.ep_group,
-    )
+    shape = (m.d_model, d_ff_of(m), moe.num_experts, moe.top_k, moe.capacity_factor)
+    layer = MoELayer(*shape, moe.aux_loss_coef, moe.z_loss_coef, ep_group=grid.ep_group)
     gen = torch.Generator().manual_seed(seed)
     local = moe.num_experts // grid.size("ep")
     first = grid.rank_in("ep") * local
@@ -218,10 +187,10 @@ class DispatchStep(harness.Implementation):
     def step(self, index: int) -> float:
         self.layer.zero_grad(set_to_none=True)
         self.x.grad = None
-        self.phase.name = FORWARD
+        self.phase.name = comm.FORWARD
         out = self.forward(self.x)
         loss = (out * self.grad_out).sum()
-        self.phase.name = BACKWARD
+        self.phase.name = comm.BACKWARD
         loss.backward()
         self.results = {"out": out.detach(), "x": self.x.grad}
         self.results |= {n: p.grad for n, p in self.layer.named_parameters()}
@@ -229,21 +198,9 @@ class DispatchStep(harness.Implementation):
 
 
 def count_step(impl: DispatchStep, index: int) -> tuple[float, dict]:
-    with CommRecorder(impl.phase) as recorder:
+    with comm.CommRecorder(impl.phase) as recorder:
         loss = impl.step(index)
     return loss, (impl.results, recorder.calls)
-
-
-def _max_diff(a: dict, b: dict) -> list[float]:
-    """Largest |a - b| per tensor, and the largest |a| (the scale), in the order of `a`."""
-    return [
-        x
-        for name, t in a.items()
-        for x in (
-            float((t - b[name]).abs().max()) if t.numel() else 0.0,
-            float(t.abs().max()) if t.numel() else 0.0,
-        )
-    ]
 
 
 def measure_dispatch(rank: int, args, cfg, grid) -> dict:
@@ -270,7 +227,9 @@ def measure_dispatch(rank: int, args, cfg, grid) -> dict:
         "allgather": allgather_analytic(ep, args.tokens, k, d, itemsize, r.weight.element_size()),
     }
     mine = {"calls": {"alltoall": calls_a2a, "allgather": calls_ag}, "analytic": analytic}
-    mine |= {"diffs": _max_diff(a2a, ag), "identical": all(torch.equal(a2a[n], ag[n]) for n in names)}
+    # largest |a2a - ag| per tensor, and its scale: the largest |a2a|
+    diffs = {n: (float((t - ag[n]).abs().max()), float(t.abs().max())) for n, t in a2a.items() if t.numel()}
+    mine |= {"diffs": diffs, "identical": all(torch.equal(a2a[n], ag[n]) for n in names)}
     everyone = harness.gather(mine, ep)
     formulas_step = 4 * formulas_alltoall(ep, args.tokens, k, d, itemsize)
     impls = {}
@@ -293,10 +252,7 @@ def measure_dispatch(rank: int, args, cfg, grid) -> dict:
                 rows = sum((v for label, v in terms if label != COUNT_EXCHANGE), Fraction(0))
                 ranks[-1] |= {"row_bytes": rows, "over_formulas": rows / formulas_step}
         impls[name] = done.summary(name) | {"ranks": ranks}
-    diffs = {
-        n: (max(v["diffs"][2 * i] for v in everyone), max(v["diffs"][2 * i + 1] for v in everyone))
-        for i, n in enumerate(names)
-    }
+    diffs = {n: tuple(max(view["diffs"][n][i] for view in everyone) for i in (0, 1)) for n in diffs}
     return {
         "d_ff": layer.experts.w1.shape[1],
         "itemsize": itemsize,
@@ -427,7 +383,7 @@ def _dispatch_lines(s: dict) -> list[str]:
         "",
         "collectives per layer step (rank 0)",
     ]
-    return lines + tally_lines(
+    return lines + comm.tally_lines(
         {LABELS[n]: impl["ranks"][0]["calls"] for n, impl in s["impls"].items()}, 20, 12
     )
 

@@ -5,32 +5,21 @@ strong and weak scaling (`dtrain bench`, or `python -m dtrain.bench.scaling`).
         [--mode strong|weak|both] [--steps 5] [--warmup 2] [--global-batch B] [--rank-batch R] [--out DIR]
         [--threads N] [--timeout S]
 
-A layout is `dp` (plain data parallelism) or parts joined by `+`: tpN, ppN, epN, zeroN, sp (tp2+sp,
-pp2+zero1, ...); data parallelism takes the ranks the others leave (dp = world / (tp * pp)). epN turns a
-dense config into a mixture of experts (model.moe.num_experts = the smallest multiple of N that is at least
-4) unless the config has experts already. A layout runs at every world of the sweep it fits, and fitting
-none is an error.
+A layout is `dp` or parts joined by `+`: tpN, ppN, epN, zeroN, sp (tp2+sp, pp2+zero1, ...); data
+parallelism takes the ranks the others leave. epN makes a dense config a mixture of experts (num_experts =
+the least multiple of N >= 4). A layout runs at every world of the sweep it fits; fitting none is an error.
 
-Every point (mode, layout, world) runs in a fresh spawned Gloo world (harness.spawn): fresh, because on
-CPU peak memory is the process's peak resident set, which never goes down. Each rank builds the real
-Trainer from the config with the layout's parallel.* keys and runs (harness.contest):
+Every point (mode, layout, world) runs in a fresh world (harness.spawn): on CPU peak memory is the
+process's peak resident set, which never goes down. Each rank builds the real Trainer (harness.contest):
+step 0 counts the bytes this rank sends (parallel.ledger.CommLedger, training traffic per grid axis, as the
+trainer's comm/total_bytes) next to dtrain.comm_volume's prediction, and Trainer.held_bytes(); then
+`warmup` untimed and `steps` timed steps (the median of the slowest rank); then every rank's peak memory.
 
-  step 0, counted  the bytes this rank sends, from the communication ledger (parallel.ledger.CommLedger:
-                   the training traffic per grid axis, without the reductions that only feed metrics, as
-                   the trainer's comm/total_bytes), next to dtrain.comm_volume's prediction from the config
-                   (MoE all-to-alls at the balanced figure); and Trainer.held_bytes(), the parameters,
-                   gradients and optimizer states the rank holds.
-  warm-up, timed   `warmup` untimed steps, then `steps` timed ones, each started after a barrier; a step
-                   lasts as long as its slowest rank, and the figure is the median.
-  peak memory      dtrain.runtime.peak_memory_bytes of every rank after the last step.
-
-Strong scaling keeps the global batch (--global-batch, default train.global_batch_size); weak scaling keeps
-the rows per data-parallel rank (--rank-batch, default train.global_batch_size, so both modes start from the
-same batch at dp 1) and trains on rank-batch x dp rows. Efficiency, per layout and relative to the smallest
-world n0 it ran at: (tokens/s at n / n) / (tokens/s at n0 / n0), which for strong scaling is
-n0 T(n0) / (n T(n)) and for weak scaling the throughput per rank. The report: a table, scaling.csv, three
-PNG plots (throughput.png, memory.png, comm.png; skipped with a note without matplotlib) and TensorBoard
-scalars (x axis: world size; tags <mode>/<metric>/<layout>) under --out.
+Strong scaling keeps the global batch (--global-batch, default train.global_batch_size); weak scaling the
+rows per data-parallel rank (--rank-batch, same default: both modes start from the same batch at dp 1).
+Efficiency against the layout's smallest world n0: (tokens/s at n / n) / (tokens/s at n0 / n0). Written
+under --out: scaling.csv, throughput.png, memory.png and comm.png (without matplotlib: a note), and
+TensorBoard scalars tagged <mode>/<metric>/<layout> over the world size.
 """
 
 from __future__ import annotations
@@ -49,7 +38,6 @@ from dtrain.config import ConfigError
 DEFAULT_LAYOUTS = "dp,tp2,pp2,zero1,zero3,ep2"
 MODES = ("strong", "weak")
 AXES = ("dp", "tp", "pp", "ep", "edp")  # the ledger's grid axes with a column each; the rest is "other"
-HELD = [(where, what) for where in ("device", "host") for what in ("params", "grads", "optimizer")]
 OWNED = ("dp", "tp", "pp", "ep", "zero", "sp")  # parallel.* keys a layout sets
 _PART = re.compile(r"(tp|pp|ep|zero)(\d+)|sp")
 SYNTAX = "a layout is dp, or parts tpN, ppN, epN, zeroN (0-3), sp joined by + (e.g. tp2+zero1)"
@@ -209,12 +197,12 @@ def plan(args) -> tuple[list[Point], list[str]]:
     return points, notes
 
 
-def _sent(ledger) -> list[float]:
-    """Bytes the ledger saw this rank send: the total, then per axis of AXES and "other"."""
+def _sent(ledger) -> dict[str, float]:
+    """Bytes the ledger saw this rank send: the total, and per axis of AXES and "other"."""
     per = dict.fromkeys((*AXES, "other"), Fraction(0))
     for (axis, _op), tally in ledger.tallies().items():
         per[axis if axis in per else "other"] += tally.sent
-    return [float(ledger.total_bytes()), *[float(v) for v in per.values()]]
+    return {"total": float(ledger.total_bytes())} | {axis: float(v) for axis, v in per.items()}
 
 
 def _predicted(cfg, rank: int) -> float:
@@ -259,13 +247,7 @@ def measure(rank: int, job) -> dict:
     threads = torch.get_num_threads()
     median_ms = 1e3 * statistics.median(step_s)
     harness.say(rank, f"[bench] {job.label}: median step {median_ms:.1f} ms, {threads} threads per rank")
-    held, device = counted["held"], torch.device("cpu")
-    mine = [
-        *counted["sent"],
-        _predicted(cfg, grid.rank),
-        *(float(held[w][k]) for w, k in HELD),
-        float(peak_memory_bytes(device)),
-    ]
+    mine = counted | {"predicted": _predicted(cfg, grid.rank), "peak": peak_memory_bytes(torch.device("cpu"))}
     return {
         "loss": done.losses["dtrain"][0],
         "step_s": step_s,
@@ -277,46 +259,37 @@ def measure(rank: int, job) -> dict:
 
 
 def _row(pt: Point, r: dict) -> dict:
-    p, per_rank = pt.cfg.parallel, r["per_rank"]
-    # per rank: sent (total, per axis of AXES, other), predicted, held (HELD order), peak memory
-    n_sent = len(AXES) + 3
-    held = [dict(zip(HELD, rank[n_sent : n_sent + len(HELD)], strict=True)) for rank in per_rank]
-
-    def held_max(keep) -> float:
-        return max(sum(v for key, v in h.items() if keep(*key)) for h in held)
-
-    median = statistics.median(r["step_s"])
+    """One point's row of the table and the CSV; per rank: the maximum of bytes held and peak memory, the
+    mean of bytes sent."""
+    ranks, median = r["per_rank"], statistics.median(r["step_s"])
     tokens = pt.global_batch * pt.cfg.train.seq_len
-    row = {
-        "mode": pt.mode,
-        "layout": pt.layout.name,
-        "world": pt.world,
-        **{k: getattr(p, k) for k in ("dp", "tp", "pp", "ep", "zero", "sp")},
-        "global_batch": pt.global_batch,
-        "tokens_per_step": tokens,
-        "steps_timed": len(r["step_s"]),
-        "step_ms_median": 1e3 * median,
-        "step_ms_mean": 1e3 * statistics.fmean(r["step_s"]),
-        "tokens_per_s": tokens / median,
-        "tokens_per_s_per_rank": tokens / median / pt.world,
-        "model_gflops_per_s": r["flops_per_token"] * tokens / median / 1e9,
-        "held_params_bytes": held_max(lambda where, what: what == "params"),
-        "held_grads_bytes": held_max(lambda where, what: what == "grads"),
-        "held_optimizer_bytes": held_max(lambda where, what: what == "optimizer"),
-        "held_host_bytes": held_max(lambda where, what: where == "host"),
-        "held_total_bytes": held_max(lambda where, what: True),
-        "peak_mem_bytes": max(rank[-1] for rank in per_rank),
-        "sent_bytes_mean": statistics.fmean(rank[0] for rank in per_rank),
-        "sent_bytes_max": max(rank[0] for rank in per_rank),
-        "sent_predicted_bytes": statistics.fmean(rank[n_sent - 1] for rank in per_rank),
-        "first_loss": r["loss"],
-        "n_params": r["n_params"],
-        "threads_per_rank": r["threads"],
-        "attempts": r["attempts"],
+
+    def held_max(keep) -> float:  # the rank holding most of what `keep(where, what)` selects
+        return max(
+            sum(v for where, d in rank["held"].items() for what, v in d.items() if keep(where, what))
+            for rank in ranks
+        )
+
+    row = {"mode": pt.mode, "layout": pt.layout.name, "world": pt.world}
+    row |= {k: getattr(pt.cfg.parallel, k) for k in ("dp", "tp", "pp", "ep", "zero", "sp")}
+    row |= {"global_batch": pt.global_batch, "tokens_per_step": tokens, "steps_timed": len(r["step_s"])}
+    row |= {"step_ms_median": 1e3 * median, "step_ms_mean": 1e3 * statistics.fmean(r["step_s"])}
+    row |= {"tokens_per_s": tokens / median, "tokens_per_s_per_rank": tokens / median / pt.world}
+    row["model_gflops_per_s"] = r["flops_per_token"] * tokens / median / 1e9
+    for what in ("params", "grads", "optimizer"):
+        row[f"held_{what}_bytes"] = held_max(lambda where, kind, what=what: kind == what)
+    row["held_host_bytes"] = held_max(lambda where, kind: where == "host")
+    row["held_total_bytes"] = held_max(lambda where, kind: True)
+    row["peak_mem_bytes"] = max(rank["peak"] for rank in ranks)
+    row["sent_bytes_mean"] = statistics.fmean(rank["sent"]["total"] for rank in ranks)
+    row["sent_bytes_max"] = max(rank["sent"]["total"] for rank in ranks)
+    row |= {
+        f"sent_{axis}_bytes": statistics.fmean(rank["sent"][axis] for rank in ranks)
+        for axis in (*AXES, "other")
     }
-    for i, axis in enumerate((*AXES, "other")):
-        row[f"sent_{axis}_bytes"] = statistics.fmean(rank[1 + i] for rank in per_rank)
-    return row
+    row["sent_predicted_bytes"] = statistics.fmean(rank["predicted"] for rank in ranks)
+    keep = {"first_loss": r["loss"], "n_params": r["n_params"], "threads_per_rank": r["threads"]}
+    return row | keep | {"attempts": r["attempts"]}
 
 
 def rows_of(points: list, measured: dict) -> list[dict]:

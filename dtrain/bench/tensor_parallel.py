@@ -3,25 +3,17 @@
     python -m dtrain.bench.tensor_parallel [--tp 2] [--sp] [--steps 20] [--warmup 3]
         [--d-model 256 --n-layers 4 --n-heads 8 --seq-len 256 --batch 8 --vocab 1024] [--csv out.csv]
 
-Every rank builds two models from one config and the same canonical initial weights
-(dtrain.model.init_weights):
+Every rank builds two models from one config and the canonical initial weights (dtrain.model.init_weights):
 
-  ours     the dtrain model built for tensor parallelism (dtrain.trainer.build_model on a ProcessGrid of
-           tp ranks): column/row-parallel layers, vocabulary-parallel embedding, head and cross-entropy.
-  pytorch  the dense dtrain.model.Transformer parallelised with torch.distributed.tensor.parallel:
-           ColwiseParallel for wq/wk/wv and w1/w3, RowwiseParallel for wo and w2, RowwiseParallel on the
-           embedding, ColwiseParallel on the head with loss_parallel, and with --sp SequenceParallel on
-           the norms: torchtitan's Llama plan (`pytorch_plan`).
+  ours     dtrain.trainer.build_model on a ProcessGrid of tp ranks: column/row-parallel layers,
+           vocabulary-parallel embedding, head and cross-entropy.
+  pytorch  the dense dtrain.model.Transformer parallelised by torch.distributed.tensor.parallel with
+           torchtitan's Llama plan (`pytorch_plan`), the head's loss under loss_parallel.
 
-Both train on the same batch (random token ids from a fixed seed) every step with the same AdamW. A step
-is forward with targets (token-loss sum) / tokens, backward, the sum of partial gradients over the tensor
-group (ours; DTensor does its own), optimizer step, zero grads.
-
-The untimed counting step records every collective at the dispatcher (comm.CommRecorder: our
-torch.distributed calls and DTensor's functional collectives alike) with ring costs (FORMULAS.md):
-all-reduce 2(n-1)/n*S, all-gather and reduce-scatter (n-1)/n*S, S the full (gathered) size. Ours is
-compared with the analytic count for this model (`analytic_bytes`); bytes are deterministic, so the two
-must be equal.
+Both train on one batch (random token ids from a fixed seed) every step: forward with targets (token-loss
+sum) / tokens, backward, the partial-gradient sum over the tensor group (ours; DTensor does its own), AdamW.
+The counting step records every collective at the dispatcher (comm.CommRecorder) with the ring costs of
+FORMULAS.md; ours must equal the analytic count for the model (`analytic_bytes`) exactly.
 """
 
 from __future__ import annotations
@@ -32,18 +24,7 @@ from fractions import Fraction
 
 import torch
 
-from dtrain.bench import harness
-from dtrain.bench.comm import (
-    AFTER,
-    ALL_GATHER,
-    ALL_REDUCE,
-    BACKWARD,
-    FORWARD,
-    REDUCE_SCATTER,
-    CommRecorder,
-    ring_bytes,
-    tally_lines,
-)
+from dtrain.bench import comm, harness
 
 LABELS = {"ours": "dtrain (ours)", "pytorch": "PyTorch DTensor"}
 
@@ -76,9 +57,9 @@ def analytic_bytes(cfg, batch: int, seq_len: int) -> Analytic:
     itemsize = torch.empty((), dtype=torch.get_default_dtype()).element_size()
     act = batch * seq_len * m.d_model * itemsize  # one (b, s, h) activation or its gradient
     L = m.n_layers
-    ar = ring_bytes(ALL_REDUCE, act, n)
+    ar = comm.ring_bytes(comm.ALL_REDUCE, act, n)
     if sp:
-        pair = ring_bytes(ALL_GATHER, act, n) + ring_bytes(REDUCE_SCATTER, act, n)
+        pair = comm.ring_bytes(comm.ALL_GATHER, act, n) + comm.ring_bytes(comm.REDUCE_SCATTER, act, n)
         terms = [
             ("blocks: 2 all-gathers + 2 reduce-scatters of b*s*h fwd, same bwd, per layer", L * 4 * pair),
             ("embedding: reduce-scatter of b*s*h fwd, all-gather bwd", pair),
@@ -92,7 +73,10 @@ def analytic_bytes(cfg, batch: int, seq_len: int) -> Analytic:
         ]
     ce_bytes = batch * seq_len * max(itemsize, 4)  # the loss widens the logits to at least fp32
     terms.append(
-        ("vocab-parallel cross-entropy: 3 all-reduces of b*s fwd", 3 * ring_bytes(ALL_REDUCE, ce_bytes, n))
+        (
+            "vocab-parallel cross-entropy: 3 all-reduces of b*s fwd",
+            3 * comm.ring_bytes(comm.ALL_REDUCE, ce_bytes, n),
+        )
     )
     partial = (2 * L + 1) * m.d_model if sp else 0  # norm gains
     kv = m.n_kv_heads or m.n_heads
@@ -100,7 +84,7 @@ def analytic_bytes(cfg, batch: int, seq_len: int) -> Analytic:
         partial += L * 2 * kv * (m.d_model // m.n_heads) * m.d_model  # replicated wk, wv
     if partial:
         label = "sum_partial_grads: 1 all-reduce of the partial grads ((2L+1)*h norm gains)"
-        terms.append((label, ring_bytes(ALL_REDUCE, partial * itemsize, n)))
+        terms.append((label, comm.ring_bytes(comm.ALL_REDUCE, partial * itemsize, n)))
     return Analytic(formulas=L * 4 * ar, terms=terms)
 
 
@@ -168,11 +152,11 @@ class SameBatch(harness.Implementation):
     def step(self, index: int) -> float:
         inputs, targets = self.batch
         with self.loss_context():
-            self.phase.name = FORWARD
+            self.phase.name = comm.FORWARD
             loss = self.model(inputs, targets) / targets.numel()
-            self.phase.name = BACKWARD
+            self.phase.name = comm.BACKWARD
             loss.backward()
-        self.phase.name = AFTER
+        self.phase.name = comm.AFTER
         self.sync_grads()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -210,7 +194,7 @@ def build_pytorch(cfg, batch) -> SameBatch:
 
 
 def count_step(impl, index: int) -> tuple[float, dict]:
-    with CommRecorder(impl.phase) as recorder:
+    with comm.CommRecorder(impl.phase) as recorder:
         loss = impl.step(index)
     return loss, {"bytes_sent": recorder.total(), "calls": recorder.calls, "counts": recorder.counts}
 
@@ -295,7 +279,7 @@ def format_table(s: dict) -> str:
     lines += ["", "collectives per step"]
     calls = {LABELS[name]: r["calls"] for name, r in s["impls"].items()}
     counts = {LABELS[name]: r["counts"] for name, r in s["impls"].items()}
-    lines += tally_lines(calls, 18, 24, counts)
+    lines += comm.tally_lines(calls, 18, 24, counts)
     if c["sp"] and "pytorch" in s["impls"]:
         lines.append(
             "  (PyTorch leaves the norm gains' gradients Partial after backward; every AdamW foreach op that "
