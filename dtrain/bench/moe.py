@@ -270,35 +270,35 @@ def measure_dispatch(rank: int, args, cfg, grid) -> dict:
     }
 
 
-def summarise_load(args, records: list[dict]) -> dict:
-    """Per step and MoE layer: expert loads (slots routed to each expert, before dropping, over every
-    rank), their max and min over the mean, the dropped share and the load-balancing loss."""
-    layers = sorted(
-        {int(k.split("/")[1][len("layer") :]) for r in records for k in r if k.endswith("per_expert")}
-    )
-    slots = args.ep * args.micro_batch * args.seq_len * args.top_k  # one micro-batch per rank and step
-    steps = []
-    for r in records:
-        row = {"step": r["step"], "loss": r["loss"], "time_s": r["time_s"], "layers": {}}
-        for i in layers:
-            counts = r[f"moe/layer{i}/tokens_per_expert"]
-            mean = sum(counts) / len(counts)
-            row["layers"][i] = {
-                "counts": counts,
-                "sum": sum(counts),
-                "max_over_mean": max(counts) / mean,
-                "min_over_mean": min(counts) / mean,
-                "dropped_frac": r[f"moe/layer{i}/dropped_frac"],
-                "aux_loss": r[f"moe/layer{i}/aux_loss"],
+def summarise_load(args, results: list, times: list[float]) -> dict:
+    """A row per training step and MoE layer: the expert loads (slots routed to each expert, before
+    dropping, over every rank), their max and min over the mean, the dropped share and the load-balancing
+    loss; the first, middle and last step are the ones the table shows."""
+    slots, rows = (
+        args.ep * args.micro_batch * args.seq_len * args.top_k,
+        [],
+    )  # a micro-batch per rank and step
+    for step, (result, step_s) in enumerate(zip(results, times, strict=True), 1):
+        for key in sorted(k for k in result.moe if k.endswith("/tokens_per_expert")):
+            layer, counts = key.split("/")[1], result.moe[key]
+            row = {
+                "step": step,
+                "layer": int(layer.removeprefix("layer")),
+                "loss": result.loss,
+                "step_s": step_s,
             }
-        steps.append(row)
-    n = len(steps)
+            row |= {"max_over_mean": max(counts) * len(counts) / sum(counts)}
+            row |= {"min_over_mean": min(counts) * len(counts) / sum(counts)}
+            row |= {k: result.moe[f"moe/{layer}/{k}"] for k in ("dropped_frac", "aux_loss")}
+            rows.append(row | {"counts": counts})
+    n = len(results)
     return {
-        "layers": layers,
+        "rows": rows,
+        "steps": n,
+        "layers": sorted({r["layer"] for r in rows}),
         "slots_per_step": slots,
-        "steps": steps,
-        "picks": sorted({0, (n - 1) // 2, n - 1}) if n else [],
-        "sums_match": all(v["sum"] == slots for s in steps for v in s["layers"].values()),
+        "picks": sorted({1, (n + 1) // 2, n}) if n else [],
+        "sums_match": all(sum(r["counts"]) == slots for r in rows),
     }
 
 
@@ -306,22 +306,15 @@ def measure(rank: int, args) -> dict:
     """Both parts on every rank; rank 0's result is the summary."""
     from parallel.grid import ProcessGrid
 
-    cfg = configs(args)
-    grid = ProcessGrid(dp=args.ep, ep=args.ep)
+    cfg, grid = configs(args), ProcessGrid(dp=args.ep, ep=args.ep)
     harness.say(rank, f"[bench] dispatch: one MoE layer, {args.tokens} tokens per rank, {args.dtype}")
-    summary, records = measure_dispatch(rank, args, cfg, grid), []
+    summary, results, times = measure_dispatch(rank, args, cfg, grid), [], []
     if args.train_steps:
         harness.say(rank, f"[bench] expert load: training {args.train_steps} steps")
-        builders = {"trainer": lambda: harness.TrainerSide(cfg, grid)}
-        done = harness.contest(
-            rank, builders, {"trainer": "Trainer"}, 0, args.train_steps, untimed=0, prefix="load: "
-        )
+        builders, labels = {"trainer": lambda: harness.TrainerSide(cfg, grid)}, {"trainer": "Trainer"}
+        done = harness.contest(rank, builders, labels, 0, args.train_steps, untimed=0, prefix="load: ")
         results, times = done.impls["trainer"].results, done.step_times("trainer")
-        records = [
-            {"step": i + 1, "loss": r.loss, "time_s": t, **r.moe}
-            for i, (r, t) in enumerate(zip(results, times, strict=True))
-        ]
-    return summary | {"load": summarise_load(args, records)}
+    return summary | {"load": summarise_load(args, results, times)}
 
 
 def _dispatch_lines(s: dict) -> list[str]:
@@ -398,7 +391,7 @@ def _load_lines(s: dict) -> list[str]:
         f"{c['experts']} experts, top-{c['top_k']}, capacity factor {c['capacity_factor']} ==",
         f"model d_model={c['d_model']} n_heads={c['n_heads']} vocab={c['vocab']}, synthetic data, "
         f"{c['ep'] * c['micro_batch'] * c['seq_len']} tokens per step ({c['micro_batch']} x {c['seq_len']} "
-        f"per rank), {len(load['steps'])} steps",
+        f"per rank), {load['steps']} steps",
         "load = slots routed to an expert per step over all ranks, before dropping "
         "(moe/layer{i}/tokens_per_expert);",
         f"tokens per expert sum to tokens*k = {load['slots_per_step']} every step: {load['sums_match']}",
@@ -406,14 +399,12 @@ def _load_lines(s: dict) -> list[str]:
         f"{'step':>5}{'loss':>9}{'layer':>7}{'max/mean':>10}{'min/mean':>10}{'dropped':>9}{'aux loss':>10}   "
         "tokens per expert",
     ]
-    for i in load["picks"]:
-        step = load["steps"][i]
-        for j, (layer, v) in enumerate(step["layers"].items()):
-            head = f"{step['step']:>5}{step['loss']:>9.4f}" if j == 0 else " " * 14
-            lines.append(
-                f"{head}{layer:>7}{v['max_over_mean']:>10.3f}{v['min_over_mean']:>10.3f}"
-                f"{v['dropped_frac']:>9.4f}{v['aux_loss']:>10.4f}   {v['counts']}"
-            )
+    for r in (r for r in load["rows"] if r["step"] in load["picks"]):
+        head = f"{r['step']:>5}{r['loss']:>9.4f}" if r["layer"] == load["layers"][0] else " " * 14
+        lines.append(
+            f"{head}{r['layer']:>7}{r['max_over_mean']:>10.3f}{r['min_over_mean']:>10.3f}"
+            f"{r['dropped_frac']:>9.4f}{r['aux_loss']:>10.4f}   {r['counts']}"
+        )
     return [*lines, "(aux loss = E * sum_e f_e * m_e: 1.0 for perfectly balanced routing)"]
 
 
@@ -438,22 +429,6 @@ def csv_rows(s: dict) -> list[dict]:
         }
         for name, impl in s["impls"].items()
         for rank, r in enumerate(impl["ranks"])
-    ]
-
-
-def load_rows(s: dict) -> list[dict]:
-    """One row per training step and MoE layer: loss, load figures and every expert's load."""
-    return [
-        {
-            "step": step["step"],
-            "layer": layer,
-            "loss": step["loss"],
-            "step_s": step["time_s"],
-            **{k: v[k] for k in ("max_over_mean", "min_over_mean", "dropped_frac", "aux_loss")},
-            **{f"expert{e}": n for e, n in enumerate(v["counts"])},
-        }
-        for step in s["load"]["steps"]
-        for layer, v in step["layers"].items()
     ]
 
 
@@ -492,7 +467,12 @@ def run(argv=None) -> dict:
     """The benchmark's run, then with --load-csv the load metrics of every training step."""
     summary = run_benchmark(argv)
     if summary["config"]["load_csv"] and summary["load"]["steps"]:
-        harness.write_csv(summary["config"]["load_csv"], load_rows(summary))
+        rows = [
+            {k: v for k, v in r.items() if k != "counts"}
+            | {f"expert{e}": n for e, n in enumerate(r["counts"])}
+            for r in summary["load"]["rows"]
+        ]
+        harness.write_csv(summary["config"]["load_csv"], rows)
     return summary
 
 
