@@ -16,7 +16,6 @@ from fractions import Fraction
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # Re-exported for the benchmarks, which import them from here.
@@ -102,11 +101,13 @@ class CommRecorder(TorchDispatchMode):
     module tracker registers a forward hook per call, and each Block calls its dropout twice a forward.)"""
 
     def __init__(self, phase: Phase):
+        from torch.distributed.tensor import DTensor  # here: importing it costs every `dtrain` command 1 s
+
         super().__init__()
-        self.phase, self.calls, self.counts = phase, [], {}
+        self.phase, self.calls, self.counts, self._dtensor = phase, [], {}, DTensor
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if any(t is DTensor for t in types):
+        if any(t is self._dtensor for t in types):
             return NotImplemented
         kwargs, namespace = kwargs or {}, getattr(func, "namespace", None)
         if namespace in ("c10d", "_c10d_functional"):

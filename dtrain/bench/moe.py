@@ -37,8 +37,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dtrain.bench import comm, harness
+from dtrain.config import d_ff_of
 from parallel.collectives import gather_from_sp, reduce_scatter_to_sp
 from parallel.expert_parallel import group_size
+from parallel.grid import ProcessGrid
 from parallel.moe import MoELayer, Routing, expert_capacity, route
 from parallel.precision import wide
 
@@ -159,8 +161,6 @@ def configs(args):
 def build_layer(cfg, grid, dtype: torch.dtype, seed: int) -> MoELayer:
     """One MoE layer of the config on this rank of the ep group: the router (the same on every rank) and
     this rank's slice of the canonical expert tensors, drawn from `seed` with the model's init_std."""
-    from dtrain.config import d_ff_of
-
     m, moe = cfg.model, cfg.model.moe
     shape = (m.d_model, d_ff_of(m), moe.num_experts, moe.top_k, moe.capacity_factor)
     layer = MoELayer(*shape, moe.aux_loss_coef, moe.z_loss_coef, ep_group=grid.ep_group)
@@ -304,8 +304,6 @@ def summarise_load(args, results: list, times: list[float]) -> dict:
 
 def measure(rank: int, args) -> dict:
     """Both parts on every rank; rank 0's result is the summary."""
-    from parallel.grid import ProcessGrid
-
     cfg, grid = configs(args), ProcessGrid(dp=args.ep, ep=args.ep)
     harness.say(rank, f"[bench] dispatch: one MoE layer, {args.tokens} tokens per rank, {args.dtype}")
     summary, results, times = measure_dispatch(rank, args, cfg, grid), [], []

@@ -39,6 +39,12 @@ from dataclasses import dataclass, field
 import torch
 
 from dtrain.bench import harness
+from dtrain.config import d_ff_of
+from dtrain.model import TokenCrossEntropy
+from dtrain.trainer import build_optimizer
+from parallel import pipeline_schedules as ps
+from parallel.grid import ProcessGrid
+from parallel.sharding import clip_grads_, global_grad_norm
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 PYTORCH_CLASSES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved": "ScheduleInterleaved1F1B"}
@@ -61,16 +67,12 @@ def formula_bubble(schedule: str, p: int, m: int, v: int = 1) -> float:
 
 
 def simulate_ours(schedule: str, p: int, m: int) -> dict:
-    from parallel import pipeline_schedules as ps
-
     return ps.simulate(ps.build(schedule, p, m, virtual_stages(schedule)), p)
 
 
 def simulate_order(order, p: int) -> tuple[float | None, str | None]:
     """simulate()'s bubble for PyTorch's own action order (`schedule.pipeline_order`: rank -> list of
     _Action or None), keeping its forwards and full backwards; else None and the reason."""
-    from parallel import pipeline_schedules as ps
-
     if not order:
         return None, "the schedule exposes no pipeline_order"
     schedules = []
@@ -236,9 +238,6 @@ class TorchPipeline(Clocked, harness.TorchSide):
     def __init__(self, cfg, grid, schedule: str, chunks: dict, clock: Clock):
         from torch.distributed import pipelining
 
-        from dtrain.model import TokenCrossEntropy
-        from dtrain.trainer import build_optimizer
-
         super().__init__(cfg, loss_group=grid.pp_group)
         self.grid, self.clock, self.modules, stages = grid, clock, [], []
         total = cfg.parallel.pp * virtual_stages(schedule)
@@ -286,8 +285,6 @@ class TorchPipeline(Clocked, harness.TorchSide):
         return torch.stack(losses).sum() if losses else torch.zeros(())  # the losses live on the last stage
 
     def clip(self) -> None:
-        from parallel.sharding import clip_grads_, global_grad_norm
-
         grad_norm = global_grad_norm(self.params, pp_group=self.grid.pp_group)
         clip_grads_(self.params, self.cfg.train.grad_clip, grad_norm)
 
@@ -369,9 +366,6 @@ def measure_schedule(rank: int, args, grid, clock: Clock, schedule: str) -> dict
 
 def measure(rank: int, args) -> dict:
     """Every schedule in turn on every rank, backward calls timed throughout."""
-    from dtrain.config import d_ff_of
-    from parallel.grid import ProcessGrid
-
     grid, clock = ProcessGrid(pp=args.pp, dp=1), Clock()
     with timing_backwards(clock):
         rows = {schedule: measure_schedule(rank, args, grid, clock, schedule) for schedule in args.schedules}

@@ -25,6 +25,11 @@ from fractions import Fraction
 import torch
 
 from dtrain.bench import comm, harness
+from dtrain.config import d_ff_of
+from dtrain.model import Transformer, init_weights
+from dtrain.trainer import build_model, build_optimizer
+from parallel.grid import ProcessGrid
+from parallel.sharding import sum_partial_grads
 
 LABELS = {"ours": "dtrain (ours)", "pytorch": "PyTorch DTensor"}
 
@@ -142,8 +147,6 @@ class SameBatch(harness.Implementation):
     (PyTorch: loss_parallel); `sync_grads` runs after backward (ours: the partial-gradient sum)."""
 
     def __init__(self, model, cfg, batch, loss_context=contextlib.nullcontext, sync_grads=lambda: None):
-        from dtrain.trainer import build_optimizer
-
         super().__init__()
         self.model, self.batch = model.train(), batch
         self.loss_context, self.sync_grads = loss_context, sync_grads
@@ -165,10 +168,6 @@ class SameBatch(harness.Implementation):
 
 
 def build_ours(cfg, batch) -> SameBatch:
-    from dtrain.trainer import build_model
-    from parallel.grid import ProcessGrid
-    from parallel.sharding import sum_partial_grads
-
     grid = ProcessGrid(tp=cfg.parallel.tp, dp=1)
     model = build_model(cfg, grid, torch.device("cpu"))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -179,8 +178,6 @@ def build_pytorch(cfg, batch) -> SameBatch:
     """The dense model parallelised by torch.distributed.tensor.parallel."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import loss_parallel, parallelize_module
-
-    from dtrain.model import Transformer, init_weights
 
     tp = cfg.parallel.tp
     model = Transformer(cfg.model)
@@ -201,8 +198,6 @@ def count_step(impl, index: int) -> tuple[float, dict]:
 
 def measure(rank: int, args) -> dict:
     """Runs on every rank; rank 0's result is the summary (step times: slowest rank)."""
-    from dtrain.config import d_ff_of
-
     cfg, tokens = configs(args), args.batch * args.seq_len
     ids = torch.randint(
         0, args.vocab, (args.batch, args.seq_len + 1), generator=torch.Generator().manual_seed(args.seed)

@@ -36,6 +36,12 @@ import torch.distributed as dist
 
 from dtrain.bench import harness
 from dtrain.bench.comm import ALL_GATHER, ALL_REDUCE, NORM_AND_LOSS, REDUCE_SCATTER, CommRecorder, ring_bytes
+from dtrain.config import ConfigError, d_ff_of, microbatches_per_rank
+from dtrain.model import count_params
+from dtrain.trainer import build_optimizer
+from parallel.data_parallel import plan_buckets
+from parallel.grid import ProcessGrid
+from parallel.ledger import BOOKKEEPING, TRAINING, CommLedger
 
 # name: (label, short label, ZeRO stage, parallel.offload: None for PyTorch's)
 IMPLS = {
@@ -67,8 +73,6 @@ def make_config(args, zero: int = 0, offload: str = "none"):
 
 def configs(args) -> tuple[dict, dict[str, str]]:
     """The configs of our implementations that validate accepts, and the others' ConfigError messages."""
-    from dtrain.config import ConfigError
-
     cfgs, refused = {}, {}
     for name in OURS:
         try:
@@ -86,9 +90,6 @@ def bucket_traffic(trainer, n: int, pad: bool = True) -> Fraction | None:
     all-reduces each bucket as it is; stages 1 and 2 pad each bucket to a multiple of n elements,
     reduce-scatter it (stage 1 once per step, stage 2 after every micro-batch) and all-gather it back
     after the optimizer step. pad=False: the same without the padding. None for stage 3."""
-    from dtrain.config import microbatches_per_rank
-    from parallel.data_parallel import plan_buckets
-
     cfg, params, stage = trainer.cfg, trainer.params, trainer.cfg.parallel.zero
     if stage > 2:
         return None
@@ -124,8 +125,6 @@ class TorchDataParallel(harness.TorchSide):
 
     def __init__(self, cfg, name: str):
         from torch.nn.parallel import DistributedDataParallel
-
-        from dtrain.trainer import build_optimizer
 
         super().__init__(cfg, dist.get_rank(), dist.get_world_size())
         t, model = cfg.train, self.dense()
@@ -206,8 +205,6 @@ def _norm_loss(call) -> bool:
 def count_step(impl, index: int) -> tuple[float, dict]:
     """The counting step: bytes held, RSS growth and collectives (every rank issues the same ones), sent
     against FORMULAS.md; ours also against the library ledger's count and the bucket plan's."""
-    from parallel.ledger import BOOKKEEPING, TRAINING, CommLedger
-
     trainer = getattr(impl, "trainer", None)
     impl.count_held, n = True, dist.get_world_size()
     ledger = CommLedger(trainer.grid) if trainer else contextlib.nullcontext()
@@ -241,10 +238,6 @@ def count_step(impl, index: int) -> tuple[float, dict]:
 
 def measure(rank: int, args) -> dict:
     """Runs on every rank; rank 0's result is the summary (step times: slowest rank; held: every rank)."""
-    from dtrain.config import d_ff_of
-    from dtrain.model import count_params
-    from parallel.grid import ProcessGrid
-
     cfgs, errors = configs(args)
     grid, n = ProcessGrid(dp=args.dp), args.dp
     psi = count_params(cfgs["ddp"].model)["total"]
