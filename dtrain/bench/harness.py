@@ -316,9 +316,8 @@ def commands(
         """Spawns the ranks, measures, prints the table (rank 0's results) and returns the summary."""
         args = parse_args(argv)
         bench.configs(args)
-        summary = spawn(bench.measure, args, getattr(args, ranks_of), args.timeout)[0] | {
-            "config": vars(args)
-        }
+        raw, _attempts = spawn(bench.measure, args, getattr(args, ranks_of), args.timeout)
+        summary = raw | {"config": vars(args)}
         print(bench.format_table(summary), flush=True)
         if args.csv:
             write_csv(args.csv, bench.csv_rows(summary))
@@ -348,9 +347,12 @@ def config_of(args, overrides: list[str], world_size: int):
         f"model.vocab_size={args.vocab}",
         f"model.d_model={args.d_model}",
         f"model.n_layers={args.n_layers}",
+        f"model.n_heads={args.n_heads}",
+        f"model.max_seq_len={args.seq_len}",
+        "model.dropout=0.0",
+        f"train.seq_len={args.seq_len}",
+        f"train.seed={args.seed}",
     ]
-    model += [f"model.n_heads={args.n_heads}", f"model.max_seq_len={args.seq_len}", "model.dropout=0.0"]
-    model += [f"train.seq_len={args.seq_len}", f"train.seed={args.seed}"]
     return validate(load_config(None, [*model, *overrides]), world_size)
 
 
@@ -363,7 +365,7 @@ def mib(x, digits: int = 3) -> str:
 
 def text(x, spec: str, scale: float = 1.0) -> str:
     """A figure in a table cell, "-" where there is none (an implementation that did not run)."""
-    return "-" if x is None or x == {} else format(scale * x, spec)
+    return "-" if x is None else format(scale * x, spec)
 
 
 def note(text: str) -> list[str]:

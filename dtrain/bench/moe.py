@@ -142,20 +142,21 @@ def allgather_analytic(
 def configs(args):
     """The training run's config, whose model section also shapes the dispatch layer: ep ranks, each a
     data-parallel rank of one micro-batch per step, every block's MLP a mixture of experts."""
-    moe = [f"model.moe.num_experts={args.experts}", f"model.moe.top_k={args.top_k}"]
-    moe += [f"model.moe.capacity_factor={args.capacity_factor}"] + [f"model.d_ff={args.d_ff}"] * (
-        args.d_ff is not None
-    )
-    batch = [
+    overrides = [
+        f"model.moe.num_experts={args.experts}",
+        f"model.moe.top_k={args.top_k}",
+        f"model.moe.capacity_factor={args.capacity_factor}",
+        f"parallel.dp={args.ep}",
+        f"parallel.ep={args.ep}",
         f"train.global_batch_size={args.ep * args.micro_batch}",
         f"train.micro_batch_size={args.micro_batch}",
-    ]
-    steps = [
         f"train.steps={max(1, args.train_steps)}",
         f"train.warmup_steps={min(10, args.train_steps // 4)}",
+        "train.eval_batches=0",
     ]
-    layout = [f"parallel.dp={args.ep}", f"parallel.ep={args.ep}", "train.eval_batches=0"]
-    return harness.config_of(args, [*moe, *batch, *steps, *layout], args.ep)
+    if args.d_ff is not None:
+        overrides.append(f"model.d_ff={args.d_ff}")
+    return harness.config_of(args, overrides, args.ep)
 
 
 def build_layer(cfg, grid, dtype: torch.dtype, seed: int) -> MoELayer:

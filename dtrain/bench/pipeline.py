@@ -399,7 +399,7 @@ def format_table(s: dict) -> str:
         lines.append(
             f"  {_label(schedule, r['v']):<16}{1e3 * o['median_s']:>9.1f}"
             f"{text(t.get('median_s'), '.1f', 1e3):>9}{text(r.get('ratio'), '.3f'):>9}{o['losses'][0]:>12.6f}"
-            f"{text(t and t['losses'][0], '.6f'):>12}{text(r.get('loss_rel_diff'), '.1e'):>10}"
+            f"{text(t.get('losses', [None])[0], '.6f'):>12}{text(r.get('loss_rel_diff'), '.1e'):>10}"
             f"{text(r.get('loss_gap'), '.1e'):>11}"
         )
     for schedule, r in rows.items():

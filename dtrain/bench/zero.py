@@ -3,22 +3,17 @@
     python -m dtrain.bench.zero [--dp 2] [--steps 10] [--warmup 2] [--micro-batches 1] [--bucket-mb 25]
         [--d-model 256 --n-layers 4 --n-heads 8 --seq-len 128 --micro-batch 4 --vocab 1024] [--csv out.csv]
 
-Every rank builds every implementation from one model config and the canonical initial weights, all on
-the same data (the global batch of each step: dp * micro-batches * micro-batch rows):
+Every rank builds every implementation of IMPLS from the canonical initial weights, all on the same data:
+ours are dtrain Trainers (parallel.zero 0 = our DataParallel, 1, 2, 3, those also with offload=optimizer;
+one validate refuses is reported "not implemented"), PyTorch's are DDP + AdamW, ZeroRedundancyOptimizer
+under the same DDP, and FSDP2 (fully_shard on every block and the root), by our recipe (harness.TorchSide).
 
-  ours     a dtrain Trainer per entry of IMPLS with a parallel.zero stage (0 = our DataParallel; 1, 2 and
-           3 also with parallel.offload=optimizer); one dtrain.config.validate refuses is reported "not
-           implemented" with validate's message.
-  pytorch  DDP + AdamW, ZeroRedundancyOptimizer(AdamW) under the same DDP, and FSDP2 (fully_shard on every
-           block and on the root, over a CPU DeviceMesh), by our recipe (harness.TorchSide).
-
-Step 0 of each, right after it is built, is the untimed counting step: its loss; the bytes of parameters,
-gradients and optimizer states each rank holds (ours: Trainer.held_bytes(); PyTorch: local tensors and
-DTensor shards after optimizer.step(), before zero_grad: the peak of model states) against FORMULAS.md
-per parameter; the growth of peak RSS (ru_maxrss) while it was built and stepped; its collectives at the
-dispatcher (comm.CommRecorder) against FORMULAS.md's 2Ψ·4 (stages 0-2) and 3Ψ·4 (stage 3). Ours must also
-equal the exact count of our padded buckets (`bucket_traffic`, stages 0-2) and what the library's own
-ledger (parallel.ledger.CommLedger) counted in the same step.
+Step 0 of each, right after it is built, counts: the bytes of parameters, gradients and optimizer states
+each rank holds (ours: Trainer.held_bytes(); PyTorch: local tensors and shards after optimizer.step(),
+before zero_grad) against FORMULAS.md per parameter; the growth of peak RSS while built and stepped; the
+collectives at the dispatcher (comm.CommRecorder) against FORMULAS.md's 2Ψ·4 (stages 0-2) and 3Ψ·4 (stage
+3). Ours must also equal the exact count of our padded buckets (`bucket_traffic`, stages 0-2) and what
+the library's own ledger (parallel.ledger.CommLedger) counted in the same step.
 """
 
 from __future__ import annotations
