@@ -471,7 +471,9 @@ def csv_rows(s: dict) -> list[dict]:
 
 def add_arguments(p) -> None:
     p.add_argument("--microbatches", type=int, default=8, help="micro-batches per step (m)")
-    p.add_argument("--schedules", default=",".join(SCHEDULES), help=f"comma-separated subset of {SCHEDULES}")
+    p.add_argument(
+        "--schedules", default=",".join(SCHEDULES), help=f"comma-separated subset of {','.join(SCHEDULES)}"
+    )
 
 
 def check(p, args) -> None:
