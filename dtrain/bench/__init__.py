@@ -1,13 +1,11 @@
 """Benchmarks that measure dtrain against PyTorch's own implementation of the same technique, in the same
 run, on the same model and data (`python -m dtrain.bench.<name> --help`).
 
-One module per benchmark (tensor_parallel, pipeline, zero, moe: what it measures and how, in its
-docstring), with its PyTorch side (`<name>_pytorch`; moe compares against an all-gather dispatcher it
-writes itself, PyTorch having no expert parallelism) and its report (`<name>_report`) beside it; what
-they share:
-world (the spawned Gloo world), timing (barriers, alternation, slowest rank), comm (counting
-collectives), cli (the common flags) and report (printing the table, writing the CSV).
+One module per technique holds our side, PyTorch's peer and the checks and report of that technique:
+zero (DDP, ZeroRedundancyOptimizer, FSDP2), tensor_parallel (DTensor), pipeline
+(torch.distributed.pipelining) and moe (PyTorch having no expert parallelism, an all-gather dispatcher it
+writes itself). They share harness (the command line, the spawned Gloo world, the alternating timed steps,
+tables, CSV, plots, TensorBoard) and comm (the collectives a step issues, in bytes sent per rank).
 
 scaling (`dtrain bench`) measures dtrain alone: throughput, memory and bytes sent per rank across world
-sizes and layouts, strong and weak scaling, one fresh world per point; scaling_report writes its CSV,
-PNG plots and TensorBoard scalars."""
+sizes and layouts, strong and weak scaling, one fresh world per point."""

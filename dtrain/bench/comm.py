@@ -1,192 +1,146 @@
 """Counting the collectives a training step issues, and what they cost in bytes sent per rank.
 
-Two recorders see the two ways a step can reach the network. `CollectiveRecorder` patches the
-torch.distributed collectives our library calls (dist.all_reduce(...) and friends); `CollectiveCounter` is
-a dispatcher mode that sees DTensor's functional collectives, the way
-torch.distributed.tensor.debug.CommDebugMode counts them. Each call becomes a `Call` (op, full tensor
-bytes, group size, phase of the step), and `ring_bytes` turns it into bytes sent per rank with the ring
-costs of FORMULAS.md (`ring_bytes` and the op names live in parallel.ledger, the library's communication
-ledger, and are re-exported here).
+`CommRecorder` is a dispatcher mode, so it sees every collective however it is issued: torch.distributed's
+functions (our library) and DDP's C++ reducer both reach the dispatcher as c10d operators, out of reach of
+any patch of Python functions, and DTensor's functional collectives as _c10d_functional operators (the set
+torch.distributed.tensor.debug.CommDebugMode counts). Each becomes a `Call` (op, full tensor bytes, group
+size, phase of the step, bytes sent) priced with the ring costs of FORMULAS.md (`ring_bytes` and the op
+names live in parallel.ledger, the library's communication ledger, and are re-exported here); an
+all-to-all sends exactly the input rows whose split belongs to another rank.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Re-exported for the benchmarks, which import them from here.
-from parallel.ledger import ALL_GATHER, ALL_REDUCE, ALL_TO_ALL, REDUCE_SCATTER, ring_bytes
+from parallel.ledger import ALL_GATHER, ALL_REDUCE, ALL_TO_ALL, BROADCAST, REDUCE_SCATTER, ring_bytes
 
-# The parts of a training step a call is stamped with, in step order (the tables sort by it).
-FORWARD, BACKWARD, AFTER = "forward", "backward", "grad sync + optimizer"
-PHASES = (FORWARD, BACKWARD, AFTER)
-
-
-@dataclass
-class Call:
-    """One collective call: its op, the full (gathered) tensor size S, the group size and the phase."""
-
-    kind: str
-    full_bytes: int
-    group_size: int
-    phase: str
-
-    @property
-    def sent(self) -> Fraction:
-        return ring_bytes(self.kind, self.full_bytes, self.group_size)
+# The parts of a training step a call is stamped with, in step order (the tables sort by it); PyTorch's
+# gradient clipping and loss all-reduce are stamped NORM_AND_LOSS: they are not model-state traffic.
+FORWARD, BACKWARD, AFTER, NORM_AND_LOSS = "forward", "backward", "grad sync + optimizer", "norm + loss"
+PHASES = (FORWARD, BACKWARD, AFTER, NORM_AND_LOSS)
 
 
 class Phase:
-    """Which part of the step is running; steps set it, recorders stamp it on every call."""
+    """Which part of its step an implementation is running; its steps set it, a recorder reads it."""
 
     name = FORWARD
 
 
-UNWATCHED = Phase()  # the phase a step sets when no recorder is listening (its timed steps)
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-# torch.distributed.<name> -> (kind, the full size S in bytes from the bound arguments)
-_WRAPPED = {
-    "all_reduce": (ALL_REDUCE, lambda a: _nbytes(a["tensor"])),
-    "all_gather_single": (ALL_GATHER, lambda a: _nbytes(a["output_tensor"])),
-    "reduce_scatter_single": (REDUCE_SCATTER, lambda a: _nbytes(a["input"])),
-    "all_gather": (ALL_GATHER, lambda a: sum(_nbytes(t) for t in a["tensor_list"])),
-    "all_gather_into_tensor": (ALL_GATHER, lambda a: _nbytes(a["output_tensor"])),
-    "reduce_scatter_tensor": (REDUCE_SCATTER, lambda a: _nbytes(a["input"])),
-}
-
-
 @dataclass
-class CollectiveRecorder:
-    """Records every call of the torch.distributed collectives in `_WRAPPED` while active. The library
-    calls them through the module attribute (`dist.all_reduce(...)`), so patching the attribute, in this
-    process only, sees them all; the originals are restored on exit."""
-
-    phase: Phase
-    calls: list[Call] = field(default_factory=list)
-
-    def __enter__(self) -> CollectiveRecorder:
-        self._saved = {name: getattr(dist, name) for name in _WRAPPED}
-        for name, fn in self._saved.items():
-            setattr(dist, name, self._wrap(name, fn))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for name, fn in self._saved.items():
-            setattr(dist, name, fn)
-
-    def _wrap(self, name: str, fn):
-        kind, size_of = _WRAPPED[name]
-        signature = inspect.signature(fn)
-
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            bound = signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            n = dist.get_world_size(bound.arguments.get("group"))
-            self.calls.append(Call(kind, size_of(bound.arguments), n, self.phase.name))
-            return fn(*args, **kwargs)
-
-        return wrapper
+class Call:
+    kind: str
+    full_bytes: int  # S: the full (gathered) size
+    group_size: int
+    phase: str
+    sent: Fraction  # bytes this rank sends
 
 
-_FUNCOL_KINDS = {
+def _nbytes(t) -> int:
+    if isinstance(t, torch.Tensor):
+        return t.numel() * t.element_size()
+    return sum(_nbytes(x) for x in t)  # (nested) lists of tensors
+
+
+# c10d.<op> -> (kind, the argument holding the full size S)
+_C10D = {
+    "allreduce_": (ALL_REDUCE, "tensors"),
+    "allreduce_coalesced_": (ALL_REDUCE, "tensors"),
+    "broadcast_": (BROADCAST, "tensors"),
+    "_allgather_base_": (ALL_GATHER, "output_tensor"),
+    "allgather_": (ALL_GATHER, "output_tensors"),
+    "allgather_into_tensor_coalesced_": (ALL_GATHER, "outputs"),
+    "_reduce_scatter_base_": (REDUCE_SCATTER, "input_tensor"),
+    "reduce_scatter_": (REDUCE_SCATTER, "input_tensors"),
+    "reduce_scatter_tensor_coalesced_": (REDUCE_SCATTER, "inputs"),
+    "alltoall_base_": (ALL_TO_ALL, "input"),
+}
+# _c10d_functional.<op> (with or without _coalesced and a trailing _) -> kind; their inputs are what this
+# rank holds: an all-gather's is one shard of S
+_FUNCTIONAL = {
     "all_reduce": ALL_REDUCE,
-    "all_reduce_": ALL_REDUCE,
-    "all_reduce_coalesced": ALL_REDUCE,
-    "all_reduce_coalesced_": ALL_REDUCE,
     "all_gather_into_tensor": ALL_GATHER,
-    "all_gather_into_tensor_coalesced": ALL_GATHER,
     "reduce_scatter_tensor": REDUCE_SCATTER,
-    "reduce_scatter_tensor_coalesced": REDUCE_SCATTER,
     "all_to_all_single": ALL_TO_ALL,
 }
 
-# What torch.distributed.<collective> dispatches to (the set CommDebugMode counts).
-_C10D_COLLECTIVES = {
-    "_allgather_base_",
-    "_reduce_scatter_base_",
-    "allgather_",
-    "allgather_coalesced_",
-    "allgather_into_tensor_coalesced_",
-    "allreduce_",
-    "allreduce_coalesced_",
-    "alltoall_",
-    "alltoall_base_",
-    "broadcast_",
-    "gather_",
-    "scatter_",
-    "reduce_",
-    "reduce_scatter_",
-    "reduce_scatter_tensor_coalesced_",
-}
 
-
-def _funcol_call(func, args, kwargs, phase: str) -> Call | None:
-    """A functional collective (what DTensor issues) as a Call, or None for any other op."""
-    if getattr(func, "namespace", None) != "_c10d_functional":
-        return None
-    kind = _FUNCOL_KINDS.get(func._overloadpacket.__name__)
-    if kind is None:
-        return None
-    bound = {a.name: v for a, v in zip(func._schema.arguments, args, strict=False)} | dict(kwargs or {})
-    tensors = bound["inputs"] if "inputs" in bound else [bound["input"]]
-    nbytes = sum(_nbytes(t) for t in tensors)
-    if "group_size" in bound:
-        n = int(bound["group_size"])
-    else:
+def _call(namespace: str, name: str, bound: dict, phase: str) -> Call | None:
+    """The collective operator `namespace.name` with bound arguments as a Call, or None for another op."""
+    functional = _FUNCTIONAL.get(name.removesuffix("_").removesuffix("_coalesced"))
+    if namespace == "c10d" and name in _C10D:
+        kind, sized = _C10D[name]
+        group = dist.ProcessGroup.unbox(bound["process_group"])  # a TorchScript object at the dispatcher
+        n, full = group.size(), _nbytes(bound[sized])
+        if kind == ALL_TO_ALL:  # uneven splits: the rows bound for other ranks, not the ring figure
+            x = bound["input"]
+            splits = list(bound["input_split_sizes"]) or [x.shape[0] // n] * n
+            leaving = (x.shape[0] - splits[group.rank()]) * (full // max(1, x.shape[0]))
+            return Call(kind, full, n, phase, Fraction(leaving))
+    elif namespace == "_c10d_functional" and functional:
         from torch.distributed.distributed_c10d import _resolve_process_group
 
-        n = _resolve_process_group(bound["group_name"]).size()
-    if kind == ALL_GATHER:
-        nbytes *= n  # the input is one shard; S is the gathered size
-    return Call(kind, nbytes, n, phase)
+        kind, full = functional, _nbytes(bound["inputs"] if "inputs" in bound else bound["input"])
+        n = int(bound.get("group_size") or _resolve_process_group(bound["group_name"]).size())
+        full *= n if kind == ALL_GATHER else 1
+    else:
+        return None
+    return Call(kind, full, n, phase, ring_bytes(kind, full, n))
 
 
-class CollectiveCounter:
-    """Counts the collectives that reach the dispatcher, per op, and records the bytes of DTensor's
-    functional collectives, the way torch.distributed.tensor.debug.CommDebugMode does: DTensor ops are
-    let through first, so they desugar into the collectives counted here. CommDebugMode itself breaks on
-    this model: its module tracker registers a forward hook per call, and each Block calls its dropout
-    module twice in one forward."""
+class CommRecorder(TorchDispatchMode):
+    """Records every collective reaching the dispatcher while active (`with CommRecorder(phase):`),
+    stamped with `phase.name`: `calls`, and `counts` per operator. DTensor ops are let through first, so
+    they desugar into the collectives recorded here. (CommDebugMode itself breaks on this model: its
+    module tracker registers a forward hook per call, and each Block calls its dropout twice a forward.)"""
 
     def __init__(self, phase: Phase):
-        from torch.distributed.tensor import DTensor
-        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.distributed.tensor import DTensor  # here: importing it costs every `dtrain` command 1 s
 
-        self.counts: dict[str, int] = {}
-        self.calls: list[Call] = []
-        counter = self
+        super().__init__()
+        self.phase, self.calls, self.counts, self._dtensor = phase, [], {}, DTensor
 
-        class _Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                if any(t is DTensor for t in types):
-                    return NotImplemented
-                out = func(*args, **(kwargs or {}))
-                namespace = getattr(func, "namespace", None)
-                name = func._overloadpacket.__name__ if namespace else ""
-                call = _funcol_call(func, args, kwargs, phase.name)
-                if call is not None or (namespace == "c10d" and name in _C10D_COLLECTIVES):
-                    key = f"{namespace}.{name}"
-                    counter.counts[key] = counter.counts.get(key, 0) + 1
-                if call is not None:
-                    counter.calls.append(call)
-                return out
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(t is self._dtensor for t in types):
+            return NotImplemented
+        kwargs, namespace = kwargs or {}, getattr(func, "namespace", None)
+        if namespace in ("c10d", "_c10d_functional"):
+            name = func._overloadpacket.__name__
+            bound = {a.name: v for a, v in zip(func._schema.arguments, args, strict=False)} | kwargs
+            call = _call(namespace, name, bound, self.phase.name)
+            if call is not None:
+                self.calls.append(call)
+                self.counts[f"{namespace}.{name}"] = self.counts.get(f"{namespace}.{name}", 0) + 1
+        return func(*args, **kwargs)
 
-        self._mode = _Mode()
+    def total(self) -> Fraction:
+        return sum((c.sent for c in self.calls), Fraction(0))
 
-    def __enter__(self) -> CollectiveCounter:
-        self._mode.__enter__()
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self._mode.__exit__(*exc)
+def tally_lines(
+    calls_of: dict[str, list[Call]], label_width: int, phase_width: int, counts=None
+) -> list[str]:
+    """The table of collectives per step, a block per implementation label: calls and MiB sent per phase
+    and op, in step order; with `counts` (label -> operator counts) the dispatcher's operators below."""
+    lines = [f"  {'':<{label_width}}{'phase':<{phase_width}}{'op':<16}{'calls':>6}{'sent':>14}"]
+    for label, calls in calls_of.items():
+        rows: dict[tuple[str, str], list] = {}
+        for c in sorted(calls, key=lambda c: (PHASES.index(c.phase), c.kind)):
+            row = rows.setdefault((c.phase, c.kind), [0, Fraction(0)])
+            row[0], row[1] = row[0] + 1, row[1] + c.sent
+        for i, ((phase, kind), (count, sent)) in enumerate(rows.items()):
+            shown = label if i == 0 else ""
+            sent_mib = f"{float(sent) / 2**20:.3f} MiB"
+            lines.append(f"  {shown:<{label_width}}{phase:<{phase_width}}{kind:<16}{count:>6}{sent_mib:>14}")
+        if counts is not None:
+            lines.append(
+                f"  {'':<{label_width}}dispatcher ops: "
+                + ", ".join(f"{op} {n}" for op, n in sorted(counts[label].items()))
+            )
+    return lines

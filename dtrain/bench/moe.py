@@ -5,122 +5,49 @@
         [--d-model 256 --d-ff D --n-layers 2 --n-heads 8 --seq-len 64 --micro-batch 4 --vocab 1024]
         [--csv out.csv] [--load-csv load.csv]
 
-A Gloo world of `ep` CPU processes (one expert-parallel group, cpu_count // ep threads each) measures two
-things in one run.
+PyTorch has no expert parallelism, so the peer is a dispatcher written here. Two parts, one world of `ep`
+ranks (one expert-parallel group):
 
-1. Dispatch, on one parallel.moe.MoELayer (forward + backward), every rank routing its own --tokens
-   tokens (random, fixed seed per rank) with the same router and its E/ep experts (canonical tensors of
-   all E experts from one seed, this rank's slice):
+1. Dispatch through one parallel.moe.MoELayer (forward + backward), every rank routing its own --tokens
+   random tokens with the same router and its E/ep experts (this rank's slice of canonical tensors):
+     all-to-all  ours, MoELayer.forward (parallel.expert_parallel.run_experts): a count exchange, the kept
+                 (token, expert) rows by all_to_all_single with uneven splits to the ranks holding their
+                 experts, the experts, the reverse all-to-all; backward the same two, splits swapped.
+     all-gather  `allgather_forward`, Megatron-Core's "allgather" dispatcher: all-gather every rank's
+                 tokens (each once), slot experts and gate weights; each rank runs its experts on the
+                 gathered tokens routed to them and a reduce-scatter returns every rank its tokens' sums.
+   The counting step records the collectives (comm.CommRecorder: an all-to-all as the bytes of the rows
+   bound for other ranks) and keeps outputs and gradients, which must agree. Our bytes must equal the rows
+   each rank actually sends (`alltoall_analytic`), set against FORMULAS.md's balanced figure, 4 all-to-alls
+   of (ep-1)/ep * T*k*d*bytes per layer step; the all-gather's, the ring cost of each collective.
 
-     all-to-all  ours: MoELayer.forward, i.e. parallel.expert_parallel.run_experts: a count exchange, then
-                 all_to_all_single of the kept (token, expert) rows with uneven splits to the ranks that
-                 hold their experts, the experts, and the reverse all-to-all (backward: the same two
-                 all-to-alls with the splits swapped).
-     all-gather  `allgather_forward` below, Megatron-Core's "allgather" token dispatcher: all-gather every
-                 rank's tokens (not rows: each token once), their slot experts (-1 for a dropped slot) and
-                 gate weights over the ep group; each rank runs its experts on the gathered tokens routed
-                 to them and sums the weighted results per gathered token; a reduce-scatter returns every
-                 rank the sums for its own tokens (backward: reduce-scatter of the token gradients,
-                 all-gather of the output gradients). Routing, capacity and gate weights are MoELayer's.
-
-   One untimed counting step per dispatcher records its collectives (`AllToAllRecorder`: comm's recorder
-   plus all_to_all_single, which it counts exactly, as the bytes of the rows bound for other ranks) and
-   keeps its output and gradients; the two must agree. The analytic counts: all-to-all from the rows each
-   rank actually sends (`alltoall_analytic`, from every rank's kept rows per expert), which the measured
-   bytes must equal exactly, set against FORMULAS.md's balanced-routing figure, 4 all-to-alls per layer
-   step (dispatch and combine, forward and backward) of (ep-1)/ep * T*k*d*bytes each; all-gather from
-   the ring cost (n-1)/n * S of each collective (`allgather_analytic`). Then warm-up and timed steps of
-   the two alternate, each after a barrier; each rank's median step time and the slowest rank's.
-
-2. Expert load over training: the dtrain Trainer (parallel.dp = parallel.ep = ep, the model flags with
-   every block's MLP a mixture of experts, synthetic data) for --train-steps steps, recording each
-   step's `moe/layer{i}/tokens_per_expert` and `moe/layer{i}/dropped_frac` (StepResult.moe). The report
-   shows max/mean and min/mean expert load, dropped share and load-balancing loss at the first, middle
-   and last step; --load-csv writes every step.
+2. Expert load: the dtrain Trainer (dp = ep, every block's MLP a mixture of experts, synthetic data) for
+   --train-steps steps; each step's StepResult.moe gives the tokens per expert and dropped share per layer,
+   shown at the first, middle and last step (--load-csv: every step).
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
-import inspect
-import math
-import sys
-import time
-from dataclasses import dataclass
+import statistics
 from fractions import Fraction
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dtrain.bench.cli import add_model_args, check_world, config_of, exit_status
-from dtrain.bench.comm import (
-    ALL_GATHER,
-    ALL_TO_ALL,
-    BACKWARD,
-    FORWARD,
-    REDUCE_SCATTER,
-    UNWATCHED,
-    Call,
-    CollectiveRecorder,
-    Phase,
-    ring_bytes,
-)
-from dtrain.bench.moe_report import COUNT_EXCHANGE, SHORT, csv_rows, format_table, summarise, write_load_csv
-from dtrain.bench.report import publish
-from dtrain.bench.timing import after_barrier, alternate, slowest
-from dtrain.bench.world import gather, say, spawn
+from dtrain.bench import comm, harness
+from dtrain.config import d_ff_of
 from parallel.collectives import gather_from_sp, reduce_scatter_to_sp
 from parallel.expert_parallel import group_size
+from parallel.grid import ProcessGrid
 from parallel.moe import MoELayer, Routing, expert_capacity, route
 from parallel.precision import wide
 
 ID_BYTES = 8  # expert ids and counts travel as int64
-
-
-@dataclass
-class AllToAllCall(Call):
-    """An all_to_all_single: `leaving` bytes of its input go to other ranks (uneven splits, so not the ring
-    figure (n-1)/n * S)."""
-
-    leaving: int = 0
-
-    @property
-    def sent(self) -> Fraction:
-        return Fraction(self.leaving)
-
-
-class AllToAllRecorder(CollectiveRecorder):
-    """comm.CollectiveRecorder plus dist.all_to_all_single, counted exactly: the input rows of every split
-    but this rank's own, times the bytes of a row."""
-
-    def __enter__(self) -> AllToAllRecorder:
-        super().__enter__()
-        self._all_to_all = fn = dist.all_to_all_single
-        signature = inspect.signature(fn)
-
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            bound = signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            a = bound.arguments
-            x, group = a["input"], a["group"]
-            n, me = dist.get_world_size(group), dist.get_rank(group)
-            splits = a["input_split_sizes"] or [x.shape[0] // n] * n
-            row = math.prod(x.shape[1:]) * x.element_size()
-            full = x.numel() * x.element_size()
-            self.calls.append(
-                AllToAllCall(ALL_TO_ALL, full, n, self.phase.name, (x.shape[0] - splits[me]) * row)
-            )
-            return fn(*args, **kwargs)
-
-        dist.all_to_all_single = wrapper
-        return self
-
-    def __exit__(self, *exc) -> None:
-        dist.all_to_all_single = self._all_to_all
-        super().__exit__(*exc)
+LABELS = {"alltoall": "all-to-all (ours)", "allgather": "all-gather"}
+SHORT = {"alltoall": "a2a", "allgather": "ag"}
+COUNT_EXCHANGE = "count exchange fwd: all-to-all of E int64 (E/ep to each peer)"
 
 
 def routing_of(layer: MoELayer, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
@@ -190,7 +117,7 @@ def alltoall_analytic(
 
 def formulas_alltoall(ep: int, tokens: int, top_k: int, d: int, itemsize: int) -> Fraction:
     """FORMULAS.md, balanced routing, before dropping: one all-to-all moves (ep-1)/ep * T*k*d*bytes."""
-    return ring_bytes(ALL_TO_ALL, tokens * top_k * d * itemsize, ep)
+    return comm.ring_bytes(comm.ALL_TO_ALL, tokens * top_k * d * itemsize, ep)
 
 
 def allgather_analytic(
@@ -202,17 +129,17 @@ def allgather_analytic(
     ids = ep * tokens * top_k * ID_BYTES
     gates = ep * tokens * top_k * weight_itemsize
     return [
-        ("tokens fwd: all-gather of ep*T*d", ring_bytes(ALL_GATHER, act, ep)),
-        ("slot experts fwd: all-gather of ep*T*k int64", ring_bytes(ALL_GATHER, ids, ep)),
-        ("gate weights fwd: all-gather of ep*T*k", ring_bytes(ALL_GATHER, gates, ep)),
-        ("combine fwd: reduce-scatter of ep*T*d", ring_bytes(REDUCE_SCATTER, act, ep)),
-        ("combine bwd: all-gather of ep*T*d", ring_bytes(ALL_GATHER, act, ep)),
-        ("gate weights bwd: reduce-scatter of ep*T*k", ring_bytes(REDUCE_SCATTER, gates, ep)),
-        ("tokens bwd: reduce-scatter of ep*T*d", ring_bytes(REDUCE_SCATTER, act, ep)),
+        ("tokens fwd: all-gather of ep*T*d", comm.ring_bytes(comm.ALL_GATHER, act, ep)),
+        ("slot experts fwd: all-gather of ep*T*k int64", comm.ring_bytes(comm.ALL_GATHER, ids, ep)),
+        ("gate weights fwd: all-gather of ep*T*k", comm.ring_bytes(comm.ALL_GATHER, gates, ep)),
+        ("combine fwd: reduce-scatter of ep*T*d", comm.ring_bytes(comm.REDUCE_SCATTER, act, ep)),
+        ("combine bwd: all-gather of ep*T*d", comm.ring_bytes(comm.ALL_GATHER, act, ep)),
+        ("gate weights bwd: reduce-scatter of ep*T*k", comm.ring_bytes(comm.REDUCE_SCATTER, gates, ep)),
+        ("tokens bwd: reduce-scatter of ep*T*d", comm.ring_bytes(comm.REDUCE_SCATTER, act, ep)),
     ]
 
 
-def make_config(args):
+def configs(args):
     """The training run's config, whose model section also shapes the dispatch layer: ep ranks, each a
     data-parallel rank of one micro-batch per step, every block's MLP a mixture of experts."""
     overrides = [
@@ -229,26 +156,15 @@ def make_config(args):
     ]
     if args.d_ff is not None:
         overrides.append(f"model.d_ff={args.d_ff}")
-    return config_of(args, overrides, args.ep)
+    return harness.config_of(args, overrides, args.ep)
 
 
 def build_layer(cfg, grid, dtype: torch.dtype, seed: int) -> MoELayer:
     """One MoE layer of the config on this rank of the ep group: the router (the same on every rank) and
     this rank's slice of the canonical expert tensors, drawn from `seed` with the model's init_std."""
-    from dtrain.config import d_ff_of
-
-    m = cfg.model
-    moe = m.moe
-    layer = MoELayer(
-        m.d_model,
-        d_ff_of(m),
-        moe.num_experts,
-        moe.top_k,
-        moe.capacity_factor,
-        moe.aux_loss_coef,
-        moe.z_loss_coef,
-        ep_group=grid.ep_group,
-    )
+    m, moe = cfg.model, cfg.model.moe
+    shape = (m.d_model, d_ff_of(m), moe.num_experts, moe.top_k, moe.capacity_factor)
+    layer = MoELayer(*shape, moe.aux_loss_coef, moe.z_loss_coef, ep_group=grid.ep_group)
     gen = torch.Generator().manual_seed(seed)
     local = moe.num_experts // grid.size("ep")
     first = grid.rank_in("ep") * local
@@ -260,178 +176,308 @@ def build_layer(cfg, grid, dtype: torch.dtype, seed: int) -> MoELayer:
     return layer.to(dtype)
 
 
-class DispatchStep:
-    """Forward + backward of the layer on this rank's tokens through one dispatcher. The loss is
-    sum(output * a fixed random tensor), so every output element gets a gradient."""
+class DispatchStep(harness.Implementation):
+    """Forward + backward of the layer on this rank's tokens through one dispatcher; the loss is
+    sum(output * a fixed random tensor), so every output element gets a gradient. `results` holds the
+    last step's output and gradients."""
 
     def __init__(self, layer: MoELayer, forward, x: torch.Tensor, grad_out: torch.Tensor):
+        super().__init__()
         self.layer, self.forward, self.x, self.grad_out = layer, forward, x, grad_out
 
-    def __call__(self, phase: Phase = UNWATCHED) -> tuple[float, dict]:
+    def step(self, index: int) -> float:
         self.layer.zero_grad(set_to_none=True)
         self.x.grad = None
-        phase.name = FORWARD
+        self.phase.name = comm.FORWARD
         out = self.forward(self.x)
         loss = (out * self.grad_out).sum()
-        phase.name = BACKWARD
+        self.phase.name = comm.BACKWARD
         loss.backward()
-        grads = {"x": self.x.grad, **{n: p.grad for n, p in self.layer.named_parameters()}}
-        return float(loss.detach()), {"out": out.detach(), **grads}
+        self.results = {"out": out.detach(), "x": self.x.grad}
+        self.results |= {n: p.grad for n, p in self.layer.named_parameters()}
+        return float(loss.detach())
 
 
-def timed_step(step: DispatchStep, _index: int) -> tuple[float, list[float]]:
-    (loss, _), started, ended = after_barrier(step)
-    return loss, [ended - started]
-
-
-def _max_diff(a: dict, b: dict) -> list[float]:
-    """Largest |a - b| per tensor, and the largest |a| (the scale), in the order of `a`."""
-    out = []
-    for name, t in a.items():
-        out += [
-            float((t - b[name]).abs().max()) if t.numel() else 0.0,
-            float(t.abs().max()) if t.numel() else 0.0,
-        ]
-    return out
+def count_step(impl: DispatchStep, index: int) -> tuple[float, dict]:
+    with comm.CommRecorder(impl.phase) as recorder:
+        loss = impl.step(index)
+    return loss, (impl.results, recorder.calls)
 
 
 def measure_dispatch(rank: int, args, cfg, grid) -> dict:
-    """Part 1 on every rank of the ep group; returns the same view on every rank (per-rank figures
-    gathered)."""
-    dtype = getattr(torch, args.dtype)
-    ep, experts, k, d = args.ep, args.experts, args.top_k, cfg.model.d_model
+    """Part 1 on every rank of the ep group; rank 0's result is its summary."""
+    dtype, ep, k, d = getattr(torch, args.dtype), args.ep, args.top_k, cfg.model.d_model
     layer = build_layer(cfg, grid, dtype, args.seed)
     gen = torch.Generator().manual_seed(args.seed + 1 + rank)
     x = torch.randn(1, args.tokens, d, generator=gen).to(dtype).requires_grad_()
     grad_out = torch.randn(1, args.tokens, d, generator=gen).to(dtype)
-    steps = {
-        "alltoall": DispatchStep(layer, layer, x, grad_out),
-        "allgather": DispatchStep(layer, functools.partial(allgather_forward, layer), x, grad_out),
+    builders = {
+        "alltoall": lambda: DispatchStep(layer, layer, x, grad_out),
+        "allgather": lambda: DispatchStep(layer, functools.partial(allgather_forward, layer), x, grad_out),
     }
     with torch.no_grad():
         _, r = routing_of(layer, x)
-    kept = r.expert[r.keep]
-    counts = [[int(c) for c in row] for row in gather(torch.bincount(kept, minlength=experts).tolist(), ep)]
-    itemsize, weight_itemsize = x.element_size(), r.weight.element_size()
-
-    losses: dict[str, list[float]] = {name: [] for name in steps}
-    results, calls = {}, {}
-    for name, step in steps.items():  # one counting step each, not timed
-        phase = Phase()
-        with AllToAllRecorder(phase) as recorder:
-            loss, results[name] = step(phase)
-        losses[name].append(loss)
-        calls[name] = recorder.calls
-    say(rank, "[bench] counting step: " + ", ".join(f"{SHORT[n]} loss {v[0]:.6f}" for n, v in losses.items()))
-    names = list(results["alltoall"])
-    diffs = gather(_max_diff(results["alltoall"], results["allgather"]), ep)
-    identical = gather(
-        [float(all(torch.equal(results["alltoall"][n], results["allgather"][n]) for n in names))], ep
-    )
-
-    timed = {name: functools.partial(timed_step, step) for name, step in steps.items()}
-    records = alternate(rank, timed, losses, args.warmup, args.steps, SHORT, first_index=1)
-    per_rank = {name: gather([row[0] for row in rows], ep) for name, rows in records.items()}
+    counts = harness.gather(torch.bincount(r.expert[r.keep], minlength=args.experts).tolist(), ep)
+    done = harness.contest(rank, builders, SHORT, args.warmup, args.steps, count_step)
+    if done.errors:
+        raise RuntimeError(f"a dispatcher failed: {done.errors}")
+    (a2a, calls_a2a), (ag, calls_ag) = (done.counted[name][0] for name in ("alltoall", "allgather"))
+    itemsize, names = x.element_size(), list(a2a)
     analytic = {
         "alltoall": alltoall_analytic(counts, rank, d, itemsize),
-        "allgather": allgather_analytic(ep, args.tokens, k, d, itemsize, weight_itemsize),
+        "allgather": allgather_analytic(ep, args.tokens, k, d, itemsize, r.weight.element_size()),
     }
-    mine = {"calls": calls, "analytic": analytic}
-    everyone: list = [None] * ep
-    dist.all_gather_object(everyone, mine)  # Fractions stay exact
+    mine = {"calls": {"alltoall": calls_a2a, "allgather": calls_ag}, "analytic": analytic}
+    # largest |a2a - ag| per tensor, and its scale: the largest |a2a|
+    diffs = {n: (float((t - ag[n]).abs().max()), float(t.abs().max())) for n, t in a2a.items() if t.numel()}
+    mine |= {"diffs": diffs, "identical": all(torch.equal(a2a[n], ag[n]) for n in names)}
+    everyone = harness.gather(mine, ep)
+    formulas_step = 4 * formulas_alltoall(ep, args.tokens, k, d, itemsize)
+    impls = {}
+    for name in done.impls:
+        ranks = []
+        for i, view in enumerate(everyone):
+            calls, terms = view["calls"][name], view["analytic"][name]
+            measured, exact = (
+                sum((c.sent for c in calls), Fraction(0)),
+                sum((v for _, v in terms), Fraction(0)),
+            )
+            ranks.append({"median_s": statistics.median(row[0] for row in done.per_rank[name][i])})
+            ranks[-1] |= {
+                "measured_bytes": measured,
+                "analytic_bytes": exact,
+                "bytes_match": measured == exact,
+            }
+            ranks[-1] |= {"terms": terms, "calls": calls}
+            if name == "alltoall":  # the token rows against FORMULAS.md (the counts are extra)
+                rows = sum((v for label, v in terms if label != COUNT_EXCHANGE), Fraction(0))
+                ranks[-1] |= {"row_bytes": rows, "over_formulas": rows / formulas_step}
+        impls[name] = done.summary(name) | {"ranks": ranks}
+    diffs = {n: tuple(max(view["diffs"][n][i] for view in everyone) for i in (0, 1)) for n in diffs}
     return {
-        "times": {name: slowest([row[0] for row in rows]) for name, rows in records.items()},
-        "per_rank_times": per_rank,
-        "losses": losses,
-        "counts": counts,
-        "capacity": expert_capacity(args.capacity_factor, args.tokens, k, experts),
-        "diff_names": names,
-        "diffs": diffs,
-        "identical": [bool(v[0]) for v in identical],
-        "per_rank": everyone,
-        "formulas_per_all_to_all": formulas_alltoall(ep, args.tokens, k, d, itemsize),
-        "itemsize": itemsize,
         "d_ff": layer.experts.w1.shape[1],
+        "itemsize": itemsize,
+        "capacity": expert_capacity(args.capacity_factor, args.tokens, k, args.experts),
+        "counts": counts,
+        "kept_slots": sum(map(sum, counts)),
+        "routed_slots": ep * args.tokens * k,
+        "impls": impls,
+        "ratio": impls["alltoall"]["median_s"] / impls["allgather"]["median_s"],
+        "diffs": diffs,
+        "max_diff": max(v[0] for v in diffs.values()),
+        "identical": all(v["identical"] for v in everyone),
+        "formulas_step": formulas_step,
+        "bytes_match": all(r["bytes_match"] for impl in impls.values() for r in impl["ranks"]),
     }
 
 
-def measure_load(rank: int, args, cfg, grid) -> list[dict]:
-    """Part 2: the Trainer's per-step routing metrics (the same on every rank: all-reduced)."""
-    from dtrain.trainer import Trainer
-
-    trainer = Trainer(cfg, grid, torch.device("cpu"))
-    records = []
-    every = max(1, args.train_steps // 5)
-    for i in range(args.train_steps):
-        started = time.perf_counter()
-        result = trainer.train_step()
-        records.append(
-            {"step": i + 1, "loss": result.loss, "time_s": time.perf_counter() - started, **result.moe}
-        )
-        if i == 0 or (i + 1) % every == 0:
-            say(rank, f"[bench] training step {i + 1}/{args.train_steps}  loss {result.loss:.4f}")
-    return records
+def summarise_load(args, results: list, times: list[float]) -> dict:
+    """A row per training step and MoE layer: the expert loads (slots routed to each expert, before
+    dropping, over every rank), their max and min over the mean, the dropped share and the load-balancing
+    loss; the first, middle and last step are the ones the table shows."""
+    slots, rows = (
+        args.ep * args.micro_batch * args.seq_len * args.top_k,
+        [],
+    )  # a micro-batch per rank and step
+    for step, (result, step_s) in enumerate(zip(results, times, strict=True), 1):
+        for key in sorted(k for k in result.moe if k.endswith("/tokens_per_expert")):
+            layer, counts = key.split("/")[1], result.moe[key]
+            row = {
+                "step": step,
+                "layer": int(layer.removeprefix("layer")),
+                "loss": result.loss,
+                "step_s": step_s,
+            }
+            row |= {"max_over_mean": max(counts) * len(counts) / sum(counts)}
+            row |= {"min_over_mean": min(counts) * len(counts) / sum(counts)}
+            row |= {k: result.moe[f"moe/{layer}/{k}"] for k in ("dropped_frac", "aux_loss")}
+            rows.append(row | {"counts": counts})
+    n = len(results)
+    return {
+        "rows": rows,
+        "steps": n,
+        "layers": sorted({r["layer"] for r in rows}),
+        "slots_per_step": slots,
+        "picks": sorted({1, (n + 1) // 2, n}) if n else [],
+        "sums_match": all(sum(r["counts"]) == slots for r in rows),
+    }
 
 
 def measure(rank: int, args) -> dict:
-    """Runs on every rank of an initialised world; returns rank 0's view."""
-    from parallel.grid import ProcessGrid
-
-    cfg = make_config(args)
-    grid = ProcessGrid(dp=args.ep, ep=args.ep)
-    say(rank, f"[bench] dispatch: one MoE layer, {args.tokens} tokens per rank, {args.dtype}")
-    out = {"dispatch": measure_dispatch(rank, args, cfg, grid), "load": []}
+    """Both parts on every rank; rank 0's result is the summary."""
+    cfg, grid = configs(args), ProcessGrid(dp=args.ep, ep=args.ep)
+    harness.say(rank, f"[bench] dispatch: one MoE layer, {args.tokens} tokens per rank, {args.dtype}")
+    summary, results, times = measure_dispatch(rank, args, cfg, grid), [], []
     if args.train_steps:
-        say(rank, f"[bench] expert load: training {args.train_steps} steps")
-        out["load"] = measure_load(rank, args, cfg, grid)
-    return out
+        harness.say(rank, f"[bench] expert load: training {args.train_steps} steps")
+        builders, labels = {"trainer": lambda: harness.TrainerSide(cfg, grid)}, {"trainer": "Trainer"}
+        done = harness.contest(rank, builders, labels, 0, args.train_steps, untimed=0, prefix="load: ")
+        results, times = done.impls["trainer"].results, done.step_times("trainer")
+    return summary | {"load": summarise_load(args, results, times)}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m dtrain.bench.moe",
-        description="MoE dispatch, our all-to-all against an all-gather dispatcher; expert load in training",
+def _dispatch_lines(s: dict) -> list[str]:
+    c, ep, mib = s["config"], s["config"]["ep"], harness.mib
+    lines = [
+        *harness.banner(
+            f"MoE dispatch: ep={ep}, {c['experts']} experts ({c['experts'] // ep} per rank), "
+            f"top-{c['top_k']}, capacity factor {c['capacity_factor']}",
+            ep,
+            f"one MoE layer d_model={c['d_model']} d_ff={s['d_ff']} ({c['dtype']}), forward + backward; T = "
+            f"{c['tokens']} tokens per rank, capacity {s['capacity']} slots per expert; kept "
+            f"{s['kept_slots']} of {s['routed_slots']} routed slots over all ranks",
+        ),
+        f"{c['steps']} timed steps each after {c['warmup']} warm-up + 1 counting step, the two alternating; "
+        f"each step after a barrier",
+        "",
+        f"{'dispatcher':<20}"
+        + "".join(f"{f'rank {r} median ms':>18}" for r in range(ep))
+        + f"{'slowest-rank median':>21}{'mean ms':>9}",
+    ]
+    for name, impl in s["impls"].items():
+        lines.append(
+            f"{LABELS[name]:<20}"
+            + "".join(f"{1e3 * r['median_s']:>18.2f}" for r in impl["ranks"])
+            + f"{1e3 * impl['median_s']:>21.2f}{1e3 * impl['mean_s']:>9.2f}"
+        )
+    parts = ", ".join(f"{n} {v[0]:.3g} (of {v[1]:.3g})" for n, v in s["diffs"].items())
+    lines += [
+        f"ratio all-to-all / all-gather step time: {s['ratio']:.3f} (slowest-rank medians)",
+        f"outputs and gradients, all-to-all vs all-gather, largest |difference| over ranks: {parts}; "
+        f"bitwise identical: {s['identical']}",
+        "",
+        "bytes sent per rank per layer step (forward + backward):",
+    ]
+    w = 66
+    for name, impl in s["impls"].items():
+        for rank, r in enumerate(impl["ranks"]):
+            lines.append(f"  {LABELS[name]}, rank {rank}:")
+            lines += [f"    {label:<{w}}{mib(value):>10} MiB" for label, value in r["terms"]]
+            lines.append(
+                f"    {'measured (collectives recorded in the counting step)':<{w}}"
+                f"{mib(r['measured_bytes']):>10} MiB"
+                f"   == analytic: {r['bytes_match']} ({float(r['measured_bytes']):.0f} B)"
+            )
+            if name == "alltoall":
+                lines.append(
+                    f"    {'FORMULAS.md balanced: 4 all-to-alls x (ep-1)/ep * T*k*d*bytes':<{w}}"
+                    f"{mib(s['formulas_step']):>10} MiB   token rows / FORMULAS.md = "
+                    f"{float(r['over_formulas']):.4f}"
+                )
+    a2a, ag = s["impls"]["alltoall"]["ranks"], s["impls"]["allgather"]["ranks"]
+    ratios = ", ".join(
+        f"rank {i} {float(g['measured_bytes'] / t['measured_bytes']):.3f}"
+        for i, (t, g) in enumerate(zip(a2a, ag, strict=True))
     )
-    p.add_argument("--ep", type=int, default=2, help="expert-parallel ranks (processes spawned)")
+    lines += [
+        f"  all-gather / all-to-all bytes: {ratios} (balanced, no drops: ep/k = {ep / c['top_k']:.3f} "
+        f"on the d-wide traffic)",
+        "",
+        "collectives per layer step (rank 0)",
+    ]
+    return lines + comm.tally_lines(
+        {LABELS[n]: impl["ranks"][0]["calls"] for n, impl in s["impls"].items()}, 20, 12
+    )
+
+
+def _load_lines(s: dict) -> list[str]:
+    c, load = s["config"], s["load"]
+    if not load["steps"]:
+        return ["", "expert load over training: not run (--train-steps 0)"]
+    lines = [
+        "",
+        f"== expert load over training: dtrain Trainer, dp=ep={c['ep']}, {len(load['layers'])} MoE layers, "
+        f"{c['experts']} experts, top-{c['top_k']}, capacity factor {c['capacity_factor']} ==",
+        f"model d_model={c['d_model']} n_heads={c['n_heads']} vocab={c['vocab']}, synthetic data, "
+        f"{c['ep'] * c['micro_batch'] * c['seq_len']} tokens per step ({c['micro_batch']} x {c['seq_len']} "
+        f"per rank), {load['steps']} steps",
+        "load = slots routed to an expert per step over all ranks, before dropping "
+        "(moe/layer{i}/tokens_per_expert);",
+        f"tokens per expert sum to tokens*k = {load['slots_per_step']} every step: {load['sums_match']}",
+        "",
+        f"{'step':>5}{'loss':>9}{'layer':>7}{'max/mean':>10}{'min/mean':>10}{'dropped':>9}{'aux loss':>10}   "
+        "tokens per expert",
+    ]
+    for r in (r for r in load["rows"] if r["step"] in load["picks"]):
+        head = f"{r['step']:>5}{r['loss']:>9.4f}" if r["layer"] == load["layers"][0] else " " * 14
+        lines.append(
+            f"{head}{r['layer']:>7}{r['max_over_mean']:>10.3f}{r['min_over_mean']:>10.3f}"
+            f"{r['dropped_frac']:>9.4f}{r['aux_loss']:>10.4f}   {r['counts']}"
+        )
+    return [*lines, "(aux loss = E * sum_e f_e * m_e: 1.0 for perfectly balanced routing)"]
+
+
+def format_table(s: dict) -> str:
+    return "\n".join([*_dispatch_lines(s), *_load_lines(s)])
+
+
+def csv_rows(s: dict) -> list[dict]:
+    """One row per dispatcher and rank."""
+    keys = ("ep", "experts", "top_k", "capacity_factor", "tokens", "d_model", "dtype", "steps", "warmup")
+    return [
+        {k: s["config"][k] for k in keys}
+        | {
+            "d_ff": s["d_ff"],
+            "dispatcher": name,
+            "rank": rank,
+            "median_s": r["median_s"],
+            "slowest_rank_median_s": impl["median_s"],
+            "bytes_sent": r["measured_bytes"],
+            "analytic_bytes": r["analytic_bytes"],
+            "formulas_bytes": s["formulas_step"] if name == "alltoall" else None,
+        }
+        for name, impl in s["impls"].items()
+        for rank, r in enumerate(impl["ranks"])
+    ]
+
+
+def add_arguments(p) -> None:
     p.add_argument("--experts", type=int, default=8, help="model.moe.num_experts")
     p.add_argument("--top-k", type=int, default=2, help="model.moe.top_k")
     p.add_argument("--capacity-factor", type=float, default=1.25, help="model.moe.capacity_factor")
     p.add_argument("--tokens", type=int, default=1024, help="tokens per rank in the dispatch comparison")
     p.add_argument("--d-ff", type=int, default=None, help="expert width (default: the Llama rule)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="dispatch comparison")
-    p.add_argument("--steps", type=int, default=10, help="timed dispatch steps per dispatcher")
-    p.add_argument("--warmup", type=int, default=2, help="untimed dispatch steps per dispatcher before")
     p.add_argument("--train-steps", type=int, default=40, help="Trainer steps for the load report (0: none)")
-    add_model_args(p, n_layers=2, seq_len=64, batch=("--micro-batch", 4, "rows per rank per training step"))
-    p.add_argument("--timeout", type=float, default=300.0, help="Gloo timeout (s)")
-    p.add_argument("--csv", default=None, help="also write one summary row per dispatcher to this file")
     p.add_argument("--load-csv", default=None, help="also write the load metrics of every step to this file")
-    args = p.parse_args(argv)
-    check_world(p, args, args.ep, "--ep", "expert parallelism")
+
+
+def check(p, args) -> None:
     if args.tokens < 1 or args.train_steps < 0:
         p.error("--tokens must be at least 1 and --train-steps at least 0")
     if args.experts >= 1 and expert_capacity(args.capacity_factor, args.tokens, args.top_k, args.experts) < 1:
         p.error(
             f"--capacity-factor {args.capacity_factor} leaves the experts no room for {args.tokens} tokens"
         )
-    return args
+
+
+parse_args, run_benchmark, _ = harness.commands(
+    __name__,
+    "MoE dispatch, our all-to-all against an all-gather dispatcher; expert load in training",
+    "--ep",
+    "expert parallelism",
+    steps=10,
+    warmup=2,
+    model={"n_layers": 2, "seq_len": 64, "batch": ("--micro-batch", 4, "rows per rank per training step")},
+)
 
 
 def run(argv=None) -> dict:
-    """Spawn the ep ranks, measure, print the tables (rank 0's results) and return the summary."""
-    args = parse_args(argv)
-    make_config(args)  # a bad config fails here, before any process starts
-    raw = spawn(measure, args, args.ep, args.timeout)
-    summary = publish(summarise(args, raw), format_table, csv_rows, args.csv)
-    if args.load_csv and summary["load"]["steps"]:
-        write_load_csv(args.load_csv, summary)
-        print(f"[bench] wrote {args.load_csv}", flush=True)
+    """The benchmark's run, then with --load-csv the load metrics of every training step."""
+    summary = run_benchmark(argv)
+    if summary["config"]["load_csv"] and summary["load"]["steps"]:
+        rows = [
+            {k: v for k, v in r.items() if k != "counts"}
+            | {f"expert{e}": n for e, n in enumerate(r["counts"])}
+            for r in summary["load"]["rows"]
+        ]
+        harness.write_csv(summary["config"]["load_csv"], rows)
     return summary
 
 
 def main(argv=None) -> int:
-    return exit_status(run, argv)
+    return harness.exit_status(run, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

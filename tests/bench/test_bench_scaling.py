@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from dtrain.bench import scaling
-from dtrain.bench.scaling_report import COLUMNS, FIGURES
+from dtrain.bench.scaling import COLUMNS, FIGURES
 from dtrain.cli import main as dtrain_main
 from dtrain.config import ConfigError
 from tests.harness import repo_root
