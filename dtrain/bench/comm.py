@@ -4,7 +4,7 @@
 functions (our library) and DDP's C++ reducer both reach the dispatcher as c10d operators, out of reach of
 any patch of Python functions, and DTensor's functional collectives as _c10d_functional operators (the set
 torch.distributed.tensor.debug.CommDebugMode counts). Each becomes a `Call` (op, full tensor bytes, group
-size, phase of the step, bytes sent) priced with the ring costs of FORMULAS.md (`ring_bytes` and the op
+size, phase of the step, bytes sent) priced with the ring costs of docs/formulas.md (`ring_bytes` and the op
 names live in parallel.ledger, the library's communication ledger, and are re-exported here); an
 all-to-all sends exactly the input rows whose split belongs to another rank.
 """

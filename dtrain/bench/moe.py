@@ -18,8 +18,8 @@ ranks (one expert-parallel group):
                  gathered tokens routed to them and a reduce-scatter returns every rank its tokens' sums.
    The counting step records the collectives (comm.CommRecorder: an all-to-all as the bytes of the rows
    bound for other ranks) and keeps outputs and gradients, which must agree. Our bytes must equal the rows
-   each rank actually sends (`alltoall_analytic`), set against FORMULAS.md's balanced figure, 4 all-to-alls
-   of (ep-1)/ep * T*k*d*bytes per layer step; the all-gather's, the ring cost of each collective.
+   each rank actually sends (`alltoall_analytic`), set against docs/formulas.md's balanced figure, 4
+   all-to-alls of (ep-1)/ep * T*k*d*bytes per layer step; the all-gather's, the ring cost of each collective.
 
 2. Expert load: the dtrain Trainer (dp = ep, every block's MLP a mixture of experts, synthetic data) for
    --train-steps steps; each step's StepResult.moe gives the tokens per expert and dropped share per layer,
@@ -116,7 +116,7 @@ def alltoall_analytic(
 
 
 def formulas_alltoall(ep: int, tokens: int, top_k: int, d: int, itemsize: int) -> Fraction:
-    """FORMULAS.md, balanced routing, before dropping: one all-to-all moves (ep-1)/ep * T*k*d*bytes."""
+    """docs/formulas.md, balanced routing, before dropping: one all-to-all moves (ep-1)/ep * T*k*d*bytes."""
     return comm.ring_bytes(comm.ALL_TO_ALL, tokens * top_k * d * itemsize, ep)
 
 
@@ -249,7 +249,7 @@ def measure_dispatch(rank: int, args, cfg, grid) -> dict:
                 "bytes_match": measured == exact,
             }
             ranks[-1] |= {"terms": terms, "calls": calls}
-            if name == "alltoall":  # the token rows against FORMULAS.md (the counts are extra)
+            if name == "alltoall":  # the token rows against docs/formulas.md (the counts are extra)
                 rows = sum((v for label, v in terms if label != COUNT_EXCHANGE), Fraction(0))
                 ranks[-1] |= {"row_bytes": rows, "over_formulas": rows / formulas_step}
         impls[name] = done.summary(name) | {"ranks": ranks}
@@ -360,8 +360,8 @@ def _dispatch_lines(s: dict) -> list[str]:
             )
             if name == "alltoall":
                 lines.append(
-                    f"    {'FORMULAS.md balanced: 4 all-to-alls x (ep-1)/ep * T*k*d*bytes':<{w}}"
-                    f"{mib(s['formulas_step']):>10} MiB   token rows / FORMULAS.md = "
+                    f"    {'docs/formulas.md balanced: 4 all-to-alls x (ep-1)/ep * T*k*d*bytes':<{w}}"
+                    f"{mib(s['formulas_step']):>10} MiB   token rows / docs/formulas.md = "
                     f"{float(r['over_formulas']):.4f}"
                 )
     a2a, ag = s["impls"]["alltoall"]["ranks"], s["impls"]["allgather"]["ranks"]

@@ -19,12 +19,13 @@ Bubble: every rank adds up the wall time of its chunk forwards (forward hooks, p
 which ours computes inside its last chunk) and of its backwards (torch.autograd.backward, patched: our
 executor's B action and PyTorch's stage_backward both go through it, nothing else in a step does). The
 pipeline phase runs from the barrier to the end of executor.run / schedule.step on the slowest rank; a
-step's bubble is the mean over ranks of 1 - busy / pipeline phase, FORMULAS.md's (p-1)/(m+p-1) for GPipe
+step's bubble is the mean over ranks of 1 - busy / pipeline phase, docs/formulas.md's (p-1)/(m+p-1) for GPipe
 and 1F1B; interleaved's (p-1)/(v*m), bubble over ideal time, is x/(1+x) = (p-1)/(v*m+p-1) as an idle share.
 simulate() gives the same quantity for the exact action order (F = 1, B = 2, no communication).
 
-Activation memory: in step 1, saved_tensors_hooks track the bytes autograd holds for backward; FORMULAS.md:
-GPipe holds all m micro-batches, 1F1B at most p - r on stage r, so GPipe / 1F1B on rank r is m / (p - r).
+Activation memory: in step 1, saved_tensors_hooks track the bytes autograd holds for backward;
+docs/formulas.md: GPipe holds all m micro-batches, 1F1B at most p - r on stage r, so GPipe / 1F1B on
+rank r is m / (p - r).
 The stage outputs both executors keep to call backward on (b*s*h per micro-batch) are not saved tensors.
 """
 
@@ -58,7 +59,7 @@ def virtual_stages(schedule: str) -> int:
 
 
 def formula_bubble(schedule: str, p: int, m: int, v: int = 1) -> float:
-    """Idle share of the pipeline phase from FORMULAS.md: (p-1)/(m+p-1) for GPipe and 1F1B; interleaved
+    """Idle share of the pipeline phase from docs/formulas.md: (p-1)/(m+p-1) for GPipe and 1F1B; interleaved
     is given as bubble over ideal time (p-1)/(v*m), which as an idle share is (p-1)/(v*m+p-1)."""
     if schedule in ("gpipe", "1f1b"):
         return (p - 1) / (m + p - 1)
@@ -408,7 +409,7 @@ def format_table(s: dict) -> str:
     lines += [
         "",
         "bubble: idle share of the pipeline phase (barrier to the end of the schedule, slowest rank), mean",
-        "over ranks; formula from FORMULAS.md as an idle share, interleaved (p-1)/(v*m) converted to",
+        "over ranks; formula from docs/formulas.md as an idle share, interleaved (p-1)/(v*m) converted to",
         "(p-1)/(v*m+p-1); simulate = parallel.pipeline_schedules.simulate (F=1, B=2, no communication)",
         f"  {'schedule':<16}{'formula':>8}{'sim ours':>9}{'sim PT':>8}{'ours':>8}{'PyTorch':>8}{'ours/fm':>8}"
         f"{'PT/fm':>8}{'ours/PT':>8}{'ours step':>10}{'pipe ms':>9}{'fm ms':>8}{'pipe/fm':>8}",
@@ -432,7 +433,7 @@ def format_table(s: dict) -> str:
         *notes,
         "",
         "peak activation memory held for backward per rank (MiB; saved-tensor storages, parameters",
-        "excluded), and the GPipe / 1F1B ratio against FORMULAS.md's m / (p - r)",
+        "excluded), and the GPipe / 1F1B ratio against docs/formulas.md's m / (p - r)",
     ]
     present = [sch for sch in SCHEDULES if sch in rows]
     head = "".join(f"{_label(sch, rows[sch]['v']):>16}" for sch in present)

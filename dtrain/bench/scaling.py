@@ -12,7 +12,7 @@ the least multiple of N >= 4). A layout runs at every world of the sweep it fits
 Every point (mode, layout, world) runs in a fresh world (harness.spawn): on CPU peak memory is the
 process's peak resident set, which never goes down. Each rank builds the real Trainer (harness.contest):
 step 0 counts the bytes this rank sends (parallel.ledger.CommLedger, training traffic per grid axis, as the
-trainer's comm/total_bytes) next to dtrain.comm_volume's prediction, and Trainer.held_bytes(); then
+trainer's comm/total_bytes) next to dtrain.analysis.comm_volume's prediction, and Trainer.held_bytes(); then
 `warmup` untimed and `steps` timed steps (the median of the slowest rank); then every rank's peak memory.
 
 Strong scaling keeps the global batch (--global-batch, default train.global_batch_size); weak scaling the
@@ -206,8 +206,8 @@ def _sent(ledger) -> dict[str, float]:
 
 
 def _predicted(cfg, rank: int) -> float:
-    """dtrain.comm_volume's bytes for this rank's step; NaN where it does not model the layout."""
-    from dtrain.comm_volume import NotModelled, predict
+    """dtrain.analysis.comm_volume's bytes for this rank's step; NaN where it does not model the layout."""
+    from dtrain.analysis.comm_volume import NotModelled, predict
 
     try:
         return float(predict(cfg, rank).total_bytes())

@@ -13,7 +13,7 @@ Every rank builds two models from one config and the canonical initial weights (
 Both train on one batch (random token ids from a fixed seed) every step: forward with targets (token-loss
 sum) / tokens, backward, the partial-gradient sum over the tensor group (ours; DTensor does its own), AdamW.
 The counting step records every collective at the dispatcher (comm.CommRecorder) with the ring costs of
-FORMULAS.md; ours must equal the analytic count for the model (`analytic_bytes`) exactly.
+docs/formulas.md; ours must equal the analytic count for the model (`analytic_bytes`) exactly.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ LABELS = {"ours": "dtrain (ours)", "pytorch": "PyTorch DTensor"}
 class Analytic:
     """Bytes sent per rank per step by our model, from the shapes alone."""
 
-    formulas: Fraction  # FORMULAS.md's per-layer figure (4 all-reduces of b*s*h) times layers
+    formulas: Fraction  # docs/formulas.md's per-layer figure (4 all-reduces of b*s*h) times layers
     terms: list[tuple[str, Fraction]]  # every collective our model issues in a step, grouped
 
     @property
@@ -253,10 +253,10 @@ def format_table(s: dict) -> str:
     lines += [f"{LABELS[name]} not measured: {error}" for name, error in s["errors"].items()]
     a: Analytic = s["analytic"]
     w, mib = 80, harness.mib
-    lines += ["", "bytes sent per rank per step (ring costs, FORMULAS.md), ours:"]
+    lines += ["", "bytes sent per rank per step (ring costs, docs/formulas.md), ours:"]
     lines += [f"  {label:<{w}}{mib(value):>9} MiB" for label, value in a.terms]
     lines += [
-        f"  {'FORMULAS.md per-layer figure x layers (4 all-reduces of b*s*h per layer)':<{w}}"
+        f"  {'docs/formulas.md per-layer figure x layers (4 all-reduces of b*s*h per layer)':<{w}}"
         f"{mib(a.formulas):>9} MiB",
         f"  {'analytic total for our model':<{w}}{mib(a.total):>9} MiB",
         f"  {'measured (collectives recorded at the dispatcher in the counting step)':<{w}}"
@@ -264,7 +264,7 @@ def format_table(s: dict) -> str:
         f"  measured / analytic = {float(s['measured_bytes'] / a.total):.6f}; "
         f"measured == analytic: {s['bytes_match']} "
         f"({float(s['measured_bytes']):.0f} B vs {float(a.total):.0f} B); "
-        f"analytic / FORMULAS.md = {float(a.total / a.formulas):.4f}",
+        f"analytic / docs/formulas.md = {float(a.total / a.formulas):.4f}",
     ]
     if "pytorch" in s["impls"]:
         p = s["impls"]["pytorch"]["bytes_sent"]

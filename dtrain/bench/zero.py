@@ -10,8 +10,8 @@ under the same DDP, and FSDP2 (fully_shard on every block and the root), by our 
 
 Step 0 of each, right after it is built, counts: the bytes of parameters, gradients and optimizer states
 each rank holds (ours: Trainer.held_bytes(); PyTorch: local tensors and shards after optimizer.step(),
-before zero_grad) against FORMULAS.md per parameter; the growth of peak RSS while built and stepped; the
-collectives at the dispatcher (comm.CommRecorder) against FORMULAS.md's 2Ψ·4 (stages 0-2) and 3Ψ·4 (stage
+before zero_grad) against docs/formulas.md per parameter; the growth of peak RSS while built and stepped; the
+collectives at the dispatcher (comm.CommRecorder) against docs/formulas.md's 2Ψ·4 (stages 0-2) and 3Ψ·4 (stage
 3). Ours must also equal the exact count of our padded buckets (`bucket_traffic`, stages 0-2) and what
 the library's own ledger (parallel.ledger.CommLedger) counted in the same step.
 """
@@ -102,7 +102,7 @@ def bucket_traffic(trainer, n: int, pad: bool = True) -> Fraction | None:
 
 
 def predicted(name: str, n: int) -> tuple[float, float, str]:
-    """FORMULAS.md's bytes per parameter (fp32 + Adam): (device, host, how). Offload moves the optimizer
+    """docs/formulas.md's bytes per parameter (fp32 + Adam): (device, host, how). Offload moves the optimizer
     states to host memory, where ours also keeps the fp32 master copy of its shard: 8/N + 4/N."""
     stage = IMPLS[name][2]
     total = {0: 16, 1: 8 + 8 / n, 2: 4 + 12 / n, 3: 16 / n}[stage]
@@ -199,7 +199,7 @@ def _norm_loss(call) -> bool:
 
 def count_step(impl, index: int) -> tuple[float, dict]:
     """The counting step: bytes held, RSS growth and collectives (every rank issues the same ones), sent
-    against FORMULAS.md; ours also against the library ledger's count and the bucket plan's."""
+    against docs/formulas.md; ours also against the library ledger's count and the bucket plan's."""
     trainer = getattr(impl, "trainer", None)
     impl.count_held, n = True, dist.get_world_size()
     ledger = CommLedger(trainer.grid) if trainer else contextlib.nullcontext()
@@ -302,7 +302,7 @@ def format_table(s: dict) -> str:
         f"{1 + c['warmup'] + c['steps']} steps (after updates)",
         "",
         f"model states held per rank after a step, bytes per parameter (N = {n}; the rank holding most)",
-        f"{'implementation':<25}{'device':>8}{'host':>8}{'total':>8}   {'FORMULAS.md (device + host)':<36}"
+        f"{'implementation':<25}{'device':>8}{'host':>8}{'total':>8}   {'formulas (device + host)':<36}"
         f"{'meas/pred':>10}{'MiB':>9}{'RSS +MiB':>10}",
     ]
     for name, r in s["impls"].items():
@@ -323,9 +323,9 @@ def format_table(s: dict) -> str:
             "own, not model states."
         ),
         "",
-        "bytes sent per rank per step (ring costs; FORMULAS.md 2Ψ·4 for stages 0-2, 3Ψ·4 for stage 3,",
-        "(N-1)/N rounded to 1; exact ring = FORMULAS x (N-1)/N)",
-        f"{'implementation':<25}{'sent MiB':>10}{'states MiB':>11}{'/FORMULAS':>10}{'/exact ring':>12}"
+        "bytes sent per rank per step (ring costs; docs/formulas.md 2Ψ·4 for stages 0-2, 3Ψ·4 for stage 3,",
+        "(N-1)/N rounded to 1; exact ring = formulas x (N-1)/N)",
+        f"{'implementation':<25}{'sent MiB':>10}{'states MiB':>11}{'/formulas':>10}{'/exact ring':>12}"
         f"{'buckets MiB':>12}{'equal':>7}{'padding B':>10}{'ledger':>8}",
     ]
     for name, r in s["impls"].items():
@@ -344,7 +344,8 @@ def format_table(s: dict) -> str:
             "per-parameter norms, and the loss). buckets: our exact count, each bucket padded to a multiple "
             "of N, reduce-scattered and all-gathered (stage 0: all-reduced); equal: states == buckets; "
             "padding: what padding adds, all the excess over the exact ring with one micro-batch. "
-            "FORMULAS.md counts one reduction per step: with several micro-batches ZeRO-2, ZeRO-3 and FSDP2 "
+            "docs/formulas.md counts one reduction per step: with several micro-batches ZeRO-2, ZeRO-3 and "
+            "FSDP2 "
             "reduce-scatter per micro-batch. ledger: sent == what the library's CommLedger counted in the "
             "same step. ZeroRedundancyOptimizer all-reduces gradients (DDP) and broadcasts the updated "
             "parameters: 3(N-1)/N·Ψ·4. FSDP2 keeps the root (embedding, head, final norm) gathered from "

@@ -26,7 +26,7 @@ def test_exact_all_to_all_count_and_the_formulas_figure():
     assert bench.alltoall_rows([[3, 1, 0, 0], [0, 0, 5, 1]], 0, 2) == (0, 0)  # all local
     terms = dict(bench.alltoall_analytic(counts, 0, d=8, itemsize=4))
     assert sum(terms.values()) == (2 - 1) * 2 * 8 + 2 * (4 + 4) * 8 * 4
-    # Balanced routing, nothing dropped: each all-to-all moves (ep-1)/ep of the T*k rows, FORMULAS.md.
+    # Balanced routing, nothing dropped: each all-to-all moves (ep-1)/ep of the T*k rows, docs/formulas.md.
     ep, experts, t, k, d = 4, 8, 64, 2, 16
     even = [[t * k // experts] * experts for _ in range(ep)]
     rows = sum(v for label, v in bench.alltoall_analytic(even, 1, d, 4) if not label.startswith("count"))

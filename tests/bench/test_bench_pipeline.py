@@ -1,6 +1,6 @@
 """The pipeline benchmark (dtrain.bench.pipeline) at tiny sizes: it times our schedules and PyTorch's in one
 run, both compute the same loss at every step, after updates too, and 1F1B holds fewer activations than
-GPipe, in the ratio FORMULAS.md gives."""
+GPipe, in the ratio docs/formulas.md gives."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ TINY = [str(x) for kv in (*FAST.items(), *SIZES.items()) for x in kv]
 def test_formula_bubble_and_simulate_agree_for_the_plain_schedules():
     assert bench.formula_bubble("gpipe", 2, 8) == pytest.approx(1 / 9)
     assert bench.formula_bubble("1f1b", 4, 8) == pytest.approx(3 / 11)
-    # FORMULAS.md: interleaved bubble over ideal time (p-1)/(v*m), as an idle share (p-1)/(v*m+p-1).
+    # docs/formulas.md: interleaved bubble over ideal time (p-1)/(v*m), as an idle share (p-1)/(v*m+p-1).
     assert bench.formula_bubble("interleaved", 2, 8, 2) == pytest.approx(1 / 17)
     for name in ("gpipe", "1f1b"):
         assert bench.simulate_ours(name, 2, 8)["bubble"] == pytest.approx(bench.formula_bubble(name, 2, 8))

@@ -93,7 +93,7 @@ def test_sweep_writes_csv_plots_tensorboard_with_bytes_sent_and_held(tmp_path, c
     # One rank sends nothing; two all-reduce the fp32 gradients: 2(n-1)/n * 4 psi = 4 psi bytes, plus the
     # few scalars of the loss and the gradient norm.
     assert num("dp", 1, "sent_bytes_mean") == num("zero1", 1, "sent_bytes_mean") == 0
-    for key in rows:  # the ledger's count is dtrain.comm_volume's prediction, exactly
+    for key in rows:  # the ledger's count is dtrain.analysis.comm_volume's prediction, exactly
         assert num(*key, "sent_bytes_mean") == num(*key, "sent_predicted_bytes"), key
     assert 4 * psi <= num("dp", 2, "sent_bytes_mean") <= 4 * psi + 64
     assert 4 * psi <= num("zero1", 2, "sent_bytes_mean") <= 4 * psi + 64 + 8 * 2  # buckets padded to even

@@ -1,6 +1,6 @@
 """The ZeRO benchmark (dtrain.bench.zero) at tiny sizes: every implementation runs and is timed, each one's
 loss matches torch DDP's at every step, after updates too, ours hold the bytes per parameter of
-FORMULAS.md, and the bytes our stages 0-2 send per step equal the exact count of our padded buckets."""
+docs/formulas.md, and the bytes our stages 0-2 send per step equal the exact count of our padded buckets."""
 
 from __future__ import annotations
 
