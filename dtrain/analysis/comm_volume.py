@@ -55,6 +55,7 @@ import torch
 from dtrain.analysis.estimate import meta_rank
 from dtrain.config import Config, microbatches_per_rank
 from dtrain.model import Transformer, is_moe_block
+from dtrain.parallelize import Parallelized
 from dtrain.stage import n_chunks
 from parallel.data_parallel import DataParallelAdamW
 from parallel.grid import group_size
@@ -161,16 +162,18 @@ def predict(
     *,
     itemsize: int | None = None,
     moe_rows: tuple[int, int] | None = None,
+    built: Parallelized | None = None,
 ) -> Volume:
     """Calls and bytes global rank `rank` sends in one training step of `cfg` (validated).
 
     itemsize: bytes per parameter element (default: torch's default dtype, as the model is built).
     moe_rows: (rows leaving, rows arriving) summed over this rank's dispatches of the step (every MoE
     layer and micro-batch, recomputations not counted), from the routing; without it the all-to-all
-    bytes are docs/formulas.md's balanced figure and marked estimated."""
+    bytes are docs/formulas.md's balanced figure and marked estimated. built: what `rank` builds on the
+    meta device (dtrain.analysis.estimate.meta_rank), when the caller has it already."""
     _check_modelled(cfg)
     it = itemsize or torch.empty((), dtype=torch.get_default_dtype()).element_size()
-    built = meta_rank(cfg, rank)
+    built = built or meta_rank(cfg, rank)
     chunks = built.model.chunks
     v = Volume()
     _pipeline(v, cfg, chunks, it)

@@ -93,8 +93,9 @@ def _formula_line(cfg: Config, n_params: int, e: int, held: dict) -> str:
     )
 
 
-def estimate_model_states(cfg: Config, world: int) -> dict:
-    """Bytes of parameters, gradients and optimizer states one rank holds after a step.
+def estimate_model_states(cfg: Config, world: int, communication: bool = True) -> dict:
+    """Bytes of parameters, gradients and optimizer states one rank holds after a step (and, with
+    `communication`, the bytes it sends per step).
 
     Returns {"device": {...}, "host": {...}} (pipeline rank 0's figures, as Trainer.held_bytes()), plus
     "params" (this rank's parameter count), "formula" (the docs/formulas.md comparison), "stages" (one entry
@@ -126,7 +127,7 @@ def estimate_model_states(cfg: Config, world: int) -> dict:
                 "element_size": e,
                 "formula": _formula_line(cfg, n_params, e, held),
                 "activations": activation_bytes(cfg, pp_rank),
-                "communication": _communication(cfg, first_rank),
+                "communication": _communication(cfg, first_rank, built) if communication else {},
             }
         )
     first = stages[0]
@@ -152,14 +153,13 @@ def estimate_model_states(cfg: Config, world: int) -> dict:
     }
 
 
-def _communication(cfg: Config, rank: int) -> dict:
-    """Bytes `rank` sends per step, by (axis, op), from dtrain.analysis.comm_volume (what the ledger
-    measures);
-    {"not_modelled": reason} for what that count does not cover."""
+def _communication(cfg: Config, rank: int, built: Parallelized) -> dict:
+    """Bytes `rank` (which built `built`) sends per step, by (axis, op), from dtrain.analysis.comm_volume
+    (what the ledger measures); {"not_modelled": reason} for what that count does not cover."""
     from dtrain.analysis.comm_volume import NotModelled, predict
 
     try:
-        volume = predict(cfg, rank)
+        volume = predict(cfg, rank, built=built)
     except NotModelled as e:
         return {"not_modelled": str(e)}
     return {

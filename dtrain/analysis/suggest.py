@@ -85,7 +85,7 @@ def suggest_layouts(cfg: Config, world: int, memory: int, top: int | None = None
             setattr(trial.parallel, key, o[key])
         trial.train.activation_checkpointing = o["activation_checkpointing"]
         try:
-            est = estimate_model_states(trial, world)
+            est = estimate_model_states(trial, world, communication=False)  # memory decides the fit
         except ConfigError:
             continue  # this layout cannot run this config (micro-batches, heads, ...)
         need = max(peak_device_bytes(s) for s in est["stages"])
