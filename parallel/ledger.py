@@ -73,14 +73,16 @@ class Tally:
         self.sent += Fraction(sent)
 
 
-def _nbytes(t) -> int:
+def tensor_bytes(t) -> int:
+    """Bytes of a tensor or of (nested) lists of them, as c10d operators receive them."""
     if isinstance(t, torch.Tensor):
         return t.numel() * t.element_size()
-    return sum(_nbytes(x) for x in t)  # (nested) lists of tensors
+    return sum(tensor_bytes(x) for x in t)  # (nested) lists of tensors
 
 
 # c10d operators priced at their ring cost: operator -> (op, the argument holding S, the full tensors).
-_RING = {
+# dtrain.bench.comm prices with the same table.
+RING_PRICED = {
     "allreduce_": (ALL_REDUCE, "tensors"),
     "allreduce_coalesced_": (ALL_REDUCE, "tensors"),
     "_allgather_base_": (ALL_GATHER, "output_tensor"),
@@ -98,9 +100,9 @@ _RING = {
 def _price(name: str, a: dict, rank: int, n: int) -> tuple[str, Fraction] | None:
     """(op, bytes this rank sends) for c10d operator `name` with bound arguments `a`, issued by group
     rank `rank` of `n`; None for an operator without a price."""
-    if name in _RING:
-        op, arg = _RING[name]
-        return op, ring_bytes(op, _nbytes(a[arg]), n)
+    if name in RING_PRICED:
+        op, arg = RING_PRICED[name]
+        return op, ring_bytes(op, tensor_bytes(a[arg]), n)
     if name == "alltoall_base_":  # all_to_all_single: the input rows whose split is another rank's
         x, splits = a["input"], list(a["input_split_sizes"])
         rows = x.shape[0] if x.dim() else 0
@@ -108,16 +110,18 @@ def _price(name: str, a: dict, rank: int, n: int) -> tuple[str, Fraction] | None
         row_bytes = x.numel() // rows * x.element_size() if rows else 0
         return ALL_TO_ALL, Fraction((rows - splits[rank]) * row_bytes)
     if name == "alltoall_":
-        return ALL_TO_ALL, Fraction(sum(_nbytes(t) for j, t in enumerate(a["input_tensors"]) if j != rank))
+        return ALL_TO_ALL, Fraction(
+            sum(tensor_bytes(t) for j, t in enumerate(a["input_tensors"]) if j != rank)
+        )
     if name == "send":
-        return SEND, Fraction(_nbytes(a["tensors"]))
+        return SEND, Fraction(tensor_bytes(a["tensors"]))
     if name in ("recv_", "recv_any_source_"):
         return RECV, Fraction(0)
     if name == "gather_":  # every rank but the root hands its tensor over
-        return GATHER, Fraction(0 if rank == a["root_rank"] else _nbytes(a["input_tensors"]))
+        return GATHER, Fraction(0 if rank == a["root_rank"] else tensor_bytes(a["input_tensors"]))
     if name == "scatter_":  # the root hands every other rank its piece
         pieces = a["input_tensors"][0] if rank == a["root_rank"] else []
-        return SCATTER, Fraction(sum(_nbytes(t) for j, t in enumerate(pieces) if j != rank))
+        return SCATTER, Fraction(sum(tensor_bytes(t) for j, t in enumerate(pieces) if j != rank))
     if name in ("barrier", "monitored_barrier_"):
         return BARRIER, Fraction(0)
     return None

@@ -14,12 +14,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fractions import Fraction
 
-import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # Re-exported for the benchmarks, which import them from here.
-from parallel.ledger import ALL_GATHER, ALL_REDUCE, ALL_TO_ALL, BROADCAST, REDUCE_SCATTER, ring_bytes
+from parallel.ledger import (
+    ALL_GATHER,
+    ALL_REDUCE,
+    ALL_TO_ALL,
+    REDUCE_SCATTER,
+    RING_PRICED,
+    ring_bytes,
+    tensor_bytes,
+)
 
 # The parts of a training step a call is stamped with, in step order (the tables sort by it); PyTorch's
 # gradient clipping and loss all-reduce are stamped NORM_AND_LOSS: they are not model-state traffic.
@@ -42,25 +49,9 @@ class Call:
     sent: Fraction  # bytes this rank sends
 
 
-def _nbytes(t) -> int:
-    if isinstance(t, torch.Tensor):
-        return t.numel() * t.element_size()
-    return sum(_nbytes(x) for x in t)  # (nested) lists of tensors
-
-
-# c10d.<op> -> (kind, the argument holding the full size S)
-_C10D = {
-    "allreduce_": (ALL_REDUCE, "tensors"),
-    "allreduce_coalesced_": (ALL_REDUCE, "tensors"),
-    "broadcast_": (BROADCAST, "tensors"),
-    "_allgather_base_": (ALL_GATHER, "output_tensor"),
-    "allgather_": (ALL_GATHER, "output_tensors"),
-    "allgather_into_tensor_coalesced_": (ALL_GATHER, "outputs"),
-    "_reduce_scatter_base_": (REDUCE_SCATTER, "input_tensor"),
-    "reduce_scatter_": (REDUCE_SCATTER, "input_tensors"),
-    "reduce_scatter_tensor_coalesced_": (REDUCE_SCATTER, "inputs"),
-    "alltoall_base_": (ALL_TO_ALL, "input"),
-}
+# c10d.<op> -> (kind, the argument holding the full size S): the ledger's ring-priced operators, and an
+# all-to-all's input (the rows bound for other ranks are priced in _call)
+_C10D = {**RING_PRICED, "alltoall_base_": (ALL_TO_ALL, "input")}
 # _c10d_functional.<op> (with or without _coalesced and a trailing _) -> kind; their inputs are what this
 # rank holds: an all-gather's is one shard of S
 _FUNCTIONAL = {
@@ -77,7 +68,7 @@ def _call(namespace: str, name: str, bound: dict, phase: str) -> Call | None:
     if namespace == "c10d" and name in _C10D:
         kind, sized = _C10D[name]
         group = dist.ProcessGroup.unbox(bound["process_group"])  # a TorchScript object at the dispatcher
-        n, full = group.size(), _nbytes(bound[sized])
+        n, full = group.size(), tensor_bytes(bound[sized])
         if kind == ALL_TO_ALL:  # uneven splits: the rows bound for other ranks, not the ring figure
             x = bound["input"]
             splits = list(bound["input_split_sizes"]) or [x.shape[0] // n] * n
@@ -86,7 +77,7 @@ def _call(namespace: str, name: str, bound: dict, phase: str) -> Call | None:
     elif namespace == "_c10d_functional" and functional:
         from torch.distributed.distributed_c10d import _resolve_process_group
 
-        kind, full = functional, _nbytes(bound["inputs"] if "inputs" in bound else bound["input"])
+        kind, full = functional, tensor_bytes(bound["inputs"] if "inputs" in bound else bound["input"])
         n = int(bound.get("group_size") or _resolve_process_group(bound["group_name"]).size())
         full *= n if kind == ALL_GATHER else 1
     else:
