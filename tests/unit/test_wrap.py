@@ -221,13 +221,20 @@ def test_mixed_precision_matches_torch_autocast(world2, kind, mode, precision):
 
 # --- memory -------------------------------------------------------------------------------------------
 
-# Bytes per parameter for fp32 AdamW over N ranks: (parameters, gradients, optimizer moments).
+# Bytes per parameter for fp32 AdamW over N ranks, (parameters, gradients, optimizer state) on the device
+# and on the host; offloaded optimizer state is the moments and an fp32 master copy of the shard.
 FORMULA = {
-    "ddp": lambda n: (4, 4, 8),
-    "zero1": lambda n: (4, 4, 8 / n),
-    "zero2": lambda n: (4, 4 / n, 8 / n),
-    "zero3": lambda n: (4 / n, 4 / n, 8 / n),
+    "ddp": lambda n: {"device": (4, 4, 8), "host": (0, 0, 0)},
+    "zero1": lambda n: {"device": (4, 4, 8 / n), "host": (0, 0, 0)},
+    "zero2": lambda n: {"device": (4, 4 / n, 8 / n), "host": (0, 0, 0)},
+    "zero3": lambda n: {"device": (4 / n, 4 / n, 8 / n), "host": (0, 0, 0)},
+    "zero2-offload": lambda n: {"device": (4, 4 / n, 0), "host": (0, 0, 12 / n)},
+    "zero3-offload-all": lambda n: {"device": (0, 4 / n, 0), "host": (4 / n, 0, 12 / n)},
 }
+# In all, at N = 2: the 16/12/10/8 pattern; offload moves the optimizer state to the host and adds the
+# 4/N master copy there.
+PER_PARAM_AT_2 = {"ddp": 16, "zero1": 12, "zero2": 10, "zero3": 8}
+PER_PARAM_AT_2.update({"zero2-offload": 12, "zero3-offload-all": 10})
 
 
 def held_case(kind: str, mode: str) -> dict:
@@ -235,9 +242,8 @@ def held_case(kind: str, mode: str) -> dict:
     count = sum(p.numel() for p in model.parameters())
     dp = wrap(model, **options(kind, mode, model), bucket_mb=0.01)
     train_ours(kind, dp, 1, range(1))
-    held = dp.held_bytes()
     buckets = len(dp.sync.buckets.buckets) if mode == "ddp" else len(dp.sync.buckets)
-    return {"held": held["device"], "host": held["host"], "count": count, "buckets": buckets}
+    return {"held": dp.held_bytes(), "count": count, "buckets": buckets}
 
 
 @pytest.mark.parametrize("kind", ["llama", "encoder"])
@@ -245,15 +251,14 @@ def held_case(kind: str, mode: str) -> dict:
 def test_held_bytes_follow_the_zero_formula(world2, kind, mode):
     n = 2
     for r in world2.run(held_case, kind, mode):
-        expected = dict(zip(("params", "grads", "optimizer"), FORMULA[mode](n), strict=True))
-        assert sum(r["host"].values()) == 0
-        for what, per_param in expected.items():
-            exact = per_param * r["count"]
-            # Each bucket is padded to a multiple of n elements: at most n - 1 more, at these bytes each.
-            padding = r["buckets"] * (n - 1) * per_param
-            assert exact <= r["held"][what] <= exact + padding, (what, r)
-        total = sum(r["held"].values()) / r["count"]
-        assert round(total) == {"ddp": 16, "zero1": 12, "zero2": 10, "zero3": 8}[mode], r
+        for where, per_param in FORMULA[mode](n).items():
+            for what, bytes_per_param in zip(("params", "grads", "optimizer"), per_param, strict=True):
+                exact = bytes_per_param * r["count"]
+                # Each bucket is padded to a multiple of n elements: at most n - 1 more, at these bytes each.
+                padding = r["buckets"] * (n - 1) * bytes_per_param
+                assert exact <= r["held"][where][what] <= exact + padding, (where, what, r)
+        total = sum(sum(r["held"][where].values()) for where in ("device", "host")) / r["count"]
+        assert round(total) == PER_PARAM_AT_2[mode], r
 
 
 # --- checkpoints --------------------------------------------------------------------------------------
