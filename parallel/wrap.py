@@ -39,7 +39,7 @@ from parallel.grad_sync import AdamWConfig, Held, clip_
 from parallel.grid import group_size
 from parallel.precision import LossScaler, autocast
 from parallel.zero import ZeroDataParallel, plan_zero_buckets
-from parallel.zero3 import _tensors_in, zero3
+from parallel.zero3 import output_tensors, zero3
 
 OFFLOAD = ("none", "optimizer", "all")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -119,7 +119,8 @@ class Wrapped:
         self._unit_check = _UnitUseCheck(self.sync, unit_list, self.names) if zero == 3 else None
         for module, _, name in unit_list:
             module.register_forward_hook(lambda m, a, out, name=name: self._check_unit_output(name, out))
-        # Prepended: the previous backward's reductions complete before a ZeRO-3 root unit is gathered.
+        # Prepended, so it runs before a model-level ZeRO-3 unit's gather: completing the previous
+        # backward's reductions may launch, and then free, a unit that got no gradient there.
         model.register_forward_pre_hook(self._before_forward, prepend=True)
         model.register_forward_hook(self._after_forward, always_call=True)
 
@@ -254,7 +255,7 @@ class Wrapped:
     def _check_unit_output(self, name: str, out) -> None:
         if self._unit_check is None or not self._unit_check.active:
             return
-        if not any(t.requires_grad for t in _tensors_in(out)):
+        if not any(t.requires_grad for t in output_tensors(out)):
             raise RuntimeError(
                 f"parallel.wrap: ZeRO-3 unit '{name}' returned no tensor that requires grad (in a tensor, "
                 "tuple, list or dict), so its backward could not gather its parameters again; choose "

@@ -42,7 +42,7 @@ def _recomputing() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-def _tensors_in(out) -> list[torch.Tensor]:
+def output_tensors(out) -> list[torch.Tensor]:
     """The tensors a module returned: the output itself, or those inside its tuples, lists and dicts
     (transformers' ModelOutput is a dict); the backward of whichever of them carries the gradient first
     gathers the unit again."""
@@ -51,7 +51,7 @@ def _tensors_in(out) -> list[torch.Tensor]:
     if isinstance(out, dict):
         out = list(out.values())
     if isinstance(out, (list, tuple)):
-        return [t for item in out for t in _tensors_in(item)]
+        return [t for item in out for t in output_tensors(item)]
     return []
 
 
@@ -158,7 +158,7 @@ class ShardedParams:
         bucket = self.forward_order[position]
         if _recomputing():
             return  # recomputation under activation checkpointing: backward still needs the unit
-        for tensor in _tensors_in(out):
+        for tensor in output_tensors(out):
             if tensor.requires_grad:
                 tensor.register_hook(lambda grad, k=position: self._before_backward_of(k))
         self._free(bucket)
