@@ -25,8 +25,10 @@ def adamw_step_(
     beta1, beta2 = a.betas
     bias_correction1 = 1 - beta1**step
     bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-    # The same fp32 factor torch uses for p *= 1 - lr*wd, on decayed elements only.
-    param.mul_(torch.where(decay > 0, 1 - lr * a.weight_decay, 1.0).to(param.dtype))
+    # The factor torch uses for p *= 1 - lr*wd (the Python float rounded once to the parameter's dtype,
+    # whatever the default dtype), on decayed elements only.
+    factor = torch.full((), 1 - lr * a.weight_decay, dtype=param.dtype, device=param.device)
+    param.mul_(torch.where(decay > 0, factor, torch.ones_like(factor)))
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(a.eps)

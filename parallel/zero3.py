@@ -42,6 +42,19 @@ def _recomputing() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def output_tensors(out) -> list[torch.Tensor]:
+    """The tensors a module returned: the output itself, or those inside its tuples, lists and dicts
+    (transformers' ModelOutput is a dict); the backward of whichever of them carries the gradient first
+    gathers the unit again."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for item in out for t in output_tensors(item)]
+    return []
+
+
 Unit = tuple[list[nn.Parameter], list[tuple[nn.Module, nn.Module]]]
 
 
@@ -145,12 +158,17 @@ class ShardedParams:
         bucket = self.forward_order[position]
         if _recomputing():
             return  # recomputation under activation checkpointing: backward still needs the unit
-        if isinstance(out, torch.Tensor) and out.requires_grad:
-            out.register_hook(lambda grad, k=position: self._before_backward_of(k))
+        for tensor in output_tensors(out):
+            if tensor.requires_grad:
+                tensor.register_hook(lambda grad, k=position: self._before_backward_of(k))
         self._free(bucket)
 
     def _before_backward_of(self, position: int) -> None:
         bucket = self.forward_order[position]
+        if bucket.pending == 0:
+            # A unit with several outputs: a gradient arriving after the unit's parameters all got theirs
+            # (its reduction is launched and the parameters freed) needs no parameters any more.
+            return
         self.in_backward.add(id(bucket))
         self._ensure(bucket)
         if position > 0:

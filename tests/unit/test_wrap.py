@@ -1,0 +1,323 @@
+"""parallel.wrap around models none of us wrote (transformers' LlamaForCausalLM, torch's
+TransformerEncoder), in a user's loop, against torch DistributedDataParallel with torch's AdamW,
+clip_grad_norm_, autocast and GradScaler in the same loop: every mode (DDP, ZeRO 1/2/3, offload of the
+optimizer or of everything, accumulation), float64 to FP64, fp32 to FP32, bf16/fp16 to LOW_PRECISION;
+the bytes each rank holds, per the ZeRO formula; a ZeRO-3 checkpoint from 2 ranks resumed at 4 and
+loaded into the plain model.
+
+The two loops are the same user code: each rank's mean loss over its micro-batch divided by the number of
+micro-batches, backward, step. torch DDP averages gradients over ranks; so does the wrapper."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from parallel.wrap import wrap
+from tests.tolerances import FP32, FP64, LOW_PRECISION
+from tests.unit.foreign_models import SEQ, VOCAB, build, loss_of, unit_classes
+
+ADAMW = {"lr": 1e-2, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
+MAX_NORM = 0.5  # below the gradient norms of these models, so clipping acts on every step
+ROWS, STEPS = 8, 3  # rows of the global batch per step
+
+MODES = {
+    "ddp": {"zero": 0},
+    "zero1": {"zero": 1},
+    "zero2": {"zero": 2},
+    "zero3": {"zero": 3},
+    "zero1-offload": {"zero": 1, "offload": "optimizer"},
+    "zero2-offload": {"zero": 2, "offload": "optimizer"},
+    "zero3-offload": {"zero": 3, "offload": "optimizer"},
+    "zero3-offload-all": {"zero": 3, "offload": "all"},
+}
+
+
+def options(kind: str, mode: str, model) -> dict:
+    out = dict(MODES[mode])
+    if out["zero"] == 3:
+        out["units"] = [*unit_classes(kind), model]
+    return out
+
+
+def micro_batches(step: int, accumulate: int) -> list[torch.Tensor]:
+    """This rank's rows of the step's global batch, cut into `accumulate` micro-batches."""
+    g = torch.Generator().manual_seed(100 + step)
+    tokens = torch.randint(0, VOCAB, (ROWS, SEQ + 1), generator=g)
+    per = ROWS // dist.get_world_size()
+    mine = tokens[dist.get_rank() * per : (dist.get_rank() + 1) * per]
+    return list(mine.chunk(accumulate))
+
+
+def train_ours(kind, dp, accumulate, steps=range(STEPS)):
+    losses, norms = [], []
+    for step in steps:
+        mbs = micro_batches(step, accumulate)
+        total = 0.0
+        for i, tokens in enumerate(mbs):
+            with dp.no_sync(i < len(mbs) - 1):
+                with dp.autocast():
+                    loss = loss_of(kind, dp, tokens) / len(mbs)
+                dp.scale(loss).backward()
+            total += float(loss.detach())
+        result = dp.step()
+        losses.append(total)
+        norms.append(result.grad_norm)
+    return losses, norms
+
+
+def torch_adamw(model) -> torch.optim.AdamW:
+    """torch's AdamW with the wrapper's rule: weight decay on parameters of two or more dimensions."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": ADAMW["weight_decay"]},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=ADAMW["lr"], betas=ADAMW["betas"], eps=ADAMW["eps"])
+
+
+def train_torch(kind, model, opt, accumulate, precision="fp32", steps=range(STEPS)):
+    ddp = DistributedDataParallel(model)
+    scaler = torch.amp.GradScaler("cpu", enabled=precision == "fp16")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    losses, norms = [], []
+    for step in steps:
+        mbs = micro_batches(step, accumulate)
+        total = 0.0
+        for i, tokens in enumerate(mbs):
+            with ddp.no_sync() if i < len(mbs) - 1 else contextlib.nullcontext():
+                with torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext():
+                    loss = loss_of(kind, ddp, tokens) / len(mbs)
+                scaler.scale(loss).backward()
+            total += float(loss.detach())
+        scaler.unscale_(opt)
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)))
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        losses.append(total)
+    return losses, norms
+
+
+def rel(a, b) -> float:
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return float((a - b).norm() / b.norm()) if b.norm() > 0 else float((a - b).norm())
+
+
+def train_case(kind: str, mode: str, accumulate: int, dtype: str = "float64", precision: str = "fp32"):
+    dtype = getattr(torch, dtype)
+    # fp32 arithmetic: the encoder without biases (see foreign_models.EncoderLM).
+    overrides = {"bias": False} if kind == "encoder" and dtype != torch.float64 else {}
+    model, ref_model = build(kind, dtype, **overrides), build(kind, dtype, **overrides)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    dp = wrap(
+        model,
+        **options(kind, mode, model),
+        **ADAMW,
+        max_grad_norm=MAX_NORM,
+        precision=precision,
+        bucket_mb=0.01,
+    )
+    opt = torch_adamw(ref_model)
+    losses, norms = train_ours(kind, dp, accumulate)
+    ref_losses, ref_norms = train_torch(kind, ref_model, opt, accumulate, precision)
+    state = dp.state_dict()
+    ref = ref_model.state_dict()
+    assert state["model"].keys() == ref.keys()
+    params = max(rel(state["model"][k], ref[k]) for k in ref)
+    names = {p: n for n, p in ref_model.named_parameters()}
+    moments = max(
+        rel(state["optimizer"][names[p]][k], s[k])
+        for p, s in opt.state.items()
+        for k in ("exp_avg", "exp_avg_sq")
+    )
+    return {
+        "losses": max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses, strict=True)),
+        "norms": max(abs(a - b) / b for a, b in zip(norms, ref_norms, strict=True)),
+        "params": params,
+        "moments": moments,
+        "unmoved": [
+            k
+            for k, v in state["model"].items()
+            if v.is_floating_point() and torch.equal(v, start[k]) and "inv_freq" not in k
+        ],
+        "clipped": min(ref_norms) > MAX_NORM,
+    }
+
+
+def check(results: list[dict], bound: dict) -> None:
+    for r in results:
+        for what in ("losses", "norms", "params", "moments"):
+            assert r[what] <= bound["rtol"], (what, r)
+        assert r["unmoved"] == [], r  # every parameter was trained
+        assert r["clipped"], r
+
+
+def case(kind, mode, world, accumulate, slow):
+    marks = [pytest.mark.slow] if slow else []
+    return pytest.param(
+        kind, mode, world, accumulate, marks=marks, id=f"{kind}-{mode}-dp{world}-acc{accumulate}"
+    )
+
+
+# The default run: every mode once at dp 2 with accumulation, both models in ZeRO-3, two cases at dp 4.
+DEFAULT = {
+    ("llama", "ddp", 2, 2),
+    ("encoder", "zero1", 2, 2),
+    ("llama", "zero2", 2, 2),
+    ("llama", "zero3", 2, 2),
+    ("encoder", "zero3", 2, 2),
+    ("encoder", "zero1-offload", 2, 2),
+    ("llama", "zero2-offload", 2, 2),
+    ("encoder", "zero3-offload", 2, 2),
+    ("llama", "zero3-offload-all", 2, 2),
+    ("llama", "zero3", 4, 2),
+    ("encoder", "zero2", 4, 1),
+}
+CASES = [
+    case(kind, mode, world, accumulate, (kind, mode, world, accumulate) not in DEFAULT)
+    for kind in ("llama", "encoder")
+    for mode in MODES
+    for world in (2, 4)
+    for accumulate in (1, 2)
+]
+
+
+@pytest.mark.parametrize("kind, mode, world, accumulate", CASES)
+def test_matches_torch_ddp_float64(request, kind, mode, world, accumulate):
+    world_fixture = request.getfixturevalue(f"world{world}")
+    check(world_fixture.run(train_case, kind, mode, accumulate), FP64)
+
+
+@pytest.mark.parametrize(
+    "kind, mode",
+    [
+        ("encoder", "zero3"),
+        pytest.param("llama", "ddp", marks=pytest.mark.slow),
+        pytest.param("llama", "zero2-offload", marks=pytest.mark.slow),
+    ],
+)
+def test_matches_torch_ddp_float32(world2, kind, mode):
+    check(world2.run(train_case, kind, mode, 2, "float32"), FP32)
+
+
+@pytest.mark.parametrize(
+    "kind, mode, precision",
+    [
+        ("llama", "zero3", "bf16"),
+        ("encoder", "zero2", "fp16"),
+        pytest.param("llama", "zero1", "fp16", marks=pytest.mark.slow),
+        pytest.param("encoder", "ddp", "bf16", marks=pytest.mark.slow),
+        pytest.param("encoder", "zero3-offload-all", "fp16", marks=pytest.mark.slow),
+    ],
+)
+def test_mixed_precision_matches_torch_autocast(world2, kind, mode, precision):
+    check(world2.run(train_case, kind, mode, 2, "float32", precision), LOW_PRECISION[precision])
+
+
+# --- memory -------------------------------------------------------------------------------------------
+
+# Bytes per parameter for fp32 AdamW over N ranks, (parameters, gradients, optimizer state) on the device
+# and on the host; offloaded optimizer state is the moments and an fp32 master copy of the shard.
+FORMULA = {
+    "ddp": lambda n: {"device": (4, 4, 8), "host": (0, 0, 0)},
+    "zero1": lambda n: {"device": (4, 4, 8 / n), "host": (0, 0, 0)},
+    "zero2": lambda n: {"device": (4, 4 / n, 8 / n), "host": (0, 0, 0)},
+    "zero3": lambda n: {"device": (4 / n, 4 / n, 8 / n), "host": (0, 0, 0)},
+    "zero2-offload": lambda n: {"device": (4, 4 / n, 0), "host": (0, 0, 12 / n)},
+    "zero3-offload-all": lambda n: {"device": (0, 4 / n, 0), "host": (4 / n, 0, 12 / n)},
+}
+# In all, at N = 2: the 16/12/10/8 pattern; offload moves the optimizer state to the host and adds the
+# 4/N master copy there.
+PER_PARAM_AT_2 = {"ddp": 16, "zero1": 12, "zero2": 10, "zero3": 8}
+PER_PARAM_AT_2.update({"zero2-offload": 12, "zero3-offload-all": 10})
+
+
+def held_case(kind: str, mode: str) -> dict:
+    model = build(kind, torch.float32)
+    count = sum(p.numel() for p in model.parameters())
+    dp = wrap(model, **options(kind, mode, model), bucket_mb=0.01)
+    train_ours(kind, dp, 1, range(1))
+    buckets = len(dp.sync.buckets.buckets) if mode == "ddp" else len(dp.sync.buckets)
+    return {"held": dp.held_bytes(), "count": count, "buckets": buckets}
+
+
+@pytest.mark.parametrize("kind", ["llama", "encoder"])
+@pytest.mark.parametrize("mode", list(FORMULA))
+def test_held_bytes_follow_the_zero_formula(world2, kind, mode):
+    n = 2
+    for r in world2.run(held_case, kind, mode):
+        for where, per_param in FORMULA[mode](n).items():
+            for what, bytes_per_param in zip(("params", "grads", "optimizer"), per_param, strict=True):
+                exact = bytes_per_param * r["count"]
+                # Each bucket is padded to a multiple of n elements: at most n - 1 more, at these bytes each.
+                padding = r["buckets"] * (n - 1) * bytes_per_param
+                assert exact <= r["held"][where][what] <= exact + padding, (where, what, r)
+        total = sum(sum(r["held"][where].values()) for where in ("device", "host")) / r["count"]
+        assert round(total) == PER_PARAM_AT_2[mode], r
+
+
+# --- checkpoints --------------------------------------------------------------------------------------
+
+
+def save_case(path: str) -> dict:
+    """ZeRO-3 at dp 2, two steps; rank 0 writes the canonical state."""
+    model = build("llama")
+    dp = wrap(model, **options("llama", "zero3", model), **ADAMW, max_grad_norm=MAX_NORM)
+    train_ours("llama", dp, 2, range(2))
+    state = dp.state_dict()
+    if dist.get_rank() == 0:
+        torch.save(state, path)
+    with torch.no_grad():
+        tokens = torch.arange(SEQ).remainder(VOCAB)[None]
+        out = dp(input_ids=tokens, use_cache=False).logits
+    return {"logits": out}
+
+
+def resume_case(path: str, mode: str) -> dict:
+    """Load at dp 4 in `mode` and train two more steps; torch DDP resumes from the same file."""
+    state = torch.load(path)
+    model = build("llama")
+    dp = wrap(model, **options("llama", mode, model), **ADAMW, max_grad_norm=MAX_NORM)
+    dp.load_state_dict(state)
+    again = dp.state_dict()
+    round_trip = all(torch.equal(again["model"][k], v) for k, v in state["model"].items()) and all(
+        torch.equal(again["optimizer"][n][k], v) for n, s in state["optimizer"].items() for k, v in s.items()
+    )
+    losses, norms = train_ours("llama", dp, 2, range(2, 4))
+    ref_model = build("llama")
+    ref_model.load_state_dict(state["model"])
+    opt = torch_adamw(ref_model)
+    for name, p in ref_model.named_parameters():
+        opt.state[p] = {k: v.clone() for k, v in state["optimizer"][name].items()}
+    ref_losses, ref_norms = train_torch("llama", ref_model, opt, 2, steps=range(2, 4))
+    ours = dp.state_dict()["model"]
+    return {
+        "round_trip": round_trip,
+        "losses": max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses, strict=True)),
+        "norms": max(abs(a - b) / b for a, b in zip(norms, ref_norms, strict=True)),
+        "params": max(rel(ours[k], v) for k, v in ref_model.state_dict().items()),
+    }
+
+
+@pytest.mark.parametrize("mode", ["zero3", pytest.param("zero1-offload", marks=pytest.mark.slow)])
+def test_zero3_checkpoint_from_dp2_resumes_at_dp4_and_loads_into_the_plain_model(
+    world2, world4, tmp_path, mode
+):
+    path = str(tmp_path / "state.pt")
+    saved = world2.run(save_case, path)
+    for r in world4.run(resume_case, path, mode):
+        assert r["round_trip"], r
+        for what in ("losses", "norms", "params"):
+            assert r[what] <= FP64["rtol"], (what, r)
+    # The plain model, one process, no wrapper: the same function as the wrapped one.
+    state = torch.load(path)
+    model = build("llama")
+    model.load_state_dict(state["model"])
+    with torch.no_grad():
+        tokens = torch.arange(SEQ).remainder(VOCAB)[None]
+        assert torch.equal(model(input_ids=tokens, use_cache=False).logits, saved[0]["logits"])
