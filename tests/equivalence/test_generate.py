@@ -107,7 +107,7 @@ def test_generation_ends_at_eos_and_at_max_seq_len():
     assert [len(o) for o in generate(model, [[1] * 38, [1, 2]], 5)] == [2, 5]
 
 
-# --- greedy against transformers ----------------------------------------------------------------------------
+# --- greedy against transformers ------------------------------------------------------------------------
 
 PROMPTS = [[5, 17, 33, 8, 90, 41, 3, 60, 12], [12, 60], [7, 7, 1, 44, 23]]
 NEW = 16
@@ -150,7 +150,7 @@ def test_greedy_equals_transformers_alone_and_in_a_left_padded_batch(folders, fa
     assert len(set(batch[0])) > 3  # a varied continuation, not one token repeated
 
 
-# --- sampling -------------------------------------------------------------------------------------------------
+# --- sampling ------------------------------------------------------------------------------------------
 
 
 def test_top_k_one_is_greedy_and_a_seed_reproduces_its_draws():
