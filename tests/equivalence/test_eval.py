@@ -108,3 +108,27 @@ def test_eval_under_torchrun(trained, tmp_path):
     assert result.stdout.count("loss ") == 1  # rank 0 speaks
     loss = json.loads(out.read_text())["loss"]
     torch.testing.assert_close(torch.tensor(loss), torch.tensor(trained["val"]), **FP32)
+
+
+def test_a_hugging_face_folder_gives_transformers_loss(world2, tmp_path):
+    """Every token once, in tp2, from a folder's weights: the mean token loss transformers computes on the
+    same windows."""
+    import transformers
+
+    from tests import hf_models
+
+    folder = hf_models.make(str(tmp_path / "qwen3"), "qwen3-qk-norm-head-dim")
+    (tmp_path / "data").mkdir()
+    tokens = np.random.default_rng(1).integers(0, hf_models.COMMON["vocab_size"], 150).astype(np.uint16)
+    np.save(tmp_path / "data" / "val.npy", tokens)
+    layout = ("parallel.tp=2", "train.seq_len=32", "train.global_batch_size=4", "train.micro_batch_size=2")
+    losses = world2.run(eval_case, folder, str(tmp_path / "data"), layout, None)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids, total = torch.from_numpy(tokens.astype(np.int64)), 0.0
+    with torch.no_grad():
+        for start in range(0, len(ids) - 1, 32):
+            end = min(start + 32, len(ids) - 1)
+            logits = model(ids[None, start:end]).logits[0]
+            total += float(F.cross_entropy(logits, ids[start + 1 : end + 1], reduction="sum"))
+    expected = total / (len(ids) - 1)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor([expected] * 2), **FP32)

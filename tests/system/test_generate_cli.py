@@ -48,12 +48,19 @@ def folder(tmp_path_factory) -> str:
 
 
 def dtrain(*args: str):
+    """The real command line in a subprocess."""
     result = harness.run_python("-m", "dtrain", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
 
-def test_generate_from_a_checkpoint_as_text_and_json(checkpoint):
+def in_process(capsys, *args: str) -> str:
+    """The command line in this process (no torch import to pay for again): its stdout."""
+    cli.main(list(args))
+    return capsys.readouterr().out
+
+
+def test_generate_from_a_checkpoint_as_text_and_json(capsys, checkpoint):
     lines = dtrain(
         "generate", checkpoint, "--prompt", "the cat", "--prompt", "é", "--temperature", "0",
         "--max-new-tokens", "6", "--json",
@@ -64,13 +71,13 @@ def test_generate_from_a_checkpoint_as_text_and_json(checkpoint):
     expected = generate(source.build(torch.device("cpu")), [list(b"the cat"), list("é".encode())], 6)
     assert [r["ids"] for r in records] == expected and all(len(ids) == 6 for ids in expected)
     assert records[0]["text"] == bytes(expected[0]).decode("utf-8", errors="replace")
-    text = dtrain(
-        "generate", checkpoint, "--prompt", "the cat", "--temperature", "0", "--max-new-tokens", "6"
+    text = in_process(
+        capsys, "generate", checkpoint, "--prompt", "the cat", "--temperature", "0", "--max-new-tokens", "6"
     )
     assert text == "the cat" + records[0]["text"] + "\n"
 
 
-def test_generate_from_a_folder_with_a_tokenizer_and_a_prompts_file(folder, tmp_path):
+def test_generate_from_a_folder_with_a_tokenizer_and_a_prompts_file(capsys, folder, tmp_path):
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
@@ -80,18 +87,11 @@ def test_generate_from_a_folder_with_a_tokenizer_and_a_prompts_file(folder, tmp_
     prompts.write_text(
         json.dumps({"prompt": "the cat sat"}) + "\n\n" + json.dumps({"prompt_ids": [3, 9]}) + "\n"
     )
-    lines = dtrain(
-        "generate",
-        folder,
-        "--prompts",
-        str(prompts),
-        "--temperature",
-        "0",
-        "--max-new-tokens",
-        "12",
+    out = in_process(
+        capsys, "generate", folder, "--prompts", str(prompts), "--temperature", "0", "--max-new-tokens", "12",
         "--json",
-    ).splitlines()
-    records = [json.loads(line) for line in lines]
+    )  # fmt: skip
+    records = [json.loads(line) for line in out.splitlines()]
     assert (
         [r["prompt_ids"] for r in records] == [tok.encode("the cat sat").ids, [3, 9]] == [[3, 4, 5], [3, 9]]
     )
@@ -100,10 +100,12 @@ def test_generate_from_a_folder_with_a_tokenizer_and_a_prompts_file(folder, tmp_
     assert [r["text"] for r in records] == [tok.decode(ids, skip_special_tokens=True) for ids in expected]
 
 
-def test_sampling_from_the_command_line_is_reproducible(checkpoint):
+def test_sampling_from_the_command_line_is_reproducible(capsys, checkpoint):
     args = ("generate", checkpoint, "--prompt-ids", "116,104", "--max-new-tokens", "8", "--top-k", "20")
-    first = dtrain(*args, "--top-p", "0.9", "--temperature", "1.2", "--seed", "3", "--json")
-    assert dtrain(*args, "--top-p", "0.9", "--temperature", "1.2", "--seed", "3", "--json") == first
+    sampled = ("--top-p", "0.9", "--temperature", "1.2", "--json")
+    first = in_process(capsys, *args, *sampled, "--seed", "3")
+    assert in_process(capsys, *args, *sampled, "--seed", "3") == first
+    assert in_process(capsys, *args, *sampled, "--seed", "4") != first
 
 
 # --- bad input -------------------------------------------------------------------------------------------
