@@ -71,6 +71,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     # Bad input fails here, in one line, before any process group exists or anything is written:
     check_data(cfg)  # a missing or malformed data file, token ids beyond the vocabulary
     check_init_from(cfg.model)  # a Hugging Face folder whose tensors are not the model's
+    if cfg.train.sample_every:
+        from dtrain.generate import check_sample_prompt
+
+        check_sample_prompt(cfg)  # a prompt the model cannot encode, or one too long to continue
     checkpoint.check_out_dir(cfg)  # a fresh run into the folder of an earlier one
     resume_from = checkpoint.check_resume(cfg, warn=say)  # the checkpoint to resume: another model shape
     runtime.check_restartable()  # torchrun restarts that cannot work

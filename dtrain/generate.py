@@ -123,17 +123,23 @@ def load_checkpoint_weights(path: str, models: list[torch.nn.Module]) -> None:
     """Copy a checkpoint's canonical tensors into the parameters of `models` (a whole model, or this rank's
     chunks: their slices of the tensors)."""
     from dtrain.checkpoint import load_parts
+
+    copy_canonical(load_parts(path, "model"), models, path)
+
+
+def copy_canonical(tensors: dict[str, torch.Tensor], models: list[torch.nn.Module], source: str) -> None:
+    """Copy canonical full tensors (name -> tensor) into the parameters of `models`; `source` names where
+    the tensors came from in the error."""
     from parallel.sharding import sharding_of
 
-    tensors = load_parts(path, "model")
     with torch.no_grad():
         for name, p in (item for model in models for item in model.named_parameters()):
             s = sharding_of(p)
             full = tensors.get(s.duplicate_of or name)
             if full is None or tuple(full.shape) != tuple(s.full_shape):
                 raise CheckpointError(
-                    f"{path}: parameter '{name}' is missing or has another shape; the checkpoint comes from "
-                    f"another model (drop model.* overrides)"
+                    f"{source}: parameter '{name}' is missing or has another shape; the checkpoint comes "
+                    f"from another model (drop model.* overrides)"
                 )
             p.copy_(s.take(full))
 
@@ -159,11 +165,7 @@ def resolve(path: str, overrides: list[str] = ()) -> ModelSource:
         for section in ("parallel", "data", "run"):
             saved.pop(section, None)
         cfg = _with_overrides(saved, overrides)
-        folder = cfg.model.init_from
-        tokenizer = _hf_tokenizer(folder) if folder and os.path.isdir(folder) else None
-        eos = _eos_ids(folder) if folder and os.path.isdir(folder) else frozenset()
-        if tokenizer is None and not folder and cfg.model.vocab_size == 256:
-            tokenizer = _byte_tokenizer()
+        tokenizer, eos = tokenizer_of(cfg.model)
         # The weights are the checkpoint's: the folder it started from is not read again.
         cfg.model.init_from = None
         return ModelSource(path, "checkpoint", cfg, tokenizer, eos)
@@ -179,6 +181,15 @@ def resolve(path: str, overrides: list[str] = ()) -> ModelSource:
         f"MODEL {path} {what}: give a dtrain checkpoint folder (runs/NAME/checkpoints/step_N) or a Hugging "
         f"Face model folder (config.json and safetensors){hint}"
     )
+
+
+def tokenizer_of(m) -> tuple[_Tokenizer | None, frozenset[int]]:
+    """The tokenizer and end-of-sequence ids of a model config: its model.init_from folder's, or UTF-8
+    bytes for a byte-level model (256 ids, no folder)."""
+    folder = m.init_from
+    if folder and os.path.isdir(folder):
+        return _hf_tokenizer(folder), _eos_ids(folder)
+    return (_byte_tokenizer() if not folder and m.vocab_size == 256 else None), frozenset()
 
 
 def _with_overrides(saved: dict, overrides: list[str]) -> Config:
@@ -418,3 +429,39 @@ def command(args) -> None:
             print(("\n" if n else "") + (prompt.text or "") + text, flush=True)
         else:
             print(f"{','.join(map(str, prompt.ids))} -> {','.join(map(str, ids))}", flush=True)
+
+
+# --- samples during training ------------------------------------------------------------------------------
+
+
+def check_sample_prompt(cfg: Config) -> list[int]:
+    """train.sample_prompt's ids, checked before any process starts: a tokenizer to encode it, and room
+    for at least one new token within model.max_seq_len."""
+    m, t = cfg.model, cfg.train
+    tokenizer, _ = tokenizer_of(m)
+    if tokenizer is None:
+        raise ConfigError(
+            "train.sample_every needs a tokenizer: a byte-level model (model.vocab_size=256) or a "
+            "model.init_from folder with tokenizer.json; set train.sample_every=0"
+        )
+    ids = tokenizer.encode(t.sample_prompt)
+    if not 0 < len(ids) < m.max_seq_len:
+        raise ConfigError(
+            f"train.sample_prompt is {len(ids)} tokens; it needs between 1 and model.max_seq_len - 1 = "
+            f"{m.max_seq_len - 1}"
+        )
+    return ids
+
+
+def sample_text(cfg: Config, state: dict[str, torch.Tensor], device: torch.device, step: int) -> str:
+    """The continuation of train.sample_prompt by the whole model with canonical weights `state`."""
+    t = cfg.train
+    tokenizer, eos = tokenizer_of(cfg.model)
+    with torch.random.fork_rng(devices=[]):  # building a model draws initial weights: leave training's RNG
+        model = Transformer(cfg.model)
+    copy_canonical(state, [model], "the trained weights")
+    model.to(device).eval()
+    ids = generate(
+        model, [check_sample_prompt(cfg)], t.sample_tokens, eos, 1.0, 0, 1.0, t.seed + step, t.precision
+    )
+    return tokenizer.decode(ids[0])

@@ -180,3 +180,80 @@ def test_bad_eval_input_is_one_line(capsys, checkpoint, tmp_path):
     for argv, message in cases.items():
         line = fails(capsys, "eval", *argv)
         assert line.startswith("dtrain: error: ") and message in line, (argv, line)
+
+
+# --- samples during training -------------------------------------------------------------------------
+
+
+def train_pp2(out, *overrides: str):
+    result = harness.run_python(
+        "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "dtrain", "train",
+        "configs/tiny.yaml", *TINY, "model.vocab_size=256", "train.steps=4", "parallel.pp=2",
+        f"run.out_dir={out}", *overrides,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+SAMPLED = ("train.sample_every=2", "train.sample_prompt=the cat", "train.sample_tokens=8")
+
+
+def sample_case(out: str) -> tuple[str | None, str]:
+    """Train four steps under pp2 with samples every two; then sample again: (rank 0's text, step_4)."""
+    from dtrain.trainer import Trainer
+    from tests.reference import tiny_config
+
+    cfg = tiny_config(
+        2, "model.vocab_size=256", "train.steps=4", "parallel.pp=2", f"run.out_dir={out}", *SAMPLED
+    )
+    trainer = Trainer(cfg, harness.grid(pp=2, dp=1), torch.device("cpu"))
+    trainer.fit()
+    return trainer.sample(), os.path.join(out, "checkpoints", "step_4")
+
+
+def test_samples_during_training_are_the_models_continuations(world2, tmp_path):
+    """The stages' weights are gathered to rank 0: a sample is what the checkpoint of that step, loaded
+    as `dtrain generate` loads it, draws with the same seed (train.seed + step)."""
+    (text, checkpoint), (other, _) = world2.run(sample_case, str(tmp_path / "run"))
+    assert other is None
+    model = resolve(checkpoint).build(torch.device("cpu"))
+    ids = generate(model, [list(b"the cat")], 8, temperature=1.0, seed=1234 + 4)[0]
+    assert text == bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_a_sample_is_one_progress_line_and_a_tensorboard_text(capsys, tmp_path):
+    from dtrain.metrics import MetricsLogger
+
+    logger = MetricsLogger(str(tmp_path), 10, 5)
+    logger.sample(4, "the cat", " sat\non")
+    logger.close()
+    assert capsys.readouterr().out == 'sample at step 4: "the cat" -> " sat\\non"\n'
+    assert any(name.startswith("events.out.tfevents.") for name in os.listdir(tmp_path))
+
+
+@pytest.mark.slow
+def test_samples_under_torchrun_leave_the_training_unchanged(tmp_path):
+    def losses(out):
+        with open(out / "metrics.jsonl") as f:
+            return [json.loads(line)["loss"] for line in f]
+
+    stdout = train_pp2(tmp_path / "sampled", *SAMPLED)
+    lines = [line.split(":")[0] for line in stdout.splitlines() if line.startswith("sample at step")]
+    assert lines == ["sample at step 2", "sample at step 4"]
+    train_pp2(tmp_path / "plain")
+    assert losses(tmp_path / "sampled") == losses(tmp_path / "plain")
+
+
+def test_bad_sample_settings_are_one_line(capsys, tmp_path):
+    config = os.path.join(harness.repo_root(), "configs", "tiny.yaml")
+    base = ("train", config, *TINY, f"run.out_dir={tmp_path / 'run'}", "train.sample_every=2")
+    cases = {
+        (): "train.sample_every needs train.sample_prompt",
+        ("train.sample_prompt=hi",): "train.sample_every needs a tokenizer",  # vocab 96, no folder
+        ("model.vocab_size=256", "train.sample_prompt=" + "x" * 32): "train.sample_prompt is 32 tokens",
+        ("model.vocab_size=256", "train.sample_prompt=hi", "train.sample_tokens=0"): "train.sample_tokens=0",
+    }
+    for overrides, message in cases.items():
+        line = fails(capsys, *base, *overrides)
+        assert line.startswith("dtrain: error: ") and message in line, (overrides, line)
+    assert not (tmp_path / "run").exists()
