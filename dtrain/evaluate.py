@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from dtrain.config import Config, ConfigError
-from dtrain.data import DataError, MemmapData, rank_microbatches
+from dtrain.data import DataError, MemmapData
 from dtrain.generate import ModelSource
 
 SPLITS = {"val": ("val",), "train": ("train",), "all": ("train", "val")}
@@ -56,22 +56,20 @@ def prepare(source: ModelSource, data: str, split: str, world_size: int) -> tupl
     return cfg, datasets
 
 
-def whole_split_batches(dataset: MemmapData, global_batch_size: int) -> tuple[list[torch.Tensor], int]:
+def whole_split_batches(dataset: MemmapData, global_batch_size: int):
     """Every token after the first as a target exactly once: consecutive windows (the last one shorter,
-    padded with ignored targets), in global batches padded with rows of ignored targets. Returns the
-    batches, each (global_batch_size, 2, seq_len) of inputs and targets, and the number of targets."""
+    padded with ignored targets), in global batches filled up with rows of ignored targets. Yields each
+    batch as (global_batch_size, 2, seq_len): inputs and targets; read from the file batch by batch."""
     L, tokens = dataset.seq_len, dataset.tokens
     n = len(tokens) - 1
-    rows = []
-    for start in range(0, n, L):
-        window = torch.from_numpy(np.asarray(tokens[start : min(start + L, n) + 1]).astype(np.int64))
-        x, y = torch.zeros(L, dtype=torch.long), torch.full((L,), -100, dtype=torch.long)
-        x[: len(window) - 1], y[: len(window) - 1] = window[:-1], window[1:]
-        rows.append(torch.stack([x, y]))
-    while len(rows) % global_batch_size:
-        rows.append(torch.stack([torch.zeros(L, dtype=torch.long), torch.full((L,), -100, dtype=torch.long)]))
-    batches = [torch.stack(rows[i : i + global_batch_size]) for i in range(0, len(rows), global_batch_size)]
-    return batches, n
+    starts = range(0, n, L)
+    for first in range(0, len(starts), global_batch_size):
+        batch = torch.zeros(global_batch_size, 2, L, dtype=torch.long)
+        batch[:, 1] = -100
+        for row, start in enumerate(starts[first : first + global_batch_size]):
+            window = torch.from_numpy(np.asarray(tokens[start : min(start + L, n) + 1]).astype(np.int64))
+            batch[row, 0, : len(window) - 1], batch[row, 1, : len(window) - 1] = window[:-1], window[1:]
+        yield batch
 
 
 def _rank_rows(
@@ -80,6 +78,12 @@ def _rank_rows(
     per_rank = batch.shape[0] // dp
     mine = batch[dp_rank * per_rank : (dp_rank + 1) * per_rank]
     return [(mine[i : i + micro, 0], mine[i : i + micro, 1]) for i in range(0, per_rank, micro)]
+
+
+def sampled_batch(dataset: MemmapData, step: int, global_batch_size: int) -> torch.Tensor:
+    """The global batch the trainer's evaluation reads as its batch `step`, as (rows, 2, seq_len)."""
+    rows = dataset.batch(step, 0, global_batch_size)
+    return torch.stack([rows[:, :-1], rows[:, 1:]], dim=1)
 
 
 def _target_bytes(decode, targets: torch.Tensor) -> int:
@@ -101,33 +105,26 @@ def evaluate(source: ModelSource, cfg: Config, datasets: dict, batches: int | No
         load_checkpoint_weights(source.path, list(chunks.values()))
     stage = Stage(cfg, grid, chunks, device)
     stage.train(False)
-    param = next(iter(chunks.values())).parameters().__next__()
-    total = torch.zeros((), dtype=wide(param.detach()[:0]).dtype, device=device)
+    # Summed in fp32 (float64 for a float64 model), as the trainer's evaluation sums.
+    total = torch.zeros((), dtype=wide(next(stage.parameters()).detach()[:0]).dtype, device=device)
     dp, dp_rank = grid.size("dp"), grid.coords.dp
     tokenizer = source.tokenizer
     count_bytes = tokenizer is not None and not tokenizer.byte_level and grid.rank == 0
     tokens = n_bytes = 0
     for dataset in datasets.values():
         if batches is None:
-            global_batches, targets = whole_split_batches(dataset, t.global_batch_size)
-            tokens += targets
-            micro = [_rank_rows(b, dp_rank, dp, t.micro_batch_size) for b in global_batches]
-            if count_bytes:
-                n_bytes += sum(_target_bytes(tokenizer.decode, b[:, 1]) for b in global_batches)
+            tokens += len(dataset.tokens) - 1
+            global_batches = whole_split_batches(dataset, t.global_batch_size)
         else:
             tokens += t.global_batch_size * t.seq_len * batches
-            micro = [
-                rank_microbatches(dataset, k, dp_rank, dp, t.micro_batch_size, t.global_batch_size)
-                for k in range(batches)
-            ]
+            global_batches = (sampled_batch(dataset, k, t.global_batch_size) for k in range(batches))
+        for batch in global_batches:  # one at a time: a split can be far larger than memory
             if count_bytes:
-                n_bytes += sum(
-                    _target_bytes(tokenizer.decode, dataset.batch(k, 0, t.global_batch_size)[:, 1:])
-                    for k in range(batches)
-                )
-        for microbatches in micro:
+                n_bytes += _target_bytes(tokenizer.decode, batch[:, 1])
             total += stage.executor.run(
-                stage.eval_actions, microbatches, compute_context=lambda: autocast(t.precision, device)
+                stage.eval_actions,
+                _rank_rows(batch, dp_rank, dp, t.micro_batch_size),
+                compute_context=lambda: autocast(t.precision, device),
             )
     # As the trainer: the token-loss sums live on the last pipeline stage of every data-parallel replica.
     for name in ("pp", "dp"):
