@@ -313,15 +313,27 @@ def add_generate_parsers(sub) -> None:
         metavar="FILE.jsonl",
         help='one JSON object a line: {"prompt": "text"} or {"prompt_ids": [1, 2, 3]}',
     )
-    gen.add_argument("--max-new-tokens", type=int, default=64, help="new tokens per prompt at most (64)")
     gen.add_argument(
-        "--temperature", type=float, default=1.0, help="logits / T before sampling; 0: greedy (1)"
+        "--max-new-tokens", type=int, metavar="N", default=64, help="new tokens per prompt at most (64)"
     )
-    gen.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens; 0: all (0)")
     gen.add_argument(
-        "--top-p", type=float, default=1.0, help="sample from the most likely tokens whose mass reaches p (1)"
+        "--temperature",
+        type=float,
+        metavar="T",
+        default=1.0,
+        help="logits / T before sampling; 0: greedy (1)",
     )
-    gen.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (0)")
+    gen.add_argument(
+        "--top-k", type=int, metavar="K", default=0, help="sample from the k most likely tokens; 0: all (0)"
+    )
+    gen.add_argument(
+        "--top-p",
+        type=float,
+        metavar="P",
+        default=1.0,
+        help="sample from the most likely tokens whose mass reaches p (1)",
+    )
+    gen.add_argument("--seed", type=int, metavar="S", default=0, help="seed of the sampling generator (0)")
     gen.add_argument(
         "--json", action="store_true", help='one JSON object a prompt: {"prompt_ids", "ids", "text"}'
     )
@@ -345,10 +357,13 @@ def add_generate_parsers(sub) -> None:
     )
     ev.add_argument(
         "--batches",
+        metavar="N|all",
         help="global batches per split as the trainer draws them (default train.eval_batches), or all: "
         "every token once",
     )
-    ev.add_argument("--out", help="JSON file for the figures (default: MODEL.eval.json beside the folder)")
+    ev.add_argument(
+        "--out", metavar="FILE", help="JSON file for the figures (default: MODEL.eval.json beside the folder)"
+    )
     ev.set_defaults(run=cmd_eval)
 
 
