@@ -211,3 +211,10 @@ def test_draws_come_only_from_the_kept_tokens():
     assert counts[0] == counts[2] == counts[4] == 0
     n, p = 2000, 0.5 / 0.75  # renormalised over the kept tokens
     assert abs(counts[1] - n * p) < 5 * math.sqrt(n * p * (1 - p))  # five standard deviations
+
+
+def test_bf16_autocast_decoding_runs_with_the_cache():
+    """The GPU path's precision, on the CPU: keys and values cached in bf16, logits sampled in fp32."""
+    model = model_of("gqa-qknorm-bias-llama3")
+    out = generate(model, [[3, 9, 27], [40]], 6, temperature=0.8, top_p=0.9, seed=1, precision="bf16")
+    assert [len(o) for o in out] == [6, 6] and all(0 <= t < 64 for o in out for t in o)
