@@ -1,4 +1,4 @@
-"""`dtrain` command line: train, prepare-data, export, schedule, estimate, bench.
+"""`dtrain` command line: train, prepare-data, export, generate, eval, schedule, estimate, bench.
 
 Expected failures (bad config, bad data, bad checkpoint, diverged training) print one line,
 `dtrain: error: ...`, and exit non-zero without a traceback. Config and data are checked before any
@@ -15,6 +15,7 @@ from dtrain.checkpoint import CheckpointError
 from dtrain.config import ConfigError
 from dtrain.data import DataError
 
+SPLITS = ("val", "train", "all")  # dtrain.evaluate.SPLITS, named here without importing torch
 EXPECTED = (ConfigError, DataError, CheckpointError)
 
 
@@ -70,6 +71,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     # Bad input fails here, in one line, before any process group exists or anything is written:
     check_data(cfg)  # a missing or malformed data file, token ids beyond the vocabulary
     check_init_from(cfg.model)  # a Hugging Face folder whose tensors are not the model's
+    if cfg.train.sample_every:
+        from dtrain.generate import check_sample_prompt
+
+        check_sample_prompt(cfg)  # a prompt the model cannot encode, or one too long to continue
     checkpoint.check_out_dir(cfg)  # a fresh run into the folder of an earlier one
     resume_from = checkpoint.check_resume(cfg, warn=say)  # the checkpoint to resume: another model shape
     runtime.check_restartable()  # torchrun restarts that cannot work
@@ -274,6 +279,94 @@ def add_bench_parser(sub) -> None:
     bench.set_defaults(run=cmd_bench)
 
 
+# --- generate and eval (a checkpoint or a Hugging Face folder, one process or any layout) -----------------
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from dtrain import generate
+
+    generate.command(args)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from dtrain import evaluate
+
+    evaluate.command(args)
+
+
+def add_generate_parsers(sub) -> None:
+    gen = sub.add_parser(
+        "generate",
+        help="continue prompts with a checkpoint or a Hugging Face model folder (one process, KV cache)",
+        description="Example: dtrain generate runs/tiny/checkpoints/step_200 --prompt 'Once upon' "
+        "--max-new-tokens 40. Several prompts run as one left-padded batch; one GPU when there is one "
+        "(bf16), else the CPU (fp32).",
+    )
+    gen.add_argument("model", help="a dtrain checkpoint folder or a Hugging Face model folder")
+    given = gen.add_mutually_exclusive_group(required=True)
+    given.add_argument("--prompt", action="append", metavar="TEXT", help="a text prompt (repeatable)")
+    given.add_argument(
+        "--prompt-ids", action="append", metavar="IDS", help="a prompt as token ids, e.g. 1,2,3 (repeatable)"
+    )
+    given.add_argument(
+        "--prompts",
+        metavar="FILE.jsonl",
+        help='one JSON object a line: {"prompt": "text"} or {"prompt_ids": [1, 2, 3]}',
+    )
+    gen.add_argument(
+        "--max-new-tokens", type=int, metavar="N", default=64, help="new tokens per prompt at most (64)"
+    )
+    gen.add_argument(
+        "--temperature",
+        type=float,
+        metavar="T",
+        default=1.0,
+        help="logits / T before sampling; 0: greedy (1)",
+    )
+    gen.add_argument(
+        "--top-k", type=int, metavar="K", default=0, help="sample from the k most likely tokens; 0: all (0)"
+    )
+    gen.add_argument(
+        "--top-p",
+        type=float,
+        metavar="P",
+        default=1.0,
+        help="sample from the most likely tokens whose mass reaches p (1)",
+    )
+    gen.add_argument("--seed", type=int, metavar="S", default=0, help="seed of the sampling generator (0)")
+    gen.add_argument(
+        "--json", action="store_true", help='one JSON object a prompt: {"prompt_ids", "ids", "text"}'
+    )
+    gen.set_defaults(run=cmd_generate)
+    ev = sub.add_parser(
+        "eval",
+        help="loss, perplexity and bits per byte of a model on a prepared data folder (any layout)",
+        description="Example: dtrain eval runs/tiny/checkpoints/step_200 data/corpus. By default the "
+        "validation loss the trainer logs for this checkpoint and data (train.eval_batches global batches "
+        "of val.npy). Under torchrun, parallel.* overrides choose the layout.",
+    )
+    ev.add_argument("model", help="a dtrain checkpoint folder or a Hugging Face model folder")
+    ev.add_argument("data", help="a folder `dtrain prepare-data` wrote (train.npy, val.npy)")
+    ev.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted overrides on the model's config, e.g. parallel.tp=2 train.seq_len=64",
+    )
+    ev.add_argument(
+        "--split", choices=tuple(SPLITS), default="val", help="val (default), train, or all: both"
+    )
+    ev.add_argument(
+        "--batches",
+        metavar="N|all",
+        help="global batches per split as the trainer draws them (default train.eval_batches), or all: "
+        "every token once",
+    )
+    ev.add_argument(
+        "--out", metavar="FILE", help="JSON file for the figures (default: MODEL.eval.json beside the folder)"
+    )
+    ev.set_defaults(run=cmd_eval)
+
+
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -317,6 +410,7 @@ def parser() -> argparse.ArgumentParser:
         help="--format hf: largest safetensors file before sharding (default 5GB)",
     )
     export.set_defaults(run=cmd_export)
+    add_generate_parsers(sub)
     sched = sub.add_parser(
         "schedule",
         help="draw a pipeline schedule's timeline (ranks x time) to PNG/SVG",

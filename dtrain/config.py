@@ -105,6 +105,9 @@ class TrainConfig:
     eval_batches: int = 2
     peak_tflops: float | None = None  # None = look the device up (GPUs only)
     max_skipped_steps: int = 0  # fp16: stop after this many consecutive overflowing steps (0 = never)
+    sample_every: int = 0  # log a continuation of sample_prompt every N steps (0 = never)
+    sample_prompt: str | None = None
+    sample_tokens: int = 32
 
 
 @dataclass
@@ -457,6 +460,14 @@ def validate(cfg: Config, world_size: int) -> Config:
     _require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
     _require(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
     _require(t.eval_batches >= 0, f"train.eval_batches={t.eval_batches} must be >= 0")
+    _require(t.sample_every >= 0, f"train.sample_every={t.sample_every} must be >= 0 (0 = never)")
+    if t.sample_every:
+        _require(bool(t.sample_prompt), "train.sample_every needs train.sample_prompt, the text to continue")
+        _require(t.sample_tokens >= 1, f"train.sample_tokens={t.sample_tokens} must be at least 1")
+        _require(
+            m.moe.num_experts == 0,
+            "train.sample_every: dtrain generates with dense models only; set train.sample_every=0",
+        )
 
     if cfg.data.kind == "memmap":
         _require(cfg.data.path is not None, "data.kind=memmap needs data.path (a .npy file or a folder)")

@@ -89,6 +89,14 @@ class MetricsLogger:
         parts.append(f"ETA {_format_duration(eta)}")
         return " | ".join(parts)
 
+    def sample(self, step: int, prompt: str, text: str) -> None:
+        """A generated continuation: one line on stdout (JSON-quoted, so newlines stay on it) and a
+        TensorBoard text entry."""
+        if self.enabled:
+            print(f"sample at step {step}: {json.dumps(prompt, ensure_ascii=False)} -> "
+                  f"{json.dumps(text, ensure_ascii=False)}", flush=True)  # fmt: skip
+            self.tb.add_text("sample", prompt + text, step)
+
     def message(self, text: str) -> None:
         if self.enabled:
             print(text, flush=True)

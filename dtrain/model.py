@@ -210,21 +210,26 @@ class Attention(nn.Module):
             kv = norm(kv)
         return kv.transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
         b, s, _ = x.shape
-        cos, sin = cos[:s], sin[:s]
+        if cache is None:  # a cache hands each row's own angles in already (dtrain.kv_cache)
+            cos, sin = cos[:s], sin[:s]
         q = self.wq(x).view(b, s, self.n_heads, self.head_dim)
         if self.q_norm is not None:
             q = self.q_norm(q)
         q = q.transpose(1, 2)
         k, v = self._kv(self.wk, x, self.k_norm), self._kv(self.wv, x)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        mask = None
+        if cache is not None:  # generation: this layer's earlier keys and values join the new ones
+            k, v, mask = cache.update(self, k, v)
         with self.layers.split_region_rng():
             out = F.scaled_dot_product_attention(
                 q,
                 k,
                 v,
-                is_causal=True,
+                attn_mask=mask,
+                is_causal=mask is None,
                 dropout_p=self.dropout if self.training else 0.0,
                 enable_gqa=self.n_kv_heads != self.n_heads,
             )
@@ -251,8 +256,8 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.residual_rng = layers.residual_rng
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = self.attn(self.attn_in(self.attn_norm(x)), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
+        h = self.attn(self.attn_in(self.attn_norm(x)), cos, sin, cache)
         with self.residual_rng():
             x = x + self.dropout(h)
         h = self.mlp(self.mlp_in(self.mlp_norm(x)))
@@ -265,6 +270,8 @@ class Transformer(nn.Module):
 
     forward(tokens or hidden states, targets) returns the token-loss sum when this part holds the head
     and targets are given, logits when it holds the head and no targets are given, else hidden states.
+    With a `cache` (a dtrain.kv_cache.KVCache fed the new tokens' mask) the tokens continue the cached
+    sequences: generation's prefill, then one token at a time.
     """
 
     def __init__(
@@ -295,20 +302,24 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         if self.embed is not None:
             with self.residual_rng():
                 h = self.dropout(self.embed(x))
         else:
             h = x
         cos, sin = self.rope_cos, self.rope_sin  # attention slices them to the full sequence length
+        if cache is not None:
+            cos, sin = cache.rotary(cos, sin)
         for block in self.blocks.values():
             if self.activation_checkpointing and self.training:
                 # Keep only the block input; recompute the block in backward (non-reentrant, so the
                 # data-parallel gradient hooks fire once per parameter and RNG state is replayed).
                 h = checkpoint(block, h, cos, sin, use_reentrant=False)
             else:
-                h = block(h, cos, sin)
+                h = block(h, cos, sin, cache)
+        if cache is not None:
+            cache.advance()
         if self.head is None:
             return h
         logits = self.head(self.head_in(self.norm(h)))

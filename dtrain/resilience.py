@@ -261,6 +261,8 @@ class CollectivePhases:
             "save": f"the checkpoint save (gathers over {over('tp', dp) if zero else over('tp')}, barriers "
             "over the world)",
             "load": "the checkpoint load (gathers over the world)",
+            "sample": f"the weights gathered for a sample (over {over('tp', dp) if zero else over('tp')}, "
+            f"then {over('pp')})",
         }  # fmt: skip
 
     def enter(self, name: str, when: str = ""):

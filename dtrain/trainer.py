@@ -232,6 +232,23 @@ class Trainer:
         loss = float(total) / (self.global_tokens * t.eval_batches)
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
+    @torch.no_grad()
+    def sample(self) -> str | None:
+        """train.sample_prompt continued by the model as trained so far (train.sample_tokens tokens drawn
+        at temperature 1 with seed train.seed + step), on global rank 0; None on other ranks. Collective:
+        the canonical weights are gathered, the pipeline stages' parts to rank 0."""
+        from dtrain.generate import sample_text
+
+        c = self.grid.coords
+        with self._phase("sample", f"after step {self.step}"):
+            state = self.canonical_state()
+            if self.grid.size("pp") > 1 and c.dp == 0 and c.cp == 0 and c.tp == 0:
+                parts = [None] * self.grid.size("pp") if c.pp == 0 else None
+                dist.gather_object(state, parts, dst=self.grid.ranks("pp")[0], group=self.grid.pp_group)
+                if c.pp == 0:
+                    state = {name: value for part in parts for name, value in part.items()}
+        return sample_text(self.cfg, state, self.device, self.step) if self.grid.rank == 0 else None
+
     def save(self) -> str:
         with self._phase("save", f"after step {self.step}"):
             return self._save()
@@ -317,6 +334,10 @@ class Trainer:
                     record.update(self.evaluate() or {})
                 logger.log(record)
                 records.append(record)
+                if t.sample_every and self.step % t.sample_every == 0:
+                    text = self.sample()
+                    if text is not None:
+                        logger.sample(self.step, t.sample_prompt, text)
                 if (r.ckpt_every and self.step % r.ckpt_every == 0) or last:
                     path = self.save()
                     logger.message(f"saved checkpoint {path}")

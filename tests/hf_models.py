@@ -36,9 +36,10 @@ FAMILIES = {
 }
 
 
-def make(folder: str, family: str, max_shard_size: str | None = None) -> str:
+def make(folder: str, family: str, max_shard_size: str | None = None, noise: float = 0.05) -> str:
     """Save a randomly initialised model of `family` to `folder`; every weight (biases and norm gains
-    included) is perturbed so that none is a trivial zero or one."""
+    included) gets Gaussian noise of standard deviation `noise`, so that none is a trivial zero or one (a
+    larger `noise` gives greedy decoding more varied continuations than a near-uniform model's)."""
     import transformers
 
     model_type, extra = FAMILIES[family]
@@ -47,7 +48,7 @@ def make(folder: str, family: str, max_shard_size: str | None = None) -> str:
     model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+            p.add_(torch.randn_like(p) * noise)
     os.makedirs(folder, exist_ok=True)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(folder, **kwargs)
