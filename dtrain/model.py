@@ -257,7 +257,9 @@ class Block(nn.Module):
         self.residual_rng = layers.residual_rng
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
-        h = self.attn(self.attn_in(self.attn_norm(x)), cos, sin, cache)
+        # The cache goes by keyword: module-input hooks (DTensor's PrepareModuleInput in the benchmark's
+        # peer) see the same positional inputs (x, cos, sin) as in training.
+        h = self.attn(self.attn_in(self.attn_norm(x)), cos, sin, cache=cache)
         with self.residual_rng():
             x = x + self.dropout(h)
         h = self.mlp(self.mlp_in(self.mlp_norm(x)))
