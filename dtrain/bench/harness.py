@@ -89,6 +89,12 @@ def spawn(measure: Callable, args, world_size: int, timeout_s: float = 300.0) ->
                     _worker, args=worker_args, nprocs=world_size, join=True, start_method="spawn"
                 )
             except mp.ProcessException as e:
+                if os.path.exists(path):
+                    # Rank 0 wrote its result after the last collective of the measurement, so every rank
+                    # got through it: the death came in teardown (Gloo's threads aborting at exit).
+                    print(f"[bench] {e} after the measurement finished; keeping it", flush=True)
+                    with open(path, "rb") as f:
+                        return pickle.load(f), attempt
                 if attempt == 2:
                     raise
                 print(f"[bench] {e}; measuring again in a fresh world", flush=True)
