@@ -133,7 +133,10 @@ def cmd_export(args: argparse.Namespace) -> None:
 
         dtype = args.dtype or hf.default_dtype(cfg.model)
         canonical = dict(model.named_parameters())  # a tied head is the embedding: listed once
-        hf.export_hf(canonical, cfg.model, args.out, dtype, hf.parse_size(args.max_shard_size))
+        from dtrain.analysis.suggest import parse_bytes
+
+        max_shard = parse_bytes(args.max_shard_size, "--max-shard-size")
+        hf.export_hf(canonical, cfg.model, args.out, dtype, max_shard)
         n = sum(p.numel() for p in canonical.values())
         print(
             f"exported {n:,} parameters ({dtype}) from {args.checkpoint} to {args.out} (Hugging Face folder)"

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from dtrain.config import ConfigError, ModelConfig, head_dim_of
+from dtrain.config import ConfigError, ModelConfig, d_ff_of, head_dim_of
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 ARCHITECTURES = {
@@ -237,7 +237,7 @@ def hf_config(m: ModelConfig, base: dict | None = None, dtype: str = "float32") 
         model_type=kind,
         vocab_size=m.vocab_size,
         hidden_size=m.d_model,
-        intermediate_size=_d_ff(m),
+        intermediate_size=d_ff_of(m),
         num_hidden_layers=m.n_layers,
         num_attention_heads=m.n_heads,
         num_key_value_heads=m.n_kv_heads or m.n_heads,
@@ -259,12 +259,6 @@ def hf_config(m: ModelConfig, base: dict | None = None, dtype: str = "float32") 
     if kind in ("qwen2", "qwen3"):
         out.update(use_sliding_window=False, layer_types=["full_attention"] * m.n_layers)
     return out
-
-
-def _d_ff(m: ModelConfig) -> int:
-    from dtrain.config import d_ff_of
-
-    return d_ff_of(m)
 
 
 # --- weights in -----------------------------------------------------------------------------------------
@@ -371,14 +365,6 @@ def check_init_from(m: ModelConfig) -> None:
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16"}
-
-
-def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)\s*", text)
-    if not m:
-        raise ConfigError(f"--max-shard-size {text!r}: give a size with its unit, e.g. 5GB or 500MiB")
-    unit = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[m[2]]
-    return int(float(m[1]) * unit)
 
 
 def default_dtype(m: ModelConfig) -> str:

@@ -27,16 +27,17 @@ UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 FORMS = "write it with a unit, like 80GiB, 40GB or 512MiB (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
 
 
-def parse_bytes(text: str) -> int:
-    """`80GiB`, `40 GB`, `1.5TiB`, `512MiB` -> bytes (units case-insensitive; 1 GB = 10**9, 1 GiB = 2**30)."""
+def parse_bytes(text: str, option: str = "--memory") -> int:
+    """`80GiB`, `40 GB`, `1.5TiB`, `512MiB` -> bytes (units case-insensitive; 1 GB = 10**9, 1 GiB = 2**30);
+    errors name `option`."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
     if match and not match.group(2):
-        raise ConfigError(f"--memory={text} has no unit; {FORMS}")
+        raise ConfigError(f"{option}={text} has no unit; {FORMS}")
     if not match or match.group(2).lower() not in UNITS:
-        raise ConfigError(f"--memory={text!r} is not a size; {FORMS}")
+        raise ConfigError(f"{option}={text!r} is not a size; {FORMS}")
     size = int(float(match.group(1)) * UNITS[match.group(2).lower()])
     if size <= 0:
-        raise ConfigError(f"--memory={text} must be more than 0 bytes")
+        raise ConfigError(f"{option}={text} must be more than 0 bytes")
     return size
 
 
