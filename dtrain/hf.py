@@ -216,9 +216,9 @@ def hf_config(m: ModelConfig, base: dict | None = None, dtype: str = "float32") 
         raise ConfigError(
             "a mixture-of-experts model has no Hugging Face family here; export with --format pt"
         )
-    kind = (base or {}).get("model_type") or ("qwen3" if m.qk_norm else "qwen2" if m.qkv_bias else "llama")
-    if (kind == "qwen3") != m.qk_norm or (kind == "qwen2") != m.qkv_bias:
-        kind = "qwen3" if m.qk_norm else "qwen2" if m.qkv_bias else "llama"
+    kind = "qwen3" if m.qk_norm else "qwen2" if m.qkv_bias else "llama"
+    if kind == "llama" and (base or {}).get("model_type") == "mistral":
+        kind = "mistral"  # the same maths with its window off: keep the starting folder's family
     out = {
         k: v for k, v in (base or {}).items() if k not in ("rope_parameters", "rope_scaling", "rope_theta")
     }
@@ -422,14 +422,12 @@ def export_hf(
                 json.dump(index, f, indent=2, sort_keys=True)
         with open(os.path.join(tmp, CONFIG), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
-        copied = 0
         for name in TOKENIZER_FILES if m.init_from else ():
             src = os.path.join(m.init_from, name)
             if os.path.isfile(src):
                 shutil.copyfile(src, os.path.join(tmp, name))
-                copied += 1
         os.rename(tmp, out)  # atomic on one filesystem: the folder appears whole
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return len(names) + 1 + copied + (len(shards) > 1)
+    return len(os.listdir(out))
