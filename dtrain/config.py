@@ -111,6 +111,7 @@ class TrainConfig:
 class DataConfig:
     kind: str = "synthetic"
     path: str | None = None  # memmap: a .npy token file, or a folder holding train.npy (and val.npy)
+    packing: bool = True  # documents: several whole documents per row (else one per row, padded)
 
 
 @dataclass

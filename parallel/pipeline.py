@@ -9,6 +9,10 @@ dependency order (checked by pipeline_schedules.simulate) every receive is event
 step cannot deadlock. Every request is waited on before the step returns.
 
 Messages are tagged by (direction, chunk, micro-batch), so matching never depends on arrival order.
+
+A micro-batch is (inputs, targets) or (inputs, targets, context): context is a dict of tensors that
+every chunk's forward receives as keyword arguments (per-token positions and document ids of packed
+sequences, say), since each chunk needs them and only hidden states cross a stage boundary.
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ class PipelineExecutor:
     def run(
         self,
         actions: Sequence[Action],
-        microbatches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        microbatches: Sequence[tuple],
         loss_scale: float = 1.0,
         compute_context=contextlib.nullcontext,
         before_backward: Callable[[int, bool], None] | None = None,
@@ -84,9 +88,10 @@ class PipelineExecutor:
         stored: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
         loss_sum = torch.zeros((), dtype=self.dtype, device=self.device)
         for i, a in enumerate(actions):
-            inputs, targets = microbatches[a.microbatch]
+            inputs, targets, *context = microbatches[a.microbatch]
             rows = inputs.shape[0]
             if a.kind == "F":
+                kwargs = {k: v.to(self.device) for k, v in context[0].items()} if context else {}
                 if a.chunk == 0:
                     x_in, x = None, inputs.to(self.device)
                 else:
@@ -95,7 +100,7 @@ class PipelineExecutor:
                 last = a.chunk == self.n_chunks - 1
                 start = time.perf_counter() if record is not None else 0.0
                 with compute_context():
-                    out = self.chunks[a.chunk](x, targets.to(self.device) if last else None)
+                    out = self.chunks[a.chunk](x, targets.to(self.device) if last else None, **kwargs)
                 if record is not None:
                     record.append((a, start, time.perf_counter()))
                 if last:
