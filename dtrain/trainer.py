@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -22,7 +23,7 @@ import torch.distributed as dist
 
 from dtrain import checkpoint
 from dtrain.config import Config, TrainConfig, microbatches_per_rank, to_dict
-from dtrain.data import build_dataset, global_target_tokens, rank_microbatches
+from dtrain.data import build_dataset, global_target_tokens, rank_microbatches, read_manifest
 from dtrain.metrics import MetricsLogger
 from dtrain.model import Transformer, count_params, flops_per_token
 from dtrain.parallelize import build_model_chunks, parallelize
@@ -93,6 +94,18 @@ class StepResult:
     moe: dict = field(default_factory=dict)  # per MoE layer routing metrics (`Stage.routing_metrics`)
 
 
+def _targets_per_byte(cfg: Config) -> float | None:
+    """Target tokens per UTF-8 byte of the validation split of tokenised text (format text or jsonl, as
+    `dtrain prepare-data` records them), for bits per byte; None for other data."""
+    if cfg.data.kind != "memmap" or not cfg.data.path or not os.path.isdir(cfg.data.path):
+        return None
+    manifest = read_manifest(cfg.data.path)
+    if not manifest or manifest.get("format") not in ("text", "jsonl"):
+        return None
+    val = manifest.get("splits", {}).get("val")
+    return val["targets"] / val["bytes"] if val and val.get("bytes") else None
+
+
 class Trainer:
     """phases: a dtrain.resilience.CollectivePhases naming the collective phases this loop enters (a
     failing collective then says which phase, group and step), or None."""
@@ -109,6 +122,7 @@ class Trainer:
         self.scaler = LossScaler(enabled=t.precision == "fp16")
         self.train_data = build_dataset(cfg, "train")
         self.val_data = build_dataset(cfg, "val")
+        self.val_targets_per_byte = _targets_per_byte(cfg)
         self.global_tokens = t.global_batch_size * t.seq_len  # positions per step, targets or not
         self.step = 0  # optimizer steps completed
         self.skipped_in_a_row = 0
@@ -238,7 +252,11 @@ class Trainer:
             with self._phase("loss"):
                 total = self._sum_loss(total)
         loss = float(total) / max(targets, 1)
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        if self.val_targets_per_byte:
+            # nats per target token x target tokens per byte of the split's text, in bits
+            out["val_bpb"] = loss * self.val_targets_per_byte / math.log(2)
+        return out
 
     def save(self) -> str:
         with self._phase("save", f"after step {self.step}"):
@@ -303,8 +321,10 @@ class Trainer:
                 return []
         logger = MetricsLogger(r.out_dir, t.steps, r.log_every, self.step, enabled=self.grid.rank == 0)
         n_params = count_params(cfg.model)["total"]
+        planned = t.steps * self.global_tokens / n_params
         self._say(
-            f"dtrain: {n_params / 1e6:.2f}M parameters | {self.grid.describe()} | "
+            f"dtrain: {n_params / 1e6:.2f}M parameters | {planned:.3g} tokens per parameter planned "
+            f"(Chinchilla-optimal: 20) | {self.grid.describe()} | "
             f"{microbatches_per_rank(cfg)} micro-batches of {t.micro_batch_size} per rank | {t.precision} | "
             f"out_dir {r.out_dir}"
         )
