@@ -33,7 +33,7 @@ def _seed_words(*values: int) -> list[int]:
 
 
 # Purpose tags, so the chain, the samples and the epoch orders never share a random stream.
-_CHAIN, _SAMPLE, _EPOCH = 1, 2, 3
+_CHAIN, _SAMPLE, _EPOCH, _MIX = 1, 2, 3, 4
 
 MANIFEST = "manifest.json"  # what a prepared folder holds (prepare_data)
 
@@ -324,6 +324,64 @@ class DocumentData:
         return torch.from_numpy(self.rows(step, start, count)["tokens"])
 
 
+class MixtureData:
+    """Several prepared folders, weighted: row i of the global batch of step s is row i of step s of
+    source c, with c drawn from the weights by a generator keyed on (seed, s). Each source is indexed as
+    if it were the only one (its rows not drawn are skipped), so a row depends on (seed, step, index)
+    only, and each source is read in its own epoch order at its weight's share."""
+
+    documents = True
+
+    def __init__(self, sources: list, weights: list[float], seed: int, global_batch_size: int, seq_len: int):
+        self.sources, self.seed, self.global_batch_size, self.seq_len = (
+            sources,
+            seed,
+            global_batch_size,
+            seq_len,
+        )
+        w = np.asarray(weights, dtype=np.float64)
+        self.cdf = np.cumsum(w / w.sum())
+
+    def source_of(self, step: int) -> np.ndarray:
+        u = np.random.default_rng(_seed_words(_MIX, self.seed, step)).random(self.global_batch_size)
+        return np.minimum(np.searchsorted(self.cdf, u, side="right"), len(self.sources) - 1)
+
+    def check_token_ids(self) -> None:
+        for s in self.sources:
+            s.check_token_ids()
+
+    def target_tokens(self, step: int, start: int = 0, count: int | None = None) -> int:
+        count = self.global_batch_size - start if count is None else count
+        which = self.source_of(step)
+        return sum(_row_targets(self.sources[which[i]], step, i) for i in range(start, start + count))
+
+    def rows(self, step: int, start: int, count: int) -> dict[str, np.ndarray]:
+        which = self.source_of(step)
+        parts = [_rows_of(self.sources[which[i]], step, i, 1) for i in range(start, start + count)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in ("tokens", "doc", "pos", "learned")}
+
+    def batch(self, step: int, start: int, count: int) -> torch.Tensor:
+        return torch.from_numpy(self.rows(step, start, count)["tokens"])
+
+
+def _row_targets(source, step: int, index: int) -> int:
+    return source.target_tokens(step, index, 1) if getattr(source, "documents", False) else source.seq_len
+
+
+def _rows_of(source, step: int, start: int, count: int) -> dict[str, np.ndarray]:
+    """Rows of any dataset in DocumentData.rows's form: a token stream's row is one document."""
+    if getattr(source, "documents", False):
+        return source.rows(step, start, count)
+    tokens = source.batch(step, start, count).numpy()
+    width = tokens.shape[1]
+    return {
+        "tokens": tokens,
+        "doc": np.ones_like(tokens),
+        "pos": np.broadcast_to(np.arange(width), tokens.shape).copy(),
+        "learned": np.ones_like(tokens),
+    }
+
+
 def _load_tokens(path: str) -> np.ndarray:
     tokens = np.load(path, mmap_mode="r", allow_pickle=False)
     if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
@@ -359,6 +417,12 @@ def build_dataset(cfg, split: str = "train", path: str | None = None):
     """The dataset for `split`, or None when a memmap source has no such split (no val.npy, or data.path is
     a single file: only folders carry a validation split)."""
     m, t = cfg.model, cfg.train
+    if cfg.data.mix and path is None:
+        sources = [build_dataset(cfg, split, source.path) for source in cfg.data.mix]
+        kept = [(s, source.weight) for s, source in zip(sources, cfg.data.mix, strict=True) if s is not None]
+        if not kept:
+            return None
+        return MixtureData([s for s, _ in kept], [w for _, w in kept], t.seed, t.global_batch_size, t.seq_len)
     if cfg.data.kind == "synthetic" and path is None:
         return SyntheticData(m.vocab_size, t.seq_len, t.seed, split)
     if cfg.data.kind != "memmap" and path is None:
@@ -388,7 +452,7 @@ def check_data(cfg) -> None:
     a missing, malformed or out-of-vocabulary data file fails here in one line."""
     for split in ("train", "val"):
         dataset = build_dataset(cfg, split)
-        if isinstance(dataset, MemmapData | DocumentData):
+        if isinstance(dataset, MemmapData | DocumentData | MixtureData):
             dataset.check_token_ids()
 
 

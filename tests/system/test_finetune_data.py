@@ -268,3 +268,61 @@ def test_token_ids_beyond_the_models_vocabulary(tok_dir, tmp_path, capsys):
     _fails(capsys, ["train", "configs/tiny.yaml", "data.kind=memmap", f"data.path={data}",
                     "model.vocab_size=8", f"run.out_dir={run}"], "model.vocab_size=8")  # fmt: skip
     assert not run.exists()
+
+
+def test_mix_weight_must_be_positive(tok_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    prepare_data(_jsonl(tmp_path / "in.jsonl", [{"text": sample_text(20, i)} for i in range(10)]), str(data),
+                 "jsonl", tok_dir)  # fmt: skip
+    run = tmp_path / "run"
+    mix = f"data.mix=[{{path: {data}, weight: 0}}]"
+    _fails(capsys, ["train", "configs/tiny.yaml", "data.kind=memmap", mix,
+                    f"run.out_dir={run}"], "data.mix[0].weight=0")  # fmt: skip
+    assert not run.exists()
+
+
+# ------------------------------------------------------------------------------------------ mixtures
+
+
+def test_mixture_rows_come_from_the_sources_by_weight(tok_dir, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    prepare_data(_jsonl(tmp_path / "a.jsonl", [{"text": sample_text(12, i)} for i in range(30)]), str(a),
+                 "jsonl", tok_dir, val_fraction=0.0)  # fmt: skip
+    records = [{"prompt": sample_text(3, i), "response": sample_text(3, 7 + i)} for i in range(30)]
+    prepare_data(_jsonl(tmp_path / "b.jsonl", records), str(b), "prompt-response", tok_dir, val_fraction=0.0)
+    cfg = validate(load_config(None, [
+        "data.kind=memmap", f"data.mix=[{{path: {a}, weight: 1}}, {{path: {b}, weight: 3}}]",
+        "train.seq_len=16", "train.global_batch_size=64", "train.micro_batch_size=4", "model.vocab_size=96",
+    ]), 1)  # fmt: skip
+    mix = build_dataset(cfg)
+    assert build_dataset(cfg, "val") is None  # no source has a validation split
+    which = np.concatenate([mix.source_of(s) for s in range(20)])
+    assert 0.7 < which.mean() < 0.8  # a quarter from a, three quarters from b
+    rows = mix.rows(5, 0, 64)
+    for i, c in enumerate(mix.source_of(5)):
+        own = mix.sources[c].rows(5, i, 1)
+        assert all(np.array_equal(rows[k][i], own[k][0]) for k in rows)
+    micro = rank_microbatches(mix, 5, 1, 2, 4, 64)  # the second of two data-parallel ranks
+    assert sum(int((y != -100).sum()) for _, y, _ in micro) == mix.target_tokens(5, 32, 32)
+    assert global_target_tokens(mix, 5, 64) == mix.target_tokens(5)
+
+
+def test_metrics_loss_tokens_bits_per_byte_and_tokens_per_parameter(tok_dir, tmp_path):
+    from tests.harness import run_python
+
+    data = tmp_path / "data"
+    prepare_data(_jsonl(tmp_path / "in.jsonl", [{"text": sample_text(30, i)} for i in range(40)]), str(data),
+                 "jsonl", tok_dir, val_fraction=0.25)  # fmt: skip
+    out = tmp_path / "run"
+    result = run_python("-m", "dtrain", "train", "configs/tiny.yaml", "data.kind=memmap", f"data.path={data}",
+                        "model.vocab_size=96", "train.seq_len=32", "train.global_batch_size=4",
+                        "train.micro_batch_size=2", "train.steps=2", "train.eval_batches=1",
+                        f"run.out_dir={out}")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "tokens per parameter planned (Chinchilla-optimal: 20)" in result.stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < r["loss_tokens"] < 4 * 32 for r in records)
+    manifest = json.loads((data / "manifest.json").read_text())["splits"]["val"]
+    last = records[-1]
+    expected = last["val_loss"] * manifest["targets"] / manifest["bytes"] / np.log(2)
+    assert last["val_bpb"] == pytest.approx(expected, rel=1e-12)
