@@ -243,43 +243,40 @@ class DocumentData:
         else:  # learned tokens 1 .. n-1 of the piece: each is the target of the position before it
             c = np.concatenate([[0], np.cumsum(self.learned, dtype=np.int64)])
             self.piece_targets = c[self.starts + self.lengths] - c[self.starts + 1]
-        self._epochs: dict[int, np.ndarray] = {}  # epoch -> row boundaries into its piece order
+        self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # epoch -> (piece order, row bounds)
         self._rows_before = [0]  # rows of epochs 0 .. e-1
 
     def check_token_ids(self) -> None:
         _check_ids(self.tokens, self.vocab_size, self.path)
 
-    def _order(self, epoch: int) -> np.ndarray:
-        perm = np.arange(len(self.starts))
-        np.random.default_rng(_seed_words(_EPOCH, self.seed, epoch)).shuffle(perm)
-        return perm
-
-    def _bounds(self, epoch: int) -> np.ndarray:
-        """Row r of epoch e is pieces order_e[bounds[r] : bounds[r + 1]]."""
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(order, bounds): row r of epoch e is pieces order[bounds[r] : bounds[r + 1]]."""
         if epoch not in self._epochs:
             n = len(self.starts)
+            order = np.arange(n)
+            np.random.default_rng(_seed_words(_EPOCH, self.seed, epoch)).shuffle(order)
             if not self.packing:
                 bounds = np.arange(n + 1)
             else:
-                lengths = self.lengths[self._order(epoch)].tolist()
                 cut, used, room = [0], 0, self.seq_len + 1
-                for i, n_tok in enumerate(lengths):  # greedy, in order: sequential so rows stay contiguous
+                for i, n_tok in enumerate(self.lengths[order].tolist()):
+                    # greedy in order, so a row is a contiguous run of the epoch's order
                     if used + n_tok > room:
                         cut.append(i)
                         used = 0
                     used += n_tok
                 cut.append(n)
                 bounds = np.array(cut)
-            if len(self._epochs) >= 2:
+            if len(self._epochs) >= 2:  # a batch straddles at most one epoch boundary
                 self._epochs.pop(min(self._epochs))
-            self._epochs[epoch] = bounds
+            self._epochs[epoch] = (order, bounds)
         return self._epochs[epoch]
 
     def _locate(self, n: int) -> tuple[int, int]:
         """(epoch, row within it) of global row n; epochs before it are packed once to count their rows."""
         while self._rows_before[-1] <= n:
             e = len(self._rows_before) - 1
-            self._rows_before.append(self._rows_before[-1] + len(self._bounds(e)) - 1)
+            self._rows_before.append(self._rows_before[-1] + len(self._epoch(e)[1]) - 1)
         e = int(np.searchsorted(self._rows_before, n, side="right")) - 1
         return e, n - self._rows_before[e]
 
@@ -292,8 +289,8 @@ class DocumentData:
         out = []
         for i in range(count):
             e, r = self._locate(step * self.global_batch_size + start + i)
-            b = self._bounds(e)
-            out.append(self._order(e)[b[r] : b[r + 1]] if self.packing else np.array([r]))
+            order, bounds = self._epoch(e)
+            out.append(order[bounds[r] : bounds[r + 1]])
         return out
 
     def target_tokens(self, step: int, start: int = 0, count: int | None = None) -> int:

@@ -79,10 +79,12 @@ def test_step0_loss_equals_transformers_with_prompt_labels_masked(world2, sft):
 
 
 PACKED_MODEL = ("train.global_batch_size=16", "train.micro_batch_size=2", "train.steps=3", "model.n_layers=4")
-# A representative slice: data parallelism with accumulation and ZeRO, tensor with sequence parallelism,
-# both pipeline schedules with checkpointing; the rest with -m slow.
+# A representative slice on 2 ranks: data parallelism with accumulation and ZeRO 1-3, tensor with sequence
+# parallelism, both pipeline schedules, checkpointing; compositions on 4 ranks with -m slow.
 LAYOUTS = {
     "dp2-zero1-accumulation": (2, ("parallel.zero=1",)),
+    "dp2-zero2": (2, ("parallel.zero=2",)),
+    "dp2-zero3": (2, ("parallel.zero=3",)),
     "tp2-sp": (2, ("parallel.tp=2", "parallel.sp=true")),
     "pp2-1f1b-checkpointing": (
         2,
@@ -94,8 +96,6 @@ LAYOUTS = {
     ),
 }
 SLOW_LAYOUTS = {
-    "dp2-zero2": (2, ("parallel.zero=2",)),
-    "dp2-zero3": (2, ("parallel.zero=3",)),
     "tp2sp-pp2-zero1": (4, ("parallel.tp=2", "parallel.sp=true", "parallel.pp=2", "parallel.zero=1")),
     "dp2-pp2-zero3-tied": (4, ("parallel.pp=2", "parallel.zero=3", "model.tie_embeddings=true")),
 }

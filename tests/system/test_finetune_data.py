@@ -138,6 +138,14 @@ def test_packed_rows_hold_whole_documents_with_restarting_positions(tok_dir, tmp
     micro = rank_microbatches(data, 3, 0, 1, 2, 4)
     counted = sum(int((y != -100).sum()) for _, y, _ in micro)
     assert counted == data.target_tokens(3) == global_target_tokens(data, 3, 4)
+    # An epoch lays every piece into a row exactly once, packed or not, in an order drawn from the seed.
+    for packing in (True, False):
+        d = DocumentData(str(tmp_path / "out"), "train", 16, 4, 1234, 96, packing)
+        order, bounds = d._epoch(0)
+        assert sorted(order.tolist()) == list(range(len(d.starts))) and bounds[-1] == len(d.starts)
+        assert order.tolist() != sorted(order.tolist())
+        used = np.concatenate(d._pieces(0, 0, 4))
+        assert used.tolist() == order[: bounds[4]].tolist()
     # Rows of a step are the same whichever window asks for them (and in another process).
     again = DocumentData(str(tmp_path / "out"), "train", 16, 4, 1234, 96, True).rows(3, 1, 2)
     assert all(np.array_equal(again[k], rows[k][1:3]) for k in rows)
@@ -177,7 +185,7 @@ def test_packed_equals_one_document_per_row_in_float64(tok_dir, tmp_path):
     seq = 32
     unpacked = DocumentData(str(tmp_path / "out"), "train", seq, 8, 1, 96, packing=False)
     packed = DocumentData(str(tmp_path / "out"), "train", seq, 8, 1, 96, packing=True)
-    n_rows = len(packed._bounds(0)) - 1
+    n_rows = len(packed._epoch(0)[1]) - 1
     assert n_rows < 8 and len(unpacked.starts) == 8  # several documents share a row
     from dtrain.data import document_microbatches
 
