@@ -149,6 +149,9 @@ def test_packed_rows_hold_whole_documents_with_restarting_positions(tok_dir, tmp
     # Rows of a step are the same whichever window asks for them (and in another process).
     again = DocumentData(str(tmp_path / "out"), "train", 16, 4, 1234, 96, True).rows(3, 1, 2)
     assert all(np.array_equal(again[k], rows[k][1:3]) for k in rows)
+    # A resumed run asks for a late step first: the same rows as a run that read every step before it.
+    late = DocumentData(str(tmp_path / "out"), "train", 16, 4, 1234, 96, True).rows(40, 0, 4)
+    assert all(np.array_equal(late[k], data.rows(40, 0, 4)[k]) for k in late)
 
 
 def _tiny_model(vocab=96):
