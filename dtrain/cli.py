@@ -14,9 +14,10 @@ import sys
 from dtrain.checkpoint import CheckpointError
 from dtrain.config import ConfigError
 from dtrain.data import DataError
+from dtrain.tokenizer import TokenizerError
 
 SPLITS = ("val", "train", "all")  # dtrain.evaluate.SPLITS, named here without importing torch
-EXPECTED = (ConfigError, DataError, CheckpointError)
+EXPECTED = (ConfigError, DataError, CheckpointError, TokenizerError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -100,13 +101,18 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_prepare_data(args: argparse.Namespace) -> None:
-    from dtrain.data import prepare_text
+    from dtrain.prepare import prepare_data
 
-    info = prepare_text(args.text, args.out, val_fraction=args.val_fraction, dtype=args.dtype)
+    info = prepare_data(
+        args.text, args.out, args.format, args.tokenizer, val_fraction=args.val_fraction, dtype=args.dtype
+    )
+    splits = info["splits"]
+    val = splits.get("val", {"tokens": 0})
+    docs = f" in {splits['train']['documents']:,} documents" if splits["train"]["documents"] else ""
     print(
-        f"wrote {info['train_tokens']:,} training and {info['val_tokens']:,} validation tokens "
-        f"(byte-level, vocab {info['vocab_size']}) to {info['out_dir']}; train with "
-        f"data.kind=memmap data.path={info['out_dir']}"
+        f"wrote {splits['train']['tokens']:,} training tokens{docs} and {val['tokens']:,} validation tokens "
+        f"({info['format']}, {info['tokenizer']}, vocab {info['vocab_size']}) to {info['out_dir']}; train "
+        f"with data.kind=memmap data.path={info['out_dir']} model.vocab_size>={info['vocab_size']}"
     )
 
 
@@ -380,11 +386,32 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=20 parallel.dp=2")
     train.set_defaults(run=cmd_train)
-    prep = sub.add_parser("prepare-data", help="turn a text file into byte-level train/val token files")
-    prep.add_argument("text", help="a local UTF-8 (or any) text file")
-    prep.add_argument("--out", required=True, help="output folder for train.npy and val.npy")
-    prep.add_argument("--val-fraction", type=float, default=0.1, help="share held out for validation")
-    prep.add_argument("--dtype", choices=("uint16", "uint32"), default="uint16")
+    prep = sub.add_parser(
+        "prepare-data",
+        help="tokenise text, jsonl, prompt/response or chat records into train/val token files",
+    )
+    prep.add_argument("text", help="a local input file: plain text, or JSON lines for the other formats")
+    prep.add_argument("--out", required=True, help="output folder for train.npy, val.npy and manifest.json")
+    prep.add_argument(
+        "--format",
+        choices=("text", "jsonl", "prompt-response", "chat"),
+        default="text",
+        help='text: a plain file; jsonl: {"text": ...} per line; prompt-response: {"prompt": ..., '
+        '"response": ...} per line (the response is learned); chat: {"messages": [...]} per line, '
+        "rendered with the tokenizer's chat_template (assistant turns are learned)",
+    )
+    prep.add_argument(
+        "--tokenizer",
+        metavar="FOLDER",
+        help="a Hugging Face model or tokenizer folder (tokenizer.json, tokenizer_config.json); "
+        "default: byte-level tokens",
+    )
+    prep.add_argument(
+        "--val-fraction", type=float, default=0.1, help="share held out for validation (0: none)"
+    )
+    prep.add_argument(
+        "--dtype", choices=("uint16", "uint32"), default=None, help="default: uint16 when the ids fit"
+    )
     prep.set_defaults(run=cmd_prepare_data)
     export = sub.add_parser(
         "export", help="write a checkpoint as one consolidated state dict, or as a Hugging Face model folder"

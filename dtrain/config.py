@@ -111,9 +111,17 @@ class TrainConfig:
 
 
 @dataclass
+class MixSource:
+    path: str = ""  # a folder written by `dtrain prepare-data`
+    weight: float = 1.0  # relative share of the rows of every global batch
+
+
+@dataclass
 class DataConfig:
     kind: str = "synthetic"
     path: str | None = None  # memmap: a .npy token file, or a folder holding train.npy (and val.npy)
+    packing: bool = True  # documents: several whole documents per row (else one per row, padded)
+    mix: list[MixSource] = field(default_factory=list)  # memmap: several prepared folders, weighted
 
 
 @dataclass
@@ -469,11 +477,24 @@ def validate(cfg: Config, world_size: int) -> Config:
             "train.sample_every: dtrain generates with dense models only; set train.sample_every=0",
         )
 
-    if cfg.data.kind == "memmap":
-        _require(cfg.data.path is not None, "data.kind=memmap needs data.path (a .npy file or a folder)")
+    d = cfg.data
+    if d.mix:
+        _require(d.kind == "memmap", f"data.mix needs data.kind=memmap, not {d.kind!r}")
+        _require(d.path is None, "give data.path or data.mix, not both")
+        for i, source in enumerate(d.mix):
+            _require(
+                source.weight > 0 and math.isfinite(source.weight),
+                f"data.mix[{i}].weight={source.weight} must be positive (leave the folder out instead)",
+            )
+            _require(
+                os.path.isdir(source.path),
+                f"data.mix[{i}].path={source.path!r} is not a folder; create it with `dtrain prepare-data`",
+            )
+    elif d.kind == "memmap":
+        _require(d.path is not None, "data.kind=memmap needs data.path (a .npy file or a folder) or data.mix")
         _require(
-            os.path.exists(cfg.data.path),
-            f"data.path={cfg.data.path!r} does not exist; create it with `dtrain prepare-data`",
+            os.path.exists(d.path),
+            f"data.path={d.path!r} does not exist; create it with `dtrain prepare-data`",
         )
 
     r = cfg.run

@@ -8,7 +8,9 @@ loss over `train.eval_batches` global batches of the validation split, drawn as 
 training (parallel.* overrides), through the same model chunks and pipeline executor as the trainer's
 evaluation.
 
-Bits per byte is loss_nats * tokens / bytes / ln 2. Byte-level data (a model of 256 ids without a
+A folder of documents (prepared with --format jsonl, prompt-response or chat) is read in document rows,
+as the trainer reads it: only learned tokens are targets, and `--batches all` reads every piece of the
+split once. Bits per byte is loss_nats * tokens / bytes / ln 2. Byte-level data (a model of 256 ids without a
 tokenizer) has one byte per token; with a tokenizer the bytes are those of the evaluated target tokens
 decoded window by window.
 """
@@ -24,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from dtrain.config import Config, ConfigError
-from dtrain.data import DataError, MemmapData
+from dtrain.data import DataError, MemmapData, build_dataset, global_target_tokens, rank_microbatches
 from dtrain.generate import ModelSource
 
 SPLITS = {"val": ("val",), "train": ("train",), "all": ("train", "val")}
@@ -42,7 +44,6 @@ def prepare(source: ModelSource, data: str, split: str, world_size: int) -> tupl
     cfg = source.cfg
     cfg.data.kind, cfg.data.path = "memmap", data
     cfg = validate(cfg, world_size)
-    t = cfg.train
     datasets = {}
     for name in SPLITS[split]:
         path = os.path.join(data, f"{name}.npy")
@@ -50,7 +51,7 @@ def prepare(source: ModelSource, data: str, split: str, world_size: int) -> tupl
             raise DataError(
                 f"DATA {data} has no {name}.npy; choose another --split or run `dtrain prepare-data`"
             )
-        dataset = MemmapData(path, t.seq_len, t.global_batch_size, t.seed, cfg.model.vocab_size)
+        dataset = build_dataset(cfg, name)  # a folder of documents gives document rows, as in training
         dataset.check_token_ids()
         datasets[name] = dataset
     return cfg, datasets
@@ -86,6 +87,32 @@ def sampled_batch(dataset: MemmapData, step: int, global_batch_size: int) -> tor
     return torch.stack([rows[:, :-1], rows[:, 1:]], dim=1)
 
 
+def document_batches(dataset, batches: int | None, global_batch_size: int, dp_rank: int, dp: int, micro: int):
+    """Document rows as the trainer reads them: (this rank's micro-batches, the global batch's targets,
+    its target count) per global batch. With batches=None, every piece of the split once: the rows of
+    the first epoch, the last batch's rows beyond it kept out (targets -100)."""
+    rows = dataset.epoch_rows(0) if batches is None else None
+    per_rank = global_batch_size // dp
+    for step in range(batches if batches is not None else -(-rows // global_batch_size)):
+        whole = rank_microbatches(dataset, step, 0, 1, global_batch_size, global_batch_size)[0]
+        if rows is None:
+            count = global_target_tokens(dataset, step, global_batch_size)
+        else:
+            kept = min(global_batch_size, rows - step * global_batch_size)
+            whole[1][kept:] = -100
+            count = dataset.target_tokens(step, 0, kept)
+        first = dp_rank * per_rank
+        mine = [
+            (
+                whole[0][i : i + micro],
+                whole[1][i : i + micro],
+                {k: v[i : i + micro] for k, v in whole[2].items()},
+            )
+            for i in range(first, first + per_rank, micro)
+        ]
+        yield mine, whole[1], count
+
+
 def _target_bytes(decode, targets: torch.Tensor) -> int:
     return sum(len(decode([t for t in row if t >= 0]).encode("utf-8")) for row in targets.tolist())
 
@@ -112,19 +139,26 @@ def evaluate(source: ModelSource, cfg: Config, datasets: dict, batches: int | No
     count_bytes = tokenizer is not None and not tokenizer.byte_level and grid.rank == 0
     tokens = n_bytes = 0
     for dataset in datasets.values():
-        if batches is None:
-            tokens += len(dataset.tokens) - 1
-            global_batches = whole_split_batches(dataset, t.global_batch_size)
+        if getattr(dataset, "documents", False):
+            global_batches = document_batches(
+                dataset, batches, t.global_batch_size, dp_rank, dp, t.micro_batch_size
+            )
+        elif batches is None:
+            global_batches = (
+                (_rank_rows(b, dp_rank, dp, t.micro_batch_size), b[:, 1], int((b[:, 1] >= 0).sum()))
+                for b in whole_split_batches(dataset, t.global_batch_size)
+            )
         else:
-            tokens += t.global_batch_size * t.seq_len * batches
-            global_batches = (sampled_batch(dataset, k, t.global_batch_size) for k in range(batches))
-        for batch in global_batches:  # one at a time: a split can be far larger than memory
+            global_batches = (
+                (_rank_rows(b, dp_rank, dp, t.micro_batch_size), b[:, 1], b[:, 1].numel())
+                for b in (sampled_batch(dataset, k, t.global_batch_size) for k in range(batches))
+            )
+        for mine, targets, count in global_batches:  # one at a time: a split can be far larger than memory
+            tokens += count
             if count_bytes:
-                n_bytes += _target_bytes(tokenizer.decode, batch[:, 1])
+                n_bytes += _target_bytes(tokenizer.decode, targets)
             total += stage.executor.run(
-                stage.eval_actions,
-                _rank_rows(batch, dp_rank, dp, t.micro_batch_size),
-                compute_context=lambda: autocast(t.precision, device),
+                stage.eval_actions, mine, compute_context=lambda: autocast(t.precision, device)
             )
     # As the trainer: the token-loss sums live on the last pipeline stage of every data-parallel replica.
     for name in ("pp", "dp"):

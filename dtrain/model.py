@@ -210,17 +210,29 @@ class Attention(nn.Module):
             kv = norm(kv)
         return kv.transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        cache=None,
+    ) -> torch.Tensor:
+        """cos, sin: the rotary tables (max_seq_len, d/2), sliced to this sequence; per-row tables
+        (batch, seq, d/2) of packed documents; or a cache's (batch, 1, new, d/2). mask: None for causal
+        attention, else a boolean (batch, 1, seq, seq) of the key positions each query may attend to
+        (document_mask)."""
         b, s, _ = x.shape
-        if cache is None:  # a cache hands each row's own angles in already (dtrain.kv_cache)
+        if cos.dim() == 2:
             cos, sin = cos[:s], sin[:s]
+        elif cos.dim() == 3:  # per-row positions: broadcast over heads
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q = self.wq(x).view(b, s, self.n_heads, self.head_dim)
         if self.q_norm is not None:
             q = self.q_norm(q)
         q = q.transpose(1, 2)
         k, v = self._kv(self.wk, x, self.k_norm), self._kv(self.wv, x)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        mask = None
         if cache is not None:  # generation: this layer's earlier keys and values join the new ones
             k, v, mask = cache.update(self, k, v)
         with self.layers.split_region_rng():
@@ -234,6 +246,16 @@ class Attention(nn.Module):
                 enable_gqa=self.n_kv_heads != self.n_heads,
             )
         return self.wo(out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
+
+
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(batch, 1, seq, seq) boolean: query t sees key j when j <= t and both lie in the same document.
+    Through scaled_dot_product_attention a boolean mask runs the math or memory-efficient kernel, never
+    flash; on GPUs a block-sparse kernel (flex attention's document mask, or a varlen kernel over
+    cumulative sequence lengths) skips the blocks this mask zeroes (docs/running.md, packing)."""
+    s = doc_ids.shape[-1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=doc_ids.device).tril()
+    return (causal & (doc_ids.unsqueeze(-1) == doc_ids.unsqueeze(-2))).unsqueeze(1)
 
 
 def is_moe_block(cfg: ModelConfig, layer_index: int) -> bool:
@@ -256,10 +278,17 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.residual_rng = layers.residual_rng
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
-        # The cache goes by keyword: module-input hooks (DTensor's PrepareModuleInput in the benchmark's
-        # peer) see the same positional inputs (x, cos, sin) as in training.
-        h = self.attn(self.attn_in(self.attn_norm(x)), cos, sin, cache=cache)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        cache=None,
+    ) -> torch.Tensor:
+        # The mask and the cache go by keyword: module-input hooks (DTensor's PrepareModuleInput in the
+        # benchmark's peer) see the same positional inputs (x, cos, sin) in every use.
+        h = self.attn(self.attn_in(self.attn_norm(x)), cos, sin, mask=mask, cache=cache)
         with self.residual_rng():
             x = x + self.dropout(h)
         h = self.mlp(self.mlp_in(self.mlp_norm(x)))
@@ -274,6 +303,8 @@ class Transformer(nn.Module):
     and targets are given, logits when it holds the head and no targets are given, else hidden states.
     With a `cache` (a dtrain.kv_cache.KVCache fed the new tokens' mask) the tokens continue the cached
     sequences: generation's prefill, then one token at a time.
+    Packed documents add `positions` (batch, seq), each document's rotary positions from 0, and
+    `doc_ids` (batch, seq), which keep attention inside a document; every chunk of a pipeline gets both.
     """
 
     def __init__(
@@ -304,7 +335,14 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        cache=None,
+    ) -> torch.Tensor:
         if self.embed is not None:
             with self.residual_rng():
                 h = self.dropout(self.embed(x))
@@ -313,13 +351,16 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cos, self.rope_sin  # attention slices them to the full sequence length
         if cache is not None:
             cos, sin = cache.rotary(cos, sin)
+        elif positions is not None:
+            cos, sin = cos[positions], sin[positions]
+        mask = document_mask(doc_ids) if doc_ids is not None else None
         for block in self.blocks.values():
             if self.activation_checkpointing and self.training:
                 # Keep only the block input; recompute the block in backward (non-reentrant, so the
                 # data-parallel gradient hooks fire once per parameter and RNG state is replayed).
-                h = checkpoint(block, h, cos, sin, use_reentrant=False)
+                h = checkpoint(block, h, cos, sin, mask, use_reentrant=False)
             else:
-                h = block(h, cos, sin, cache)
+                h = block(h, cos, sin, mask, cache)
         if cache is not None:
             cache.advance()
         if self.head is None:

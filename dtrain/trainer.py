@@ -2,9 +2,11 @@
 synchronisation with the optimizer); the loop runs gradient accumulation, loss scaling, clipping, the LR
 schedule, evaluation, logging and checkpoints on it.
 
-The loss of a step is sum(token losses) / (tokens in the global batch). Each micro-batch's backward uses
-that same global denominator, so summing gradients over micro-batches and data-parallel ranks yields the
-gradient of the global-batch mean loss exactly, whatever the layout.
+The loss of a step is sum(target-token losses) / (target tokens in the global batch). Each micro-batch's
+backward uses that same global denominator, so summing gradients over micro-batches and data-parallel
+ranks yields the gradient of the global-batch mean loss exactly, whatever the layout. Every rank reads
+the denominator off the dataset (`global_target_tokens`: a pure function of (seed, step), all positions
+for token streams), so it costs no collective and a resume in another layout sees the same one.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -20,7 +23,7 @@ import torch.distributed as dist
 
 from dtrain import checkpoint
 from dtrain.config import Config, TrainConfig, microbatches_per_rank, to_dict
-from dtrain.data import build_dataset, rank_microbatches
+from dtrain.data import build_dataset, global_target_tokens, rank_microbatches, read_manifest
 from dtrain.metrics import MetricsLogger
 from dtrain.model import Transformer, count_params, flops_per_token
 from dtrain.parallelize import build_model_chunks, parallelize
@@ -29,7 +32,7 @@ from parallel.data_parallel import torch_adamw
 from parallel.grad_sync import AdamWConfig, clip_
 from parallel.grid import Grid
 from parallel.ledger import CommLedger
-from parallel.moe import set_aux_grad_scale
+from parallel.moe import aux_grad_scales, set_aux_grad_scale
 from parallel.precision import LossScaler, autocast, wide
 
 
@@ -87,7 +90,20 @@ class StepResult:
     loss: float
     grad_norm: float
     skipped: bool
+    loss_tokens: int = 0  # target tokens of the global batch: the loss's denominator
     moe: dict = field(default_factory=dict)  # per MoE layer routing metrics (`Stage.routing_metrics`)
+
+
+def _targets_per_byte(cfg: Config) -> float | None:
+    """Target tokens per UTF-8 byte of the validation split of tokenised text (format text or jsonl, as
+    `dtrain prepare-data` records them), for bits per byte; None for other data."""
+    if cfg.data.kind != "memmap" or not cfg.data.path or not os.path.isdir(cfg.data.path):
+        return None
+    manifest = read_manifest(cfg.data.path)
+    if not manifest or manifest.get("format") not in ("text", "jsonl"):
+        return None
+    val = manifest.get("splits", {}).get("val")
+    return val["targets"] / val["bytes"] if val and val.get("bytes") else None
 
 
 class Trainer:
@@ -106,7 +122,8 @@ class Trainer:
         self.scaler = LossScaler(enabled=t.precision == "fp16")
         self.train_data = build_dataset(cfg, "train")
         self.val_data = build_dataset(cfg, "val")
-        self.global_tokens = t.global_batch_size * t.seq_len
+        self.val_targets_per_byte = _targets_per_byte(cfg)
+        self.global_tokens = t.global_batch_size * t.seq_len  # positions per step, targets or not
         self.step = 0  # optimizer steps completed
         self.skipped_in_a_row = 0
         self.tokens_seen = 0
@@ -132,17 +149,20 @@ class Trainer:
         t, sync = self.cfg.train, self.grad_sync
         self.lr = lr_at(self.step, t)
         torch.manual_seed(step_seed(t.seed, self.step, self.grid))
-        # MoE auxiliary losses of a micro-batch weigh (its tokens / global batch tokens), like token losses.
-        set_aux_grad_scale(
-            self.model.modules, self.scaler.scale * t.micro_batch_size * t.seq_len / self.global_tokens
-        )
+        # At least one, so a global batch without a target (all prompt) is a zero-gradient step.
+        targets = max(global_target_tokens(self.train_data, self.step, t.global_batch_size), 1)
+        microbatches = self._microbatches(self.train_data, self.step)
+        # MoE auxiliary losses of a micro-batch weigh its share of the global batch's target tokens.
+        moe = list(self.model.moe_layers().values())
+        shares = aux_grad_scales(microbatches, targets, self.scaler.scale) if moe else []
         self.model.train()
         loss_sum = self.model.executor.run(
             self.model.train_actions,
-            self._microbatches(self.train_data, self.step),
-            loss_scale=self.scaler.scale / self.global_tokens,
+            microbatches,
+            loss_scale=self.scaler.scale / targets,
             compute_context=lambda: autocast(t.precision, self.device),
             before_backward=lambda chunk, is_last: sync.before_backward(is_last),
+            before_compute=(lambda m: set_aux_grad_scale(moe, shares[m])) if moe else None,
         )
         with self._phase("grad_sync"):
             sync.finish_grad_sync()
@@ -156,7 +176,7 @@ class Trainer:
         # value and takes the same decision here without another collective.
         skipped = not bool(torch.isfinite(grad_norm) & torch.isfinite(loss_sum))
         if skipped:
-            self._on_overflow(grad_norm, loss_sum)
+            self._on_overflow(grad_norm, loss_sum, targets)
         else:
             with self._phase("optimizer_step"):
                 clip_(sync, t.grad_clip, grad_norm)
@@ -168,7 +188,7 @@ class Trainer:
             moe = self.model.routing_metrics()
         self.step += 1
         self.tokens_seen += self.global_tokens
-        return StepResult(float(loss_sum) / self.global_tokens, float(grad_norm), skipped, moe)
+        return StepResult(float(loss_sum) / targets, float(grad_norm), skipped, targets, moe)
 
     def _bookkeeping(self):
         """Reductions that only feed the metrics: an active ledger tallies them apart from training."""
@@ -196,12 +216,12 @@ class Trainer:
                 dist.all_reduce(loss_sum, group=self.grid.group(name))
         return loss_sum
 
-    def _on_overflow(self, grad_norm: torch.Tensor, loss_sum: torch.Tensor) -> None:
+    def _on_overflow(self, grad_norm: torch.Tensor, loss_sum: torch.Tensor, targets: int) -> None:
         t = self.cfg.train
         step = self.step + 1
         if not self.scaler.enabled:
             what = "gradient norm" if not torch.isfinite(grad_norm) else "loss"
-            value = float(grad_norm) if what == "gradient norm" else float(loss_sum) / self.global_tokens
+            value = float(grad_norm) if what == "gradient norm" else float(loss_sum) / targets
             raise TrainingError(
                 f"non-finite {what} ({value}) at step {step}; lower train.lr or use "
                 f"train.precision=fp32; the last checkpoint is intact"
@@ -220,8 +240,10 @@ class Trainer:
         t = self.cfg.train
         self.model.train(False)
         total = torch.zeros((), dtype=self.accum_dtype, device=self.device)
+        targets = 0
         with self._phase("evaluation", f"after step {self.step}"):
             for k in range(t.eval_batches):
+                targets += global_target_tokens(self.val_data, k, t.global_batch_size)
                 total += self.model.executor.run(
                     self.model.eval_actions,
                     self._microbatches(self.val_data, k),
@@ -229,8 +251,12 @@ class Trainer:
                 )
             with self._phase("loss"):
                 total = self._sum_loss(total)
-        loss = float(total) / (self.global_tokens * t.eval_batches)
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        loss = float(total) / max(targets, 1)
+        out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        if self.val_targets_per_byte:
+            # nats per target token x target tokens per byte of the split's text, in bits
+            out["val_bpb"] = loss * self.val_targets_per_byte / math.log(2)
+        return out
 
     @torch.no_grad()
     def sample(self) -> str | None:
@@ -312,8 +338,10 @@ class Trainer:
                 return []
         logger = MetricsLogger(r.out_dir, t.steps, r.log_every, self.step, enabled=self.grid.rank == 0)
         n_params = count_params(cfg.model)["total"]
+        planned = t.steps * self.global_tokens / n_params
         self._say(
-            f"dtrain: {n_params / 1e6:.2f}M parameters | {self.grid.describe()} | "
+            f"dtrain: {n_params / 1e6:.2f}M parameters | {planned:.3g} tokens per parameter planned "
+            f"(Chinchilla-optimal: 20) | {self.grid.describe()} | "
             f"{microbatches_per_rank(cfg)} micro-batches of {t.micro_batch_size} per rank | {t.precision} | "
             f"out_dir {r.out_dir}"
         )
@@ -354,6 +382,7 @@ class Trainer:
             "grad_norm": result.grad_norm,
             "lr": self.lr,
             "tokens": self.tokens_seen,
+            "loss_tokens": result.loss_tokens,
             "step_time_s": elapsed,
             "tokens_per_s": tokens_per_s,
         }

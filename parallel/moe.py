@@ -214,8 +214,14 @@ def moe_layers(module: nn.Module) -> list[MoELayer]:
     return [m for m in module.modules() if isinstance(m, MoELayer)]
 
 
-def set_aux_grad_scale(module: nn.Module, scale: float) -> None:
-    """d(objective)/d(aux loss of one micro-batch): tokens per micro-batch / global batch tokens, times
-    the fp16 loss scale (and times dp under torch DDP, which averages gradients)."""
-    for layer in moe_layers(module):
+def set_aux_grad_scale(layers, scale: float) -> None:
+    """d(objective)/d(aux loss of one micro-batch) for these MoE layers: the micro-batch's target tokens /
+    the global batch's, times the fp16 loss scale (and times dp under torch DDP, which averages
+    gradients), so auxiliary losses weigh like token losses."""
+    for layer in layers:
         layer.aux_grad_scale = scale
+
+
+def aux_grad_scales(microbatches, global_targets: int, scale: float = 1.0) -> list[float]:
+    """set_aux_grad_scale's value for each (inputs, targets, ...) micro-batch; targets < 0 are ignored."""
+    return [scale * int((mb[1] >= 0).sum()) / global_targets for mb in microbatches]

@@ -9,6 +9,10 @@ dependency order (checked by pipeline_schedules.simulate) every receive is event
 step cannot deadlock. Every request is waited on before the step returns.
 
 Messages are tagged by (direction, chunk, micro-batch), so matching never depends on arrival order.
+
+A micro-batch is (inputs, targets) or (inputs, targets, context): context is a dict of tensors that
+every chunk's forward receives as keyword arguments (per-token positions and document ids of packed
+sequences, say), since each chunk needs them and only hidden states cross a stage boundary.
 """
 
 from __future__ import annotations
@@ -67,16 +71,19 @@ class PipelineExecutor:
     def run(
         self,
         actions: Sequence[Action],
-        microbatches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        microbatches: Sequence[tuple],
         loss_scale: float = 1.0,
         compute_context=contextlib.nullcontext,
         before_backward: Callable[[int, bool], None] | None = None,
+        before_compute: Callable[[int], None] | None = None,
         record: list | None = None,
     ) -> torch.Tensor:
         """Run `actions` (forwards only for evaluation); returns the sum of token losses of the micro-
         batches whose last chunk ran here (zero elsewhere). `before_backward(chunk, is_last)` is called
         before each backward, with is_last true for the chunk's final backward of this step (where a
-        data-parallel wrapper should start reducing its gradients). With a `record` list, each action appends
+        data-parallel wrapper should start reducing its gradients). `before_compute(microbatch)` is called
+        before each forward and backward (a backward may recompute the forward under activation
+        checkpointing), for state that differs per micro-batch. With a `record` list, each action appends
         `(action, start, end)`, time.perf_counter() around its compute only (the chunk call of a forward,
         the backward call of a backward; receives and sends are outside), for dtrain.analysis.timeline."""
         self.pending_sends: list = []
@@ -84,9 +91,12 @@ class PipelineExecutor:
         stored: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
         loss_sum = torch.zeros((), dtype=self.dtype, device=self.device)
         for i, a in enumerate(actions):
-            inputs, targets = microbatches[a.microbatch]
+            inputs, targets, *context = microbatches[a.microbatch]
             rows = inputs.shape[0]
+            if before_compute is not None:
+                before_compute(a.microbatch)
             if a.kind == "F":
+                kwargs = {k: v.to(self.device) for k, v in context[0].items()} if context else {}
                 if a.chunk == 0:
                     x_in, x = None, inputs.to(self.device)
                 else:
@@ -95,7 +105,7 @@ class PipelineExecutor:
                 last = a.chunk == self.n_chunks - 1
                 start = time.perf_counter() if record is not None else 0.0
                 with compute_context():
-                    out = self.chunks[a.chunk](x, targets.to(self.device) if last else None)
+                    out = self.chunks[a.chunk](x, targets.to(self.device) if last else None, **kwargs)
                 if record is not None:
                     record.append((a, start, time.perf_counter()))
                 if last:

@@ -12,11 +12,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from dtrain.config import load_config, validate
-from dtrain.data import build_dataset, rank_microbatches
+from dtrain.data import build_dataset, global_target_tokens, rank_microbatches
 from dtrain.hf import HFWeights
 from dtrain.model import Transformer, init_weights
 from dtrain.trainer import build_optimizer, lr_at
-from parallel.moe import set_aux_grad_scale
+from parallel.moe import aux_grad_scales, moe_layers, set_aux_grad_scale
 from parallel.precision import DTYPES
 
 TINY_MODEL = [
@@ -89,18 +89,19 @@ def torch_ddp_run(cfg, group=None) -> dict:
     model, opt, data = _setup(cfg)
     ddp = DistributedDataParallel(model, process_group=group)
     scaler = torch.amp.GradScaler("cpu", enabled=t.precision == "fp16")
-    tokens = t.global_batch_size * t.seq_len
     losses, norms = [], []
     for step in range(t.steps):
         _set_lr(opt, step, t)
-        # MoE aux losses weigh like token losses (tokens / global tokens), times dp against DDP's mean.
-        set_aux_grad_scale(model, scaler.get_scale() * t.micro_batch_size * t.seq_len * dp / tokens)
+        tokens = max(global_target_tokens(data, step, t.global_batch_size), 1)
         micro = rank_microbatches(data, step, rank, dp, t.micro_batch_size, t.global_batch_size)
+        # MoE aux losses weigh like token losses (targets / global targets), times dp against DDP's mean.
+        shares = aux_grad_scales(micro, tokens, scaler.get_scale() * dp)
         local = torch.zeros(())
-        for j, (x, y) in enumerate(micro):
+        for j, (x, y, *context) in enumerate(micro):
+            set_aux_grad_scale(moe_layers(model), shares[j])
             with contextlib.nullcontext() if j == len(micro) - 1 else ddp.no_sync():
                 with _autocast(t.precision):
-                    loss_sum = ddp(x, y)
+                    loss_sum = ddp(x, y, **(context[0] if context else {}))
                 # DDP averages over ranks; our loss is already normalised by the global token count.
                 scaler.scale(loss_sum / tokens * dp).backward()
             local += loss_sum.detach()
@@ -119,14 +120,15 @@ def single_process_run(cfg) -> dict:
     """The same training in one process on the whole global batch, no torch.distributed at all."""
     t = cfg.train
     model, opt, data = _setup(cfg)
-    tokens = t.global_batch_size * t.seq_len
     losses, norms = [], []
-    set_aux_grad_scale(model, t.micro_batch_size * t.seq_len / tokens)
     for step in range(t.steps):
         _set_lr(opt, step, t)
+        tokens = max(global_target_tokens(data, step, t.global_batch_size), 1)
         total = torch.zeros(())
-        for x, y in rank_microbatches(data, step, 0, 1, t.micro_batch_size, t.global_batch_size):
-            loss_sum = model(x, y)
+        micro = rank_microbatches(data, step, 0, 1, t.micro_batch_size, t.global_batch_size)
+        for (x, y, *context), share in zip(micro, aux_grad_scales(micro, tokens), strict=True):
+            set_aux_grad_scale(moe_layers(model), share)
+            loss_sum = model(x, y, **(context[0] if context else {}))
             (loss_sum / tokens).backward()
             total += loss_sum.detach()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))

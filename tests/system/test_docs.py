@@ -77,6 +77,8 @@ def parse_default(literal: str) -> object:
         return None
     if lowered in ("true", "false"):
         return lowered == "true"
+    if lowered == "[]":
+        return []
     for kind in (int, float):
         try:
             return kind(literal)
