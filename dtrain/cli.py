@@ -235,7 +235,9 @@ def cmd_estimate(args: argparse.Namespace) -> None:
     budget = parse_bytes(args.memory) if args.memory is not None else None  # before any work or output
     if args.top < 0:
         raise ConfigError(f"--top={args.top} must be at least 0 (0 lists every layout that fits)")
-    print(run(args.config, args.overrides, args.world))
+    if args.json and budget is not None:
+        raise ConfigError("--json prints the estimate alone; leave out --memory")
+    print(run(args.config, args.overrides, args.world, json=args.json))
     if budget is not None:
         print(suggestions(args.config, args.overrides, args.world, budget, args.top))
 
@@ -260,6 +262,13 @@ def add_estimate_parser(sub) -> None:
     )
     est.add_argument(
         "--top", type=int, default=8, help="with --memory: how many layouts to list (default 8, 0: all)"
+    )
+    est.add_argument(
+        "--json",
+        action="store_true",
+        help='one JSON object instead of the report: {"world", "parameters", "stages": [{"stage", '
+        '"device": {"params", "grads", "optimizer", "activations", "peak"}, "host": {...}, '
+        '"sent": {"axis/op": bytes}}]}',
     )
     est.set_defaults(run=cmd_estimate)
 

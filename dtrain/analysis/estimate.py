@@ -222,7 +222,32 @@ def format_report(est: dict, source: str = "") -> str:
     return "\n".join(lines)
 
 
-def run(config: str | None, overrides: list[str], world: int | None, memory: str | None = None) -> str:
+def as_json(est: dict, cfg: Config) -> dict:
+    """The stable machine-readable form: bytes per rank of each pipeline stage. Every rank of a stage
+    holds the same model states and sends the same bytes (counted on its first rank; all-to-all bytes of
+    expert parallelism assume balanced routing); `sent` is None where the count is not modelled."""
+    from dtrain.model import count_params
+
+    stages = []
+    for s in est["stages"]:
+        comm = s["communication"]
+        sent = {k.replace(" ", "/"): v for k, v in comm.get("by_axis_op", {}).items()}
+        device = {k: int(s["device"][k]) for k in KINDS}
+        device.update(activations=int(s["activations"]["total"]), peak=int(peak_device_bytes(s)))
+        stages.append(
+            {
+                "stage": s["pp_rank"],
+                "device": device,
+                "host": {k: int(s["host"][k]) for k in KINDS},
+                "sent": sent if "not_modelled" not in comm else None,
+            }
+        )
+    return {"world": est["layout"]["world"], "parameters": count_params(cfg.model)["total"], "stages": stages}
+
+
+def run(
+    config: str | None, overrides: list[str], world: int | None, memory: str | None = None, json: bool = False
+) -> str:
     """The CLI's work: load, validate for the world, estimate, format; with `memory` (per rank, e.g.
     80GiB) also the layouts of this world that fit it (dtrain.analysis.suggest)."""
     from dtrain.analysis.suggest import format_suggestions, parse_bytes, suggest_layouts
@@ -231,7 +256,12 @@ def run(config: str | None, overrides: list[str], world: int | None, memory: str
     if world is None:
         world = default_world(cfg)
     budget = parse_bytes(memory) if memory is not None else None  # a bad size fails before any work
-    report = format_report(estimate_model_states(copy.deepcopy(cfg), world), config or "")
+    est = estimate_model_states(copy.deepcopy(cfg), world)
+    if json:
+        import json as json_module
+
+        return json_module.dumps(as_json(est, cfg))
+    report = format_report(est, config or "")
     if budget is None:
         return report
     return report + "\n" + format_suggestions(suggest_layouts(cfg, world, budget), world, budget)

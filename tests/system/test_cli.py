@@ -299,3 +299,26 @@ def test_rerun_into_the_same_folder_loses_nothing(tmp_path):
     assert sorted(os.listdir(aside / "checkpoints")) == ["step_2", "step_4"]
     assert sorted(os.listdir(out / "checkpoints")) == ["step_2"]  # no step_4 of the old run beside it
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
+
+
+def test_estimate_json_is_one_object_with_the_reports_figures():
+    from dtrain.analysis.estimate import estimate_model_states, peak_device_bytes
+    from dtrain.config import load_config
+
+    overrides = ["parallel.pp=2", "parallel.zero=1"]
+    result = run("-m", "dtrain", "estimate", "configs/tiny.yaml", *overrides, "--world", "4", "--json")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)  # the whole of stdout: one object
+    est = estimate_model_states(load_config("configs/tiny.yaml", overrides), 4)
+    assert figures["world"] == 4 and figures["parameters"] > 0
+    assert [s["stage"] for s in figures["stages"]] == [0, 1]
+    for ours, stage in zip(figures["stages"], est["stages"], strict=True):
+        assert ours["device"] == {**stage["device"], "activations": stage["activations"]["total"],
+                                  "peak": peak_device_bytes(stage)}  # fmt: skip
+        assert ours["host"] == stage["host"]
+        assert ours["sent"] == {
+            k.replace(" ", "/"): v for k, v in stage["communication"]["by_axis_op"].items()
+        }
+        assert ours["sent"]["dp/reduce-scatter"] > 0  # ZeRO-1 reduce-scatters its gradients over dp
+    bad = run("-m", "dtrain", "estimate", "configs/tiny.yaml", "--json", "--memory", "8GiB")
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--json" in bad.stderr
