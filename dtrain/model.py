@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dtrain.config import ModelConfig, RopeScalingConfig, d_ff_of, head_dim_of
+from dtrain.document_attention import DocumentMask, attend
 from parallel.moe import MoELayer
 from parallel.precision import wide
 from parallel.sharding import sharding_of
@@ -215,13 +216,12 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None = None,
+        mask: DocumentMask | None = None,
         cache=None,
     ) -> torch.Tensor:
         """cos, sin: the rotary tables (max_seq_len, d/2), sliced to this sequence; per-row tables
         (batch, seq, d/2) of packed documents; or a cache's (batch, 1, new, d/2). mask: None for causal
-        attention, else a boolean (batch, 1, seq, seq) of the key positions each query may attend to
-        (document_mask)."""
+        attention, else a DocumentMask of packed documents."""
         b, s, _ = x.shape
         if cos.dim() == 2:
             cos, sin = cos[:s], sin[:s]
@@ -236,26 +236,9 @@ class Attention(nn.Module):
         if cache is not None:  # generation: this layer's earlier keys and values join the new ones
             k, v, mask = cache.update(self, k, v)
         with self.layers.split_region_rng():
-            out = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=mask,
-                is_causal=mask is None,
-                dropout_p=self.dropout if self.training else 0.0,
-                enable_gqa=self.n_kv_heads != self.n_heads,
-            )
+            dropout = self.dropout if self.training else 0.0
+            out = attend(q, k, v, mask, dropout, enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
-
-
-def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """(batch, 1, seq, seq) boolean: query t sees key j when j <= t and both lie in the same document.
-    Through scaled_dot_product_attention a boolean mask runs the math or memory-efficient kernel, never
-    flash; on GPUs a block-sparse kernel (flex attention's document mask, or a varlen kernel over
-    cumulative sequence lengths) skips the blocks this mask zeroes (docs/running.md, packing)."""
-    s = doc_ids.shape[-1]
-    causal = torch.ones(s, s, dtype=torch.bool, device=doc_ids.device).tril()
-    return (causal & (doc_ids.unsqueeze(-1) == doc_ids.unsqueeze(-2))).unsqueeze(1)
 
 
 def is_moe_block(cfg: ModelConfig, layer_index: int) -> bool:
@@ -353,7 +336,7 @@ class Transformer(nn.Module):
             cos, sin = cache.rotary(cos, sin)
         elif positions is not None:
             cos, sin = cos[positions], sin[positions]
-        mask = document_mask(doc_ids) if doc_ids is not None else None
+        mask = DocumentMask(doc_ids) if doc_ids is not None else None
         for block in self.blocks.values():
             if self.activation_checkpointing and self.training:
                 # Keep only the block input; recompute the block in backward (non-reentrant, so the
