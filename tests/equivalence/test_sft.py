@@ -78,6 +78,7 @@ def test_step0_loss_equals_transformers_with_prompt_labels_masked(world2, sft):
     torch.testing.assert_close(torch.tensor(ours), torch.tensor(total / count), **FP32)
 
 
+MOE = ("model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.aux_loss_coef=0.1")
 PACKED_MODEL = ("train.global_batch_size=16", "train.micro_batch_size=2", "train.steps=3", "model.n_layers=4")
 # A representative slice on 2 ranks: data parallelism with accumulation and ZeRO 1-3, tensor with sequence
 # parallelism, both pipeline schedules, checkpointing; compositions on 4 ranks with -m slow.
@@ -94,8 +95,15 @@ LAYOUTS = {
         2,
         ("parallel.pp=2", "parallel.pp_schedule=interleaved", "parallel.pp_virtual_stages=2"),
     ),
+    # MoE: each micro-batch's auxiliary losses weigh its share of the target tokens, also when a 1F1B
+    # backward recomputes the forward under checkpointing after other micro-batches' forwards.
+    "pp2-1f1b-checkpointing-moe": (
+        2,
+        ("parallel.pp=2", "parallel.pp_schedule=1f1b", "train.activation_checkpointing=true", *MOE),
+    ),
 }
 SLOW_LAYOUTS = {
+    "dp2-ep2-moe-zero1": (2, ("parallel.ep=2", "parallel.zero=1", *MOE)),
     "tp2sp-pp2-zero1": (4, ("parallel.tp=2", "parallel.sp=true", "parallel.pp=2", "parallel.zero=1")),
     "dp2-pp2-zero3-tied": (4, ("parallel.pp=2", "parallel.zero=3", "model.tie_embeddings=true")),
 }
