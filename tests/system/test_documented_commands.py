@@ -1,11 +1,13 @@
 """Every command of README.md and of the docs, pasted in order into a shell with the environment
 activated, succeeds: neither can drift from the code. Runs are shortened (train.steps=4, one timed
-benchmark step, two worlds for the sweep) and the Hugging Face examples get a small local folder for
-their model; nothing else is changed. The README runs in the default set, the docs after it in the slow
-set (they hold every benchmark). Only what one machine cannot run is left out (SEVERAL_NODES)."""
+benchmark step, two worlds for the sweep), the Hugging Face examples get a small local folder for their
+model and tokenizer, and the data files the examples name are generated; nothing else is changed. The
+README runs in the default set, the docs after it in the slow set (they hold every benchmark). Only what
+one machine cannot run is left out (SEVERAL_NODES)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -33,8 +35,8 @@ def shortened(block: str, model: str) -> str:
         if "-m pytest" in line or ".ci/run" in line or SEVERAL_NODES.search(line.strip()):
             continue  # the test suite itself (this test runs inside it); several nodes
         line = line.replace("python3 scripts/setup.py && ", "")  # done: this is the suite it installed
-        line = re.sub(r"^MODEL=\S+", f"MODEL={model}", line)
-        line = re.sub(r"/models/[\w.-]+", model, line)  # "a local Hugging Face folder"
+        line = re.sub(r"^\s*MODEL=\S+", f"MODEL={model}", line)
+        line = re.sub(r"(?<![\w.-])/?models/[\w.-]+", model, line)  # "a local Hugging Face folder"
         command = line.split(" # ")[0].rstrip()
         if not command or command.startswith("#"):
             continue
@@ -60,6 +62,18 @@ def workspace(tmp_path_factory):
         if os.path.exists(os.path.join(ROOT, name)):
             os.symlink(os.path.join(ROOT, name), work / name)
     model = hf_models.make(str(tmp / "hf-model"), "llama-tied-llama3-rope")
+    hf_models.make_tokenizer(model)
+    # The data files the fine-tuning examples name, generated: plain text, documents, instructions, chats.
+    lines = [hf_models.sample_text(20, i) for i in range(60)]
+    (work / "corpus.txt").write_text("\n".join(lines))
+    jsonl = {
+        "docs.jsonl": [{"text": t} for t in lines],
+        "sft.jsonl": [{"prompt": t[:30], "response": t[30:]} for t in lines],
+        "chats.jsonl": [{"messages": [{"role": "user", "content": t[:30]},
+                                      {"role": "assistant", "content": t[30:]}]} for t in lines],
+    }  # fmt: skip
+    for name, records in jsonl.items():
+        (work / name).write_text("".join(json.dumps(r) + "\n" for r in records))
     env = {
         **os.environ,
         "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}",
