@@ -81,7 +81,7 @@ def matrix() -> dict:
 
 def hybrid_cases() -> dict:
     """Hybrid sharding on 4 data-parallel ranks: shard groups of k in {1, 2, 4} for ZeRO 1-3 (one with
-    offload), and experts (ep 2) sharded within a shard group of 2 and replicated across."""
+    offload), and experts (ep 2, ZeRO 1-3) sharded within a shard group of 2 and replicated across."""
     cases = {}
     for zero in (1, 2, 3):
         for k in (1, 2, 4):
@@ -94,7 +94,7 @@ def hybrid_cases() -> dict:
             )
             tie = ("model.tie_embeddings=true",) if zero == 3 else ()
             cases[f"w4-dp4-zero{zero}-shard{k}-dense"] = (4, layout, (*MODEL, *tie))
-    for zero in (1, 2):
+    for zero in (1, 2, 3):
         layout = ("parallel.dp=4", "parallel.ep=2", f"parallel.zero={zero}", "parallel.dp_shard=2")
         cases[f"w4-dp4-zero{zero}-shard2-moe-ep2"] = (4, layout, (*MODEL, *MOE))
     return cases
