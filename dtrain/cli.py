@@ -93,7 +93,15 @@ def cmd_train(args: argparse.Namespace) -> None:
         with resilience.startup_phase(timeout):
             resilience.check_ranks_agree(cfg)  # before the grid: ranks that disagree cannot build it
         p = cfg.parallel
-        grid = ProcessGrid(tp=p.tp, cp=p.cp, dp=p.dp, pp=p.pp, ep=p.ep, timeout=timedelta(seconds=timeout))
+        grid = ProcessGrid(
+            tp=p.tp,
+            cp=p.cp,
+            dp=p.dp,
+            pp=p.pp,
+            ep=p.ep,
+            dp_shard=p.dp_shard,
+            timeout=timedelta(seconds=timeout),
+        )
         phases = resilience.CollectivePhases(grid, p.zero, timeout)
         Trainer(cfg, grid, device, phases=phases).fit(resume_from)
     finally:

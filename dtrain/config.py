@@ -78,6 +78,7 @@ class ParallelConfig:
     ep: int = 1
     sp: bool = False
     zero: int = 0
+    dp_shard: int = -1  # ZeRO shard group size in ranks of dp x cp; -1 = all of them (one replica)
     offload: str = "none"
     pp_schedule: str = "1f1b"
     pp_virtual_stages: int = 1
@@ -350,6 +351,28 @@ def _validate_moe(moe: MoEConfig, n_layers: int, p: ParallelConfig, microbatch_t
     )
 
 
+def _validate_dp_shard(p: ParallelConfig) -> None:
+    """Hybrid sharding: ZeRO over shard groups of dp_shard ranks of dp x cp, replicated across them
+    (parallel/grid.py); -1 is filled in as the whole dp x cp group."""
+    group = p.dp * p.cp
+    if p.dp_shard == -1:
+        p.dp_shard = group
+        return
+    _require(
+        p.dp_shard >= 1 and group % p.dp_shard == 0,
+        f"parallel.dp_shard={p.dp_shard} must divide parallel.dp*cp={group} (or be -1 for all of them)",
+    )
+    _require(
+        p.zero >= 1 or p.dp_shard == group,
+        f"parallel.dp_shard={p.dp_shard} shards ZeRO state; it needs parallel.zero >= 1 (or dp_shard=-1)",
+    )
+    _require(
+        p.dp_shard % (p.cp * p.ep) == 0,
+        f"parallel.dp_shard={p.dp_shard} must be a multiple of parallel.cp*ep={p.cp * p.ep}, so a shard "
+        f"group holds whole context groups and the same share of every expert",
+    )
+
+
 def validate(cfg: Config, world_size: int) -> Config:
     """Check everything that can be checked without processes; fill in `parallel.dp` when it is -1.
 
@@ -413,6 +436,7 @@ def validate(cfg: Config, world_size: int) -> Config:
         f"set parallel.dp=-1 or launch {p.dp * model_ranks} processes",
     )
     _require(p.dp % p.ep == 0, f"parallel.ep={p.ep} must divide parallel.dp={p.dp}")
+    _validate_dp_shard(p)
     if p.tp > 1:
         _require(m.n_heads % p.tp == 0, f"parallel.tp={p.tp} must divide model.n_heads={m.n_heads}")
         # Fewer k/v heads than tensor ranks: each rank holds them all and uses the one its query heads

@@ -228,7 +228,13 @@ def command(args) -> None:
     try:
         p = cfg.parallel
         grid = ProcessGrid(
-            tp=p.tp, cp=p.cp, dp=p.dp, pp=p.pp, ep=p.ep, timeout=timedelta(seconds=cfg.dist.timeout_s)
+            tp=p.tp,
+            cp=p.cp,
+            dp=p.dp,
+            pp=p.pp,
+            ep=p.ep,
+            dp_shard=p.dp_shard,
+            timeout=timedelta(seconds=cfg.dist.timeout_s),
         )
         result = evaluate(source, cfg, datasets, batches, grid, device)
         if grid.rank == 0:

@@ -5,6 +5,7 @@
                  -> initial weights, a function of (seed, name, full shape) only
                  -> gradient synchronisation and optimizer: DDP + AdamW, or ZeRO 1/2/3 (+ offload),
                     dense state over dp x cp and expert state over the expert-data-parallel group
+                    (hybrid sharding: over a shard group of parallel.dp_shard ranks, replicated across)
                  -> schedule and executor (which chunk runs which micro-batch when)
 
 The trainer calls `parallelize` on its device with a `parallel.grid.ProcessGrid`. `dtrain estimate` and the
@@ -65,7 +66,9 @@ def build_model_chunks(cfg: Config, grid: Grid, device: torch.device) -> dict[in
 
 def build_grad_sync(cfg: Config, grid: Grid, chunks: dict[int, Transformer]) -> GradSync:
     """Dense gradients are summed (and ZeRO state sharded) over dp x cp; with ep > 1 expert gradients over
-    the expert-data-parallel group, whose ranks hold the same experts."""
+    the expert-data-parallel group, whose ranks hold the same experts. With parallel.dp_shard < dp x cp
+    ZeRO shards within the grid's shard groups (dp_shard, edp_shard) and sums each shard over the replica
+    groups (dp_replicate, edp_replicate); the default shard group is the whole group, one replica."""
     p, t = cfg.parallel, cfg.train
     adamw = AdamWConfig(t.lr, (t.beta1, t.beta2), t.eps, t.weight_decay)
     tied = tuple(tied_params(cfg, chunks))
@@ -83,16 +86,19 @@ def build_grad_sync(cfg: Config, grid: Grid, chunks: dict[int, Transformer]) -> 
             **groups,
         )
 
-    def zero(units: list, group) -> ZeroDataParallel:
+    def zero(units: list, group, replica_group) -> ZeroDataParallel:
+        facts = {**groups, "isolate": tied, "replica_group": replica_group}
         if p.zero == 3:
-            return zero3(units, group, adamw, p.offload, isolate=tied, **groups)
+            return zero3(units, group, adamw, p.offload, **facts)
         params = [q for unit_params, _ in units for q in unit_params]
         plan = plan_zero_buckets(params, int(p.bucket_mb * 2**20), tied)
-        return ZeroDataParallel(plan, group, p.zero, adamw, p.offload == "optimizer", isolate=tied, **groups)
+        return ZeroDataParallel(plan, group, p.zero, adamw, p.offload == "optimizer", **facts)
 
     params = [q for chunk in chunks.values() for q in chunk.parameters() if q.requires_grad]
     units = zero3_units(cfg, chunks) if p.zero == 3 else [(params, [])]
+    dense_zero = (grid.dp_shard_group, grid.dp_replicate_group)
     if not experts_apart:
-        return zero(units, grid.dp_cp_group)
+        return zero(units, *dense_zero)
     dense, experts = split_expert_units(units)
-    return ZeroWithExperts(zero(dense, grid.dp_cp_group), zero(experts, grid.edp_group), grid.ep_group)
+    expert_zero = (grid.edp_shard_group, grid.edp_replicate_group)
+    return ZeroWithExperts(zero(dense, *dense_zero), zero(experts, *expert_zero), grid.ep_group)

@@ -222,6 +222,7 @@ class _Phases:
 
 
 _LONG_NAMES = {"pp": "pipeline", "tp": "tensor-parallel", "dp": "data-parallel", "dp_cp": "data-parallel",
+               "dp_shard": "data-parallel shard", "dp_replicate": "data-parallel replica",
                "ep": "expert-parallel", "world": "world"}  # fmt: skip
 
 
@@ -244,7 +245,11 @@ class CollectivePhases:
 
     def __init__(self, grid, zero: int, timeout_s: float):
         self._phases = _Phases(timeout_s)
-        dp = "dp_cp"
+        # ZeRO under hybrid sharding gathers and reduce-scatters within its shard group and sums the
+        # gradient shards over the replica group.
+        hybrid = zero and grid.size("dp_replicate") > 1
+        dp = "dp_shard" if hybrid else "dp_cp"
+        replicas = ("dp_replicate",) if hybrid else ()
         over = lambda *names: group_phrase(grid, names)  # noqa: E731
         fb_groups = ("pp", "tp", dp) if zero == 3 else ("pp", "tp")
         optimizer = "the optimizer step"
@@ -252,7 +257,7 @@ class CollectivePhases:
             optimizer += f" (all-gather over {over(dp)})"
         self.what = {
             "forward_backward": f"the forward/backward (send/recv, all-reduce over {over(*fb_groups)})",
-            "grad_sync": f"the gradient reduction over {over(dp, 'tp')}",
+            "grad_sync": f"the gradient reduction over {over(dp, *replicas, 'tp')}",
             "grad_norm": f"the gradient-norm all-reduce over {over('tp', 'pp', 'ep', dp)}",
             "optimizer_step": optimizer,
             "loss": f"the loss all-reduce over {over('pp', 'dp')}",

@@ -10,6 +10,14 @@ an `ep` group is `ep` neighbouring data-parallel ranks (experts spread over it),
 expert-data-parallel group `edp` (size dp / ep) joins the ranks that hold the same experts; expert
 gradients are reduced over `edp`, dense gradients over `dp`.
 
+Hybrid sharding (`dp_shard` = k) splits the data-parallel group dp x cp into replicas of k ranks. With
+j = dp_i * cp + cp_i the rank's index in dp x cp (its position in the `dp_cp` group), `dp_shard` = j % k
+is its place in a shard group (k consecutive members of dp x cp: neighbouring ranks, one node) and
+`dp_replicate` = j // k the replica it belongs to; the `dp_replicate` group joins the ranks holding the
+same shard in each of the dp*cp/k replicas. k is a multiple of cp * ep, so a shard group holds whole cp
+groups and, for experts, k / (cp * ep) members of each edp group: `edp_shard` (those members) and
+`edp_replicate` (the same expert shard in every replica). k = dp * cp (the default, -1) is one replica.
+
 `layout()` is a pure function (tested without processes); `ProcessGrid` creates the torch.distributed
 groups from it. `MetaGrid` is the same view of one rank with placeholder groups and no processes: the
 estimator builds that rank's real modules and gradient synchronisation on the meta device with it, so
@@ -27,7 +35,28 @@ from typing import Any
 import torch.distributed as dist
 
 AXES = ("pp", "dp", "cp", "tp")  # slowest to fastest
-GROUP_NAMES = ("pp", "dp", "cp", "tp", "ep", "edp", "dp_cp")
+GROUP_NAMES = (
+    "pp",
+    "dp",
+    "cp",
+    "tp",
+    "ep",
+    "edp",
+    "dp_cp",
+    "dp_shard",
+    "dp_replicate",
+    "edp_shard",
+    "edp_replicate",
+)
+# Hybrid-sharding groups with the same ranks as a group named here (every one when dp_shard = dp x cp)
+# reuse it: no extra torch groups, and the ledger names the traffic as before (dp, edp). Groups of one
+# rank, which never communicate, reuse any earlier group of one.
+REUSABLE = {
+    "dp_shard": ("dp", "dp_cp"),
+    "dp_replicate": (),
+    "edp_shard": ("edp", "dp_shard"),
+    "edp_replicate": ("dp_replicate",),
+}
 
 
 class GridError(ValueError):
@@ -42,6 +71,9 @@ class Coords:
     tp: int
     ep: int
     edp: int
+    dp_shard: int = 0  # place in the shard group: (dp * cp + cp) % dp_shard
+    dp_replicate: int = 0  # which replica: (dp * cp + cp) // dp_shard
+    edp_shard: int = 0  # place among the shard group's ranks holding the same experts
 
 
 @dataclass(frozen=True)
@@ -54,7 +86,9 @@ class Layout:
     groups: dict[str, tuple[tuple[int, ...], ...]]
 
 
-def layout(world_size: int, *, tp: int = 1, cp: int = 1, dp: int = -1, pp: int = 1, ep: int = 1) -> Layout:
+def layout(
+    world_size: int, *, tp: int = 1, cp: int = 1, dp: int = -1, pp: int = 1, ep: int = 1, dp_shard: int = -1
+) -> Layout:
     for name, value in (("tp", tp), ("cp", cp), ("pp", pp), ("ep", ep)):
         if value < 1:
             raise GridError(f"{name}={value} must be at least 1")
@@ -71,7 +105,15 @@ def layout(world_size: int, *, tp: int = 1, cp: int = 1, dp: int = -1, pp: int =
         raise GridError(
             f"ep={ep} must divide dp={dp}: expert groups are carved out of the data-parallel ranks"
         )
+    k = dp * cp if dp_shard == -1 else dp_shard
+    if k < 1 or (dp * cp) % k or k % (cp * ep):
+        raise GridError(
+            f"dp_shard={dp_shard} must divide dp*cp={dp * cp} and be a multiple of cp*ep={cp * ep}: a shard "
+            f"group holds whole cp groups and the same number of each ep rank"
+        )
+    ek = k // (cp * ep)  # members of one edp group inside one shard group
     sizes = {"pp": pp, "dp": dp, "cp": cp, "tp": tp, "ep": ep, "edp": dp // ep, "dp_cp": dp * cp}
+    sizes |= {"dp_shard": k, "dp_replicate": dp * cp // k, "edp_shard": ek, "edp_replicate": dp * cp // k}
 
     def rank_of(pp_i: int, dp_i: int, cp_i: int, tp_i: int) -> int:
         return ((pp_i * dp + dp_i) * cp + cp_i) * tp + tp_i
@@ -81,7 +123,20 @@ def layout(world_size: int, *, tp: int = 1, cp: int = 1, dp: int = -1, pp: int =
         tp_i, rest = r % tp, r // tp
         cp_i, rest = rest % cp, rest // cp
         dp_i, pp_i = rest % dp, rest // dp
-        coords.append(Coords(pp=pp_i, dp=dp_i, cp=cp_i, tp=tp_i, ep=dp_i % ep, edp=dp_i // ep))
+        j = dp_i * cp + cp_i
+        coords.append(
+            Coords(
+                pp=pp_i,
+                dp=dp_i,
+                cp=cp_i,
+                tp=tp_i,
+                ep=dp_i % ep,
+                edp=dp_i // ep,
+                dp_shard=j % k,
+                dp_replicate=j // k,
+                edp_shard=(dp_i // ep) % ek,
+            )
+        )
 
     # A group is the set of ranks that agree on every coordinate except the ones it spans.
     def groups_spanning(key) -> tuple[tuple[int, ...], ...]:
@@ -99,6 +154,11 @@ def layout(world_size: int, *, tp: int = 1, cp: int = 1, dp: int = -1, pp: int =
         "edp": groups_spanning(lambda c: (c.pp, c.cp, c.tp, c.ep)),
         # Gradients of dense parameters are reduced over data and context ranks together.
         "dp_cp": groups_spanning(lambda c: (c.pp, c.tp)),
+        # ZeRO state is sharded within a replica and reduced across replicas, shard by shard.
+        "dp_shard": groups_spanning(lambda c: (c.pp, c.tp, c.dp_replicate)),
+        "dp_replicate": groups_spanning(lambda c: (c.pp, c.tp, c.dp_shard)),
+        "edp_shard": groups_spanning(lambda c: (c.pp, c.cp, c.tp, c.ep, c.dp_replicate)),
+        "edp_replicate": groups_spanning(lambda c: (c.pp, c.cp, c.tp, c.ep, c.edp_shard)),
     }
     assert rank_of(coords[-1].pp, coords[-1].dp, coords[-1].cp, coords[-1].tp) == world_size - 1
     return Layout(sizes=sizes, coords=tuple(coords), groups=groups)
@@ -165,7 +225,9 @@ class Grid:
     def axis_of(self, group_name: str) -> str | None:
         """The axis ("tp", "dp", ..., "embed" for the tied-embedding group) of this rank's group that torch
         calls `group_name` (ProcessGroup.group_name), or None for a group the grid did not create."""
-        names = {g.group_name: name for name, g in self._groups.items()}
+        names: dict[str, str] = {}
+        for name, g in self._groups.items():  # a reused group keeps its first name
+            names.setdefault(g.group_name, name)
         if self.embed_group is not None:
             names.setdefault(self.embed_group.group_name, "embed")
         return names.get(group_name)
@@ -177,6 +239,25 @@ class Grid:
     ep_group = property(lambda self: self._groups["ep"])
     edp_group = property(lambda self: self._groups["edp"])
     dp_cp_group = property(lambda self: self._groups["dp_cp"])
+    dp_shard_group = property(lambda self: self._groups["dp_shard"])
+    dp_replicate_group = property(lambda self: self._groups["dp_replicate"])
+    edp_shard_group = property(lambda self: self._groups["edp_shard"])
+    edp_replicate_group = property(lambda self: self._groups["edp_replicate"])
+
+    def _reusable(self, name: str) -> str | None:
+        """An earlier group name `name` may reuse (REUSABLE): the same partition of the world."""
+        if name not in REUSABLE:
+            return None
+        mine = set(self.layout.groups[name])
+        alone = self.layout.sizes[name] == 1
+        return next(
+            (
+                n
+                for n in self._groups
+                if (alone or n in REUSABLE[name]) and set(self.layout.groups[n]) == mine
+            ),
+            None,
+        )
 
     @property
     def is_first_stage(self) -> bool:
@@ -188,7 +269,9 @@ class Grid:
 
     def describe(self) -> str:
         s = self.layout.sizes
-        return f"pp={s['pp']} dp={s['dp']} cp={s['cp']} tp={s['tp']} ep={s['ep']} (world {self.world_size})"
+        shard = f" dp_shard={s['dp_shard']}" if s["dp_replicate"] > 1 else ""
+        axes = f"pp={s['pp']} dp={s['dp']} cp={s['cp']} tp={s['tp']} ep={s['ep']}"
+        return f"{axes}{shard} (world {self.world_size})"
 
 
 def _embedding_ends(pp_ranks: tuple[int, ...]) -> list[int]:
@@ -213,6 +296,7 @@ class ProcessGrid(Grid):
         dp: int = -1,
         pp: int = 1,
         ep: int = 1,
+        dp_shard: int = -1,
         backend=None,
         timeout: timedelta | None = None,
     ):
@@ -220,8 +304,13 @@ class ProcessGrid(Grid):
         groups (30 minutes), not the world group's timeout, so a trainer passes its own."""
         if not dist.is_initialized():
             raise GridError("torch.distributed is not initialised; call init_process_group first")
-        self._place(dist.get_world_size(), dist.get_rank(), dict(tp=tp, cp=cp, dp=dp, pp=pp, ep=ep))
+        sizes = dict(tp=tp, cp=cp, dp=dp, pp=pp, ep=ep, dp_shard=dp_shard)
+        self._place(dist.get_world_size(), dist.get_rank(), sizes)
         for name in GROUP_NAMES:
+            same = self._reusable(name)
+            if same is not None:  # decided alike on every rank: the layout is the same everywhere
+                self._groups[name], self._ranks[name] = self._groups[same], self._ranks[same]
+                continue
             for ranks in self.layout.groups[name]:
                 # A collective: every rank calls new_group for every group, member or not.
                 group = dist.new_group(list(ranks), backend=backend, timeout=timeout)
@@ -239,9 +328,13 @@ class MetaGrid(Grid):
     """Rank `rank` of a world of `world_size` laid out like ProcessGrid, with `MetaGroup`s: enough to
     build that rank's modules and gradient synchronisation on the meta device, never to communicate."""
 
-    def __init__(self, world_size: int, rank: int = 0, *, tp=1, cp=1, dp=-1, pp=1, ep=1):
-        self._place(world_size, rank, dict(tp=tp, cp=cp, dp=dp, pp=pp, ep=ep))
+    def __init__(self, world_size: int, rank: int = 0, *, tp=1, cp=1, dp=-1, pp=1, ep=1, dp_shard=-1):
+        self._place(world_size, rank, dict(tp=tp, cp=cp, dp=dp, pp=pp, ep=ep, dp_shard=dp_shard))
         for name in GROUP_NAMES:
+            same = self._reusable(name)
+            if same is not None:
+                self._groups[name], self._ranks[name] = self._groups[same], self._ranks[same]
+                continue
             ranks = next(r for r in self.layout.groups[name] if rank in r)
             self._groups[name] = MetaGroup(ranks, ranks.index(rank), name)
             self._ranks[name] = ranks

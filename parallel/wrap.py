@@ -72,6 +72,9 @@ class Wrapped:
     precision:      "fp32", or "bf16" / "fp16" under autocast() over fp32 master weights; fp16 adds
                     dynamic loss scaling (scale(loss) before backward; an overflow skips the step).
     group:          the data-parallel process group (default: the world); bucket_mb: bucket size.
+    replica_group:  hybrid sharding (zero >= 1): `group` is this rank's shard group and replica_group
+                    the ranks holding the same shard in the other replicas (parallel.grid's dp_shard and
+                    dp_replicate groups); gradients are averaged over both, state sharded over `group`.
     """
 
     def __init__(
@@ -89,13 +92,17 @@ class Wrapped:
         precision: str = "fp32",
         group: dist.ProcessGroup | None = None,
         bucket_mb: float = 25.0,
+        replica_group: dist.ProcessGroup | None = None,
     ):
         self.params = [p for p in model.parameters() if p.requires_grad]
         _check_options(model, self.params, zero, units, offload, precision)
         unit_list = resolve_units(model, units) if zero == 3 else []
         self.model, self.zero, self.lr, self.max_grad_norm = model, zero, lr, max_grad_norm
         self.group = group if group is not None else dist.group.WORLD
-        self.world = group_size(self.group)
+        self.replica_group = replica_group if group_size(replica_group) > 1 else None
+        if self.replica_group is not None and zero == 0:
+            raise ValueError("parallel.wrap: replica_group shards ZeRO state; it needs zero=1, 2 or 3")
+        self.world = group_size(self.group) * group_size(replica_group)  # the ranks gradients average over
         self.device = self.params[0].device
         self.precision = precision
         self.scaler = LossScaler(enabled=precision == "fp16")
@@ -103,15 +110,19 @@ class Wrapped:
         self.steps = 0
         self._sync = True
         _broadcast_from_first_rank(model, self.group)
+        _broadcast_from_first_rank(model, replica_group)  # then every replica from the first one
 
         adamw = AdamWConfig(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         if zero == 0:
             self.sync = DataParallelAdamW(model, self.group, bucket_mb, adamw)
         elif zero in (1, 2):
             plan = plan_zero_buckets(list(model.parameters()), int(bucket_mb * 2**20))
-            self.sync = ZeroDataParallel(plan, self.group, zero, adamw, offload == "optimizer")
+            self.sync = ZeroDataParallel(
+                plan, self.group, zero, adamw, offload == "optimizer", replica_group=replica_group
+            )
         else:
-            self.sync = zero3([(params, [(m, m)]) for m, params, _ in unit_list], self.group, adamw, offload)
+            zero3_units = [(params, [(m, m)]) for m, params, _ in unit_list]
+            self.sync = zero3(zero3_units, self.group, adamw, offload, replica_group=replica_group)
 
         # The first training forward under ZeRO-3 is watched for parameters used outside their unit
         # (their storage is freed there: a crash or garbage otherwise) and units whose output carries no
@@ -272,6 +283,8 @@ class Wrapped:
         sums = torch.stack([b.detach().double().sum().to(self.device) for _, b in buffers])
         extremes = torch.cat([sums, -sums])
         dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=self.group)
+        if self.replica_group is not None:
+            dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=self.replica_group)
         n = len(buffers)
         differ = [name for i, (name, _) in enumerate(buffers) if extremes[i] != -extremes[n + i]]
         if differ:

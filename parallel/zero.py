@@ -17,6 +17,12 @@ parameter instead of 8.
 
 Reduce-scatter plus all-gather move the same bytes as one all-reduce (2 Psi per step, docs/formulas.md).
 
+Hybrid sharding: `group` is one replica's shard group of N ranks and `replica_group` joins the ranks that
+hold the same shard in the other replicas. The reduce-scatter then sums a replica's gradients into the
+shard; once per step (in finish_grad_sync, after the last micro-batch) each shard is all-reduced (SUM)
+over the replica group, which completes the sum over every data-parallel rank. Parameter all-gathers stay
+within the shard group; so does the norm's sum of shard squares, since replicas hold identical shards.
+
 With tensor and pipeline parallelism each rank shards *its own* parameters (tensor shards, its stages)
 over its dp group. Tensor ranks hold equal shapes in equal order, so their buckets and shards line up
 element for element: a gradient that is partial over the tensor group (`Sharding.partial_grad`) is
@@ -118,7 +124,8 @@ class ZeroDataParallel:
     plan: the flat buckets in backward order (`plan_zero_buckets`, or one per ZeRO-3 unit); stage 1 or 2
     with `WholeParams`, stage 3 with parallel.zero3.ShardedParams as `residency`. tp_group: partial
     gradients and norm counting; pp_group: the norm sums over stages; embed_group and `isolate`: the
-    parameters tied across the pipeline's ends, summed over that group."""
+    parameters tied across the pipeline's ends, summed over that group; replica_group: the same shard
+    in every other replica of `group` (hybrid sharding), None for one replica."""
 
     def __init__(
         self,
@@ -133,6 +140,7 @@ class ZeroDataParallel:
         pp_group=None,
         embed_group=None,
         isolate: tuple[nn.Parameter, ...] = (),
+        replica_group=None,
     ):
         if stage not in (1, 2, 3):
             raise ValueError(f"ZeRO stage must be 1, 2 or 3, not {stage}")
@@ -142,6 +150,7 @@ class ZeroDataParallel:
         self.tp_group = tp_group if group_size(tp_group) > 1 else None
         self.tp_rank = group_rank(self.tp_group)
         self.pp_group, self.embed_group = pp_group, embed_group
+        self.replica_group = replica_group if group_size(replica_group) > 1 else None
         self.isolate = isolate
         self.sync_grads = True
         self.step_count = 0
@@ -299,12 +308,22 @@ class ZeroDataParallel:
 
     def finish_grad_sync(self) -> None:
         self._complete_reductions()
+        self._sum_over_replicas()
         self._sum_partial_grads()
         if self.isolate:
             # Both pipeline ends bucket a tied parameter alone, so their shards hold the same elements.
             for bucket in self.buckets:
                 if any(bucket.params[0] is p for p in self.isolate):
                     dist.all_reduce(bucket.grad_shard, group=self.embed_group)
+
+    def _sum_over_replicas(self) -> None:
+        """grad_shard <- sum over the replica group: one all-reduce per bucket, all in flight at once (the
+        same shard index on every member, so the elements line up)."""
+        if self.replica_group is None:
+            return
+        works = [dist.all_reduce(b.grad_shard, group=self.replica_group, async_op=True) for b in self.buckets]
+        for work in works:
+            work.wait()
 
     def _sum_partial_grads(self) -> None:
         """grad <- sum over the tensor group on the ranges of tensor-partial gradients (one all-reduce)."""

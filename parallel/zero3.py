@@ -180,8 +180,9 @@ def zero3(
 ) -> ZeroDataParallel:
     """ZeRO-3 over `units`, in forward order: (the unit's parameters, spans). A span (first, last) is a
     stretch of forward that uses the unit: gathered before `first` runs, freed after `last` returns.
-    `facts`: ZeroDataParallel's tp_group, pp_group, embed_group and isolate (a parameter tied across
-    pipeline stages must be a unit of its own)."""
+    `facts`: ZeroDataParallel's tp_group, pp_group, embed_group, isolate (a parameter tied across
+    pipeline stages must be a unit of its own) and replica_group (hybrid sharding: units are gathered
+    within `group`, gradient shards summed over the replicas once per step)."""
     residency = ShardedParams(offload_params=offload == "all")
     plan = [params for params, _ in units][::-1]  # one bucket per unit, in backward order
     sync = ZeroDataParallel(

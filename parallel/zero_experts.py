@@ -11,6 +11,10 @@ disjoint parameters:
 
     ||g||^2 = sum_dp(dense shard squares) + sum_ep(sum_edp(expert shard squares))
 
+Under hybrid sharding each wrapper shards over its part of a replica (dp_shard, edp_shard) and sums
+its gradient shards over the replica group; replicas hold identical shards, so the sums above run over
+the shard groups.
+
 Both wrappers launch their collectives from the same hooks in the same order on every rank, so the
 collectives of each group match across its ranks.
 """

@@ -130,8 +130,13 @@ def grid(**sizes):
     """A ProcessGrid per layout, built once per worker (group creation is a world-wide collective)."""
     from parallel.grid import ProcessGrid
 
-    # Sizes of 1 are the defaults: grid(tp=2) and grid(tp=2, ep=1) are the same layout.
-    key = tuple(sorted((k, v) for k, v in sizes.items() if v != 1 or k == "dp"))
+    # Sizes of 1 are the defaults: grid(tp=2) and grid(tp=2, ep=1) are the same layout; so is a dp_shard
+    # of the whole dp x cp group (-1).
+    if sizes.get("dp_shard") == sizes.get("dp", -1) * sizes.get("cp", 1):
+        sizes["dp_shard"] = -1
+    if sizes.get("dp_shard") == -1:
+        del sizes["dp_shard"]
+    key = tuple(sorted((k, v) for k, v in sizes.items() if v != 1 or k in ("dp", "dp_shard")))
     if key not in _GRIDS:
         _GRIDS[key] = ProcessGrid(**sizes)
     return _GRIDS[key]

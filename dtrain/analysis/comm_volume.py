@@ -29,7 +29,9 @@ padding and bucket boundaries are exact. Per step, for the layouts the trainer r
   gradients     DDP: one all-reduce per bucket (dense over dp, experts over edp); ZeRO 1: one
                 reduce-scatter per padded bucket, ZeRO 2: one per micro-batch, both + one all-gather
                 after the step; ZeRO 3: per micro-batch each unit is gathered once per forward use and
-                once for backward, and reduce-scattered once
+                once for backward, and reduce-scattered once. All of these run over the shard group
+                (dp_shard when parallel.dp_shard < dp); hybrid sharding adds one all-reduce of each
+                bucket's gradient shard per step over the replicas (axis dp_replicate, edp_replicate)
   the rest      gradient-norm all-reduces of one scalar (dp under ZeRO, ep, tp, pp), tied embeddings
                 across pipeline ends summed over the embed group
   bookkeeping   the loss sum (pp, dp) and the MoE routing statistics (world), tallied apart
@@ -347,6 +349,11 @@ def _zero(v: Volume, cfg: Config, sync, it: int) -> None:
         # _sum_partial_grads: one all-reduce of the tensor-partial ranges of this rank's shards.
         partial = sum(r.stop - r.start for b in w.buckets for r in b.partial)
         v.ring("tp", ALL_REDUCE, int(partial > 0), partial * it, p.tp, "sum_partial_grads on the shards")
+        if w.replica_group is not None:  # hybrid sharding: each gradient shard summed over the replicas
+            n = group_size(w.replica_group)
+            for b in w.buckets:
+                shard = b.grad_shard.numel() * it
+                v.ring(_axis(w.replica_group), ALL_REDUCE, 1, shard, n, "gradient shard over the replicas")
         for b in w.buckets:  # the tied parameter's shard over the embed group
             if any(b.params[0] is q for q in w.isolate):
                 v.ring("embed", ALL_REDUCE, 1, b.grad_shard.numel() * it, 2, "tied embedding gradient shard")

@@ -13,6 +13,8 @@ What the figures are, per wrapper (docs/formulas.md):
   offload       optimizer: moments and an fp32 master copy of the shard in host memory;
                 all (ZeRO-3): the parameter shards in host memory too
 
+ZeRO's N is the shard group: parallel.dp_shard ranks (all of dp x cp by default), not the replicas.
+
 The tests hold these figures to a real `Trainer.held_bytes()` for every layout of the composition matrix.
 """
 
@@ -44,7 +46,9 @@ def meta_rank(cfg: Config, rank: int) -> Parallelized:
     """What global `rank` of a validated config's world builds, on the meta device."""
     p = cfg.parallel
     world = p.dp * p.tp * p.pp * p.cp
-    return parallelize(cfg, MetaGrid(world, rank, tp=p.tp, cp=p.cp, dp=p.dp, pp=p.pp, ep=p.ep), META)
+    return parallelize(
+        cfg, MetaGrid(world, rank, tp=p.tp, cp=p.cp, dp=p.dp, pp=p.pp, ep=p.ep, dp_shard=p.dp_shard), META
+    )
 
 
 def first_rank_of_stage(cfg: Config, pp_rank: int) -> int:
@@ -79,7 +83,8 @@ def _total(d: dict[str, int | float]) -> float:
 
 def _formula_line(cfg: Config, n_params: int, e: int, held: dict) -> str:
     p = cfg.parallel
-    f = formula_bytes_per_param(cfg, e, p.dp)
+    n = p.dp_shard  # ZeRO shards over the shard group (the whole data-parallel group by default)
+    f = formula_bytes_per_param(cfg, e, n)
     name = "DDP" if p.zero == 0 else f"ZeRO-{p.zero}"
     if p.offload != "none":
         name += f" offload={p.offload}"
@@ -87,7 +92,7 @@ def _formula_line(cfg: Config, n_params: int, e: int, held: dict) -> str:
     got = {w: _total(held[w]) / n_params for w in held}
     extra = (_total(held["device"]) + _total(held["host"])) / (n_params * (want["device"] + want["host"])) - 1
     return (
-        f"docs/formulas.md {name}, N={p.dp}, {e}-byte parameters: device {want['device']:.4g} + host "
+        f"docs/formulas.md {name}, N={n}, {e}-byte parameters: device {want['device']:.4g} + host "
         f"{want['host']:.4g} B/param; estimate device {got['device']:.4g} + host {got['host']:.4g} B/param "
         f"over {n_params:,} parameters (padding to a multiple of N: {extra:+.4%})"
     )
@@ -146,6 +151,7 @@ def estimate_model_states(cfg: Config, world: int, communication: bool = True) -
             "ep": p.ep,
             "sp": p.sp,
             "zero": p.zero,
+            "dp_shard": p.dp_shard,
         },
         "offload": p.offload,
         "bucket_mb": p.bucket_mb,
@@ -185,6 +191,9 @@ def human(n: float) -> str:
 def format_report(est: dict, source: str = "") -> str:
     lay = est["layout"]
     zero = "DDP (zero=0)" if lay["zero"] == 0 else f"ZeRO-{lay['zero']}"
+    if lay["zero"] and lay["dp_shard"] < lay["dp"] * lay["cp"]:
+        replicas = lay["dp"] * lay["cp"] // lay["dp_shard"]
+        zero += f" over dp_shard={lay['dp_shard']} ranks x {replicas} replicas"
     lines = [
         f"dtrain estimate{': ' + source if source else ''} | world {lay['world']} = dp {lay['dp']} x tp "
         f"{lay['tp']} x pp {lay['pp']} x cp {lay['cp']}, ep {lay['ep']} | {zero}, offload={est['offload']}, "

@@ -273,7 +273,7 @@ def _measure_worker(rank: int, world_size: int, port: int, cfg_dict: dict, resul
     )
     try:
         p = cfg.parallel
-        grid = ProcessGrid(tp=p.tp, cp=p.cp, dp=p.dp, pp=p.pp, ep=p.ep)
+        grid = ProcessGrid(tp=p.tp, cp=p.cp, dp=p.dp, pp=p.pp, ep=p.ep, dp_shard=p.dp_shard)
         trainer = Trainer(cfg, grid, torch.device("cpu"))
         trainer.train_step()  # warm-up: first-call allocations and lazy initialisation
         executor = trainer.model.executor

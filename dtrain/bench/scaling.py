@@ -236,7 +236,7 @@ def measure(rank: int, job) -> dict:
     if job.threads:
         torch.set_num_threads(job.threads)
     cfg, p = job.cfg, job.cfg.parallel
-    grid = ProcessGrid(tp=p.tp, cp=p.cp, dp=p.dp, pp=p.pp, ep=p.ep)
+    grid = ProcessGrid(tp=p.tp, cp=p.cp, dp=p.dp, pp=p.pp, ep=p.ep, dp_shard=p.dp_shard)
     builders = {"dtrain": lambda: harness.TrainerSide(cfg, grid)}
     done = harness.contest(
         rank, builders, {"dtrain": "dtrain"}, job.warmup, job.steps, count_step, prefix=f"{job.label}: "

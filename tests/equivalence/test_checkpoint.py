@@ -139,7 +139,9 @@ def reshard_case(out_dir: str, save_layout: tuple[str, ...], resume_layout: tupl
     def fit(layout, *overrides):
         cfg = tiny_config(world, *model, *layout, *overrides)
         p = cfg.parallel
-        trainer = Trainer(cfg, harness.grid(tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep), torch.device("cpu"))
+        trainer = Trainer(
+            cfg, harness.grid(tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep, dp_shard=p.dp_shard), torch.device("cpu")
+        )
         return trainer.fit()
 
     with float64():
@@ -185,11 +187,21 @@ RESHARD = {
         ("parallel.zero=2", *PP2, "parallel.ep=2", *MOE),
         ("parallel.zero=3", *TP2, *MOE),
     ),
+    # Hybrid sharding: optimizer state saved from shard groups of 2 (two replicas) is canonical, so it
+    # resumes in groups of 4 (one replica), and back at another stage.
+    "zero2-shard2-to-shard4": (4, ("parallel.zero=2", "parallel.dp_shard=2"), ("parallel.zero=2",)),
+    "zero3-shard4-to-zero1-shard2": (4, ("parallel.zero=3",), ("parallel.zero=1", "parallel.dp_shard=2")),
 }
 
 
 # Covered in kind by the cases above; the default run keeps one resume per kind of change.
-SLOW_RESHARD = {"tp1-to-tp2sp", "tp4sp-to-tp2dp2", "tp2pp2-to-dp4", "moe-ep2pp2-to-ep1"}
+SLOW_RESHARD = {
+    "tp1-to-tp2sp",
+    "tp4sp-to-tp2dp2",
+    "tp2pp2-to-dp4",
+    "moe-ep2pp2-to-ep1",
+    "zero3-shard4-to-zero1-shard2",
+}
 
 
 @pytest.mark.parametrize(

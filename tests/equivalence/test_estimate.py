@@ -97,6 +97,20 @@ def test_large_model_on_meta_matches_formulas():
     assert "docs/formulas.md ZeRO-3 offload=all, N=8" in est["formula"]
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_hybrid_sharding_holds_the_states_of_zero_over_the_shard_group(stage):
+    """dp 8 in shard groups of 2 holds, per rank, what ZeRO over dp 2 holds: N is the shard group, the
+    replicas add nothing. The communication report names the replica axis."""
+    cheap = ("train.steps=1", "train.micro_batch_size=1", "train.seq_len=8", *ODD, *SMALL_BUCKETS)
+    zero = (f"parallel.zero={stage}", *cheap)
+    hybrid = estimate_model_states(load_config(None, [*TINY, *zero, "parallel.dp_shard=2"]), 8)
+    plain = estimate_model_states(load_config(None, [*TINY, *zero]), 2)
+    assert (hybrid["device"], hybrid["host"]) == (plain["device"], plain["host"])
+    assert "N=2" in hybrid["formula"] and hybrid["layout"]["dp_shard"] == 2
+    axes = {key.split()[0] for key in hybrid["stages"][0]["communication"]["by_axis_op"]}
+    assert {"dp_shard", "dp_replicate"} <= axes and "dp" not in axes
+
+
 def test_pipeline_ranks_hold_their_own_chunks():
     cfg = load_config(None, [*TINY, "parallel.pp=2", "model.n_layers=3"])
     est = estimate_model_states(cfg, 4)

@@ -59,6 +59,15 @@ LAYOUTS_4 = {
         *MOE,
         "train.activation_checkpointing=true",
     ),
+    "dp4-shard2-zero2-offload": ("parallel.zero=2", "parallel.dp_shard=2", "parallel.offload=optimizer"),
+    "dp4-shard1-zero3": ("parallel.zero=3", "parallel.dp_shard=1"),
+    "dp4-ep2-shard2-zero1": ("parallel.ep=2", *MOE, "parallel.zero=1", "parallel.dp_shard=2", SMALL_BUCKETS),
+}
+# Hybrid sharding in the default run: the shard group's reduce-scatters and gathers (axis dp_shard) and
+# the per-step all-reduce of every gradient shard over the replicas (axis dp_replicate).
+HYBRID_DEFAULT = {
+    "dp4-shard2-zero1": ("parallel.zero=1", "parallel.dp_shard=2", SMALL_BUCKETS),
+    "dp4-shard2-zero3-tied": ("parallel.zero=3", "parallel.dp_shard=2", "model.tie_embeddings=true"),
 }
 
 
@@ -125,7 +134,7 @@ def measure_step(names_and_overrides: list[tuple[str, tuple[str, ...]]]) -> dict
     for name, overrides in names_and_overrides:
         cfg = tiny_config(dist.get_world_size(), *overrides)
         p = cfg.parallel
-        grid = harness.grid(tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep)
+        grid = harness.grid(tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep, dp_shard=p.dp_shard)
         trainer = Trainer(cfg, grid, torch.device("cpu"))
         kept = _routing_recorder(trainer)
         trainer.ledger = ledger = CommLedger(grid)  # the trainer tags its bookkeeping in this ledger
@@ -215,6 +224,14 @@ def test_ledger_equals_analytic_volume_composed_4_ranks(world4):
     check_layout(COMPOSED_DEFAULT, layout[COMPOSED_DEFAULT], results)
 
 
+def test_ledger_equals_analytic_volume_hybrid_sharding(world4):
+    results = world4.run(measure_step, list(HYBRID_DEFAULT.items()))
+    for name, overrides in HYBRID_DEFAULT.items():
+        check_layout(name, overrides, results)
+        axes = {axis for axis, _ in results[0][name]["training"]}
+        assert {"dp_shard", "dp_replicate"} <= axes and "dp" not in axes, (name, axes)
+
+
 @pytest.mark.slow
 def test_ledger_equals_analytic_volume_4_ranks(world4):
     rest = {k: v for k, v in LAYOUTS_4.items() if k != COMPOSED_DEFAULT}
@@ -244,7 +261,9 @@ def fit_and_read(out_dir: str, overrides: tuple[str, ...]) -> list[dict] | None:
 
     cfg = tiny_config(dist.get_world_size(), *overrides, f"run.out_dir={out_dir}")
     p = cfg.parallel
-    Trainer(cfg, harness.grid(tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep), torch.device("cpu")).fit()
+    Trainer(
+        cfg, harness.grid(tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep, dp_shard=p.dp_shard), torch.device("cpu")
+    ).fit()
     if dist.get_rank() != 0:
         return None
     with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:

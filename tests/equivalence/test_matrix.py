@@ -1,9 +1,10 @@
 """Every combination composes: the same tiny model, dense and mixture-of-experts, trained under every
 layout the grid can factor in 2, 4 and 8 ranks (tp x pp x dp, ep carved out of dp, sequence parallelism
-on and off, ZeRO stage 0-3) and compared with torch DDP on the unsharded model: every loss, grad norm and
-parameter in float64 to 1e-10, losses and grad norms in fp32 to 1e-5 (tests/reference.py,
-layout_matches_ddp). Each case also holds `dtrain estimate`'s per-rank model-state bytes (from the config
-alone) to what every rank's trainer measures (`Trainer.held_bytes()`): they must be equal.
+on and off, ZeRO stage 0-3; hybrid sharding over parallel.dp_shard of 4 data-parallel ranks) and compared
+with torch DDP on the unsharded model: every loss, grad norm and parameter in float64 to 1e-10, losses
+and grad norms in fp32 to 1e-5 (tests/reference.py, layout_matches_ddp). Each case also holds `dtrain
+estimate`'s per-rank model-state bytes (from the config alone) to what every rank's trainer measures
+(`Trainer.held_bytes()`): they must be equal.
 
 Offload, activation checkpointing, the pipeline schedule and tied embeddings rotate over the cases (each
 appears many times, in many layouts) rather than multiplying them. The full matrix is marked slow
@@ -78,13 +79,35 @@ def matrix() -> dict:
     return cases
 
 
-MATRIX = matrix()
+def hybrid_cases() -> dict:
+    """Hybrid sharding on 4 data-parallel ranks: shard groups of k in {1, 2, 4} for ZeRO 1-3 (one with
+    offload), and experts (ep 2, ZeRO 1-3) sharded within a shard group of 2 and replicated across."""
+    cases = {}
+    for zero in (1, 2, 3):
+        for k in (1, 2, 4):
+            offload = "optimizer" if (zero, k) == (2, 2) else "none"
+            layout = (
+                "parallel.dp=4",
+                f"parallel.zero={zero}",
+                f"parallel.dp_shard={k}",
+                f"parallel.offload={offload}",
+            )
+            tie = ("model.tie_embeddings=true",) if zero == 3 else ()
+            cases[f"w4-dp4-zero{zero}-shard{k}-dense"] = (4, layout, (*MODEL, *tie))
+    for zero in (1, 2, 3):
+        layout = ("parallel.dp=4", "parallel.ep=2", f"parallel.zero={zero}", "parallel.dp_shard=2")
+        cases[f"w4-dp4-zero{zero}-shard2-moe-ep2"] = (4, layout, (*MODEL, *MOE))
+    return cases
+
+
+MATRIX = matrix() | hybrid_cases()
 # One case per kind of composition on 2 and 4 ranks (the rest, 8 ranks included, run with -m slow).
 DEFAULT = (
     "w2-tp2sp-pp1-dp1-zero2-moe-ep1",
     "w4-tp1-pp2-dp2-zero3-moe-ep2",
     "w4-tp2-pp2-dp1-zero1-dense",
     "w4-tp2sp-pp1-dp2-zero3-dense",
+    "w4-dp4-zero3-shard2-dense",
 )
 
 
@@ -132,6 +155,7 @@ def test_matrix_covers_every_axis():
         "train.activation_checkpointing=true",
         "model.tie_embeddings=true",
         "model.moe.num_experts=4",
+        *(f"parallel.dp_shard={k}" for k in (1, 2, 4)),
     ):
         assert fragment in joined, fragment
     assert set(DEFAULT) <= set(MATRIX)

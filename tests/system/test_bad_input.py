@@ -103,6 +103,19 @@ CONFIGS = {
         ("WORLD=4", "parallel.dp=2"),
         "parallel.dp*tp*pp*cp=2 does not match the world size 4; set parallel.dp=-1 or launch 2 processes",
     ),
+    "dp-shard-not-dividing": (
+        ("WORLD=4", "parallel.zero=1", "parallel.dp_shard=3"),
+        "parallel.dp_shard=3 must divide parallel.dp*cp=4 (or be -1 for all of them)",
+    ),
+    "dp-shard-without-zero": (
+        ("WORLD=4", "parallel.dp_shard=2"),
+        "parallel.dp_shard=2 shards ZeRO state; it needs parallel.zero >= 1 (or dp_shard=-1)",
+    ),
+    "dp-shard-splits-experts": (
+        ("WORLD=4", "parallel.zero=2", "parallel.ep=4", "model.moe.num_experts=4", "parallel.dp_shard=2"),
+        "parallel.dp_shard=2 must be a multiple of parallel.cp*ep=4, so a shard group holds whole context "
+        "groups and the same share of every expert",
+    ),
 }
 
 

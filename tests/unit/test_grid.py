@@ -13,15 +13,21 @@ from parallel.grid import AXES, GROUP_NAMES, GridError, layout
 from tests import harness
 
 # The coordinates each group spans (members differ there) and fixes (members agree there). ep and edp are
-# the two halves of the data-parallel index, dp_i = edp_i * ep + ep_i.
+# the two halves of the data-parallel index, dp_i = edp_i * ep + ep_i; dp_shard and dp_replicate those of
+# the index in dp x cp under hybrid sharding, edp_shard the place among a shard group's copies of an expert.
+HYBRID = ("dp_shard", "dp_replicate", "edp_shard")
 SPANNED = {
     "pp": ("pp",),
-    "dp": ("dp", "ep", "edp"),
-    "cp": ("cp",),
+    "dp": ("dp", "ep", "edp", *HYBRID),
+    "cp": ("cp", "dp_shard"),
     "tp": ("tp",),
-    "ep": ("ep", "dp"),
-    "edp": ("edp", "dp"),
-    "dp_cp": ("dp", "ep", "edp", "cp"),
+    "ep": ("ep", "dp", "dp_shard"),
+    "edp": ("edp", "dp", *HYBRID),
+    "dp_cp": ("dp", "ep", "edp", "cp", *HYBRID),
+    "dp_shard": ("dp", "ep", "edp", "cp", "dp_shard", "edp_shard"),
+    "dp_replicate": ("dp", "edp", "dp_replicate"),
+    "edp_shard": ("dp", "edp", "dp_shard", "edp_shard"),
+    "edp_replicate": ("dp", "edp", "dp_replicate"),
 }
 KEY = {  # the coordinates whose combination is unique within a group
     "pp": ("pp",),
@@ -31,8 +37,12 @@ KEY = {  # the coordinates whose combination is unique within a group
     "ep": ("ep",),
     "edp": ("edp",),
     "dp_cp": ("dp", "cp"),
+    "dp_shard": ("dp", "cp"),
+    "dp_replicate": ("dp",),
+    "edp_shard": ("edp",),
+    "edp_replicate": ("edp",),
 }
-ALL_COORDS = ("pp", "dp", "cp", "tp", "ep", "edp")
+ALL_COORDS = ("pp", "dp", "cp", "tp", "ep", "edp", *HYBRID)
 
 
 def divisors(n: int) -> list[int]:
@@ -53,9 +63,18 @@ def rank_of(pp_i: int, dp_i: int, cp_i: int, tp_i: int, *, dp: int, cp: int, tp:
     return ((pp_i * dp + dp_i) * cp + cp_i) * tp + tp_i
 
 
-def expected_groups(pp: int, dp: int, cp: int, tp: int, ep: int) -> dict[str, set[tuple[int, ...]]]:
+def shard_sizes(dp: int, cp: int, ep: int) -> list[int]:
+    """Every valid dp_shard: divides dp*cp, a multiple of cp*ep."""
+    return [k for k in divisors(dp * cp) if k % (cp * ep) == 0]
+
+
+def expected_groups(
+    pp: int, dp: int, cp: int, tp: int, ep: int, k: int = -1
+) -> dict[str, set[tuple[int, ...]]]:
     """Every group built straight from the rank formula (independently of layout()'s bucketing)."""
     edp = dp // ep
+    k = dp * cp if k == -1 else k
+    ek = k // (cp * ep)
 
     def r(p, d, c, t):
         return rank_of(p, d, c, t, dp=dp, cp=cp, tp=tp)
@@ -73,6 +92,13 @@ def expected_groups(pp: int, dp: int, cp: int, tp: int, ep: int) -> dict[str, se
         out["ep"].add(group(r(p, edp_i * ep + x, c, t) for x in range(ep)))
         out["edp"].add(group(r(p, x * ep + e_i, c, t) for x in range(edp)))
         out["dp_cp"].add(group(r(p, x, y, t) for x in range(dp) for y in range(cp)))
+        # Hybrid sharding: j = d * cp + c in dp x cp, shard groups of k consecutive j, replicas across.
+        j = d * cp + c
+        out["dp_shard"].add(group(r(p, x // cp, x % cp, t) for x in range(j - j % k, j - j % k + k)))
+        out["dp_replicate"].add(group(r(p, x // cp, x % cp, t) for x in range(j % k, dp * cp, k)))
+        copies = [y for y in range(edp) if ((y * ep + e_i) * cp + c) // k == j // k]
+        out["edp_shard"].add(group(r(p, y * ep + e_i, c, t) for y in copies))
+        out["edp_replicate"].add(group(r(p, y * ep + e_i, c, t) for y in range(edp) if y % ek == edp_i % ek))
     return out
 
 
@@ -86,13 +112,24 @@ def test_enumeration_covers_the_interesting_cases():
 
 @pytest.mark.parametrize("world", range(1, 17))
 def test_layout_invariants(world):
-    for pp, dp, cp, tp, ep in factorizations(world):
-        where = f"world={world} pp={pp} dp={dp} cp={cp} tp={tp} ep={ep}"
-        lay = layout(world, pp=pp, dp=dp, cp=cp, tp=tp, ep=ep)
+    for (pp, dp, cp, tp, ep), k in (
+        (f, k) for f in factorizations(world) for k in shard_sizes(*f[1:3], f[4])
+    ):
+        where = f"world={world} pp={pp} dp={dp} cp={cp} tp={tp} ep={ep} dp_shard={k}"
+        lay = layout(world, pp=pp, dp=dp, cp=cp, tp=tp, ep=ep, dp_shard=k)
         sizes = {"pp": pp, "dp": dp, "cp": cp, "tp": tp, "ep": ep, "edp": dp // ep, "dp_cp": dp * cp}
+        replicas = dp * cp // k
+        sizes |= {
+            "dp_shard": k,
+            "dp_replicate": replicas,
+            "edp_shard": k // (cp * ep),
+            "edp_replicate": replicas,
+        }
         assert lay.sizes == sizes, where
-        # dp=-1 infers the same layout.
-        assert layout(world, pp=pp, cp=cp, tp=tp, ep=ep) == lay, where
+        # dp=-1 infers the same layout; dp_shard=-1 is the whole dp x cp group.
+        assert layout(world, pp=pp, cp=cp, tp=tp, ep=ep, dp_shard=k) == lay, where
+        if k == dp * cp:
+            assert layout(world, pp=pp, cp=cp, tp=tp, ep=ep) == lay, where
 
         # The rank formula and the ep/edp split of the data-parallel index.
         assert len(lay.coords) == world, where
@@ -117,7 +154,7 @@ def test_layout_invariants(world):
                 keys = {tuple(getattr(m, a) for a in KEY[name]) for m in members}
                 assert len(keys) == len(g), (where, name, g)  # pairwise different where it spans
             # And the same groups as spelled out from the rank formula.
-            assert set(groups) == expected_groups(pp, dp, cp, tp, ep)[name], (where, name)
+            assert set(groups) == expected_groups(pp, dp, cp, tp, ep, k)[name], (where, name)
 
         # Tensor-parallel groups are runs of neighbouring ranks.
         for g in lay.groups["tp"]:
@@ -213,10 +250,30 @@ def test_spelled_out_experts():
     assert as_lists(lay.groups["edp"]) == [[0, 4], [1, 5], [2, 6], [3, 7]]
 
 
+def test_spelled_out_hybrid_sharding():
+    # dp 8 in shard groups of 4 (one node each), two replicas; experts over ep 2 inside a shard group.
+    lay = layout(8, dp=8, ep=2, dp_shard=4)
+    assert as_lists(lay.groups["dp_shard"]) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert as_lists(lay.groups["dp_replicate"]) == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert as_lists(lay.groups["edp"]) == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert as_lists(lay.groups["edp_shard"]) == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert as_lists(lay.groups["edp_replicate"]) == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    # With tp 2 and cp 2 a shard group is k consecutive members of dp x cp: whole cp groups.
+    lay = layout(16, tp=2, cp=2, dp=4, dp_shard=4)
+    assert as_lists(lay.groups["dp_shard"]) == [[0, 2, 4, 6], [1, 3, 5, 7], [8, 10, 12, 14], [9, 11, 13, 15]]
+    assert as_lists(lay.groups["dp_replicate"]) == [[r, r + 8] for r in range(8)]
+    # The default is one replica: the shard group is dp x cp, the replica groups single ranks.
+    lay = layout(8, tp=2, dp=4)
+    assert lay.groups["dp_shard"] == lay.groups["dp_cp"] and lay.sizes["dp_replicate"] == 1
+
+
 def test_dp_is_inferred():
     assert layout(12, tp=2, pp=3).sizes["dp"] == 2
     assert layout(12, tp=2, cp=3).sizes["dp_cp"] == 6
-    assert layout(1).sizes == {"pp": 1, "dp": 1, "cp": 1, "tp": 1, "ep": 1, "edp": 1, "dp_cp": 1}
+    assert layout(1).sizes == {
+        "pp": 1, "dp": 1, "cp": 1, "tp": 1, "ep": 1, "edp": 1, "dp_cp": 1,
+        "dp_shard": 1, "dp_replicate": 1, "edp_shard": 1, "edp_replicate": 1,
+    }  # fmt: skip
     assert AXES == ("pp", "dp", "cp", "tp")
 
 
@@ -238,6 +295,10 @@ def test_dp_is_inferred():
         (4, {"ep": 0}),
         (4, {"dp": 0}),
         (4, {"dp": -2}),
+        (8, {"dp": 8, "dp_shard": 3}),  # dp_shard must divide dp x cp
+        (8, {"dp": 8, "dp_shard": 0}),
+        (8, {"dp": 8, "ep": 4, "dp_shard": 2}),  # ... and be a multiple of cp x ep
+        (8, {"dp": 4, "cp": 2, "dp_shard": 1}),
         (4, {"tp": -1}),
         (0, {}),
     ],
@@ -258,6 +319,8 @@ GRID_CASES = [
     {"pp": 2, "dp": 2},
     {"dp": 4, "ep": 2},
     {"tp": 2, "dp": 2, "ep": 2},
+    {"dp": 4, "dp_shard": 2},
+    {"dp": 4, "ep": 2, "dp_shard": 2},
 ]
 
 
@@ -267,6 +330,7 @@ def grid_groups_case(cases: list[dict]) -> list[dict]:
     for sizes in cases:
         g = harness.grid(**sizes)
         seen = {"coords": g.coords, "first": g.is_first_stage, "last": g.is_last_stage, "groups": {}}
+        seen["axes"] = {name: g.axis_of(g.group(name).group_name) for name in GROUP_NAMES}
         for name in GROUP_NAMES:
             t = torch.tensor([2**rank], dtype=torch.int64)
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=g.group(name))
@@ -300,3 +364,10 @@ def test_process_groups_match_layout(world4):
                 assert got["rank_in"] == members.index(rank), (where, name)
                 assert got["size"] == got["group_size"] == len(members), (where, name)
                 assert got["group_rank"] == got["rank_in"], (where, name)
+            # Hybrid-sharding groups the same as an existing group are that group, so the ledger's axis
+            # names stay; real hybrid groups are named by themselves.
+            axes = per_rank[i]["axes"]
+            sharded = lay.sizes["dp_replicate"] > 1
+            assert axes["dp_shard"] == ("dp_shard" if sharded else "dp"), where
+            if sharded:
+                assert axes["dp_replicate"] == "dp_replicate", where

@@ -1,9 +1,9 @@
 """parallel.wrap around models none of us wrote (transformers' LlamaForCausalLM, torch's
 TransformerEncoder), in a user's loop, against torch DistributedDataParallel with torch's AdamW,
 clip_grad_norm_, autocast and GradScaler in the same loop: every mode (DDP, ZeRO 1/2/3, offload of the
-optimizer or of everything, accumulation), float64 to FP64, fp32 to FP32, bf16/fp16 to LOW_PRECISION;
-the bytes each rank holds, per the ZeRO formula; a ZeRO-3 checkpoint from 2 ranks resumed at 4 and
-loaded into the plain model.
+optimizer or of everything, accumulation, hybrid sharding), float64 to FP64, fp32 to FP32, bf16/fp16 to
+LOW_PRECISION; the bytes each rank holds, per the ZeRO formula; a ZeRO-3 checkpoint from 2 ranks resumed
+at 4 and loaded into the plain model.
 
 The two loops are the same user code: each rank's mean loss over its micro-batch divided by the number of
 micro-batches, backward, step. torch DDP averages gradients over ranks; so does the wrapper."""
@@ -34,6 +34,9 @@ MODES = {
     "zero2-offload": {"zero": 2, "offload": "optimizer"},
     "zero3-offload": {"zero": 3, "offload": "optimizer"},
     "zero3-offload-all": {"zero": 3, "offload": "all"},
+    # Hybrid sharding: shard groups of half the ranks, two replicas (parallel.grid's groups).
+    "zero1-hybrid": {"zero": 1},
+    "zero3-hybrid": {"zero": 3},
 }
 
 
@@ -41,6 +44,12 @@ def options(kind: str, mode: str, model) -> dict:
     out = dict(MODES[mode])
     if out["zero"] == 3:
         out["units"] = [*unit_classes(kind), model]
+    if mode.endswith("-hybrid"):
+        from tests import harness
+
+        world = dist.get_world_size()
+        grid = harness.grid(dp=world, dp_shard=world // 2)
+        out |= {"group": grid.dp_shard_group, "replica_group": grid.dp_replicate_group}
     return out
 
 
@@ -177,6 +186,7 @@ DEFAULT = {
     ("llama", "zero3-offload-all", 2, 2),
     ("llama", "zero3", 4, 2),
     ("encoder", "zero2", 4, 1),
+    ("llama", "zero3-hybrid", 4, 2),
 }
 CASES = [
     case(kind, mode, world, accumulate, (kind, mode, world, accumulate) not in DEFAULT)
