@@ -1,0 +1,66 @@
+"""Ring attention (parallel/context_parallel.py) in real Gloo worlds against torch's own causal
+scaled_dot_product_attention on the whole sequence: outputs elementwise and the gradients of q, k and v
+per tensor, in float64 to FP64, with grouped-query attention; and the load-balanced split of the sequence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from parallel.context_parallel import local_positions, ring_attention, split_microbatch
+from tests import harness
+from tests.tolerances import FP64
+
+
+def ring_case(cp: int, heads: int, kv_heads: int, seq: int) -> None:
+    grid = harness.grid(cp=cp, dp=dist.get_world_size() // cp)
+    r = grid.rank_in("cp")
+    gen = torch.Generator().manual_seed(7)  # the same full tensors on every rank
+    b, d = 2, 8
+    q = torch.randn(b, heads, seq, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(b, kv_heads, seq, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(b, kv_heads, seq, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    dout = torch.randn(b, heads, seq, d, generator=gen, dtype=torch.float64)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=heads != kv_heads)
+    ref.backward(dout)
+
+    index = local_positions(seq, cp, r)
+    local = [t.detach()[:, :, index].clone().requires_grad_() for t in (q, k, v)]
+    out = ring_attention(*local, grid.cp_group)
+    out.backward(dout[:, :, index])
+    torch.testing.assert_close(out, ref.detach()[:, :, index], **FP64)
+    # Gradients per tensor in the 2-norm (tests/tolerances.py): an element that is exactly zero in one
+    # (the first query sees only itself) is a few ulps in the other.
+    for name, mine, full in zip("qkv", local, (q, k, v), strict=True):
+        expected = full.grad[:, :, index]
+        err = float((mine.grad - expected).norm() / expected.norm())
+        assert err <= FP64["rtol"], f"d{name}: relative 2-norm difference {err:.1e}"
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1)])
+def test_ring_attention_two_ranks(world2, heads, kv_heads):
+    world2.run(ring_case, 2, heads, kv_heads, 8)
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_ring_attention_four_ranks(world4, cp):
+    world4.run(ring_case, cp, 4, 2, 16)
+
+
+def test_load_balanced_chunks():
+    # 2n chunks; rank r holds r and 2n-1-r, so the ranks together hold every position once.
+    assert local_positions(8, 2, 0).tolist() == [0, 1, 6, 7]
+    assert local_positions(8, 2, 1).tolist() == [2, 3, 4, 5]
+    held = torch.cat([local_positions(16, 4, r) for r in range(4)])
+    assert sorted(held.tolist()) == list(range(16))
+    inputs, targets = torch.arange(16).view(2, 8), torch.arange(16).view(2, 8) + 100
+    x, y, context = split_microbatch((inputs, targets), 2, 1)
+    assert x.tolist() == [[2, 3, 4, 5], [10, 11, 12, 13]] and y.tolist() == (x + 100).tolist()
+    assert context["positions"].tolist() == [[2, 3, 4, 5]] * 2
+
+
+def test_sequence_not_a_multiple_of_twice_cp_is_refused():
+    with pytest.raises(ValueError, match=r"train.seq_len=12 must be divisible by 2\*parallel.cp=8"):
+        local_positions(12, 4, 0)
