@@ -165,9 +165,7 @@ CHOICES = {
 
 # Layout features not implemented yet: a config asking for one is refused up front
 # rather than silently trained as plain data parallelism.
-NOT_YET = {
-    "parallel.cp": (1, "context parallelism"),
-}
+NOT_YET: dict[str, tuple] = {}
 
 
 def _all_keys(node: Any, prefix: str = "") -> list[str]:
@@ -350,6 +348,35 @@ def _validate_moe(moe: MoEConfig, n_layers: int, p: ParallelConfig, microbatch_t
     )
 
 
+def _validate_context_parallel(cfg: Config) -> None:
+    """parallel.cp > 1: the sequence is cut into 2 * cp load-balanced chunks (parallel.context_parallel);
+    attention is causal ring attention, without dropout, document masks or experts."""
+    m, p, t, d = cfg.model, cfg.parallel, cfg.train, cfg.data
+    _require(
+        t.seq_len % (2 * p.cp) == 0,
+        f"train.seq_len={t.seq_len} must be divisible by 2*parallel.cp={2 * p.cp} (load-balanced chunks)",
+    )
+    if p.sp:
+        _require(
+            t.seq_len // p.cp % p.tp == 0,
+            f"train.seq_len/parallel.cp={t.seq_len // p.cp} must be divisible by parallel.tp={p.tp} "
+            "for sequence parallelism",
+        )
+    _require(m.dropout == 0, f"model.dropout={m.dropout}: ring attention has no dropout; set it to 0 with cp")
+    _require(
+        m.moe.num_experts == 0,
+        "parallel.cp with model.moe.num_experts: expert routing over context chunks is not supported; "
+        "set parallel.cp=1",
+    )
+    folders = [source.path for source in d.mix] if d.mix else [d.path] if d.kind == "memmap" else []
+    for folder in folders:
+        _require(
+            not (folder and os.path.exists(os.path.join(folder, "train.docs.npy"))),
+            f"parallel.cp with packed documents ({folder}): document masks are not supported by ring "
+            "attention; set parallel.cp=1",
+        )
+
+
 def validate(cfg: Config, world_size: int) -> Config:
     """Check everything that can be checked without processes; fill in `parallel.dp` when it is -1.
 
@@ -435,6 +462,9 @@ def validate(cfg: Config, world_size: int) -> Config:
             t.seq_len % p.tp == 0,
             f"train.seq_len={t.seq_len} must be divisible by parallel.tp={p.tp} for sequence parallelism",
         )
+
+    if p.cp > 1:
+        _validate_context_parallel(cfg)
 
     for key, (neutral, what) in NOT_YET.items():
         parts = key.split(".")

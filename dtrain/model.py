@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dtrain.config import ModelConfig, RopeScalingConfig, d_ff_of, head_dim_of
+from parallel.context_parallel import ring_attention
 from parallel.moe import MoELayer
 from parallel.precision import wide
 from parallel.sharding import sharding_of
@@ -109,8 +110,9 @@ class Layers:
     tp_size = 1
     tp_rank = 0
 
-    def __init__(self, ep_group=None):
+    def __init__(self, ep_group=None, cp_group=None):
         self.ep_group = ep_group  # experts spread over this group (None: all experts local)
+        self.cp_group = cp_group  # the sequence split over this group: ring attention (None: whole)
 
     def column(self, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
         return nn.Linear(in_features, out_features, bias=bias)
@@ -235,6 +237,11 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:  # generation: this layer's earlier keys and values join the new ones
             k, v, mask = cache.update(self, k, v)
+        if self.layers.cp_group is not None and cache is None:
+            # This rank holds two chunks of the sequence: causal attention over all of it as a ring
+            # (no mask or dropout: config validation refuses them with context parallelism).
+            out = ring_attention(q, k, v, self.layers.cp_group)
+            return self.wo(out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
         with self.layers.split_region_rng():
             out = F.scaled_dot_product_attention(
                 q,

@@ -28,6 +28,7 @@ from dtrain.metrics import MetricsLogger
 from dtrain.model import Transformer, count_params, flops_per_token
 from dtrain.parallelize import build_model_chunks, parallelize
 from dtrain.runtime import peak_flops, peak_memory_bytes
+from parallel.context_parallel import split_microbatch
 from parallel.data_parallel import torch_adamw
 from parallel.grad_sync import AdamWConfig, clip_
 from parallel.grid import Grid
@@ -135,10 +136,13 @@ class Trainer:
         return self.phases.enter(name, when) if self.phases is not None else contextlib.nullcontext()
 
     def _microbatches(self, dataset, step: int):
-        t, dp = self.cfg.train, self.grid.size("dp")
-        return rank_microbatches(
-            dataset, step, self.grid.coords.dp, dp, t.micro_batch_size, t.global_batch_size
-        )
+        t, dp, cp = self.cfg.train, self.grid.size("dp"), self.grid.size("cp")
+        rank = self.grid.coords.dp
+        whole = rank_microbatches(dataset, step, rank, dp, t.micro_batch_size, t.global_batch_size)
+        if cp == 1:
+            return whole
+        # Context parallelism: this rank's load-balanced chunks of every sequence, with global positions.
+        return [split_microbatch(mb, cp, self.grid.coords.cp) for mb in whole]
 
     def train_step(self) -> StepResult:
         """One optimizer step on the global batch of step `self.step` (0-based)."""
@@ -210,8 +214,9 @@ class Trainer:
         return {"tp": self.grid.tp_group, "ep": self.grid.ep_group}
 
     def _sum_loss(self, loss_sum: torch.Tensor) -> torch.Tensor:
-        """Token-loss sums live on the last pipeline stage of every data-parallel replica."""
-        for name in ("pp", "dp"):
+        """Token-loss sums live on the last pipeline stage of every data-parallel replica, each context rank
+        holding the sum over its chunks of the sequence."""
+        for name in ("pp", "dp", "cp"):
             if self.grid.size(name) > 1:
                 dist.all_reduce(loss_sum, group=self.grid.group(name))
         return loss_sum

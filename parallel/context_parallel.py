@@ -91,8 +91,9 @@ def _exchange(tensors: list[torch.Tensor], group) -> list[torch.Tensor]:
     (point-to-point on the cp group); returns the receive buffers and the requests to `_wait` on."""
     ranks, r = group_ranks(group), group_rank(group)
     n = len(ranks)
+    tensors = [t.contiguous() for t in tensors]  # keys and values come out of a transpose
     buffers = [torch.empty_like(t) for t in tensors]
-    ops = [dist.P2POp(dist.isend, t.contiguous(), ranks[(r + 1) % n], group) for t in tensors]
+    ops = [dist.P2POp(dist.isend, t, ranks[(r + 1) % n], group) for t in tensors]
     ops += [dist.P2POp(dist.irecv, b, ranks[(r - 1) % n], group) for b in buffers]
     return buffers, dist.batch_isend_irecv(ops)
 
@@ -128,10 +129,9 @@ class _RingAttention(torch.autograd.Function):
                     block_out = torch.matmul(weights, vw[..., ks, :].unsqueeze(2))
                     # Log-sum-exp merge of the running result with this block's.
                     merged = torch.logaddexp(lse[..., qs], block_lse)
-                    out[..., qs, :] = (
-                        out[..., qs, :] * torch.exp(lse[..., qs] - merged).unsqueeze(-1)
-                        + block_out * torch.exp(block_lse - merged).unsqueeze(-1)
-                    )
+                    out[..., qs, :] = out[..., qs, :] * torch.exp(lse[..., qs] - merged).unsqueeze(
+                        -1
+                    ) + block_out * torch.exp(block_lse - merged).unsqueeze(-1)
                     lse[..., qs] = merged
                 if step < n - 1:
                     _wait(works)
@@ -146,7 +146,6 @@ class _RingAttention(torch.autograd.Function):
         group = ctx.group
         n, r = group_size(group), group_rank(group)
         b, h, s, d = q.shape
-        kv = k.shape[1]
         c, scale = s // 2, 1.0 / math.sqrt(d)
         wide = out.dtype
         with torch.autocast(q.device.type, enabled=False):

@@ -1,6 +1,6 @@
 """Every combination composes: the same tiny model, dense and mixture-of-experts, trained under every
 layout the grid can factor in 2, 4 and 8 ranks (tp x pp x dp, ep carved out of dp, sequence parallelism
-on and off, ZeRO stage 0-3) and compared with torch DDP on the unsharded model: every loss, grad norm and
+on and off, ZeRO stage 0-3), and context parallelism (cp=2) with each of them and compared with torch DDP on the unsharded model: every loss, grad norm and
 parameter in float64 to 1e-10, losses and grad norms in fp32 to 1e-5 (tests/reference.py,
 layout_matches_ddp). Each case also holds `dtrain estimate`'s per-rank model-state bytes (from the config
 alone) to what every rank's trainer measures (`Trainer.held_bytes()`): they must be equal.
@@ -78,9 +78,51 @@ def matrix() -> dict:
     return cases
 
 
-MATRIX = matrix()
+def _cp(*layout: str, overrides: tuple[str, ...] = ()) -> tuple:
+    world = 2  # cp
+    for part in layout:
+        if part.split("=")[0] in ("parallel.tp", "parallel.pp", "parallel.dp", "parallel.cp"):
+            world *= int(part.split("=")[1])
+    return world, ("parallel.cp=2", *layout), (*MODEL, *overrides)
+
+
+# Context parallelism with each other axis (the load-balanced chunks of 16 tokens are 4 long).
+CONTEXT_PARALLEL = {
+    "w2-cp2-dp1-zero0-dense": _cp("parallel.dp=1", overrides=("model.tie_embeddings=true",)),
+    "w4-cp2-dp2-zero1-dense": _cp("parallel.dp=2", "parallel.zero=1", "parallel.offload=optimizer"),
+    "w4-cp2-tp2-dp1-zero0-dense": _cp("parallel.tp=2", "parallel.dp=1"),
+    "w4-cp2-tp2sp-dp1-zero2-dense": _cp(
+        "parallel.tp=2",
+        "parallel.sp=true",
+        "parallel.dp=1",
+        "parallel.zero=2",
+        overrides=("train.activation_checkpointing=true",),
+    ),
+    "w4-cp2-pp2-dp1-zero0-dense": _cp("parallel.pp=2", "parallel.dp=1", "parallel.pp_schedule=1f1b"),
+    "w4-cp2-pp2-dp1-zero1-interleaved-dense": _cp(
+        "parallel.pp=2",
+        "parallel.dp=1",
+        "parallel.zero=1",
+        "parallel.pp_schedule=interleaved",
+        "parallel.pp_virtual_stages=2",
+        overrides=("model.tie_embeddings=true",),
+    ),
+    "w4-cp2-pp2-dp1-zero0-gpipe-dense": _cp(
+        "parallel.pp=2",
+        "parallel.dp=1",
+        "parallel.pp_schedule=gpipe",
+        overrides=("train.activation_checkpointing=true",),
+    ),
+    "w2-cp2-dp1-zero3-dense": _cp("parallel.dp=1", "parallel.zero=3", "parallel.offload=all"),
+    "w4-cp2-dp2-zero3-dense": _cp(
+        "parallel.dp=2", "parallel.zero=3", overrides=("train.activation_checkpointing=true",)
+    ),
+}
+
+MATRIX = {**matrix(), **CONTEXT_PARALLEL}
 # One case per kind of composition on 2 and 4 ranks (the rest, 8 ranks included, run with -m slow).
 DEFAULT = (
+    "w2-cp2-dp1-zero0-dense",
     "w2-tp2sp-pp1-dp1-zero2-moe-ep1",
     "w4-tp1-pp2-dp2-zero3-moe-ep2",
     "w4-tp2-pp2-dp1-zero1-dense",
@@ -132,6 +174,7 @@ def test_matrix_covers_every_axis():
         "train.activation_checkpointing=true",
         "model.tie_embeddings=true",
         "model.moe.num_experts=4",
+        "parallel.cp=2",
     ):
         assert fragment in joined, fragment
     assert set(DEFAULT) <= set(MATRIX)
