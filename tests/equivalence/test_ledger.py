@@ -41,6 +41,8 @@ LAYOUTS_2 = {
         "model.n_layers=4",
     ),
     "moe-ep2": ("parallel.ep=2", *MOE, SMALL_BUCKETS),
+    "cp2": ("parallel.cp=2", SMALL_BUCKETS),
+    "cp2-zero3-checkpointing": ("parallel.cp=2", "parallel.zero=3", "train.activation_checkpointing=true"),
 }
 
 # Heavier compositions on 4 ranks (slow): ZeRO shards meet tensor-partial sums, tied pipeline ends, and
@@ -53,6 +55,9 @@ LAYOUTS_4 = {
     "pp2-dp2-tied-zero3": ("parallel.pp=2", "model.tie_embeddings=true", "parallel.zero=3"),
     "tp2-pp2-sp-replicated-kv": ("parallel.tp=2", "parallel.pp=2", "parallel.sp=true", "model.n_kv_heads=1"),
     "dp4-ep2-zero2": ("parallel.ep=2", *MOE, "parallel.zero=2", SMALL_BUCKETS),
+    "cp2-tp2-sp-zero1": ("parallel.cp=2", "parallel.tp=2", "parallel.sp=true", "parallel.zero=1"),
+    "cp2-dp2-replicated-kv": ("parallel.cp=2", "model.n_kv_heads=1", SMALL_BUCKETS),
+    "cp2-pp2-tied": ("parallel.cp=2", "parallel.pp=2", "model.tie_embeddings=true"),
     "tp2-dp2-ep2-checkpointing": (
         "parallel.tp=2",
         "parallel.ep=2",
@@ -125,7 +130,7 @@ def measure_step(names_and_overrides: list[tuple[str, tuple[str, ...]]]) -> dict
     for name, overrides in names_and_overrides:
         cfg = tiny_config(dist.get_world_size(), *overrides)
         p = cfg.parallel
-        grid = harness.grid(tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep)
+        grid = harness.grid(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, ep=p.ep)
         trainer = Trainer(cfg, grid, torch.device("cpu"))
         kept = _routing_recorder(trainer)
         trainer.ledger = ledger = CommLedger(grid)  # the trainer tags its bookkeeping in this ledger

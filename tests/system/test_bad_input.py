@@ -99,6 +99,23 @@ CONFIGS = {
         "model.n_layers=2 cannot be split into 4 pipeline chunks (parallel.pp * pp_virtual_stages); lower "
         "parallel.pp or pp_virtual_stages",
     ),
+    "cp-seq-len": (
+        ("WORLD=2", "parallel.cp=2", "train.seq_len=14"),
+        "train.seq_len=14 must be divisible by 2*parallel.cp=4 (load-balanced chunks)",
+    ),
+    "cp-dropout": (
+        ("WORLD=2", "parallel.cp=2", "model.dropout=0.1"),
+        "model.dropout=0.1: ring attention has no dropout; set it to 0 with cp",
+    ),
+    "cp-experts": (
+        ("WORLD=2", "parallel.cp=2", "model.moe.num_experts=4"),
+        "parallel.cp with model.moe.num_experts: expert routing over context chunks is not supported; "
+        "set parallel.cp=1",
+    ),
+    "cp-sp-seq-len": (
+        ("WORLD=8", "parallel.cp=2", "parallel.tp=4", "parallel.sp=true", "train.seq_len=20"),
+        "train.seq_len/parallel.cp=10 must be divisible by parallel.tp=4 for sequence parallelism",
+    ),
     "world-mismatch": (
         ("WORLD=4", "parallel.dp=2"),
         "parallel.dp*tp*pp*cp=2 does not match the world size 4; set parallel.dp=-1 or launch 2 processes",
@@ -377,3 +394,17 @@ def test_torchrun_restarts_need_a_fresh_store_per_attempt(monkeypatch):
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")  # no restarts: nothing to go stale
     runtime.check_restartable()
+
+
+def test_context_parallel_with_packed_documents(capsys, monkeypatch, tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    np.save(folder / "train.npy", np.arange(64, dtype=np.uint16) % 90)
+    np.save(folder / "train.docs.npy", np.array([0, 30, 64], dtype=np.int64))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "run"
+    line = fails(capsys, train(out, "data.kind=memmap", f"data.path={folder}", "parallel.cp=2"), out)
+    assert line == (
+        f"dtrain: error: parallel.cp with packed documents ({folder}): document masks are not supported by "
+        "ring attention; set parallel.cp=1"
+    )
