@@ -219,7 +219,8 @@ def command(args) -> None:
     cfg, datasets = prepare(source, args.data, args.split, world)
     batches = None if given == "all" else int(given or cfg.train.eval_batches)
     if cfg.parallel.cp > 1:  # it cuts its own micro-batches, never into context chunks
-        raise ConfigError(f"parallel.cp={cfg.parallel.cp}: dtrain eval reads whole sequences; set parallel.cp=1")
+        cp = cfg.parallel.cp
+        raise ConfigError(f"parallel.cp={cp}: dtrain eval reads whole sequences; set parallel.cp=1")
     if batches == 0:
         raise ConfigError("train.eval_batches=0 evaluates nothing; give --batches N or --batches all")
     out = args.out or default_out(args.model)
