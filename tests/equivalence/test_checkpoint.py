@@ -139,8 +139,8 @@ def reshard_case(out_dir: str, save_layout: tuple[str, ...], resume_layout: tupl
     def fit(layout, *overrides):
         cfg = tiny_config(world, *model, *layout, *overrides)
         p = cfg.parallel
-        trainer = Trainer(cfg, harness.grid(tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep), torch.device("cpu"))
-        return trainer.fit()
+        grid = harness.grid(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, ep=p.ep)
+        return Trainer(cfg, grid, torch.device("cpu")).fit()
 
     with float64():
         fit(
@@ -185,11 +185,13 @@ RESHARD = {
         ("parallel.zero=2", *PP2, "parallel.ep=2", *MOE),
         ("parallel.zero=3", *TP2, *MOE),
     ),
+    # Parameters and optimizer state are replicated over cp: one context rank writes them.
+    "cp2-tp2-to-dp4": (4, ("parallel.cp=2", *TP2), ()),
 }
 
 
 # Covered in kind by the cases above; the default run keeps one resume per kind of change.
-SLOW_RESHARD = {"tp1-to-tp2sp", "tp4sp-to-tp2dp2", "tp2pp2-to-dp4", "moe-ep2pp2-to-ep1"}
+SLOW_RESHARD = {"tp1-to-tp2sp", "tp4sp-to-tp2dp2", "tp2pp2-to-dp4", "moe-ep2pp2-to-ep1", "cp2-tp2-to-dp4"}
 
 
 @pytest.mark.parametrize(
