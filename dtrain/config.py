@@ -350,24 +350,19 @@ def _validate_moe(moe: MoEConfig, n_layers: int, p: ParallelConfig, microbatch_t
 
 def _validate_context_parallel(cfg: Config) -> None:
     """parallel.cp > 1: the sequence is cut into 2 * cp load-balanced chunks (parallel.context_parallel);
-    attention is causal ring attention, without dropout, document masks or experts."""
+    attention is causal ring attention, without dropout or document masks."""
     m, p, t, d = cfg.model, cfg.parallel, cfg.train, cfg.data
     _require(
         t.seq_len % (2 * p.cp) == 0,
         f"train.seq_len={t.seq_len} must be divisible by 2*parallel.cp={2 * p.cp} (load-balanced chunks)",
     )
-    if p.sp:
+    if p.sp or m.moe.num_experts:  # the rank's chunks are split again over tp
         _require(
             t.seq_len // p.cp % p.tp == 0,
             f"train.seq_len/parallel.cp={t.seq_len // p.cp} must be divisible by parallel.tp={p.tp} "
-            "for sequence parallelism",
+            + ("for sequence parallelism" if p.sp else "(MoE layers split tokens over tp)"),
         )
     _require(m.dropout == 0, f"model.dropout={m.dropout}: ring attention has no dropout; set it to 0 with cp")
-    _require(
-        m.moe.num_experts == 0,
-        "parallel.cp with model.moe.num_experts: expert routing over context chunks is not supported; "
-        "set parallel.cp=1",
-    )
     folders = [source.path for source in d.mix] if d.mix else [d.path] if d.kind == "memmap" else []
     for folder in folders:
         _require(

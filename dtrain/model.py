@@ -155,6 +155,7 @@ class Layers:
             m.aux_loss_coef,
             m.z_loss_coef,
             ep_group=self.ep_group,
+            cp_group=self.cp_group,
             **self.moe_tensor_split(),
         )
 

@@ -65,7 +65,7 @@ def build_model_chunks(cfg: Config, grid: Grid, device: torch.device) -> dict[in
 
 def build_grad_sync(cfg: Config, grid: Grid, chunks: dict[int, Transformer]) -> GradSync:
     """Dense gradients are summed (and ZeRO state sharded) over dp x cp; with ep > 1 expert gradients over
-    the expert-data-parallel group, whose ranks hold the same experts."""
+    the expert-data-parallel group x cp, whose ranks hold the same experts."""
     p, t = cfg.parallel, cfg.train
     adamw = AdamWConfig(t.lr, (t.beta1, t.beta2), t.eps, t.weight_decay)
     tied = tuple(tied_params(cfg, chunks))
@@ -77,7 +77,7 @@ def build_grad_sync(cfg: Config, grid: Grid, chunks: dict[int, Transformer]) -> 
             grid.dp_cp_group,
             p.bucket_mb,
             adamw,
-            expert_group=grid.edp_group if experts_apart else None,
+            expert_group=grid.edp_cp_group if experts_apart else None,
             ep_group=grid.ep_group,
             tied=tied,
             **groups,
@@ -95,4 +95,4 @@ def build_grad_sync(cfg: Config, grid: Grid, chunks: dict[int, Transformer]) -> 
     if not experts_apart:
         return zero(units, grid.dp_cp_group)
     dense, experts = split_expert_units(units)
-    return ZeroWithExperts(zero(dense, grid.dp_cp_group), zero(experts, grid.edp_group), grid.ep_group)
+    return ZeroWithExperts(zero(dense, grid.dp_cp_group), zero(experts, grid.edp_cp_group), grid.ep_group)

@@ -222,7 +222,7 @@ class _Phases:
 
 
 _LONG_NAMES = {"pp": "pipeline", "tp": "tensor-parallel", "dp": "data-parallel", "dp_cp": "data-parallel",
-               "ep": "expert-parallel", "world": "world"}  # fmt: skip
+               "ep": "expert-parallel", "cp": "context-parallel", "world": "world"}  # fmt: skip
 
 
 def group_phrase(grid, names: tuple[str, ...]) -> str:
@@ -246,7 +246,7 @@ class CollectivePhases:
         self._phases = _Phases(timeout_s)
         dp = "dp_cp"
         over = lambda *names: group_phrase(grid, names)  # noqa: E731
-        fb_groups = ("pp", "tp", dp) if zero == 3 else ("pp", "tp")
+        fb_groups = ("pp", "tp", "cp", dp) if zero == 3 else ("pp", "tp", "cp")
         optimizer = "the optimizer step"
         if zero:
             optimizer += f" (all-gather over {over(dp)})"
@@ -255,7 +255,7 @@ class CollectivePhases:
             "grad_sync": f"the gradient reduction over {over(dp, 'tp')}",
             "grad_norm": f"the gradient-norm all-reduce over {over('tp', 'pp', 'ep', dp)}",
             "optimizer_step": optimizer,
-            "loss": f"the loss all-reduce over {over('pp', 'dp')}",
+            "loss": f"the loss all-reduce over {over('pp', 'dp', 'cp')}",
             "metrics": f"the peak-memory all-gather over {over('world')}",
             "evaluation": f"the evaluation forward (send/recv, all-reduce over {over('pp', 'tp')})",
             "save": f"the checkpoint save (gathers over {over('tp', dp) if zero else over('tp')}, barriers "

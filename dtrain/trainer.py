@@ -136,13 +136,19 @@ class Trainer:
         return self.phases.enter(name, when) if self.phases is not None else contextlib.nullcontext()
 
     def _microbatches(self, dataset, step: int):
-        t, dp, cp = self.cfg.train, self.grid.size("dp"), self.grid.size("cp")
+        return self._context_chunks(self._whole_microbatches(dataset, step))
+
+    def _whole_microbatches(self, dataset, step: int):
+        t, dp = self.cfg.train, self.grid.size("dp")
         rank = self.grid.coords.dp
-        whole = rank_microbatches(dataset, step, rank, dp, t.micro_batch_size, t.global_batch_size)
+        return rank_microbatches(dataset, step, rank, dp, t.micro_batch_size, t.global_batch_size)
+
+    def _context_chunks(self, microbatches: list) -> list:
+        """Context parallelism: this rank's load-balanced chunks of every sequence, with global positions."""
+        cp = self.grid.size("cp")
         if cp == 1:
-            return whole
-        # Context parallelism: this rank's load-balanced chunks of every sequence, with global positions.
-        return [split_microbatch(mb, cp, self.grid.coords.cp) for mb in whole]
+            return microbatches
+        return [split_microbatch(mb, cp, self.grid.coords.cp) for mb in microbatches]
 
     def train_step(self) -> StepResult:
         """One optimizer step on the global batch of step `self.step` (0-based)."""
@@ -155,10 +161,12 @@ class Trainer:
         torch.manual_seed(step_seed(t.seed, self.step, self.grid))
         # At least one, so a global batch without a target (all prompt) is a zero-gradient step.
         targets = max(global_target_tokens(self.train_data, self.step, t.global_batch_size), 1)
-        microbatches = self._microbatches(self.train_data, self.step)
-        # MoE auxiliary losses of a micro-batch weigh its share of the global batch's target tokens.
+        whole = self._whole_microbatches(self.train_data, self.step)
+        microbatches = self._context_chunks(whole)
+        # MoE auxiliary losses of a micro-batch weigh its share of the global batch's target tokens (the
+        # whole micro-batch's: a context rank's aux loss is its share of the micro-batch's).
         moe = list(self.model.moe_layers().values())
-        shares = aux_grad_scales(microbatches, targets, self.scaler.scale) if moe else []
+        shares = aux_grad_scales(whole, targets, self.scaler.scale) if moe else []
         self.model.train()
         loss_sum = self.model.executor.run(
             self.model.train_actions,

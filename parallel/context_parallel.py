@@ -61,6 +61,23 @@ def split_microbatch(microbatch: tuple, cp: int, cp_rank: int) -> tuple:
     return inputs.index_select(1, index), targets.index_select(1, index), local
 
 
+def token_segments(
+    seq_len: int, cp: int, cp_rank: int, tp: int = 1, tp_rank: int = 0
+) -> list[tuple[int, int]]:
+    """The runs of consecutive global positions, as (start, length), of the tokens a rank holds when its
+    cp-local sequence is split again into tp contiguous pieces (sequence parallelism, or MoE layers that
+    split tokens over tp); always two entries, the second (seq_len, 0) when the piece is one run."""
+    local = local_positions(seq_len, cp, cp_rank)
+    piece = local.tensor_split(tp)[tp_rank].tolist()
+    runs: list[tuple[int, int]] = []
+    for position in piece:
+        if runs and runs[-1][0] + runs[-1][1] == position:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((position, 1))
+    return runs + [(seq_len, 0)] * (2 - len(runs))
+
+
 def ring_send_bytes(batch: int, seq_len: int, cp: int, n_kv_heads: int, head_dim: int, itemsize: int):
     """(forward, backward) bytes one rank sends per attention layer and micro-batch: (cp - 1) K/V blocks
     of seq_len / cp tokens forward; (cp - 1) K/V blocks and (cp - 1) dK/dV blocks backward."""

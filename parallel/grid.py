@@ -27,7 +27,7 @@ from typing import Any
 import torch.distributed as dist
 
 AXES = ("pp", "dp", "cp", "tp")  # slowest to fastest
-GROUP_NAMES = ("pp", "dp", "cp", "tp", "ep", "edp", "dp_cp")
+GROUP_NAMES = ("pp", "dp", "cp", "tp", "ep", "edp", "dp_cp", "edp_cp")
 
 
 class GridError(ValueError):
@@ -72,6 +72,7 @@ def layout(world_size: int, *, tp: int = 1, cp: int = 1, dp: int = -1, pp: int =
             f"ep={ep} must divide dp={dp}: expert groups are carved out of the data-parallel ranks"
         )
     sizes = {"pp": pp, "dp": dp, "cp": cp, "tp": tp, "ep": ep, "edp": dp // ep, "dp_cp": dp * cp}
+    sizes["edp_cp"] = dp // ep * cp
 
     def rank_of(pp_i: int, dp_i: int, cp_i: int, tp_i: int) -> int:
         return ((pp_i * dp + dp_i) * cp + cp_i) * tp + tp_i
@@ -99,6 +100,8 @@ def layout(world_size: int, *, tp: int = 1, cp: int = 1, dp: int = -1, pp: int =
         "edp": groups_spanning(lambda c: (c.pp, c.cp, c.tp, c.ep)),
         # Gradients of dense parameters are reduced over data and context ranks together.
         "dp_cp": groups_spanning(lambda c: (c.pp, c.tp)),
+        # ... and those of experts over expert-data and context ranks.
+        "edp_cp": groups_spanning(lambda c: (c.pp, c.tp, c.ep)),
     }
     assert rank_of(coords[-1].pp, coords[-1].dp, coords[-1].cp, coords[-1].tp) == world_size - 1
     return Layout(sizes=sizes, coords=tuple(coords), groups=groups)
@@ -177,6 +180,7 @@ class Grid:
     ep_group = property(lambda self: self._groups["ep"])
     edp_group = property(lambda self: self._groups["edp"])
     dp_cp_group = property(lambda self: self._groups["dp_cp"])
+    edp_cp_group = property(lambda self: self._groups["edp_cp"])
 
     @property
     def is_first_stage(self) -> bool:

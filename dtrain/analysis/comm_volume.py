@@ -327,8 +327,10 @@ def _experts(
 
 
 def _axis(group, cp: int) -> str:
-    """The ledger's axis name for one of a MetaGrid's groups (dp x cp is "dp" while cp = 1)."""
-    return "dp" if group.group_name == "dp_cp" and cp == 1 else group.group_name
+    """The ledger's axis name for one of a MetaGrid's groups (dp x cp is "dp" while cp = 1, edp x cp
+    "edp")."""
+    name = group.group_name
+    return name[:-3] if name in ("dp_cp", "edp_cp") and cp == 1 else name
 
 
 def _gradients(v: Volume, cfg: Config, sync, it: int) -> None:

@@ -114,6 +114,19 @@ CONTEXT_PARALLEL = {
         "parallel.pp_schedule=gpipe",
         overrides=("train.activation_checkpointing=true",),
     ),
+    "w2-cp2-dp1-zero1-moe-ep1": _cp("parallel.dp=1", "parallel.zero=1", overrides=MOE),
+    "w4-cp2-dp2-zero0-moe-ep2": _cp("parallel.dp=2", "parallel.ep=2", overrides=MOE),
+    "w4-cp2-dp2-zero2-moe-ep2": _cp(
+        "parallel.dp=2",
+        "parallel.ep=2",
+        "parallel.zero=2",
+        overrides=(*MOE, "train.activation_checkpointing=true"),
+    ),
+    "w4-cp2-tp2-dp1-zero0-moe-ep1": _cp("parallel.tp=2", "parallel.dp=1", overrides=MOE),
+    "w4-cp2-tp2sp-dp1-zero3-moe-ep1": _cp(
+        "parallel.tp=2", "parallel.sp=true", "parallel.dp=1", "parallel.zero=3", overrides=MOE
+    ),
+    "w4-cp2-pp2-dp1-zero1-moe-ep1": _cp("parallel.pp=2", "parallel.dp=1", "parallel.zero=1", overrides=MOE),
     "w2-cp2-dp1-zero3-dense": _cp("parallel.dp=1", "parallel.zero=3", "parallel.offload=all"),
     "w4-cp2-dp2-zero3-dense": _cp(
         "parallel.dp=2", "parallel.zero=3", overrides=("train.activation_checkpointing=true",)

@@ -107,10 +107,9 @@ CONFIGS = {
         ("WORLD=2", "parallel.cp=2", "model.dropout=0.1"),
         "model.dropout=0.1: ring attention has no dropout; set it to 0 with cp",
     ),
-    "cp-experts": (
-        ("WORLD=2", "parallel.cp=2", "model.moe.num_experts=4"),
-        "parallel.cp with model.moe.num_experts: expert routing over context chunks is not supported; "
-        "set parallel.cp=1",
+    "cp-experts-tp": (
+        ("WORLD=8", "parallel.cp=2", "parallel.tp=4", "model.moe.num_experts=4", "train.seq_len=20"),
+        "train.seq_len/parallel.cp=10 must be divisible by parallel.tp=4 (MoE layers split tokens over tp)",
     ),
     "cp-sp-seq-len": (
         ("WORLD=8", "parallel.cp=2", "parallel.tp=4", "parallel.sp=true", "train.seq_len=20"),

@@ -22,6 +22,7 @@ SPANNED = {
     "ep": ("ep", "dp"),
     "edp": ("edp", "dp"),
     "dp_cp": ("dp", "ep", "edp", "cp"),
+    "edp_cp": ("edp", "dp", "cp"),
 }
 KEY = {  # the coordinates whose combination is unique within a group
     "pp": ("pp",),
@@ -31,6 +32,7 @@ KEY = {  # the coordinates whose combination is unique within a group
     "ep": ("ep",),
     "edp": ("edp",),
     "dp_cp": ("dp", "cp"),
+    "edp_cp": ("edp", "cp"),
 }
 ALL_COORDS = ("pp", "dp", "cp", "tp", "ep", "edp")
 
@@ -73,6 +75,7 @@ def expected_groups(pp: int, dp: int, cp: int, tp: int, ep: int) -> dict[str, se
         out["ep"].add(group(r(p, edp_i * ep + x, c, t) for x in range(ep)))
         out["edp"].add(group(r(p, x * ep + e_i, c, t) for x in range(edp)))
         out["dp_cp"].add(group(r(p, x, y, t) for x in range(dp) for y in range(cp)))
+        out["edp_cp"].add(group(r(p, x * ep + e_i, y, t) for x in range(edp) for y in range(cp)))
     return out
 
 
@@ -90,6 +93,7 @@ def test_layout_invariants(world):
         where = f"world={world} pp={pp} dp={dp} cp={cp} tp={tp} ep={ep}"
         lay = layout(world, pp=pp, dp=dp, cp=cp, tp=tp, ep=ep)
         sizes = {"pp": pp, "dp": dp, "cp": cp, "tp": tp, "ep": ep, "edp": dp // ep, "dp_cp": dp * cp}
+        sizes["edp_cp"] = dp // ep * cp
         assert lay.sizes == sizes, where
         # dp=-1 infers the same layout.
         assert layout(world, pp=pp, cp=cp, tp=tp, ep=ep) == lay, where
@@ -216,7 +220,7 @@ def test_spelled_out_experts():
 def test_dp_is_inferred():
     assert layout(12, tp=2, pp=3).sizes["dp"] == 2
     assert layout(12, tp=2, cp=3).sizes["dp_cp"] == 6
-    assert layout(1).sizes == {"pp": 1, "dp": 1, "cp": 1, "tp": 1, "ep": 1, "edp": 1, "dp_cp": 1}
+    assert layout(1).sizes == {"pp": 1, "dp": 1, "cp": 1, "tp": 1, "ep": 1, "edp": 1, "dp_cp": 1, "edp_cp": 1}
     assert AXES == ("pp", "dp", "cp", "tp")
 
 
