@@ -26,6 +26,7 @@ padding and bucket boundaries are exact. Per step, for the layouts the trainer r
                 cp-1 steps each sending the held K and V blocks (b * kv heads * s/cp * head dim each) to
                 the next cp rank; backward, the same K/V sends and as many dK/dV partial sums (one hop
                 behind). Every other activation above is the rank's s/cp tokens
+                MoE blocks add an all-gather of the routing counts of every rank's runs of tokens
   experts       per MoE block and micro-batch: a count exchange (E int64) and 4 all-to-alls of rows
                 (dispatch, combine, and their adjoints in backward). Rows depend on the routing: pass the
                 exact (leaving, arriving) totals as `moe_rows`, else the balanced figure
@@ -253,7 +254,8 @@ def _tensor_parallel(v: Volume, cfg: Config, chunks: dict[int, Transformer], it:
         return
     mb = microbatches_per_rank(cfg)
     act = t.micro_batch_size * t.seq_len // p.cp * m.d_model * it  # one (b, s/cp, h) activation
-    counts = n * m.moe.top_k * m.moe.num_experts * ID_BYTES  # the gathered (tp*k, E) int64 counts
+    # The gathered (tp*k, E) int64 counts; under cp the counts of the rank's two runs, (tp*2*k, E).
+    counts = n * m.moe.top_k * m.moe.num_experts * ID_BYTES * (2 if p.cp > 1 else 1)
     blocks = [int(i) for chunk in chunks.values() for i in chunk.blocks]
     for moe in (False, True):
         k = sum(is_moe_block(m, i) == moe for i in blocks)
@@ -279,11 +281,16 @@ def _context_parallel(v: Volume, cfg: Config, chunks: dict[int, Transformer], it
     """parallel.context_parallel.ring_attention per block and micro-batch: K and V are sent as two
     tensors per ring step, the dK/dV partial sums likewise; activation checkpointing runs the forward
     ring again inside backward (attention's outputs are saved, so the recomputation reaches it)."""
-    p, t = cfg.parallel, cfg.train
+    p, t, m = cfg.parallel, cfg.train, cfg.model
     if p.cp == 1:
         return
     attention = [block.attn for chunk in chunks.values() for block in chunk.blocks.values()]
     again = 2 if t.activation_checkpointing else 1
+    # MoE routing (parallel.moe.ContextRouting): the runs' counts, gathered over tp, then over cp.
+    moe = sum(is_moe_block(m, int(i)) for chunk in chunks.values() for i in chunk.blocks)
+    counts = p.cp * p.tp * 2 * m.moe.top_k * m.moe.num_experts * ID_BYTES
+    calls = microbatches_per_rank(cfg) * moe * again
+    v.ring("cp", ALL_GATHER, calls, counts, p.cp, "MoE routing: counts of every rank's runs (fwd)")
     for attn in attention[:1]:  # every block's attention has the same shapes
         forward, backward = ring_send_bytes(
             t.micro_batch_size, t.seq_len, p.cp, attn.n_kv_heads, attn.head_dim, it
@@ -313,7 +320,7 @@ def _experts(
     if moe_rows is None:
         # docs/formulas.md: with balanced routing (ep-1)/ep of the T*k routed rows leave (before dropping);
         # T is one tensor rank's share of the micro-batch (tokens are split over tp).
-        tokens = t.micro_batch_size * t.seq_len // p.tp
+        tokens = t.micro_batch_size * t.seq_len // p.tp // p.cp
         leaving = arriving = Fraction(ep - 1, ep) * tokens * m.moe.top_k * calls
         v.estimated.add(("ep", ALL_TO_ALL))
     else:

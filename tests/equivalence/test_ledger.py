@@ -43,6 +43,7 @@ LAYOUTS_2 = {
     "moe-ep2": ("parallel.ep=2", *MOE, SMALL_BUCKETS),
     "cp2": ("parallel.cp=2", SMALL_BUCKETS),
     "cp2-zero3-checkpointing": ("parallel.cp=2", "parallel.zero=3", "train.activation_checkpointing=true"),
+    "cp2-moe-checkpointing": ("parallel.cp=2", *MOE, "train.activation_checkpointing=true"),
 }
 
 # Heavier compositions on 4 ranks (slow): ZeRO shards meet tensor-partial sums, tied pipeline ends, and
@@ -58,6 +59,8 @@ LAYOUTS_4 = {
     "cp2-tp2-sp-zero1": ("parallel.cp=2", "parallel.tp=2", "parallel.sp=true", "parallel.zero=1"),
     "cp2-dp2-replicated-kv": ("parallel.cp=2", "model.n_kv_heads=1", SMALL_BUCKETS),
     "cp2-pp2-tied": ("parallel.cp=2", "parallel.pp=2", "model.tie_embeddings=true"),
+    "cp2-dp2-ep2": ("parallel.cp=2", "parallel.ep=2", *MOE, SMALL_BUCKETS),
+    "cp2-tp2-moe": ("parallel.cp=2", "parallel.tp=2", *MOE),
     "tp2-dp2-ep2-checkpointing": (
         "parallel.tp=2",
         "parallel.ep=2",
@@ -100,6 +103,10 @@ def _routing_recorder(trainer) -> list:
     def hook(layer, args, _out):
         if torch._C._current_graph_task_id() != -1:
             return  # an activation-checkpointing recompute: the same routing again
+        if layer.cp_group is not None:
+            if group_size(layer.ep_group) > 1:  # the dispatched rows depend on it
+                kept.append(_context_routing_later(layer, args[0]))
+            return
         tp = group_size(layer.tp_group)
         assert tp == 1 or layer.split_tokens, "under SP the layer input is a chunk; route the gathered one"
         # Route the whole micro-batch in priority order (sequence-major); capacity counts all of it, and
@@ -116,6 +123,26 @@ def _routing_recorder(trainer) -> list:
 
     for layer in trainer.model.moe_layers().values():
         layer.register_forward_hook(hook)
+    return kept
+
+
+def _context_routing_later(layer, x):
+    """Under context parallelism a rank holds two chunks of each sequence and places its slots with a
+    gather over cp: the logits are taken now, the routing (collective) after the measured step."""
+    from parallel.grid import group_size
+    from parallel.moe import expert_capacity, route
+
+    assert group_size(layer.tp_group) == 1, "route the tensor rank's piece of the chunks"
+    b, s, d = x.shape
+    with torch.no_grad():
+        logits = torch.nn.functional.linear(x.transpose(0, 1).reshape(s * b, d), layer.router.weight)
+
+    def kept() -> list[int]:
+        total = b * s * group_size(layer.cp_group)
+        capacity = expert_capacity(layer.capacity_factor, total, layer.top_k, layer.num_experts)
+        r = route(logits, layer.top_k, capacity, total, None, layer._context_routing(b, s, x.device))
+        return torch.bincount(r.expert[r.keep], minlength=layer.num_experts).tolist()
+
     return kept
 
 
@@ -136,6 +163,7 @@ def measure_step(names_and_overrides: list[tuple[str, tuple[str, ...]]]) -> dict
         trainer.ledger = ledger = CommLedger(grid)  # the trainer tags its bookkeeping in this ledger
         with ledger:
             trainer.train_step()
+        kept[:] = [k() if callable(k) else k for k in kept]  # context routing, outside the ledger
         volume = predict(cfg, dist.get_rank())
         out[name] = {
             "training": _tallies(ledger.tallies()),
