@@ -79,7 +79,8 @@ def _total(d: dict[str, int | float]) -> float:
 
 def _formula_line(cfg: Config, n_params: int, e: int, held: dict) -> str:
     p = cfg.parallel
-    f = formula_bytes_per_param(cfg, e, p.dp)
+    shards = p.dp * p.cp  # ZeRO shards over dp x cp: parameters are replicated over cp
+    f = formula_bytes_per_param(cfg, e, shards)
     name = "DDP" if p.zero == 0 else f"ZeRO-{p.zero}"
     if p.offload != "none":
         name += f" offload={p.offload}"
@@ -87,7 +88,7 @@ def _formula_line(cfg: Config, n_params: int, e: int, held: dict) -> str:
     got = {w: _total(held[w]) / n_params for w in held}
     extra = (_total(held["device"]) + _total(held["host"])) / (n_params * (want["device"] + want["host"])) - 1
     return (
-        f"docs/formulas.md {name}, N={p.dp}, {e}-byte parameters: device {want['device']:.4g} + host "
+        f"docs/formulas.md {name}, N={shards}, {e}-byte parameters: device {want['device']:.4g} + host "
         f"{want['host']:.4g} B/param; estimate device {got['device']:.4g} + host {got['host']:.4g} B/param "
         f"over {n_params:,} parameters (padding to a multiple of N: {extra:+.4%})"
     )
