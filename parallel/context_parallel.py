@@ -19,10 +19,12 @@ if j > i. Backward (flash attention's, with the saved L and D = rowsum(dO * O)):
 travel the ring again, and each block's dK/dV partial sums travel with it, one hop behind: the sum
 for rank b's block starts on rank b+1 and reaches b after n - 1 hops. Per attention layer and
 micro-batch each rank thus sends (n - 1) K/V blocks forward, and (n - 1) K/V blocks plus (n - 1) dK/dV
-blocks backward (`ring_send_bytes`).
+blocks backward (`ring_send_bytes`). K and V travel in the compute dtype, the dK/dV sums in fp32 (fp64
+for fp64 inputs). Every rank posts its sends and receives in the same order on the same peers, so the
+point-to-point messages of consecutive exchanges match in order.
 
 Per-block scores are explicit matrices in fp32 (fp64 for fp64 inputs) with autocast off: a fused kernel
-returning the log-sum-exp would replace `_block_forward` and `_block_backward` on GPUs. Grouped-query
+returning the log-sum-exp would replace the per-block loops of `_RingAttention` on GPUs. Grouped-query
 attention groups the query heads of each key/value head, so only n_kv_heads blocks travel.
 """
 
@@ -80,7 +82,8 @@ def token_segments(
 
 def ring_send_bytes(batch: int, seq_len: int, cp: int, n_kv_heads: int, head_dim: int, itemsize: int):
     """(forward, backward) bytes one rank sends per attention layer and micro-batch: (cp - 1) K/V blocks
-    of seq_len / cp tokens forward; (cp - 1) K/V blocks and (cp - 1) dK/dV blocks backward."""
+    of seq_len / cp tokens forward; (cp - 1) K/V blocks and (cp - 1) dK/dV blocks backward (all of
+    `itemsize`, as in fp32 or fp64 training; under autocast the dK/dV sums stay fp32)."""
     block = 2 * batch * n_kv_heads * (seq_len // cp) * head_dim * itemsize  # K and V
     return (cp - 1) * block, 2 * (cp - 1) * block
 
@@ -103,7 +106,7 @@ def _scores(q, k, causal: bool, scale: float) -> torch.Tensor:
     return s
 
 
-def _exchange(tensors: list[torch.Tensor], group) -> list[torch.Tensor]:
+def _exchange(tensors: list[torch.Tensor], group) -> tuple[list[torch.Tensor], list]:
     """Post sends of `tensors` to the next rank of the ring and receives of as many from the previous one
     (point-to-point on the cp group); returns the receive buffers and the requests to `_wait` on."""
     ranks, r = group_ranks(group), group_rank(group)
@@ -146,9 +149,9 @@ class _RingAttention(torch.autograd.Function):
                     block_out = torch.matmul(weights, vw[..., ks, :].unsqueeze(2))
                     # Log-sum-exp merge of the running result with this block's.
                     merged = torch.logaddexp(lse[..., qs], block_lse)
-                    out[..., qs, :] = out[..., qs, :] * torch.exp(lse[..., qs] - merged).unsqueeze(
-                        -1
-                    ) + block_out * torch.exp(block_lse - merged).unsqueeze(-1)
+                    keep = torch.exp(lse[..., qs] - merged).unsqueeze(-1)
+                    take = torch.exp(block_lse - merged).unsqueeze(-1)
+                    out[..., qs, :] = out[..., qs, :] * keep + block_out * take
                     lse[..., qs] = merged
                 if step < n - 1:
                     _wait(works)

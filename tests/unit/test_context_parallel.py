@@ -64,3 +64,29 @@ def test_load_balanced_chunks():
 def test_sequence_not_a_multiple_of_twice_cp_is_refused():
     with pytest.raises(ValueError, match=r"train.seq_len=12 must be divisible by 2\*parallel.cp=8"):
         local_positions(12, 4, 0)
+
+
+def routing_case(cp: int, tp: int) -> None:
+    """Expert routing of a rank's chunks (cut again over tp) keeps exactly the slots that routing the
+    whole micro-batch on one rank keeps: same capacity, same priority, same drops."""
+    from parallel.context_parallel import token_segments
+    from parallel.moe import MoELayer, expert_capacity, route
+
+    grid = harness.grid(cp=cp, tp=tp, dp=dist.get_world_size() // (cp * tp))
+    b, seq, experts, k = 3, 16, 4, 2
+    logits = torch.randn(seq, b, experts, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    capacity = expert_capacity(1.0, b * seq, k, experts)  # tight: slots are dropped
+    whole = route(logits.reshape(seq * b, experts), k, capacity, b * seq)
+    assert not whole.keep.all()
+
+    runs = token_segments(seq, cp, grid.rank_in("cp"), tp, grid.rank_in("tp"))
+    mine = torch.cat([torch.arange(start, start + length) for start, length in runs])
+    layer = MoELayer(8, 8, experts, k, 1.0, 0.0, 0.0, tp_group=grid.tp_group, cp_group=grid.cp_group)
+    context = layer._context_routing(b, len(mine), torch.device("cpu"))
+    r = route(logits[mine].reshape(-1, experts), k, capacity, b * seq, grid.tp_group, context)
+    assert torch.equal(r.keep, whole.keep.view(seq, b, k)[mine].reshape(-1, k))
+
+
+@pytest.mark.parametrize("cp,tp", [(2, 1), (2, 2), (4, 1)])
+def test_expert_routing_over_context_chunks(world4, cp, tp):
+    world4.run(routing_case, cp, tp)
