@@ -1,6 +1,6 @@
 """Every combination composes: the same tiny model, dense and mixture-of-experts, trained under every layout
 the grid can factor in 2, 4 and 8 ranks (tp x pp x dp, ep carved out of dp, sequence parallelism on and
-off, ZeRO stage 0-3), plus context parallelism (cp=2) with each other axis, and compared with torch DDP on
+off, ZeRO stage 0-3), plus context parallelism (cp=2 and 4) with each other axis, and compared with torch DDP on
 the unsharded model: every loss, grad norm and parameter in float64 to 1e-10, losses and grad norms in
 fp32 to 1e-5 (tests/reference.py, layout_matches_ddp). Each case also holds `dtrain estimate`'s per-rank
 model-state bytes (from the config alone) to what every rank's trainer measures (`Trainer.held_bytes()`):
@@ -79,15 +79,15 @@ def matrix() -> dict:
     return cases
 
 
-def _cp(*layout: str, overrides: tuple[str, ...] = ()) -> tuple:
-    world = 2  # cp
+def _cp(*layout: str, overrides: tuple[str, ...] = (), cp: int = 2) -> tuple:
+    world = cp
     for part in layout:
-        if part.split("=")[0] in ("parallel.tp", "parallel.pp", "parallel.dp", "parallel.cp"):
+        if part.split("=")[0] in ("parallel.tp", "parallel.pp", "parallel.dp"):
             world *= int(part.split("=")[1])
-    return world, ("parallel.cp=2", *layout), (*MODEL, *overrides)
+    return world, (f"parallel.cp={cp}", *layout), (*MODEL, *overrides)
 
 
-# Context parallelism with each other axis (the load-balanced chunks of 16 tokens are 4 long).
+# Context parallelism with each other axis (the load-balanced chunks of 16 tokens are 4 long; 2 at cp=4).
 CONTEXT_PARALLEL = {
     "w2-cp2-dp1-zero0-dense": _cp("parallel.dp=1", overrides=("model.tie_embeddings=true",)),
     "w4-cp2-dp2-zero1-dense": _cp("parallel.dp=2", "parallel.zero=1", "parallel.offload=optimizer"),
@@ -127,6 +127,8 @@ CONTEXT_PARALLEL = {
         "parallel.tp=2", "parallel.sp=true", "parallel.dp=1", "parallel.zero=3", overrides=MOE
     ),
     "w4-cp2-pp2-dp1-zero1-moe-ep1": _cp("parallel.pp=2", "parallel.dp=1", "parallel.zero=1", overrides=MOE),
+    "w4-cp4-dp1-zero1-dense": _cp("parallel.dp=1", "parallel.zero=1", cp=4),
+    "w4-cp4-dp1-zero0-moe-ep1": _cp("parallel.dp=1", overrides=MOE, cp=4),
     "w2-cp2-dp1-zero3-dense": _cp("parallel.dp=1", "parallel.zero=3", "parallel.offload=all"),
     "w4-cp2-dp2-zero3-dense": _cp(
         "parallel.dp=2", "parallel.zero=3", overrides=("train.activation_checkpointing=true",)
