@@ -1,10 +1,10 @@
 """Every combination composes: the same tiny model, dense and mixture-of-experts, trained under every layout
 the grid can factor in 2, 4 and 8 ranks (tp x pp x dp, ep carved out of dp, sequence parallelism on and
-off, ZeRO stage 0-3), plus context parallelism (cp=2 and 4) with each other axis, and compared with torch DDP on
-the unsharded model: every loss, grad norm and parameter in float64 to 1e-10, losses and grad norms in
-fp32 to 1e-5 (tests/reference.py, layout_matches_ddp). Each case also holds `dtrain estimate`'s per-rank
-model-state bytes (from the config alone) to what every rank's trainer measures (`Trainer.held_bytes()`):
-they must be equal.
+off, ZeRO stage 0-3), plus context parallelism (cp=2 and 4) with each other axis, and compared with torch
+DDP on the unsharded model: every loss, grad norm and parameter in float64 to 1e-10, losses and grad norms
+in fp32 to 1e-5 (tests/reference.py, layout_matches_ddp). Each case also holds `dtrain estimate`'s per-
+rank model-state bytes (from the config alone) to what every rank's trainer measures
+(`Trainer.held_bytes()`): they must be equal.
 
 Offload, activation checkpointing, the pipeline schedule and tied embeddings rotate over the cases (each
 appears many times, in many layouts) rather than multiplying them. The full matrix is marked slow
