@@ -350,8 +350,8 @@ def _validate_moe(moe: MoEConfig, n_layers: int, p: ParallelConfig, microbatch_t
 
 def _validate_context_parallel(cfg: Config) -> None:
     """parallel.cp > 1: the sequence is cut into 2 * cp load-balanced chunks (parallel.context_parallel);
-    attention is causal ring attention, without dropout or document masks."""
-    m, p, t, d = cfg.model, cfg.parallel, cfg.train, cfg.data
+    attention is causal ring attention (masked to documents when they are packed), without dropout."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
     _require(
         t.seq_len % (2 * p.cp) == 0,
         f"train.seq_len={t.seq_len} must be divisible by 2*parallel.cp={2 * p.cp} (load-balanced chunks)",
@@ -363,13 +363,6 @@ def _validate_context_parallel(cfg: Config) -> None:
             + ("for sequence parallelism" if p.sp else "(MoE layers split tokens over tp)"),
         )
     _require(m.dropout == 0, f"model.dropout={m.dropout}: ring attention has no dropout; set it to 0 with cp")
-    folders = [source.path for source in d.mix] if d.mix else [d.path] if d.kind == "memmap" else []
-    for folder in folders:
-        _require(
-            not (folder and os.path.exists(os.path.join(folder, "train.docs.npy"))),
-            f"parallel.cp with packed documents ({folder}): document masks are not supported by ring "
-            "attention; set parallel.cp=1",
-        )
 
 
 def validate(cfg: Config, world_size: int) -> Config:

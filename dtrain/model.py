@@ -224,7 +224,7 @@ class Attention(nn.Module):
         """cos, sin: the rotary tables (max_seq_len, d/2), sliced to this sequence; per-row tables
         (batch, seq, d/2) of packed documents; or a cache's (batch, 1, new, d/2). mask: None for causal
         attention, else a boolean (batch, 1, seq, seq) of the key positions each query may attend to
-        (document_mask)."""
+        (document_mask); under context parallelism the document ids (batch, seq) themselves."""
         b, s, _ = x.shape
         if cos.dim() == 2:
             cos, sin = cos[:s], sin[:s]
@@ -239,9 +239,10 @@ class Attention(nn.Module):
         if cache is not None:  # generation: this layer's earlier keys and values join the new ones
             k, v, mask = cache.update(self, k, v)
         if self.layers.cp_group is not None and cache is None:
-            # This rank holds two chunks of the sequence: causal attention over all of it as a ring
-            # (no mask or dropout: config validation refuses them with context parallelism).
-            out = ring_attention(q, k, v, self.layers.cp_group)
+            # This rank holds two chunks of the sequence: causal attention over all of it as a ring (no
+            # dropout: config validation refuses it with context parallelism); `mask` is then the
+            # document ids, compared block by block as keys arrive.
+            out = ring_attention(q, k, v, self.layers.cp_group, doc_ids=mask)
             return self.wo(out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
         with self.layers.split_region_rng():
             out = F.scaled_dot_product_attention(
@@ -339,6 +340,8 @@ class Transformer(nn.Module):
             self.head.weight = self.embed.weight
         self.dropout = nn.Dropout(cfg.dropout)
         self.residual_rng = layers.residual_rng
+        # Ring attention masks documents from their ids: this rank's keys are only part of the sequence.
+        self.context_parallel = layers.cp_group is not None
         cos, sin = rotary_tables(head_dim_of(cfg), cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -361,7 +364,7 @@ class Transformer(nn.Module):
             cos, sin = cache.rotary(cos, sin)
         elif positions is not None:
             cos, sin = cos[positions], sin[positions]
-        mask = document_mask(doc_ids) if doc_ids is not None else None
+        mask = doc_ids if doc_ids is None or self.context_parallel else document_mask(doc_ids)
         for block in self.blocks.values():
             if self.activation_checkpointing and self.training:
                 # Keep only the block input; recompute the block in backward (non-reentrant, so the

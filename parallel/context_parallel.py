@@ -97,13 +97,22 @@ def _blocks(rank: int, source: int, cp: int):
                 yield qi, ki, gk == gq
 
 
-def _scores(q, k, causal: bool, scale: float) -> torch.Tensor:
-    """q: (b, kv, g, c, d), k: (b, kv, c, d) -> (b, kv, g, c, c), -inf above the diagonal if causal."""
+def _scores(q, k, causal: bool, scale: float, q_doc=None, k_doc=None) -> torch.Tensor:
+    """q: (b, kv, g, c, d), k: (b, kv, c, d) -> (b, kv, g, c, c), -inf above the diagonal if causal and,
+    with document ids (b, c) of the queries and keys, -inf between different documents."""
     s = torch.matmul(q, k.unsqueeze(2).transpose(-1, -2)) * scale
     if causal:
         upper = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1)
         s = s.masked_fill(upper, float("-inf"))
+    if q_doc is not None:
+        other = q_doc[:, None, None, :, None] != k_doc[:, None, None, None, :]
+        s = s.masked_fill(other, float("-inf"))
     return s
+
+
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    """x with -inf (a query that sees no key of a block: another document) as 0, so exp(s - x) is 0."""
+    return x.masked_fill(x == float("-inf"), 0.0)
 
 
 def _exchange(tensors: list[torch.Tensor], group) -> tuple[list[torch.Tensor], list]:
@@ -125,7 +134,7 @@ def _wait(works) -> None:
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group):
+    def forward(ctx, q, k, v, group, doc_ids):
         n, r = group_size(group), group_rank(group)
         b, h, s, d = q.shape
         kv = k.shape[1]
@@ -135,34 +144,35 @@ class _RingAttention(torch.autograd.Function):
             qw = q.to(wide).reshape(b, kv, h // kv, s, d)
             out = torch.zeros_like(qw)
             lse = torch.full(qw.shape[:-1], float("-inf"), dtype=wide, device=q.device)
-            held = [k, v]
+            held = [k, v] if doc_ids is None else [k, v, doc_ids]  # document ids travel with their keys
             for step in range(n):
                 source = (r - step) % n
                 if step < n - 1:  # the next block travels while this one is computed
                     incoming, works = _exchange(held, group)
-                kw, vw = (t.to(wide) for t in held)
+                kw, vw = (t.to(wide) for t in held[:2])
                 for qi, ki, causal in _blocks(r, source, n):
                     qs, ks = slice(qi * c, (qi + 1) * c), slice(ki * c, (ki + 1) * c)
-                    scores = _scores(qw[..., qs, :], kw[..., ks, :], causal, scale)
+                    docs = () if doc_ids is None else (doc_ids[:, qs], held[2][:, ks])
+                    scores = _scores(qw[..., qs, :], kw[..., ks, :], causal, scale, *docs)
                     block_lse = torch.logsumexp(scores, dim=-1)
-                    weights = torch.exp(scores - block_lse.unsqueeze(-1))
+                    weights = torch.exp(scores - _finite(block_lse).unsqueeze(-1))
                     block_out = torch.matmul(weights, vw[..., ks, :].unsqueeze(2))
                     # Log-sum-exp merge of the running result with this block's.
                     merged = torch.logaddexp(lse[..., qs], block_lse)
-                    keep = torch.exp(lse[..., qs] - merged).unsqueeze(-1)
-                    take = torch.exp(block_lse - merged).unsqueeze(-1)
+                    keep = torch.exp(lse[..., qs] - _finite(merged)).unsqueeze(-1)
+                    take = torch.exp(block_lse - _finite(merged)).unsqueeze(-1)
                     out[..., qs, :] = out[..., qs, :] * keep + block_out * take
                     lse[..., qs] = merged
                 if step < n - 1:
                     _wait(works)
                     held = incoming
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, doc_ids)
         ctx.group = group
         return out.reshape(b, h, s, d).to(q.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, doc_ids = ctx.saved_tensors
         group = ctx.group
         n, r = group_size(group), group_rank(group)
         b, h, s, d = q.shape
@@ -174,16 +184,17 @@ class _RingAttention(torch.autograd.Function):
             delta = (dout * out).sum(-1)  # D = rowsum(dO * O)
             dq = torch.zeros_like(qw)
             own_dk = own_dv = None
-            held, travelling = [k, v], None
+            held, travelling = ([k, v] if doc_ids is None else [k, v, doc_ids]), None
             for step in range(n):
                 source = (r - step) % n
                 if step < n - 1:
                     incoming, works = _exchange(held, group)
-                kw, vw = (t.to(wide) for t in held)
+                kw, vw = (t.to(wide) for t in held[:2])
                 dk, dv = torch.zeros_like(kw), torch.zeros_like(vw)
                 for qi, ki, causal in _blocks(r, source, n):
                     qs, ks = slice(qi * c, (qi + 1) * c), slice(ki * c, (ki + 1) * c)
-                    scores = _scores(qw[..., qs, :], kw[..., ks, :], causal, scale)
+                    docs = () if doc_ids is None else (doc_ids[:, qs], held[2][:, ks])
+                    scores = _scores(qw[..., qs, :], kw[..., ks, :], causal, scale, *docs)
                     p = torch.exp(scores - lse[..., qs].unsqueeze(-1))
                     do = dout[..., qs, :]
                     dv[..., ks, :] += torch.matmul(p.transpose(-1, -2), do).sum(2)
@@ -204,15 +215,17 @@ class _RingAttention(torch.autograd.Function):
                     held = incoming
             if travelling is not None:  # after n - 1 hops, this rank's own block's sums came home
                 own_dk, own_dv = own_dk + travelling[0], own_dv + travelling[1]
-        return dq.reshape(b, h, s, d).to(q.dtype), own_dk.to(k.dtype), own_dv.to(v.dtype), None
+        return dq.reshape(b, h, s, d).to(q.dtype), own_dk.to(k.dtype), own_dv.to(v.dtype), None, None
 
 
-def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group) -> torch.Tensor:
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, doc_ids=None) -> torch.Tensor:
     """Causal attention of this rank's queries over the whole sequence held by the cp group.
     q: (batch, heads, seq/cp, head_dim); k, v: (batch, kv_heads, seq/cp, head_dim), kv_heads dividing
-    heads; the local sequence is the rank's two load-balanced chunks (`local_positions`)."""
+    heads; the local sequence is the rank's two load-balanced chunks (`local_positions`). doc_ids
+    (batch, seq/cp): packed documents, a query then sees only keys of its own document (the ids travel
+    the ring with their keys)."""
     if group_size(group) == 1:
         raise ValueError("ring_attention needs a context-parallel group of at least two ranks")
     if q.shape[2] % 2:
         raise ValueError(f"the local sequence ({q.shape[2]} tokens) must be two chunks of equal length")
-    return _RingAttention.apply(q, k, v, group)
+    return _RingAttention.apply(q, k, v, group, doc_ids)

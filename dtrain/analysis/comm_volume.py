@@ -59,6 +59,7 @@ import torch
 
 from dtrain.analysis.estimate import meta_rank
 from dtrain.config import Config, microbatches_per_rank
+from dtrain.data import packs_documents
 from dtrain.model import Transformer, is_moe_block
 from dtrain.parallelize import Parallelized
 from dtrain.stage import n_chunks
@@ -279,8 +280,9 @@ def _tensor_parallel(v: Volume, cfg: Config, chunks: dict[int, Transformer], it:
 
 def _context_parallel(v: Volume, cfg: Config, chunks: dict[int, Transformer], it: int) -> None:
     """parallel.context_parallel.ring_attention per block and micro-batch: K and V are sent as two
-    tensors per ring step, the dK/dV partial sums likewise; activation checkpointing runs the forward
-    ring again inside backward (attention's outputs are saved, so the recomputation reaches it)."""
+    tensors per ring step (with packed documents their ids as a third), the dK/dV partial sums
+    likewise; activation checkpointing runs the forward ring again inside backward (attention's outputs
+    are saved, so the recomputation reaches it)."""
     p, t, m = cfg.parallel, cfg.train, cfg.model
     if p.cp == 1:
         return
@@ -300,6 +302,11 @@ def _context_parallel(v: Volume, cfg: Config, chunks: dict[int, Transformer], it
         v.add("cp", SEND, calls, Fraction(forward, 2 * (p.cp - 1)), "ring: K and V blocks again (bwd)")
         v.add("cp", SEND, calls, Fraction(backward - forward, 2 * (p.cp - 1)), "ring: dK and dV sums (bwd)")
         v.add("cp", RECV, calls * (again + 2), 0, "the matching receives (bytes on the sender)")
+    if attention and packs_documents(cfg):  # the keys' document ids travel with them, both ways
+        ids = microbatches_per_rank(cfg) * len(attention) * (p.cp - 1) * (again + 1)
+        each = t.micro_batch_size * t.seq_len // p.cp * ID_BYTES
+        v.add("cp", SEND, ids, each, "ring: the K/V blocks' document ids (fwd and bwd)")
+        v.add("cp", RECV, ids, 0, "the matching receives (bytes on the sender)")
 
 
 def _experts(

@@ -418,3 +418,23 @@ def test_ledger_sees_every_way_a_collective_is_issued(world2):
             ("dp", "barrier"): (1, 0),
         }, rank
         assert result["bookkeeping"] == {("dp", "all-reduce"): (1, 8)}
+
+
+def test_ledger_equals_analytic_volume_with_packed_documents(world2, tmp_path):
+    """Context parallelism over packed documents: the keys' document ids travel the ring with them."""
+    from dtrain.prepare import prepare_data
+    from tests import hf_models
+    from tests.equivalence.test_sft import _records
+
+    tok = hf_models.make_tokenizer(str(tmp_path / "tok"))
+    (tmp_path / "pr.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _records(40)))
+    prepare_data(str(tmp_path / "pr.jsonl"), str(tmp_path / "data"), "prompt-response", tok, val_fraction=0.0)
+    data = ("data.kind=memmap", f"data.path={tmp_path / 'data'}", "data.packing=true")
+    layouts = {
+        "cp2-documents": ("parallel.cp=2", *data),
+        "cp2-documents-checkpointing": ("parallel.cp=2", "train.activation_checkpointing=true", *data),
+    }
+    results = world2.run(measure_step, list(layouts.items()))
+    for name, overrides in layouts.items():
+        check_layout(name, overrides, results)
+        assert any(key == ("cp", "send") for key in results[0][name]["training"])

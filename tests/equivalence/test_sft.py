@@ -94,10 +94,17 @@ LAYOUTS = {
         2,
         ("parallel.pp=2", "parallel.pp_schedule=interleaved", "parallel.pp_virtual_stages=2"),
     ),
+    # Documents that span context chunks: ring attention masks them from the ids travelling with keys.
+    "cp2": (2, ("parallel.cp=2",)),
 }
 SLOW_LAYOUTS = {
     "tp2sp-pp2-zero1": (4, ("parallel.tp=2", "parallel.sp=true", "parallel.pp=2", "parallel.zero=1")),
     "dp2-pp2-zero3-tied": (4, ("parallel.pp=2", "parallel.zero=3", "model.tie_embeddings=true")),
+    "cp2-tp2sp-checkpointing": (
+        4,
+        ("parallel.cp=2", "parallel.tp=2", "parallel.sp=true", "train.activation_checkpointing=true"),
+    ),
+    "cp2-pp2-zero2": (4, ("parallel.cp=2", "parallel.pp=2", "parallel.zero=2")),
 }
 
 

@@ -393,17 +393,3 @@ def test_torchrun_restarts_need_a_fresh_store_per_attempt(monkeypatch):
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")  # no restarts: nothing to go stale
     runtime.check_restartable()
-
-
-def test_context_parallel_with_packed_documents(capsys, monkeypatch, tmp_path):
-    folder = tmp_path / "docs"
-    folder.mkdir()
-    np.save(folder / "train.npy", np.arange(64, dtype=np.uint16) % 90)
-    np.save(folder / "train.docs.npy", np.array([0, 30, 64], dtype=np.int64))
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    out = tmp_path / "run"
-    line = fails(capsys, train(out, "data.kind=memmap", f"data.path={folder}", "parallel.cp=2"), out)
-    assert line == (
-        f"dtrain: error: parallel.cp with packed documents ({folder}): document masks are not supported by "
-        "ring attention; set parallel.cp=1"
-    )

@@ -14,7 +14,7 @@ from tests import harness
 from tests.tolerances import FP64
 
 
-def ring_case(cp: int, heads: int, kv_heads: int, seq: int) -> None:
+def ring_case(cp: int, heads: int, kv_heads: int, seq: int, documents: bool = False) -> None:
     grid = harness.grid(cp=cp, dp=dist.get_world_size() // cp)
     r = grid.rank_in("cp")
     gen = torch.Generator().manual_seed(7)  # the same full tensors on every rank
@@ -23,12 +23,19 @@ def ring_case(cp: int, heads: int, kv_heads: int, seq: int) -> None:
     k = torch.randn(b, kv_heads, seq, d, generator=gen, dtype=torch.float64, requires_grad=True)
     v = torch.randn(b, kv_heads, seq, d, generator=gen, dtype=torch.float64, requires_grad=True)
     dout = torch.randn(b, heads, seq, d, generator=gen, dtype=torch.float64)
-    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=heads != kv_heads)
+    # Packed documents: rows cut at random places (a document may span chunks and ranks).
+    starts = torch.rand(b, seq, generator=gen) < 0.3
+    doc_ids = starts.long().cumsum(1) if documents else None
+    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+    mask = (causal & (doc_ids[:, :, None] == doc_ids[:, None, :])).unsqueeze(1) if documents else None
+    ref = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=not documents, enable_gqa=heads != kv_heads
+    )
     ref.backward(dout)
 
     index = local_positions(seq, cp, r)
     local = [t.detach()[:, :, index].clone().requires_grad_() for t in (q, k, v)]
-    out = ring_attention(*local, grid.cp_group)
+    out = ring_attention(*local, grid.cp_group, doc_ids[:, index] if documents else None)
     out.backward(dout[:, :, index])
     torch.testing.assert_close(out, ref.detach()[:, :, index], **FP64)
     # Gradients per tensor in the 2-norm (tests/tolerances.py): an element that is exactly zero in one
@@ -47,6 +54,11 @@ def test_ring_attention_two_ranks(world2, heads, kv_heads):
 @pytest.mark.parametrize("cp", [2, 4])
 def test_ring_attention_four_ranks(world4, cp):
     world4.run(ring_case, cp, 4, 2, 16)
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_ring_attention_with_document_masks(world4, cp):
+    world4.run(ring_case, cp, 4, 2, 16, True)
 
 
 def test_load_balanced_chunks():
