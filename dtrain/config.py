@@ -166,9 +166,7 @@ CHOICES = {
 
 # Layout features not implemented yet: a config asking for one is refused up front
 # rather than silently trained as plain data parallelism.
-NOT_YET = {
-    "parallel.cp": (1, "context parallelism"),
-}
+NOT_YET: dict[str, tuple] = {}
 
 
 def _all_keys(node: Any, prefix: str = "") -> list[str]:
@@ -373,6 +371,23 @@ def _validate_dp_shard(p: ParallelConfig) -> None:
     )
 
 
+def _validate_context_parallel(cfg: Config) -> None:
+    """parallel.cp > 1: the sequence is cut into 2 * cp load-balanced chunks (parallel.context_parallel);
+    attention is causal ring attention (masked to documents when they are packed), without dropout."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    _require(
+        t.seq_len % (2 * p.cp) == 0,
+        f"train.seq_len={t.seq_len} must be divisible by 2*parallel.cp={2 * p.cp} (load-balanced chunks)",
+    )
+    if p.sp or m.moe.num_experts:  # the rank's chunks are split again over tp
+        _require(
+            t.seq_len // p.cp % p.tp == 0,
+            f"train.seq_len/parallel.cp={t.seq_len // p.cp} must be divisible by parallel.tp={p.tp} "
+            + ("for sequence parallelism" if p.sp else "(MoE layers split tokens over tp)"),
+        )
+    _require(m.dropout == 0, f"model.dropout={m.dropout}: ring attention has no dropout; set it to 0 with cp")
+
+
 def validate(cfg: Config, world_size: int) -> Config:
     """Check everything that can be checked without processes; fill in `parallel.dp` when it is -1.
 
@@ -459,6 +474,9 @@ def validate(cfg: Config, world_size: int) -> Config:
             t.seq_len % p.tp == 0,
             f"train.seq_len={t.seq_len} must be divisible by parallel.tp={p.tp} for sequence parallelism",
         )
+
+    if p.cp > 1:
+        _validate_context_parallel(cfg)
 
     for key, (neutral, what) in NOT_YET.items():
         parts = key.split(".")

@@ -413,6 +413,13 @@ def read_manifest(folder: str) -> dict | None:
         return json.load(f)
 
 
+def packs_documents(cfg) -> bool:
+    """Whether the training data are packed documents (a prepared folder with document offsets)."""
+    d = cfg.data
+    folders = [source.path for source in d.mix] if d.mix else [d.path] if d.kind == "memmap" else []
+    return any(folder and os.path.exists(os.path.join(folder, "train.docs.npy")) for folder in folders)
+
+
 def build_dataset(cfg, split: str = "train", path: str | None = None):
     """The dataset for `split`, or None when a memmap source has no such split (no val.npy, or data.path is
     a single file: only folders carry a validation split)."""

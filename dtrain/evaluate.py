@@ -218,6 +218,9 @@ def command(args) -> None:
     source = resolve(args.model, args.overrides)
     cfg, datasets = prepare(source, args.data, args.split, world)
     batches = None if given == "all" else int(given or cfg.train.eval_batches)
+    if cfg.parallel.cp > 1:  # it cuts its own micro-batches, never into context chunks
+        cp = cfg.parallel.cp
+        raise ConfigError(f"parallel.cp={cp}: dtrain eval reads whole sequences; set parallel.cp=1")
     if batches == 0:
         raise ConfigError("train.eval_batches=0 evaluates nothing; give --batches N or --batches all")
     out = args.out or default_out(args.model)

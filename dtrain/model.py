@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dtrain.config import ModelConfig, RopeScalingConfig, d_ff_of, head_dim_of
 from dtrain.document_attention import DocumentMask, attend
+from parallel.context_parallel import ring_attention
 from parallel.moe import MoELayer
 from parallel.precision import wide
 from parallel.sharding import sharding_of
@@ -110,8 +111,9 @@ class Layers:
     tp_size = 1
     tp_rank = 0
 
-    def __init__(self, ep_group=None):
+    def __init__(self, ep_group=None, cp_group=None):
         self.ep_group = ep_group  # experts spread over this group (None: all experts local)
+        self.cp_group = cp_group  # the sequence split over this group: ring attention (None: whole)
 
     def column(self, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
         return nn.Linear(in_features, out_features, bias=bias)
@@ -154,6 +156,7 @@ class Layers:
             m.aux_loss_coef,
             m.z_loss_coef,
             ep_group=self.ep_group,
+            cp_group=self.cp_group,
             **self.moe_tensor_split(),
         )
 
@@ -221,7 +224,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """cos, sin: the rotary tables (max_seq_len, d/2), sliced to this sequence; per-row tables
         (batch, seq, d/2) of packed documents; or a cache's (batch, 1, new, d/2). mask: None for causal
-        attention, else a DocumentMask of packed documents."""
+        attention, else a DocumentMask of packed documents (under context parallelism its document ids
+        are compared block by block as keys arrive)."""
         b, s, _ = x.shape
         if cos.dim() == 2:
             cos, sin = cos[:s], sin[:s]
@@ -235,6 +239,13 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:  # generation: this layer's earlier keys and values join the new ones
             k, v, mask = cache.update(self, k, v)
+        if self.layers.cp_group is not None and cache is None:
+            # This rank holds two chunks of the sequence: causal attention over all of it as a ring (no
+            # dropout: config validation refuses it with context parallelism); `mask` is then the
+            # document ids, compared block by block as keys arrive.
+            doc_ids = mask.doc_ids if mask is not None else None
+            out = ring_attention(q, k, v, self.layers.cp_group, doc_ids=doc_ids)
+            return self.wo(out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
         with self.layers.split_region_rng():
             dropout = self.dropout if self.training else 0.0
             out = attend(q, k, v, mask, dropout, enable_gqa=self.n_kv_heads != self.n_heads)
@@ -314,6 +325,7 @@ class Transformer(nn.Module):
             self.head.weight = self.embed.weight
         self.dropout = nn.Dropout(cfg.dropout)
         self.residual_rng = layers.residual_rng
+        # Ring attention masks documents from their ids: this rank's keys are only part of the sequence.
         cos, sin = rotary_tables(head_dim_of(cfg), cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)

@@ -41,9 +41,16 @@ class _RegionEntry(nn.Module):
 
 class TensorParallelLayers(Layers):
     def __init__(
-        self, group, tp_rank: int, tp_size: int, vocab_size: int, sequence_parallel: bool, ep_group=None
+        self,
+        group,
+        tp_rank: int,
+        tp_size: int,
+        vocab_size: int,
+        sequence_parallel: bool,
+        ep_group=None,
+        cp_group=None,
     ):
-        super().__init__(ep_group)
+        super().__init__(ep_group, cp_group)
         self.group = group
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.vocab_size = vocab_size
@@ -105,10 +112,18 @@ class TensorParallelLayers(Layers):
 
 
 def layers_for(model_cfg, grid, sequence_parallel: bool) -> Layers:
-    """Dense parts on one tensor rank, tensor-parallel parts otherwise; experts over the ep group."""
+    """Dense parts on one tensor rank, tensor-parallel parts otherwise; experts over the ep group; ring
+    attention over the cp group."""
     ep_group = grid.ep_group if grid.size("ep") > 1 else None
+    cp_group = grid.cp_group if grid.size("cp") > 1 else None
     if grid.size("tp") == 1:
-        return Layers(ep_group)
+        return Layers(ep_group, cp_group)
     return TensorParallelLayers(
-        grid.tp_group, grid.rank_in("tp"), grid.size("tp"), model_cfg.vocab_size, sequence_parallel, ep_group
+        grid.tp_group,
+        grid.rank_in("tp"),
+        grid.size("tp"),
+        model_cfg.vocab_size,
+        sequence_parallel,
+        ep_group,
+        cp_group,
     )

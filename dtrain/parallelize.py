@@ -66,7 +66,7 @@ def build_model_chunks(cfg: Config, grid: Grid, device: torch.device) -> dict[in
 
 def build_grad_sync(cfg: Config, grid: Grid, chunks: dict[int, Transformer]) -> GradSync:
     """Dense gradients are summed (and ZeRO state sharded) over dp x cp; with ep > 1 expert gradients over
-    the expert-data-parallel group, whose ranks hold the same experts. With parallel.dp_shard < dp x cp
+    the expert-data-parallel group x cp, whose ranks hold the same experts. With parallel.dp_shard < dp x cp
     ZeRO shards within the grid's shard groups (dp_shard, edp_shard) and sums each shard over the replica
     groups (dp_replicate, edp_replicate); the default shard group is the whole group, one replica."""
     p, t = cfg.parallel, cfg.train
@@ -80,7 +80,7 @@ def build_grad_sync(cfg: Config, grid: Grid, chunks: dict[int, Transformer]) -> 
             grid.dp_cp_group,
             p.bucket_mb,
             adamw,
-            expert_group=grid.edp_group if experts_apart else None,
+            expert_group=grid.edp_cp_group if experts_apart else None,
             ep_group=grid.ep_group,
             tied=tied,
             **groups,

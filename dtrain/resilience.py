@@ -223,7 +223,7 @@ class _Phases:
 
 _LONG_NAMES = {"pp": "pipeline", "tp": "tensor-parallel", "dp": "data-parallel", "dp_cp": "data-parallel",
                "dp_shard": "data-parallel shard", "dp_replicate": "data-parallel replica",
-               "ep": "expert-parallel", "world": "world"}  # fmt: skip
+               "ep": "expert-parallel", "cp": "context-parallel", "world": "world"}  # fmt: skip
 
 
 def group_phrase(grid, names: tuple[str, ...]) -> str:
@@ -251,7 +251,7 @@ class CollectivePhases:
         dp = "dp_shard" if hybrid else "dp_cp"
         replicas = ("dp_replicate",) if hybrid else ()
         over = lambda *names: group_phrase(grid, names)  # noqa: E731
-        fb_groups = ("pp", "tp", dp) if zero == 3 else ("pp", "tp")
+        fb_groups = ("pp", "tp", "cp", dp) if zero == 3 else ("pp", "tp", "cp")
         optimizer = "the optimizer step"
         if zero:
             optimizer += f" (all-gather over {over(dp)})"
@@ -260,7 +260,7 @@ class CollectivePhases:
             "grad_sync": f"the gradient reduction over {over(dp, *replicas, 'tp')}",
             "grad_norm": f"the gradient-norm all-reduce over {over('tp', 'pp', 'ep', dp)}",
             "optimizer_step": optimizer,
-            "loss": f"the loss all-reduce over {over('pp', 'dp')}",
+            "loss": f"the loss all-reduce over {over('pp', 'dp', 'cp')}",
             "metrics": f"the peak-memory all-gather over {over('world')}",
             "evaluation": f"the evaluation forward (send/recv, all-reduce over {over('pp', 'tp')})",
             "save": f"the checkpoint save (gathers over {over('tp', dp) if zero else over('tp')}, barriers "

@@ -112,7 +112,8 @@ class Stage:
         self.train_actions = pipeline_schedules.build(schedule, p.pp, m, p.pp_virtual_stages)[grid.coords.pp]
         # Evaluation: forwards only, chunk by chunk (GPipe's forward half, deadlock-free for any v).
         self.eval_actions = [pipeline_schedules.Action("F", c, i) for c in chunks for i in range(m)]
-        seq = cfg.train.seq_len // (grid.size("tp") if p.sp else 1)
+        # A stage boundary carries this rank's tokens: seq / cp of them, split again over tp under SP.
+        seq = cfg.train.seq_len // p.cp // (grid.size("tp") if p.sp else 1)
         self.executor = PipelineExecutor(
             chunks,
             n_chunks(cfg),

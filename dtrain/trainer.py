@@ -28,6 +28,7 @@ from dtrain.metrics import MetricsLogger
 from dtrain.model import Transformer, count_params, flops_per_token
 from dtrain.parallelize import build_model_chunks, parallelize
 from dtrain.runtime import peak_flops, peak_memory_bytes
+from parallel.context_parallel import split_microbatch
 from parallel.data_parallel import torch_adamw
 from parallel.grad_sync import AdamWConfig, clip_
 from parallel.grid import Grid
@@ -135,10 +136,19 @@ class Trainer:
         return self.phases.enter(name, when) if self.phases is not None else contextlib.nullcontext()
 
     def _microbatches(self, dataset, step: int):
+        return self._context_chunks(self._whole_microbatches(dataset, step))
+
+    def _whole_microbatches(self, dataset, step: int):
         t, dp = self.cfg.train, self.grid.size("dp")
-        return rank_microbatches(
-            dataset, step, self.grid.coords.dp, dp, t.micro_batch_size, t.global_batch_size
-        )
+        rank = self.grid.coords.dp
+        return rank_microbatches(dataset, step, rank, dp, t.micro_batch_size, t.global_batch_size)
+
+    def _context_chunks(self, microbatches: list) -> list:
+        """Context parallelism: this rank's load-balanced chunks of every sequence, with global positions."""
+        cp = self.grid.size("cp")
+        if cp == 1:
+            return microbatches
+        return [split_microbatch(mb, cp, self.grid.coords.cp) for mb in microbatches]
 
     def train_step(self) -> StepResult:
         """One optimizer step on the global batch of step `self.step` (0-based)."""
@@ -151,10 +161,12 @@ class Trainer:
         torch.manual_seed(step_seed(t.seed, self.step, self.grid))
         # At least one, so a global batch without a target (all prompt) is a zero-gradient step.
         targets = max(global_target_tokens(self.train_data, self.step, t.global_batch_size), 1)
-        microbatches = self._microbatches(self.train_data, self.step)
-        # MoE auxiliary losses of a micro-batch weigh its share of the global batch's target tokens.
+        whole = self._whole_microbatches(self.train_data, self.step)
+        microbatches = self._context_chunks(whole)
+        # MoE auxiliary losses of a micro-batch weigh its share of the global batch's target tokens (the
+        # whole micro-batch's: a context rank's aux loss is its share of the micro-batch's).
         moe = list(self.model.moe_layers().values())
-        shares = aux_grad_scales(microbatches, targets, self.scaler.scale) if moe else []
+        shares = aux_grad_scales(whole, targets, self.scaler.scale) if moe else []
         self.model.train()
         loss_sum = self.model.executor.run(
             self.model.train_actions,
@@ -210,8 +222,9 @@ class Trainer:
         return {"tp": self.grid.tp_group, "ep": self.grid.ep_group}
 
     def _sum_loss(self, loss_sum: torch.Tensor) -> torch.Tensor:
-        """Token-loss sums live on the last pipeline stage of every data-parallel replica."""
-        for name in ("pp", "dp"):
+        """Token-loss sums live on the last pipeline stage of every data-parallel replica, each context rank
+        holding the sum over its chunks of the sequence."""
+        for name in ("pp", "dp", "cp"):
             if self.grid.size(name) > 1:
                 dist.all_reduce(loss_sum, group=self.grid.group(name))
         return loss_sum

@@ -8,15 +8,16 @@ links), then `cp`, then `dp`, then `pp`:
 Expert parallelism adds no dimension: the data-parallel index is split as dp_i = edp_i * ep + ep_i, so
 an `ep` group is `ep` neighbouring data-parallel ranks (experts spread over it), and the matching
 expert-data-parallel group `edp` (size dp / ep) joins the ranks that hold the same experts; expert
-gradients are reduced over `edp`, dense gradients over `dp`.
+gradients are reduced over edp x cp (`edp_cp`), dense gradients over dp x cp (`dp_cp`).
 
 Hybrid sharding (`dp_shard` = k) splits the data-parallel group dp x cp into replicas of k ranks. With
 j = dp_i * cp + cp_i the rank's index in dp x cp (its position in the `dp_cp` group), `dp_shard` = j % k
 is its place in a shard group (k consecutive members of dp x cp: neighbouring ranks, one node) and
 `dp_replicate` = j // k the replica it belongs to; the `dp_replicate` group joins the ranks holding the
 same shard in each of the dp*cp/k replicas. k is a multiple of cp * ep, so a shard group holds whole cp
-groups and, for experts, k / (cp * ep) members of each edp group: `edp_shard` (those members) and
-`edp_replicate` (the same expert shard in every replica). k = dp * cp (the default, -1) is one replica.
+groups and k / ep ranks holding each expert, its edp x cp ranks there (expert gradients are summed over
+edp x cp, as dense ones over dp x cp): `edp_shard` (those ranks) and `edp_replicate` (the same expert
+shard in every replica). k = dp * cp (the default, -1) is one replica.
 
 `layout()` is a pure function (tested without processes); `ProcessGrid` creates the torch.distributed
 groups from it. `MetaGrid` is the same view of one rank with placeholder groups and no processes: the
@@ -43,18 +44,20 @@ GROUP_NAMES = (
     "ep",
     "edp",
     "dp_cp",
+    "edp_cp",
     "dp_shard",
     "dp_replicate",
     "edp_shard",
     "edp_replicate",
 )
-# Hybrid-sharding groups with the same ranks as a group named here (every one when dp_shard = dp x cp)
-# reuse it: no extra torch groups, and the ledger names the traffic as before (dp, edp). Groups of one
-# rank, which never communicate, reuse any earlier group of one.
+# Groups with the same ranks as a group named here (every hybrid-sharding one when dp_shard = dp x cp;
+# edp_cp when cp = 1) reuse it: no extra torch groups, and the ledger names the traffic as before (dp,
+# edp). Groups of one rank, which never communicate, reuse any earlier group of one.
 REUSABLE = {
+    "edp_cp": ("edp",),
     "dp_shard": ("dp", "dp_cp"),
     "dp_replicate": (),
-    "edp_shard": ("edp", "dp_shard"),
+    "edp_shard": ("edp", "edp_cp", "dp_shard"),
     "edp_replicate": ("dp_replicate",),
 }
 
@@ -73,7 +76,7 @@ class Coords:
     edp: int
     dp_shard: int = 0  # place in the shard group: (dp * cp + cp) % dp_shard
     dp_replicate: int = 0  # which replica: (dp * cp + cp) // dp_shard
-    edp_shard: int = 0  # place among the shard group's ranks holding the same experts
+    edp_shard: int = 0  # place among the shard group's ranks holding the same experts (edp x cp)
 
 
 @dataclass(frozen=True)
@@ -111,9 +114,10 @@ def layout(
             f"dp_shard={dp_shard} must divide dp*cp={dp * cp} and be a multiple of cp*ep={cp * ep}: a shard "
             f"group holds whole cp groups and the same number of each ep rank"
         )
-    ek = k // (cp * ep)  # members of one edp group inside one shard group
+    ek = k // ep  # ranks of one shard group holding the same experts: its edp x cp ranks
     sizes = {"pp": pp, "dp": dp, "cp": cp, "tp": tp, "ep": ep, "edp": dp // ep, "dp_cp": dp * cp}
     sizes |= {"dp_shard": k, "dp_replicate": dp * cp // k, "edp_shard": ek, "edp_replicate": dp * cp // k}
+    sizes["edp_cp"] = dp // ep * cp
 
     def rank_of(pp_i: int, dp_i: int, cp_i: int, tp_i: int) -> int:
         return ((pp_i * dp + dp_i) * cp + cp_i) * tp + tp_i
@@ -134,7 +138,7 @@ def layout(
                 edp=dp_i // ep,
                 dp_shard=j % k,
                 dp_replicate=j // k,
-                edp_shard=(dp_i // ep) % ek,
+                edp_shard=((dp_i // ep) * cp + cp_i) % ek,
             )
         )
 
@@ -154,11 +158,14 @@ def layout(
         "edp": groups_spanning(lambda c: (c.pp, c.cp, c.tp, c.ep)),
         # Gradients of dense parameters are reduced over data and context ranks together.
         "dp_cp": groups_spanning(lambda c: (c.pp, c.tp)),
-        # ZeRO state is sharded within a replica and reduced across replicas, shard by shard.
+        # ... and those of experts over expert-data and context ranks.
+        "edp_cp": groups_spanning(lambda c: (c.pp, c.tp, c.ep)),
+        # ZeRO state is sharded within a replica and reduced across replicas, shard by shard; expert
+        # state likewise over the shard group's ranks holding the same experts (their edp and cp ranks).
         "dp_shard": groups_spanning(lambda c: (c.pp, c.tp, c.dp_replicate)),
         "dp_replicate": groups_spanning(lambda c: (c.pp, c.tp, c.dp_shard)),
-        "edp_shard": groups_spanning(lambda c: (c.pp, c.cp, c.tp, c.ep, c.dp_replicate)),
-        "edp_replicate": groups_spanning(lambda c: (c.pp, c.cp, c.tp, c.ep, c.edp_shard)),
+        "edp_shard": groups_spanning(lambda c: (c.pp, c.tp, c.ep, c.dp_replicate)),
+        "edp_replicate": groups_spanning(lambda c: (c.pp, c.tp, c.ep, c.edp_shard)),
     }
     assert rank_of(coords[-1].pp, coords[-1].dp, coords[-1].cp, coords[-1].tp) == world_size - 1
     return Layout(sizes=sizes, coords=tuple(coords), groups=groups)
@@ -239,6 +246,7 @@ class Grid:
     ep_group = property(lambda self: self._groups["ep"])
     edp_group = property(lambda self: self._groups["edp"])
     dp_cp_group = property(lambda self: self._groups["dp_cp"])
+    edp_cp_group = property(lambda self: self._groups["edp_cp"])
     dp_shard_group = property(lambda self: self._groups["dp_shard"])
     dp_replicate_group = property(lambda self: self._groups["dp_replicate"])
     edp_shard_group = property(lambda self: self._groups["edp_shard"])

@@ -184,8 +184,8 @@ class CommLedger:
             axis = self.grid.axis_of(name) if self.grid is not None else None
             if axis is None:
                 axis = "world" if name == dist.group.WORLD.group_name else f"group{name}"
-            if axis == "dp_cp" and self.grid is not None and self.grid.size("cp") == 1:
-                axis = "dp"  # the same ranks as dp: report the name users know
+            if axis in ("dp_cp", "edp_cp") and self.grid is not None and self.grid.size("cp") == 1:
+                axis = axis[:-3]  # the same ranks as dp (edp): report the name users know
             self._axes[name] = axis
         return self._axes[name]
 

@@ -17,6 +17,14 @@ sequence-major so that tokens split over the tensor group (contiguous sequence c
 range of it: each tensor rank only needs the per-expert counts of the ranks before it (one all-gather of
 k*E integers) to place its slots, and the dropped set is the same whatever the layout.
 
+Context parallelism: a cp rank holds two load-balanced chunks of each sequence (parallel.context_parallel),
+each possibly cut again over tp, so a rank's tokens are up to two runs of the priority order rather than
+one. `ContextRouting` counts the slots of each run, gathers those counts over tp and then over cp (2*k*E
+integers per rank), and places a run behind every run of any rank that starts earlier in the sequence:
+the dropped set is again the one the whole micro-batch on one rank would drop. aux and z are each rank's
+share as under tp; router gradients are summed over dp x cp with the dense ones, expert gradients over
+edp x cp.
+
 Tensor parallelism: experts are *not* split. Each tensor rank routes and runs its own sequence chunk of
 the micro-batch with whole experts (under sequence parallelism the chunk is already local; without it,
 the layer splits its replicated input and all-gathers its output). Router and expert gradients are
@@ -40,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from parallel.collectives import all_gather_flat, gather_to_replica, scatter_to_sp
+from parallel.context_parallel import token_segments
 from parallel.expert_parallel import run_experts
 from parallel.grid import group_rank, group_size
 from parallel.precision import wide
@@ -60,10 +69,47 @@ class Routing:
     z_loss: torch.Tensor  # this rank's share of the z-loss
 
 
-def route(logits: torch.Tensor, top_k: int, capacity: int, total_tokens: int, tp_group=None) -> Routing:
+@dataclass
+class ContextRouting:
+    """Where this rank's tokens lie in the priority order under context parallelism: `segment` (T_local,)
+    says which of its two runs each token is in; `starts` holds every rank's two run starts in the
+    gathered order (cp rank, tp rank, run) (parallel.context_parallel.token_segments)."""
+
+    segment: torch.Tensor
+    starts: torch.Tensor
+    mine: int  # index in `starts` of this rank's first run
+    tp_group: object
+    cp_group: object
+
+    def earlier_and_total(self, one_hot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per token, the (k, E) slots of other ranks' runs earlier in the sequence; and all slots."""
+        k, e = one_hot.shape[1:]
+        runs = one_hot.new_zeros((2, k, e)).index_add_(0, self.segment, one_hot)
+        for group in (self.tp_group, self.cp_group):  # gathered along dim 0: tp ranks, then cp ranks
+            n = group_size(group)
+            if n > 1:
+                gathered = runs.new_empty((n * runs.shape[0], k, e))
+                all_gather_flat(gathered, runs.contiguous(), group=group)
+                runs = gathered
+        mine = self.starts[self.mine : self.mine + 2]
+        before = self.starts.unsqueeze(0) < mine.unsqueeze(1)  # (2, all runs)
+        before[:, self.mine : self.mine + 2] = False  # this rank's own runs: counted by the local cumsum
+        earlier = (before.to(runs.dtype)[:, :, None, None] * runs.unsqueeze(0)).sum(1)  # (2, k, E)
+        return earlier[self.segment], runs.sum(0)
+
+
+def route(
+    logits: torch.Tensor,
+    top_k: int,
+    capacity: int,
+    total_tokens: int,
+    tp_group=None,
+    context: ContextRouting | None = None,
+) -> Routing:
     """Routing of this rank's tokens, given in priority order (T_local, E). `total_tokens` is T, the
     tokens of the whole micro-batch; under tensor parallelism this rank holds the tp_rank-th contiguous
-    part of them (in priority order) and the others are counted through one all-gather over tp_group."""
+    part of them (in priority order) and the others are counted through one all-gather over tp_group;
+    under context parallelism `context` places this rank's runs among every rank's."""
     num_experts = logits.shape[-1]
     probs = torch.softmax(logits, dim=-1)
     top_p, expert = probs.topk(top_k, dim=-1)
@@ -71,7 +117,9 @@ def route(logits: torch.Tensor, top_k: int, capacity: int, total_tokens: int, tp
     one_hot = F.one_hot(expert, num_experts)  # (T_local, k, E)
     local_counts = one_hot.sum(0)  # (k, E)
     tp = group_size(tp_group)
-    if tp > 1:
+    if context is not None:
+        earlier_ranks, total = context.earlier_and_total(one_hot)
+    elif tp > 1:
         all_counts = local_counts.new_empty((tp * top_k, num_experts))  # gathered along dim 0
         all_gather_flat(all_counts, local_counts, group=tp_group)
         all_counts = all_counts.view(tp, top_k, num_experts)
@@ -81,7 +129,7 @@ def route(logits: torch.Tensor, top_k: int, capacity: int, total_tokens: int, tp
         earlier_ranks, total = torch.zeros_like(local_counts), local_counts
     # Queue position of slot (t, j) at expert e: all slots of earlier choice ranks for e, plus slots of
     # choice rank j for e on earlier tensor ranks, plus earlier local tokens with choice j = e.
-    offset = (total.cumsum(0) - total) + earlier_ranks  # (k, E)
+    offset = (total.cumsum(0) - total) + earlier_ranks  # (k, E), or (T_local, k, E) with context
     position = offset + one_hot.cumsum(0) - one_hot  # (T_local, k, E)
     position = position.gather(-1, expert.unsqueeze(-1)).squeeze(-1)
     routed_share = total.sum(0).to(probs.dtype) / (total_tokens * top_k)  # f_e, no gradient
@@ -143,6 +191,7 @@ class MoELayer(nn.Module):
         ep_group=None,
         tp_group=None,
         split_tokens: bool = False,
+        cp_group=None,
     ):
         super().__init__()
         ep, tp = group_size(ep_group), group_size(tp_group)
@@ -152,6 +201,7 @@ class MoELayer(nn.Module):
         self.capacity_factor = capacity_factor
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
         self.ep_group, self.tp_group, self.split_tokens = ep_group, tp_group, split_tokens and tp > 1
+        self.cp_group = cp_group if group_size(cp_group) > 1 else None
         self.aux_grad_scale = 0.0  # d(objective)/d(aux) per micro-batch: set by the training loop
         self.router = nn.Linear(d_model, num_experts, bias=False)
         set_sharding(self.router.weight, Sharding(full_shape=(num_experts, d_model), partial_grad=tp > 1))
@@ -174,9 +224,10 @@ class MoELayer(nn.Module):
         tokens = x.transpose(0, 1).reshape(s * b, d)  # sequence-major: the routing priority order
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(wide(tokens), wide(self.router.weight))
-        total_tokens = b * s * group_size(self.tp_group)
+        total_tokens = b * s * group_size(self.tp_group) * group_size(self.cp_group)
         capacity = expert_capacity(self.capacity_factor, total_tokens, self.top_k, self.num_experts)
-        r = route(logits, self.top_k, capacity, total_tokens, self.tp_group)
+        context = self._context_routing(b, s, x.device) if self.cp_group is not None else None
+        r = route(logits, self.top_k, capacity, total_tokens, self.tp_group, context)
         slot = r.keep.flatten().nonzero().squeeze(-1)  # kept slots in (token, choice) order
         token = slot // self.top_k
         y = run_experts(
@@ -195,6 +246,19 @@ class MoELayer(nn.Module):
                 self._record(r)
         out = out.view(s, b, d).transpose(0, 1)
         return gather_to_replica(out, self.tp_group) if self.split_tokens else out
+
+    def _context_routing(self, b: int, s: int, device) -> ContextRouting:
+        tp, cp = group_size(self.tp_group), group_size(self.cp_group)
+        seq_len = s * tp * cp
+        runs = [
+            token_segments(seq_len, cp, c, tp, t) for c in range(cp) for t in range(tp)
+        ]  # the gathered order: tp ranks within cp ranks
+        starts = torch.tensor([start for rank in runs for start, _ in rank], device=device)
+        me = group_rank(self.cp_group) * tp + group_rank(self.tp_group)
+        first_run = runs[me][0][1]
+        # Tokens are sequence-major: token i is at local sequence index i // b.
+        segment = (torch.arange(s * b, device=device) // b >= first_run).long()
+        return ContextRouting(segment, starts, 2 * me, self.tp_group, self.cp_group)
 
     @torch.no_grad()
     def _record(self, r: Routing) -> None:

@@ -174,7 +174,7 @@ def layout_matches_ddp(layout: tuple[str, ...], overrides: tuple[str, ...]) -> l
     if not cfg.model.moe.num_experts:
         reference_overrides += (f"train.micro_batch_size={cfg.train.global_batch_size // world}",)
     p = cfg.parallel
-    grid = harness.grid(tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep, dp_shard=p.dp_shard)
+    grid = harness.grid(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, ep=p.ep, dp_shard=p.dp_shard)
     with float64():
         ours, ref = dtrain_run(cfg, grid), torch_ddp_run(tiny_config(world, *reference_overrides))
         compare_runs(ours, ref, FP64)

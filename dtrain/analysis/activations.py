@@ -13,6 +13,10 @@ key/value width, t = tp, V the vocabulary padded to a multiple of t), in fp32:
                          as a block norm; the loss keeps its softmax V/t (4 bytes) and the targets (8
                          bytes; under tp the rank's target shard and two 1-byte masks), plus, without
                          tp, cross_entropy's 4-byte reduction weight per micro-batch
+  context parallelism    every count is per token of the rank's seq/cp tokens: ring attention keeps what the
+                         fused kernel keeps (q, k, v, its output and the log-sum-exp per head); the
+                         rotary tables gathered at the global positions, cos and sin (b, s/cp, d/2) each,
+                         are kept once per chunk, shared by its blocks
   checkpointing          a block keeps only its input (h, or h/t under SP); backward recomputes one block
                          at a time, so one block's full set is added once
 
@@ -73,7 +77,7 @@ def activation_bytes(cfg: Config, pp_rank: int = 0) -> dict:
     """Activation bytes on one rank of pipeline stage `pp_rank` (every tensor and data rank of a stage
     holds the same): per micro-batch, the micro-batches in flight, and their product at the peak."""
     p, t = cfg.parallel, cfg.train
-    tokens = t.micro_batch_size * t.seq_len
+    tokens = t.micro_batch_size * t.seq_len // p.cp  # this rank's share of each sequence
     total_chunks = n_chunks(cfg)
     splits = balanced_split(cfg.model.n_layers, total_chunks)
     ckpt = t.activation_checkpointing
@@ -85,6 +89,8 @@ def activation_bytes(cfg: Config, pp_rank: int = 0) -> dict:
         blocks += len(block_ids)
         per_token = len(block_ids) * block_elements_per_token(cfg, ckpt) * FP32
         per_token += ends_bytes_per_token(cfg, c == 0, c == total_chunks - 1)
+        if p.cp > 1 and block_ids:
+            per_token += head_dim_of(cfg.model) * FP32  # cos and sin at the global positions
         per_microbatch += per_token * tokens
         if c == total_chunks - 1 and p.tp == 1:
             per_microbatch += FP32  # cross_entropy's reduction weight

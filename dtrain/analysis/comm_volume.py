@@ -22,6 +22,11 @@ padding and bucket boundaries are exact. Per step, for the layouts the trainer r
                 are split over tp instead (all-gather of the output and of the input gradient without SP)
                 plus an all-gather of tp*k*E int64 counts. After backward one all-reduce sums the
                 partial gradients (SP norm gains, replicated k/v, router and experts)
+  context       per attention layer and micro-batch (parallel.context_parallel's ring): forward,
+                cp-1 steps each sending the held K and V blocks (b * kv heads * s/cp * head dim each) to
+                the next cp rank; backward, the same K/V sends and as many dK/dV partial sums (one hop
+                behind). Every other activation above is the rank's s/cp tokens
+                MoE blocks add an all-gather of the routing counts of every rank's runs of tokens
   experts       per MoE block and micro-batch: a count exchange (E int64) and 4 all-to-alls of rows
                 (dispatch, combine, and their adjoints in backward). Rows depend on the routing: pass the
                 exact (leaving, arriving) totals as `moe_rows`, else the balanced figure
@@ -34,7 +39,7 @@ padding and bucket boundaries are exact. Per step, for the layouts the trainer r
                 bucket's gradient shard per step over the replicas (axis dp_replicate, edp_replicate)
   the rest      gradient-norm all-reduces of one scalar (dp under ZeRO, ep, tp, pp), tied embeddings
                 across pipeline ends summed over the embed group
-  bookkeeping   the loss sum (pp, dp) and the MoE routing statistics (world), tallied apart
+  bookkeeping   the loss sum (pp, dp, cp) and the MoE routing statistics (world), tallied apart
 
 Activation checkpointing recomputes each block's forward inside backward, issuing its forward
 collectives (tensor and expert) again, all but a last reduction that nothing saved for backward needs
@@ -43,7 +48,7 @@ elements are tensor-partial), pipeline ones on its stage, hence `rank`.
 
 Not modelled, raising NotModelled: 16-bit compute with activation traffic (the dtypes under autocast vary
 per tensor; data parallelism alone is modelled, its gradients are fp32), ZeRO 2/3 with the interleaved
-schedule, ZeRO 3 with ep > 1, context parallelism. A skipped fp16 step (overflow) sends no ZeRO
+schedule, ZeRO 3 with ep > 1. A skipped fp16 step (overflow) sends no ZeRO
 all-gather; the prediction assumes none.
 """
 
@@ -56,9 +61,11 @@ import torch
 
 from dtrain.analysis.estimate import meta_rank
 from dtrain.config import Config, microbatches_per_rank
+from dtrain.data import packs_documents
 from dtrain.model import Transformer, is_moe_block
 from dtrain.parallelize import Parallelized
 from dtrain.stage import n_chunks
+from parallel.context_parallel import ring_send_bytes
 from parallel.data_parallel import DataParallelAdamW
 from parallel.grid import group_size
 from parallel.ledger import (
@@ -141,11 +148,11 @@ class Volume:
 
 def _check_modelled(cfg: Config) -> None:
     p, t = cfg.parallel, cfg.train
-    activations = p.tp > 1 or p.pp > 1 or p.ep > 1
+    activations = p.tp > 1 or p.pp > 1 or p.ep > 1 or p.cp > 1
     if t.precision != "fp32" and activations:
         raise NotModelled(
-            f"train.precision={t.precision} with tp/pp/ep traffic: activation dtypes under autocast are not "
-            f"modelled; use train.precision=fp32 (data parallelism alone is modelled at any precision)"
+            f"train.precision={t.precision} with tp/pp/ep/cp traffic: activation dtypes under autocast are "
+            f"not modelled; use train.precision=fp32 (data parallelism alone is modelled at any precision)"
         )
     if p.zero >= 2 and n_chunks(cfg) > p.pp:
         raise NotModelled(
@@ -154,8 +161,6 @@ def _check_modelled(cfg: Config) -> None:
         )
     if p.zero == 3 and p.ep > 1:
         raise NotModelled(f"parallel.zero=3 with parallel.ep={p.ep} is not modelled; use parallel.ep=1")
-    if p.cp > 1:
-        raise NotModelled(f"parallel.cp={p.cp}: context parallelism is not modelled")
 
 
 def predict(
@@ -180,6 +185,7 @@ def predict(
     v = Volume()
     _pipeline(v, cfg, chunks, it)
     _tensor_parallel(v, cfg, chunks, it)
+    _context_parallel(v, cfg, chunks, it)
     _experts(v, cfg, chunks, it, moe_rows)
     _gradients(v, cfg, built.grad_sync, it)
     _bookkeeping(v, cfg, it)
@@ -193,7 +199,7 @@ def _pipeline(v: Volume, cfg: Config, chunks: dict[int, Transformer], it: int) -
     if p.pp == 1:
         return
     m, last = microbatches_per_rank(cfg), n_chunks(cfg) - 1
-    seq = t.seq_len // (p.tp if p.sp else 1)
+    seq = t.seq_len // p.cp // (p.tp if p.sp else 1)
     act = t.micro_batch_size * seq * cfg.model.d_model * it
     forward_sends = sum(c != last for c in chunks)
     backward_sends = sum(c != 0 for c in chunks)
@@ -250,8 +256,9 @@ def _tensor_parallel(v: Volume, cfg: Config, chunks: dict[int, Transformer], it:
     if n == 1:
         return
     mb = microbatches_per_rank(cfg)
-    act = t.micro_batch_size * t.seq_len * m.d_model * it  # one (b, s, h) activation, whole sequence
-    counts = n * m.moe.top_k * m.moe.num_experts * ID_BYTES  # the gathered (tp*k, E) int64 counts
+    act = t.micro_batch_size * t.seq_len // p.cp * m.d_model * it  # one (b, s/cp, h) activation
+    # The gathered (tp*k, E) int64 counts; under cp the counts of the rank's two runs, (tp*2*k, E).
+    counts = n * m.moe.top_k * m.moe.num_experts * ID_BYTES * (2 if p.cp > 1 else 1)
     blocks = [int(i) for chunk in chunks.values() for i in chunk.blocks]
     for moe in (False, True):
         k = sum(is_moe_block(m, i) == moe for i in blocks)
@@ -269,8 +276,39 @@ def _tensor_parallel(v: Volume, cfg: Config, chunks: dict[int, Transformer], it:
     else:
         v.ring("tp", ALL_REDUCE, embed, act, n, "embedding output (fwd)")
         v.ring("tp", ALL_REDUCE, head, act, n, "head entry gradient, copy_to_tp (bwd)")
-    loss = t.micro_batch_size * t.seq_len * max(it, 4)  # the loss widens logits to at least fp32
+    loss = t.micro_batch_size * t.seq_len // p.cp * max(it, 4)  # the loss widens logits to at least fp32
     v.ring("tp", ALL_REDUCE, 3 * head, loss, n, "vocab-parallel loss: max, sum of exp, target logit (fwd)")
+
+
+def _context_parallel(v: Volume, cfg: Config, chunks: dict[int, Transformer], it: int) -> None:
+    """parallel.context_parallel.ring_attention per block and micro-batch: K and V are sent as two
+    tensors per ring step (with packed documents their ids as a third), the dK/dV partial sums
+    likewise; activation checkpointing runs the forward ring again inside backward (attention's outputs
+    are saved, so the recomputation reaches it)."""
+    p, t, m = cfg.parallel, cfg.train, cfg.model
+    if p.cp == 1:
+        return
+    attention = [block.attn for chunk in chunks.values() for block in chunk.blocks.values()]
+    again = 2 if t.activation_checkpointing else 1
+    # MoE routing (parallel.moe.ContextRouting): the runs' counts, gathered over tp, then over cp.
+    moe = sum(is_moe_block(m, int(i)) for chunk in chunks.values() for i in chunk.blocks)
+    counts = p.cp * p.tp * 2 * m.moe.top_k * m.moe.num_experts * ID_BYTES
+    calls = microbatches_per_rank(cfg) * moe * again
+    v.ring("cp", ALL_GATHER, calls, counts, p.cp, "MoE routing: counts of every rank's runs (fwd)")
+    for attn in attention[:1]:  # every block's attention has the same shapes
+        forward, backward = ring_send_bytes(
+            t.micro_batch_size, t.seq_len, p.cp, attn.n_kv_heads, attn.head_dim, it
+        )
+        calls = microbatches_per_rank(cfg) * len(attention) * 2 * (p.cp - 1)  # K and V: two sends
+        v.add("cp", SEND, calls * again, Fraction(forward, 2 * (p.cp - 1)), "ring: K and V blocks (fwd)")
+        v.add("cp", SEND, calls, Fraction(forward, 2 * (p.cp - 1)), "ring: K and V blocks again (bwd)")
+        v.add("cp", SEND, calls, Fraction(backward - forward, 2 * (p.cp - 1)), "ring: dK and dV sums (bwd)")
+        v.add("cp", RECV, calls * (again + 2), 0, "the matching receives (bytes on the sender)")
+    if attention and packs_documents(cfg):  # the keys' document ids travel with them, both ways
+        ids = microbatches_per_rank(cfg) * len(attention) * (p.cp - 1) * (again + 1)
+        each = t.micro_batch_size * t.seq_len // p.cp * ID_BYTES
+        v.add("cp", SEND, ids, each, "ring: the K/V blocks' document ids (fwd and bwd)")
+        v.add("cp", RECV, ids, 0, "the matching receives (bytes on the sender)")
 
 
 def _experts(
@@ -291,7 +329,7 @@ def _experts(
     if moe_rows is None:
         # docs/formulas.md: with balanced routing (ep-1)/ep of the T*k routed rows leave (before dropping);
         # T is one tensor rank's share of the micro-batch (tokens are split over tp).
-        tokens = t.micro_batch_size * t.seq_len // p.tp
+        tokens = t.micro_batch_size * t.seq_len // p.tp // p.cp
         leaving = arriving = Fraction(ep - 1, ep) * tokens * m.moe.top_k * calls
         v.estimated.add(("ep", ALL_TO_ALL))
     else:
@@ -304,9 +342,11 @@ def _experts(
     v.add("ep", ALL_TO_ALL, calls, back, "dispatch adjoint: the arrived rows' gradients (bwd)")
 
 
-def _axis(group) -> str:
-    """The ledger's axis name for one of a MetaGrid's groups (dp x cp is "dp" while cp = 1)."""
-    return "dp" if group.group_name == "dp_cp" else group.group_name
+def _axis(group, cp: int) -> str:
+    """The ledger's axis name for one of a MetaGrid's groups (dp x cp is "dp" while cp = 1, edp x cp
+    "edp")."""
+    name = group.group_name
+    return name[:-3] if name in ("dp_cp", "edp_cp") and cp == 1 else name
 
 
 def _gradients(v: Volume, cfg: Config, sync, it: int) -> None:
@@ -322,7 +362,14 @@ def _ddp(v: Volume, cfg: Config, sync: DataParallelAdamW, it: int) -> None:
     p = cfg.parallel
     grad = sync.buckets.buckets[0].buffer.element_size()  # fp32 buckets (fp64 with fp64 parameters)
     for b in sync.buckets.buckets:
-        v.ring(_axis(b.group), ALL_REDUCE, 1, b.buffer.numel() * grad, group_size(b.group), "gradient bucket")
+        v.ring(
+            _axis(b.group, p.cp),
+            ALL_REDUCE,
+            1,
+            b.buffer.numel() * grad,
+            group_size(b.group),
+            "gradient bucket",
+        )
     partial = sum(q.numel() for q in sync.params if sharding_of(q).partial_grad)
     v.ring("tp", ALL_REDUCE, int(partial > 0), partial * grad, p.tp, "sum_partial_grads: one flat all-reduce")
     for q in sync.tied:
@@ -337,7 +384,7 @@ def _zero(v: Volume, cfg: Config, sync, it: int) -> None:
     p = cfg.parallel
     mb = microbatches_per_rank(cfg)
     for w in sync.parts if isinstance(sync, ZeroWithExperts) else (sync,):
-        axis = _axis(w.group)
+        axis = _axis(w.group, p.cp)
         for b in w.buckets:
             full = b.flat_params.numel() * it  # padded to a multiple of n
             if p.zero == 3:  # gathered before each forward use and once for backward, per micro-batch
@@ -367,7 +414,7 @@ def _zero(v: Volume, cfg: Config, sync, it: int) -> None:
 def _bookkeeping(v: Volume, cfg: Config, it: int) -> None:
     """The trainer's reductions for its metrics (Trainer._sum_loss, Stage.routing_metrics)."""
     p, m = cfg.parallel, cfg.model
-    for axis, n in (("pp", p.pp), ("dp", p.dp)):
+    for axis, n in (("pp", p.pp), ("dp", p.dp), ("cp", p.cp)):
         v.ring(axis, ALL_REDUCE, 1, it, n, "loss sum", BOOKKEEPING)
     layers = sum(is_moe_block(m, i) for i in range(m.n_layers))
     stats = layers * (3 + m.moe.num_experts) * 8  # float64 per layer: aux, z, dropped, per expert

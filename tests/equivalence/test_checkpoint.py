@@ -139,10 +139,8 @@ def reshard_case(out_dir: str, save_layout: tuple[str, ...], resume_layout: tupl
     def fit(layout, *overrides):
         cfg = tiny_config(world, *model, *layout, *overrides)
         p = cfg.parallel
-        trainer = Trainer(
-            cfg, harness.grid(tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep, dp_shard=p.dp_shard), torch.device("cpu")
-        )
-        return trainer.fit()
+        grid = harness.grid(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, ep=p.ep, dp_shard=p.dp_shard)
+        return Trainer(cfg, grid, torch.device("cpu")).fit()
 
     with float64():
         fit(
@@ -191,6 +189,8 @@ RESHARD = {
     # resumes in groups of 4 (one replica), and back at another stage.
     "zero2-shard2-to-shard4": (4, ("parallel.zero=2", "parallel.dp_shard=2"), ("parallel.zero=2",)),
     "zero3-shard4-to-zero1-shard2": (4, ("parallel.zero=3",), ("parallel.zero=1", "parallel.dp_shard=2")),
+    # Parameters and optimizer state are replicated over cp: one context rank writes them.
+    "cp2-tp2-to-dp4": (4, ("parallel.cp=2", *TP2), ()),
 }
 
 
@@ -201,6 +201,7 @@ SLOW_RESHARD = {
     "tp2pp2-to-dp4",
     "moe-ep2pp2-to-ep1",
     "zero3-shard4-to-zero1-shard2",
+    "cp2-tp2-to-dp4",
 }
 
 

@@ -158,10 +158,11 @@ def saved_activation_case(overrides: tuple[str, ...]) -> tuple[int, float]:
     predicted per micro-batch)."""
     from dtrain.analysis.activations import activation_bytes
     from dtrain.parallelize import build_model_chunks
+    from parallel.context_parallel import split_microbatch
 
     cfg = tiny_config(dist.get_world_size(), *overrides)
     p, t = cfg.parallel, cfg.train
-    grid = harness.grid(tp=p.tp, pp=p.pp, dp=p.dp)
+    grid = harness.grid(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp)
     (c, chunk), *_ = build_model_chunks(cfg, grid, torch.device("cpu")).items()
     fixed = {q.untyped_storage().data_ptr() for q in [*chunk.parameters(), *chunk.buffers()]}
     saved = {}
@@ -173,10 +174,13 @@ def saved_activation_case(overrides: tuple[str, ...]) -> tuple[int, float]:
         return tensor
 
     tokens, targets = (torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, t.seq_len)) for _ in "xy")
-    seq = t.seq_len // (p.tp if p.sp else 1)
+    context = {}
+    if p.cp > 1:  # this rank's chunks of the sequence, as the trainer hands them over
+        tokens, targets, context = split_microbatch((tokens, targets), p.cp, grid.coords.cp)
+    seq = t.seq_len // p.cp // (p.tp if p.sp else 1)
     x = tokens if c == 0 else torch.randn(t.micro_batch_size, seq, cfg.model.d_model, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        chunk(x, targets if chunk.head is not None else None)
+        chunk(x, targets if chunk.head is not None else None, **context)
     return sum(saved.values()), activation_bytes(cfg, grid.coords.pp)["per_microbatch"]
 
 
@@ -187,6 +191,9 @@ ACTIVATION_CASES = {
     "pp2-stages": ("world2", ("parallel.pp=2", "model.n_layers=3")),
     "tp4-sp-replicated-kv": ("world4", ("parallel.tp=4", "parallel.sp=true")),
     "tp2-pp2-sp": ("world4", ("parallel.tp=2", "parallel.pp=2", "parallel.sp=true")),
+    "cp2": ("world2", ("parallel.cp=2",)),
+    "cp2-tp2-sp": ("world4", ("parallel.cp=2", "parallel.tp=2", "parallel.sp=true")),
+    "cp2-pp2-stages": ("world4", ("parallel.cp=2", "parallel.pp=2", "model.n_layers=3")),
 }
 
 

@@ -41,6 +41,9 @@ LAYOUTS_2 = {
         "model.n_layers=4",
     ),
     "moe-ep2": ("parallel.ep=2", *MOE, SMALL_BUCKETS),
+    "cp2": ("parallel.cp=2", SMALL_BUCKETS),
+    "cp2-zero3-checkpointing": ("parallel.cp=2", "parallel.zero=3", "train.activation_checkpointing=true"),
+    "cp2-moe-checkpointing": ("parallel.cp=2", *MOE, "train.activation_checkpointing=true"),
 }
 
 # Heavier compositions on 4 ranks (slow): ZeRO shards meet tensor-partial sums, tied pipeline ends, and
@@ -53,6 +56,11 @@ LAYOUTS_4 = {
     "pp2-dp2-tied-zero3": ("parallel.pp=2", "model.tie_embeddings=true", "parallel.zero=3"),
     "tp2-pp2-sp-replicated-kv": ("parallel.tp=2", "parallel.pp=2", "parallel.sp=true", "model.n_kv_heads=1"),
     "dp4-ep2-zero2": ("parallel.ep=2", *MOE, "parallel.zero=2", SMALL_BUCKETS),
+    "cp2-tp2-sp-zero1": ("parallel.cp=2", "parallel.tp=2", "parallel.sp=true", "parallel.zero=1"),
+    "cp2-dp2-replicated-kv": ("parallel.cp=2", "model.n_kv_heads=1", SMALL_BUCKETS),
+    "cp2-pp2-tied": ("parallel.cp=2", "parallel.pp=2", "model.tie_embeddings=true"),
+    "cp2-dp2-ep2": ("parallel.cp=2", "parallel.ep=2", *MOE, SMALL_BUCKETS),
+    "cp2-tp2-moe": ("parallel.cp=2", "parallel.tp=2", *MOE),
     "tp2-dp2-ep2-checkpointing": (
         "parallel.tp=2",
         "parallel.ep=2",
@@ -104,6 +112,10 @@ def _routing_recorder(trainer) -> list:
     def hook(layer, args, _out):
         if torch._C._current_graph_task_id() != -1:
             return  # an activation-checkpointing recompute: the same routing again
+        if layer.cp_group is not None:
+            if group_size(layer.ep_group) > 1:  # the dispatched rows depend on it
+                kept.append(_context_routing_later(layer, args[0]))
+            return
         tp = group_size(layer.tp_group)
         assert tp == 1 or layer.split_tokens, "under SP the layer input is a chunk; route the gathered one"
         # Route the whole micro-batch in priority order (sequence-major); capacity counts all of it, and
@@ -123,6 +135,26 @@ def _routing_recorder(trainer) -> list:
     return kept
 
 
+def _context_routing_later(layer, x):
+    """Under context parallelism a rank holds two chunks of each sequence and places its slots with a
+    gather over cp: the logits are taken now, the routing (collective) after the measured step."""
+    from parallel.grid import group_size
+    from parallel.moe import expert_capacity, route
+
+    assert group_size(layer.tp_group) == 1, "route the tensor rank's piece of the chunks"
+    b, s, d = x.shape
+    with torch.no_grad():
+        logits = torch.nn.functional.linear(x.transpose(0, 1).reshape(s * b, d), layer.router.weight)
+
+    def kept() -> list[int]:
+        total = b * s * group_size(layer.cp_group)
+        capacity = expert_capacity(layer.capacity_factor, total, layer.top_k, layer.num_experts)
+        r = route(logits, layer.top_k, capacity, total, None, layer._context_routing(b, s, x.device))
+        return torch.bincount(r.expert[r.keep], minlength=layer.num_experts).tolist()
+
+    return kept
+
+
 def measure_step(names_and_overrides: list[tuple[str, tuple[str, ...]]]) -> dict:
     """For each layout: one training step under a ledger; this rank's tallies, the prediction's, and
     the MoE routing counts (for the exact all-to-all rows)."""
@@ -134,12 +166,13 @@ def measure_step(names_and_overrides: list[tuple[str, tuple[str, ...]]]) -> dict
     for name, overrides in names_and_overrides:
         cfg = tiny_config(dist.get_world_size(), *overrides)
         p = cfg.parallel
-        grid = harness.grid(tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep, dp_shard=p.dp_shard)
+        grid = harness.grid(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, ep=p.ep, dp_shard=p.dp_shard)
         trainer = Trainer(cfg, grid, torch.device("cpu"))
         kept = _routing_recorder(trainer)
         trainer.ledger = ledger = CommLedger(grid)  # the trainer tags its bookkeeping in this ledger
         with ledger:
             trainer.train_step()
+        kept[:] = [k() if callable(k) else k for k in kept]  # context routing, outside the ledger
         volume = predict(cfg, dist.get_rank())
         out[name] = {
             "training": _tallies(ledger.tallies()),
@@ -262,7 +295,9 @@ def fit_and_read(out_dir: str, overrides: tuple[str, ...]) -> list[dict] | None:
     cfg = tiny_config(dist.get_world_size(), *overrides, f"run.out_dir={out_dir}")
     p = cfg.parallel
     Trainer(
-        cfg, harness.grid(tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep, dp_shard=p.dp_shard), torch.device("cpu")
+        cfg,
+        harness.grid(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, ep=p.ep, dp_shard=p.dp_shard),
+        torch.device("cpu"),
     ).fit()
     if dist.get_rank() != 0:
         return None
@@ -404,3 +439,23 @@ def test_ledger_sees_every_way_a_collective_is_issued(world2):
             ("dp", "barrier"): (1, 0),
         }, rank
         assert result["bookkeeping"] == {("dp", "all-reduce"): (1, 8)}
+
+
+def test_ledger_equals_analytic_volume_with_packed_documents(world2, tmp_path):
+    """Context parallelism over packed documents: the keys' document ids travel the ring with them."""
+    from dtrain.prepare import prepare_data
+    from tests import hf_models
+    from tests.equivalence.test_sft import _records
+
+    tok = hf_models.make_tokenizer(str(tmp_path / "tok"))
+    (tmp_path / "pr.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _records(40)))
+    prepare_data(str(tmp_path / "pr.jsonl"), str(tmp_path / "data"), "prompt-response", tok, val_fraction=0.0)
+    data = ("data.kind=memmap", f"data.path={tmp_path / 'data'}", "data.packing=true")
+    layouts = {
+        "cp2-documents": ("parallel.cp=2", *data),
+        "cp2-documents-checkpointing": ("parallel.cp=2", "train.activation_checkpointing=true", *data),
+    }
+    results = world2.run(measure_step, list(layouts.items()))
+    for name, overrides in layouts.items():
+        check_layout(name, overrides, results)
+        assert any(key == ("cp", "send") for key in results[0][name]["training"])

@@ -1,9 +1,10 @@
 """Every combination composes: the same tiny model, dense and mixture-of-experts, trained under every
 layout the grid can factor in 2, 4 and 8 ranks (tp x pp x dp, ep carved out of dp, sequence parallelism
-on and off, ZeRO stage 0-3; hybrid sharding over parallel.dp_shard of 4 data-parallel ranks) and compared
-with torch DDP on the unsharded model: every loss, grad norm and parameter in float64 to 1e-10, losses
-and grad norms in fp32 to 1e-5 (tests/reference.py, layout_matches_ddp). Each case also holds `dtrain
-estimate`'s per-rank model-state bytes (from the config alone) to what every rank's trainer measures
+on and off, ZeRO stage 0-3), plus context parallelism (cp=2 and 4) with each other axis and hybrid
+sharding over parallel.dp_shard of 4 data-parallel ranks, and compared with torch DDP on the unsharded
+model: every loss, grad norm and parameter in float64 to 1e-10, losses and grad norms in fp32 to 1e-5
+(tests/reference.py, layout_matches_ddp). Each case also holds `dtrain estimate`'s per-rank model-state
+bytes (from the config alone) to what every rank's trainer measures
 (`Trainer.held_bytes()`): they must be equal.
 
 Offload, activation checkpointing, the pipeline schedule and tied embeddings rotate over the cases (each
@@ -100,9 +101,74 @@ def hybrid_cases() -> dict:
     return cases
 
 
-MATRIX = matrix() | hybrid_cases()
+def _cp(*layout: str, overrides: tuple[str, ...] = (), cp: int = 2) -> tuple:
+    world = cp
+    for part in layout:
+        if part.split("=")[0] in ("parallel.tp", "parallel.pp", "parallel.dp"):
+            world *= int(part.split("=")[1])
+    return world, (f"parallel.cp={cp}", *layout), (*MODEL, *overrides)
+
+
+# Context parallelism with each other axis (the load-balanced chunks of 16 tokens are 4 long; 2 at cp=4).
+CONTEXT_PARALLEL = {
+    "w2-cp2-dp1-zero0-dense": _cp("parallel.dp=1", overrides=("model.tie_embeddings=true",)),
+    "w4-cp2-dp2-zero1-dense": _cp("parallel.dp=2", "parallel.zero=1", "parallel.offload=optimizer"),
+    "w4-cp2-tp2-dp1-zero0-dense": _cp("parallel.tp=2", "parallel.dp=1"),
+    "w4-cp2-tp2sp-dp1-zero2-dense": _cp(
+        "parallel.tp=2",
+        "parallel.sp=true",
+        "parallel.dp=1",
+        "parallel.zero=2",
+        overrides=("train.activation_checkpointing=true",),
+    ),
+    "w4-cp2-pp2-dp1-zero0-dense": _cp("parallel.pp=2", "parallel.dp=1", "parallel.pp_schedule=1f1b"),
+    "w4-cp2-pp2-dp1-zero1-interleaved-dense": _cp(
+        "parallel.pp=2",
+        "parallel.dp=1",
+        "parallel.zero=1",
+        "parallel.pp_schedule=interleaved",
+        "parallel.pp_virtual_stages=2",
+        overrides=("model.tie_embeddings=true",),
+    ),
+    "w4-cp2-pp2-dp1-zero0-gpipe-dense": _cp(
+        "parallel.pp=2",
+        "parallel.dp=1",
+        "parallel.pp_schedule=gpipe",
+        overrides=("train.activation_checkpointing=true",),
+    ),
+    "w2-cp2-dp1-zero1-moe-ep1": _cp("parallel.dp=1", "parallel.zero=1", overrides=MOE),
+    "w4-cp2-dp2-zero0-moe-ep2": _cp("parallel.dp=2", "parallel.ep=2", overrides=MOE),
+    "w4-cp2-dp2-zero2-moe-ep2": _cp(
+        "parallel.dp=2",
+        "parallel.ep=2",
+        "parallel.zero=2",
+        overrides=(*MOE, "train.activation_checkpointing=true"),
+    ),
+    "w4-cp2-tp2-dp1-zero0-moe-ep1": _cp("parallel.tp=2", "parallel.dp=1", overrides=MOE),
+    "w4-cp2-tp2sp-dp1-zero3-moe-ep1": _cp(
+        "parallel.tp=2", "parallel.sp=true", "parallel.dp=1", "parallel.zero=3", overrides=MOE
+    ),
+    "w4-cp2-pp2-dp1-zero1-moe-ep1": _cp("parallel.pp=2", "parallel.dp=1", "parallel.zero=1", overrides=MOE),
+    "w4-cp4-dp1-zero1-dense": _cp("parallel.dp=1", "parallel.zero=1", cp=4),
+    "w4-cp4-dp1-zero0-moe-ep1": _cp("parallel.dp=1", overrides=MOE, cp=4),
+    "w2-cp2-dp1-zero3-dense": _cp("parallel.dp=1", "parallel.zero=3", "parallel.offload=all"),
+    # with hybrid sharding: a shard group holds whole cp groups; expert copies span edp x cp
+    "w4-cp2-dp2-zero2-shard2-dense": _cp("parallel.dp=2", "parallel.zero=2", "parallel.dp_shard=2"),
+    "w4-cp2-dp2-zero1-shard2-moe-ep1": _cp(
+        "parallel.dp=2", "parallel.zero=1", "parallel.dp_shard=2", overrides=MOE
+    ),
+    "w8-cp2-dp4-zero3-shard4-moe-ep2": _cp(
+        "parallel.dp=4", "parallel.ep=2", "parallel.zero=3", "parallel.dp_shard=4", overrides=MOE
+    ),
+    "w4-cp2-dp2-zero3-dense": _cp(
+        "parallel.dp=2", "parallel.zero=3", overrides=("train.activation_checkpointing=true",)
+    ),
+}
+
+MATRIX = matrix() | hybrid_cases() | CONTEXT_PARALLEL
 # One case per kind of composition on 2 and 4 ranks (the rest, 8 ranks included, run with -m slow).
 DEFAULT = (
+    "w2-cp2-dp1-zero0-dense",
     "w2-tp2sp-pp1-dp1-zero2-moe-ep1",
     "w4-tp1-pp2-dp2-zero3-moe-ep2",
     "w4-tp2-pp2-dp1-zero1-dense",
@@ -156,6 +222,7 @@ def test_matrix_covers_every_axis():
         "model.tie_embeddings=true",
         "model.moe.num_experts=4",
         *(f"parallel.dp_shard={k}" for k in (1, 2, 4)),
+        "parallel.cp=2",
     ):
         assert fragment in joined, fragment
     assert set(DEFAULT) <= set(MATRIX)

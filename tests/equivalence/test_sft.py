@@ -101,11 +101,18 @@ LAYOUTS = {
         2,
         ("parallel.pp=2", "parallel.pp_schedule=1f1b", "train.activation_checkpointing=true", *MOE),
     ),
+    # Documents that span context chunks: ring attention masks them from the ids travelling with keys.
+    "cp2": (2, ("parallel.cp=2",)),
 }
 SLOW_LAYOUTS = {
     "dp2-ep2-moe-zero1": (2, ("parallel.ep=2", "parallel.zero=1", *MOE)),
     "tp2sp-pp2-zero1": (4, ("parallel.tp=2", "parallel.sp=true", "parallel.pp=2", "parallel.zero=1")),
     "dp2-pp2-zero3-tied": (4, ("parallel.pp=2", "parallel.zero=3", "model.tie_embeddings=true")),
+    "cp2-tp2sp-checkpointing": (
+        4,
+        ("parallel.cp=2", "parallel.tp=2", "parallel.sp=true", "train.activation_checkpointing=true"),
+    ),
+    "cp2-pp2-zero2": (4, ("parallel.cp=2", "parallel.pp=2", "parallel.zero=2")),
 }
 
 

@@ -99,6 +99,22 @@ CONFIGS = {
         "model.n_layers=2 cannot be split into 4 pipeline chunks (parallel.pp * pp_virtual_stages); lower "
         "parallel.pp or pp_virtual_stages",
     ),
+    "cp-seq-len": (
+        ("WORLD=2", "parallel.cp=2", "train.seq_len=14"),
+        "train.seq_len=14 must be divisible by 2*parallel.cp=4 (load-balanced chunks)",
+    ),
+    "cp-dropout": (
+        ("WORLD=2", "parallel.cp=2", "model.dropout=0.1"),
+        "model.dropout=0.1: ring attention has no dropout; set it to 0 with cp",
+    ),
+    "cp-experts-tp": (
+        ("WORLD=8", "parallel.cp=2", "parallel.tp=4", "model.moe.num_experts=4", "train.seq_len=20"),
+        "train.seq_len/parallel.cp=10 must be divisible by parallel.tp=4 (MoE layers split tokens over tp)",
+    ),
+    "cp-sp-seq-len": (
+        ("WORLD=8", "parallel.cp=2", "parallel.tp=4", "parallel.sp=true", "train.seq_len=20"),
+        "train.seq_len/parallel.cp=10 must be divisible by parallel.tp=4 for sequence parallelism",
+    ),
     "world-mismatch": (
         ("WORLD=4", "parallel.dp=2"),
         "parallel.dp*tp*pp*cp=2 does not match the world size 4; set parallel.dp=-1 or launch 2 processes",

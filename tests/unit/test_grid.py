@@ -14,19 +14,21 @@ from tests import harness
 
 # The coordinates each group spans (members differ there) and fixes (members agree there). ep and edp are
 # the two halves of the data-parallel index, dp_i = edp_i * ep + ep_i; dp_shard and dp_replicate those of
-# the index in dp x cp under hybrid sharding, edp_shard the place among a shard group's copies of an expert.
+# the index in dp x cp under hybrid sharding, edp_shard the place among a shard group's copies of an
+# expert (its edp x cp ranks there).
 HYBRID = ("dp_shard", "dp_replicate", "edp_shard")
 SPANNED = {
     "pp": ("pp",),
     "dp": ("dp", "ep", "edp", *HYBRID),
-    "cp": ("cp", "dp_shard"),
+    "cp": ("cp", "dp_shard", "edp_shard"),
     "tp": ("tp",),
     "ep": ("ep", "dp", "dp_shard"),
     "edp": ("edp", "dp", *HYBRID),
     "dp_cp": ("dp", "ep", "edp", "cp", *HYBRID),
+    "edp_cp": ("edp", "dp", "cp", *HYBRID),
     "dp_shard": ("dp", "ep", "edp", "cp", "dp_shard", "edp_shard"),
     "dp_replicate": ("dp", "edp", "dp_replicate"),
-    "edp_shard": ("dp", "edp", "dp_shard", "edp_shard"),
+    "edp_shard": ("dp", "edp", "cp", "dp_shard", "edp_shard"),
     "edp_replicate": ("dp", "edp", "dp_replicate"),
 }
 KEY = {  # the coordinates whose combination is unique within a group
@@ -37,9 +39,10 @@ KEY = {  # the coordinates whose combination is unique within a group
     "ep": ("ep",),
     "edp": ("edp",),
     "dp_cp": ("dp", "cp"),
+    "edp_cp": ("edp", "cp"),
     "dp_shard": ("dp", "cp"),
     "dp_replicate": ("dp",),
-    "edp_shard": ("edp",),
+    "edp_shard": ("edp", "cp"),
     "edp_replicate": ("edp",),
 }
 ALL_COORDS = ("pp", "dp", "cp", "tp", "ep", "edp", *HYBRID)
@@ -74,7 +77,7 @@ def expected_groups(
     """Every group built straight from the rank formula (independently of layout()'s bucketing)."""
     edp = dp // ep
     k = dp * cp if k == -1 else k
-    ek = k // (cp * ep)
+    ek = k // ep
 
     def r(p, d, c, t):
         return rank_of(p, d, c, t, dp=dp, cp=cp, tp=tp)
@@ -92,13 +95,17 @@ def expected_groups(
         out["ep"].add(group(r(p, edp_i * ep + x, c, t) for x in range(ep)))
         out["edp"].add(group(r(p, x * ep + e_i, c, t) for x in range(edp)))
         out["dp_cp"].add(group(r(p, x, y, t) for x in range(dp) for y in range(cp)))
-        # Hybrid sharding: j = d * cp + c in dp x cp, shard groups of k consecutive j, replicas across.
+        out["edp_cp"].add(group(r(p, x * ep + e_i, y, t) for x in range(edp) for y in range(cp)))
+        # Hybrid sharding: j = d * cp + c in dp x cp, shard groups of k consecutive j, replicas across;
+        # an expert's copies in a shard group are its edp x cp ranks there, e = edp_i * cp + c.
         j = d * cp + c
         out["dp_shard"].add(group(r(p, x // cp, x % cp, t) for x in range(j - j % k, j - j % k + k)))
         out["dp_replicate"].add(group(r(p, x // cp, x % cp, t) for x in range(j % k, dp * cp, k)))
-        copies = [y for y in range(edp) if ((y * ep + e_i) * cp + c) // k == j // k]
-        out["edp_shard"].add(group(r(p, y * ep + e_i, c, t) for y in copies))
-        out["edp_replicate"].add(group(r(p, y * ep + e_i, c, t) for y in range(edp) if y % ek == edp_i % ek))
+        copies = [(y, z) for y in range(edp) for z in range(cp) if ((y * ep + e_i) * cp + z) // k == j // k]
+        out["edp_shard"].add(group(r(p, y * ep + e_i, z, t) for y, z in copies))
+        place = (edp_i * cp + c) % ek
+        replicas = [(y, z) for y in range(edp) for z in range(cp) if (y * cp + z) % ek == place]
+        out["edp_replicate"].add(group(r(p, y * ep + e_i, z, t) for y, z in replicas))
     return out
 
 
@@ -120,9 +127,10 @@ def test_layout_invariants(world):
         sizes = {"pp": pp, "dp": dp, "cp": cp, "tp": tp, "ep": ep, "edp": dp // ep, "dp_cp": dp * cp}
         replicas = dp * cp // k
         sizes |= {
+            "edp_cp": dp // ep * cp,
             "dp_shard": k,
             "dp_replicate": replicas,
-            "edp_shard": k // (cp * ep),
+            "edp_shard": k // ep,
             "edp_replicate": replicas,
         }
         assert lay.sizes == sizes, where
@@ -271,7 +279,7 @@ def test_dp_is_inferred():
     assert layout(12, tp=2, pp=3).sizes["dp"] == 2
     assert layout(12, tp=2, cp=3).sizes["dp_cp"] == 6
     assert layout(1).sizes == {
-        "pp": 1, "dp": 1, "cp": 1, "tp": 1, "ep": 1, "edp": 1, "dp_cp": 1,
+        "pp": 1, "dp": 1, "cp": 1, "tp": 1, "ep": 1, "edp": 1, "dp_cp": 1, "edp_cp": 1,
         "dp_shard": 1, "dp_replicate": 1, "edp_shard": 1, "edp_replicate": 1,
     }  # fmt: skip
     assert AXES == ("pp", "dp", "cp", "tp")
