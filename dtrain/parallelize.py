@@ -29,7 +29,7 @@ from dtrain.stage import Stage, build_chunks, tied_params, zero3_units
 from parallel.data_parallel import DataParallelAdamW
 from parallel.grad_sync import AdamWConfig, GradSync
 from parallel.grid import Grid
-from parallel.zero import ZeroDataParallel, plan_zero_buckets
+from parallel.zero import WholeParams, ZeroDataParallel, plan_zero_buckets
 from parallel.zero3 import zero3
 from parallel.zero_experts import ZeroWithExperts, split_expert_units
 
@@ -88,9 +88,12 @@ def build_grad_sync(cfg: Config, grid: Grid, chunks: dict[int, Transformer]) -> 
             return zero3(units, group, adamw, p.offload, isolate=tied, **groups)
         params = [q for unit_params, _ in units for q in unit_params]
         plan = plan_zero_buckets(params, int(p.bucket_mb * 2**20), tied)
-        return ZeroDataParallel(plan, group, p.zero, adamw, p.offload == "optimizer", isolate=tied, **groups)
+        frozen = WholeParams([q for q in params if not q.requires_grad])  # held whole, never reduced
+        return ZeroDataParallel(
+            plan, group, p.zero, adamw, p.offload == "optimizer", residency=frozen, isolate=tied, **groups
+        )
 
-    params = [q for chunk in chunks.values() for q in chunk.parameters() if q.requires_grad]
+    params = [q for chunk in chunks.values() for q in chunk.parameters()]
     units = zero3_units(cfg, chunks) if p.zero == 3 else [(params, [])]
     if not experts_apart:
         return zero(units, grid.dp_cp_group)

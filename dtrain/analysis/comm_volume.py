@@ -154,6 +154,11 @@ def _check_modelled(cfg: Config) -> None:
         raise NotModelled(f"parallel.zero=3 with parallel.ep={p.ep} is not modelled; use parallel.ep=1")
     if p.cp > 1:
         raise NotModelled(f"parallel.cp={p.cp}: context parallelism is not modelled")
+    if p.zero == 3 and (cfg.model.lora.rank or t.freeze):
+        raise NotModelled(
+            "parallel.zero=3 with frozen parameters: their gathers in backward depend on which unit outputs "
+            "carry gradients and are not modelled; use parallel.zero<=2"
+        )
 
 
 def predict(
