@@ -285,6 +285,7 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "layout": self.grid.layout.sizes,
             "config": to_dict(self.cfg),
+            "base": checkpoint.base_identity(self.cfg),  # frozen parameters are not saved
         }
         c = self.grid.coords
         with self.grad_sync.params_whole():
@@ -303,6 +304,7 @@ class Trainer:
             )
 
     def resume(self, path: str) -> None:
+        checkpoint.check_base(path, checkpoint.load_state(path).get("base"), self.cfg)
         with self._phase("load", "at start-up"):
             with self.grad_sync.params_whole():
                 state, optimizer_state = checkpoint.restore(path, self.model)
