@@ -185,6 +185,12 @@ RESHARD = {
         ("parallel.zero=2", *PP2, "parallel.ep=2", *MOE),
         ("parallel.zero=3", *TP2, *MOE),
     ),
+    # LoRA: the checkpoint holds the adapters; the frozen base is rebuilt from the seed it names.
+    "lora-zero3-tp2sp-to-zero1-pp2": (
+        2,
+        ("model.lora.rank=4", "model.lora.targets=[wq,wo,w2]", "parallel.zero=3", *TP2_SP),
+        ("model.lora.rank=4", "model.lora.targets=[wq,wo,w2]", "parallel.zero=1", *PP2),
+    ),
 }
 
 
