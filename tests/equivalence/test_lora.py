@@ -134,7 +134,7 @@ SLOW_LAYOUTS = {
     "dp2-freeze-embeddings-zero3": (
         2,
         ("parallel.zero=3",),
-        ("model.lora.rank=0", "train.freeze=[embed.weight,blocks.0.*,*norm.weight]"),
+        ("model.lora.rank=0", "train.freeze=[embed.weight,blocks.0.*,'*norm.weight']"),
     ),
 }
 
