@@ -178,3 +178,37 @@ def test_frozen_parameters_hold_no_gradient_or_optimizer_state(folder):
         with torch.device("meta"):
             whole = sum(p.numel() for p in Transformer(cfg.model).parameters())
         assert est["device"] == {"params": 4 * whole, "grads": 4 * adapters, "optimizer": 8 * adapters}
+
+
+MOE = ("model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.capacity_factor=1.0", "model.n_layers=2")
+EXPERT_LAYOUTS = {
+    "ep2-zero3": ("parallel.ep=2", "parallel.zero=3"),
+    "ep2-zero1": ("parallel.ep=2", "parallel.zero=1"),
+}
+
+
+@pytest.mark.parametrize("layout", EXPERT_LAYOUTS.values(), ids=EXPERT_LAYOUTS.keys())
+def test_lora_on_attention_of_a_mixture_of_experts_model(world2, layout):
+    """Adapters on attention, every expert frozen: the expert wrapper holds no trained state."""
+    overrides = (*MOE, "model.lora.rank=4", "model.lora.targets=[wq,wk,wv,wo]")
+    results = world2.run(lora_case, layout, overrides)
+    stages = estimate_model_states(load_config(None, [*TINY, *layout, *overrides]), 2)["stages"]
+    for r in results:
+        assert r["held_bytes"] == {"device": stages[0]["device"], "host": stages[0]["host"]}
+
+
+# fp16 with dynamic loss scaling and bf16 (the tiny random model, adapters on every projection): the
+# scaled adapter gradients, unscaled on the trained shards only, train as torch DDP with GradScaler does.
+PRECISIONS = {
+    "fp16-zero2": ("train.precision=fp16", "parallel.zero=2"),
+    "bf16-ddp": ("train.precision=bf16",),
+}
+
+
+@pytest.mark.parametrize("overrides", PRECISIONS.values(), ids=PRECISIONS.keys())
+def test_lora_in_16_bits_matches_torch_ddp(world2, overrides):
+    from tests.equivalence.test_data_parallel import equivalence_case
+
+    overrides = ("model.lora.rank=4", ALL_TARGETS, "train.steps=8", "train.lr=3e-2", *overrides)
+    losses = world2.run(equivalence_case, overrides)[0]
+    assert losses[-1] < losses[0]
