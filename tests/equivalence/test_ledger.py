@@ -41,6 +41,14 @@ LAYOUTS_2 = {
         "model.n_layers=4",
     ),
     "moe-ep2": ("parallel.ep=2", *MOE, SMALL_BUCKETS),
+    # Frozen base: only the adapters' gradients travel; the row-parallel adapters add no collective.
+    "lora-zero2": ("parallel.zero=2", "model.lora.rank=4", SMALL_BUCKETS),
+    "lora-tp2-sp": (
+        "parallel.tp=2",
+        "parallel.sp=true",
+        "model.lora.rank=4",
+        "model.lora.targets=[wq,wv,wo,w2]",
+    ),
 }
 
 # Heavier compositions on 4 ranks (slow): ZeRO shards meet tensor-partial sums, tied pipeline ends, and
@@ -75,7 +83,7 @@ def _meta_matches_real(cfg, trainer) -> list[str]:
     def facts(params):
         return [(q.numel(), sharding_of(q).partial_grad, sharding_of(q).expert) for q in params]
 
-    meta = list(meta_rank(cfg, trainer.grid.rank).model.parameters())
+    meta = [q for q in meta_rank(cfg, trainer.grid.rank).model.parameters() if q.requires_grad]
     return (
         []
         if facts(meta) == facts(trainer.params)
