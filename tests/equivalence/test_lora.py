@@ -166,6 +166,33 @@ def test_more_lora_layouts_match_torch_ddp(request, folder, name):
     _run(request, folder, *SLOW_LAYOUTS[name])
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "layout", [("parallel.zero=3",), ("parallel.pp=2", "parallel.zero=3")], ids=["dp2", "pp2"]
+)
+def test_lora_with_tied_embeddings_under_zero3(request, tmp_path_factory, layout):
+    """A frozen embedding that is also the head: its ZeRO-3 unit is gathered for the head's backward."""
+    tied = hf_models.make(str(tmp_path_factory.mktemp("hf") / "tied"), "llama-tied-llama3-rope")
+    _run(request, tied, 2, layout, ("train.micro_batch_size=2",))
+
+
+def test_lora_dropout_acts_on_the_adapter_input_only():
+    from parallel.lora import LoRALinear
+
+    base = torch.nn.Linear(8, 6, bias=False)
+    layer = LoRALinear(base, rank=2, alpha=4.0, dropout=0.5).train()
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(3, 8)
+    torch.manual_seed(0)
+    y = layer(x)
+    torch.manual_seed(0)
+    dropped = torch.nn.functional.dropout(x, 0.5, training=True)
+    expected = base(x) + 2.0 * layer.lora_B(layer.lora_A(dropped))
+    assert torch.equal(y, expected)
+    assert torch.equal(layer.eval()(x), base(x) + 2.0 * layer.lora_B(layer.lora_A(x)))
+
+
 def test_frozen_parameters_hold_no_gradient_or_optimizer_state(folder):
     """dtrain estimate on meta: a LoRA run's gradients and AdamW state are the adapters' only."""
     base = [o for o in TINY if o not in TINY_MODEL]
