@@ -66,13 +66,63 @@ def _canonical(p: torch.Tensor, value: torch.Tensor, groups: dict) -> torch.Tens
     return value.detach().to("cpu", copy=True)
 
 
-def canonical_model_state(model: nn.Module, groups: dict) -> dict[str, torch.Tensor]:
-    """Every parameter this rank's model part holds, except copies another stage saves."""
+def canonical_model_state(model: nn.Module, groups: dict, frozen: bool = True) -> dict[str, torch.Tensor]:
+    """Every parameter this rank's model part holds, except copies another stage saves; without
+    `frozen`, only the trained ones (a checkpoint's: frozen ones come from the base, `base_identity`)."""
     return {
         name: _canonical(p, p, groups)
         for name, p in model.named_parameters()
-        if not sharding_of(p).duplicate_of
+        if not sharding_of(p).duplicate_of and (frozen or p.requires_grad)
     }
+
+
+def base_identity(cfg) -> dict | None:
+    """What the frozen parameters of a run come from, which its checkpoints name instead of holding them:
+    the model.init_from folder with a fingerprint of its files, or the seed of random initial weights.
+    None when nothing is frozen (the checkpoint then holds every parameter)."""
+    if not cfg.model.lora.rank and not cfg.train.freeze:
+        return None
+    if cfg.model.init_from:
+        folder = cfg.model.init_from
+        return {"init_from": os.path.abspath(folder), "fingerprint": fingerprint(folder)}
+    return {"seed": cfg.train.seed}
+
+
+def fingerprint(folder: str) -> str:
+    """sha256 of a Hugging Face folder's config.json and, per safetensors file, its size, its header
+    (every tensor's name, dtype, shape and offsets) and its first MiB of values: cheap on a large model,
+    and any other model, or the same one trained further, differs."""
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name == "config.json":
+            with open(path, "rb") as f:
+                h.update(f.read())
+        elif name.endswith(".safetensors"):
+            with open(path, "rb") as f:
+                header = int.from_bytes(f.read(8), "little")
+                h.update(f"{name}/{os.path.getsize(path)}/".encode())
+                h.update(f.read(header + (1 << 20)))
+    return h.hexdigest()
+
+
+def _base_line(base: dict | None) -> str:
+    if base is None:
+        return "no frozen base"
+    return f"model.init_from={base['init_from']}" if "init_from" in base else f"train.seed={base['seed']}"
+
+
+def check_base(path: str, saved: dict | None, cfg) -> None:
+    """A checkpoint of a run with frozen parameters applies to one base only: the same must be built."""
+    here = base_identity(cfg)
+    if saved == here:
+        return
+    same_source = saved and here and saved.get("init_from") == here.get("init_from")
+    what = "whose files have changed since" if same_source else f"here {_base_line(here)}"
+    raise CheckpointError(
+        f"{path} trained adapters or unfrozen parameters on {_base_line(saved)}, {what}; resume with the "
+        f"base it was trained on"
+    )
 
 
 def optimizer_state(model: nn.Module, state: dict, groups: dict) -> dict[str, torch.Tensor]:
@@ -180,7 +230,7 @@ def save(
 
     agree(_attempt(prepare) if rank == 0 else None)
     if gathers:
-        model_state = canonical_model_state(model, groups)
+        model_state = canonical_model_state(model, groups, frozen=False)
         optim_state = optimizer_state(model, optimizer, groups)
 
     def write_part() -> None:
@@ -308,6 +358,8 @@ def restore(path: str, model: nn.Module) -> tuple[dict, dict]:
         s = sharding_of(p)
         name = s.duplicate_of or own_name
         if name not in model_state:
+            if not p.requires_grad:
+                continue  # frozen: built from the base the checkpoint names (check_base)
             raise CheckpointError(f"{path} has no parameter '{name}': it was saved from another model")
         full = model_state[name]
         if tuple(full.shape) != tuple(s.full_shape):
@@ -378,7 +430,33 @@ def check_resume(cfg, warn=print) -> str | None:
             f"{path} was saved from another model shape ({differs}); set the same model.* values to "
             f"resume it, or use another run.out_dir"
         )
+    check_base(path, load_state(path).get("base"), cfg)
     return path
+
+
+def model_tensors(path: str) -> dict[str, torch.Tensor]:
+    """The canonical tensors of a checkpoint's whole model: what it holds, and where it names a base
+    (frozen parameters not saved), that base's parameters built again from model.init_from or the seed."""
+    from dtrain.config import config_from_dict
+    from dtrain.hf import HFWeights
+    from dtrain.model import Transformer, freeze, init_weights
+
+    tensors = load_parts(path, "model")
+    state = load_state(path)
+    if not state.get("base"):
+        return tensors
+    cfg = config_from_dict(state["config"])
+    check_base(path, state["base"], cfg)
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    freeze(model, cfg.train.freeze)
+    model.to_empty(device="cpu")
+    weights = HFWeights(cfg.model.init_from) if cfg.model.init_from else None
+    init_weights(model, cfg.train.seed, weights.read if weights else None)
+    if weights:
+        weights.close()
+    full = {name: p.detach() for name, p in model.named_parameters() if not p.requires_grad}
+    return {**full, **tensors}
 
 
 def run_complete(path: str, steps: int) -> str | None:

@@ -134,7 +134,14 @@ def cmd_export(args: argparse.Namespace) -> None:
     checkpoint.verify(args.checkpoint)
     cfg = config_from_dict(checkpoint.load_state(args.checkpoint)["config"])
     model = Transformer(cfg.model)
-    tensors = checkpoint.load_parts(args.checkpoint, "model")
+    tensors = checkpoint.model_tensors(args.checkpoint)  # with the base a LoRA checkpoint names
+    if args.format == "peft":
+        from dtrain import hf, lora
+
+        dtype = hf.DTYPES[args.dtype or hf.default_dtype(cfg.model)]
+        n = lora.export_peft(tensors, cfg.model, args.out, dtype)
+        print(f"exported {n} adapter tensors from {args.checkpoint} to {args.out} (PEFT adapter folder)")
+        return
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name not in tensors or tuple(tensors[name].shape) != tuple(p.shape):
@@ -147,6 +154,10 @@ def cmd_export(args: argparse.Namespace) -> None:
 
         dtype = args.dtype or hf.default_dtype(cfg.model)
         canonical = dict(model.named_parameters())  # a tied head is the embedding: listed once
+        if cfg.model.lora.rank:  # the adapters merged into the weights they adapt: W + s B A
+            from dtrain.lora import merge
+
+            canonical = merge(canonical, cfg.model)
         from dtrain.analysis.suggest import parse_bytes
 
         max_shard = parse_bytes(args.max_shard_size, "--max-shard-size")
@@ -441,15 +452,17 @@ def parser() -> argparse.ArgumentParser:
     )
     export.add_argument(
         "--format",
-        choices=("pt", "hf"),
+        choices=("pt", "hf", "peft"),
         default="pt",
         help="pt: dtrain's consolidated state dict (default); hf: config.json + safetensors that "
-        "transformers loads, with the tokenizer files of model.init_from",
+        "transformers loads, with the tokenizer files of model.init_from (LoRA adapters merged into the "
+        "weights); peft: a LoRA run's adapters as adapter_config.json + adapter_model.safetensors that "
+        "peft.PeftModel.from_pretrained loads onto the model.init_from base",
     )
     export.add_argument(
         "--dtype",
         choices=("bf16", "fp32"),
-        help="--format hf: weight dtype (default: the init_from folder's, else fp32)",
+        help="--format hf or peft: weight dtype (default: the init_from folder's, else fp32)",
     )
     export.add_argument(
         "--max-shard-size",

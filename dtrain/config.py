@@ -47,6 +47,36 @@ class RopeScalingConfig:
     original_max_seq_len: int = 8192
 
 
+# Projection names a LoRA adapter can target: dtrain's, and the Hugging Face ones they map onto.
+LORA_TARGETS = {"wq": "attn", "wk": "attn", "wv": "attn", "wo": "attn", "w1": "mlp", "w2": "mlp", "w3": "mlp"}
+HF_PROJECTIONS = {
+    "q_proj": "wq",
+    "k_proj": "wk",
+    "v_proj": "wv",
+    "o_proj": "wo",
+    "gate_proj": "w1",
+    "up_proj": "w3",
+    "down_proj": "w2",
+}
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters (Hu et al. 2021): y = W x + (alpha / rank) * B A dropout(x) on each targeted
+    projection of every block; the base model is frozen. rank 0 = off."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["wq", "wv"])
+
+
+def lora_targets(lora: LoRAConfig) -> list[str]:
+    """The targets as dtrain projection names (Hugging Face names mapped), in a fixed order."""
+    wanted = {HF_PROJECTIONS.get(t, t) for t in lora.targets}
+    return [t for t in LORA_TARGETS if t in wanted]
+
+
 @dataclass
 class ModelConfig:
     init_from: str | None = None  # a local Hugging Face model folder: shape from config.json, its weights
@@ -67,6 +97,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     moe: MoEConfig = field(default_factory=MoEConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass
@@ -109,6 +140,7 @@ class TrainConfig:
     sample_every: int = 0  # log a continuation of sample_prompt every N steps (0 = never)
     sample_prompt: str | None = None
     sample_tokens: int = 32
+    freeze: list[str] = field(default_factory=list)  # fnmatch patterns of canonical parameter names
 
 
 @dataclass
@@ -326,6 +358,42 @@ def _validate_pipeline(m: ModelConfig, p: ParallelConfig, microbatches: int) -> 
     )
 
 
+def _validate_lora(m: ModelConfig, freeze: list[str]) -> None:
+    lora = m.lora
+    _require(lora.rank >= 0, f"model.lora.rank={lora.rank} must be >= 0 (0 = no adapters)")
+    if lora.rank:
+        _require(lora.alpha > 0, f"model.lora.alpha={lora.alpha} must be positive")
+        _require(0.0 <= lora.dropout < 1.0, f"model.lora.dropout={lora.dropout} must be in [0, 1)")
+        _require(bool(lora.targets), "model.lora.targets is empty; name projections such as [wq, wv]")
+        known = [*LORA_TARGETS, *HF_PROJECTIONS]
+        for target in lora.targets:
+            _require(
+                HF_PROJECTIONS.get(target, target) in LORA_TARGETS,
+                f"model.lora.targets: {target!r} matches no layer; choose from {', '.join(known)}",
+            )
+        mlp = [t for t in lora_targets(lora) if LORA_TARGETS[t] == "mlp"]
+        _require(
+            not (mlp and m.moe.num_experts),
+            f"model.lora.targets {', '.join(mlp)} with model.moe.num_experts={m.moe.num_experts}: adapters "
+            f"on experts are not supported; target attention projections (wq, wk, wv, wo) only",
+        )
+    if freeze:
+        import fnmatch
+
+        import torch
+
+        from dtrain.model import Transformer, canonical_name  # the model module imports this one
+
+        with torch.device("meta"):
+            names = [canonical_name(n, m) for n, _ in Transformer(m).named_parameters()]
+        for pattern in freeze:
+            _require(
+                any(fnmatch.fnmatchcase(n, pattern) for n in names),
+                f"train.freeze: {pattern!r} matches no parameter (canonical names such as "
+                f"blocks.0.attn.wq.weight, embed.weight)",
+            )
+
+
 def _validate_moe(moe: MoEConfig, n_layers: int, p: ParallelConfig, microbatch_tokens: int) -> None:
     e = moe.num_experts
     _require(e >= 0, f"model.moe.num_experts={e} must be >= 0 (0 = dense MLP)")
@@ -518,6 +586,8 @@ def validate(cfg: Config, world_size: int) -> Config:
             m.moe.num_experts == 0,
             "train.sample_every: dtrain generates with dense models only; set train.sample_every=0",
         )
+
+    _validate_lora(m, t.freeze)
 
     d = cfg.data
     if d.mix:

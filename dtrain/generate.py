@@ -122,9 +122,9 @@ class ModelSource:
 def load_checkpoint_weights(path: str, models: list[torch.nn.Module]) -> None:
     """Copy a checkpoint's canonical tensors into the parameters of `models` (a whole model, or this rank's
     chunks: their slices of the tensors)."""
-    from dtrain.checkpoint import load_parts
+    from dtrain.checkpoint import model_tensors
 
-    copy_canonical(load_parts(path, "model"), models, path)
+    copy_canonical(model_tensors(path), models, path)
 
 
 def copy_canonical(tensors: dict[str, torch.Tensor], models: list[torch.nn.Module], source: str) -> None:

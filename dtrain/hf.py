@@ -358,7 +358,10 @@ def check_init_from(m: ModelConfig) -> None:
 
     with torch.device("meta"):
         model = Transformer(m)
-    HFWeights(m.init_from).check({name: tuple(p.shape) for name, p in model.named_parameters()})
+    from parallel.lora import is_adapter
+
+    base = {name: tuple(p.shape) for name, p in model.named_parameters() if not is_adapter(name)}
+    HFWeights(m.init_from).check(base)  # adapters (model.lora) start from their own initial values
 
 
 # --- weights out ----------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ layout, which is what initialisation and checkpoints key on.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import math
 
@@ -21,9 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dtrain.config import ModelConfig, RopeScalingConfig, d_ff_of, head_dim_of
+from dtrain.config import LORA_TARGETS, ModelConfig, RopeScalingConfig, d_ff_of, head_dim_of, lora_targets
 from dtrain.document_attention import DocumentMask, attend
 from parallel.context_parallel import ring_attention
+from parallel.lora import LoRALinear, adapter_init, is_adapter
 from parallel.moe import MoELayer
 from parallel.precision import wide
 from parallel.sharding import sharding_of
@@ -323,6 +325,8 @@ class Transformer(nn.Module):
         self.loss_fn = layers.loss() if has_head else None
         if cfg.tie_embeddings and has_embedding and has_head:
             self.head.weight = self.embed.weight
+        if cfg.lora.rank:
+            add_adapters(self, cfg, layers)
         self.dropout = nn.Dropout(cfg.dropout)
         self.residual_rng = layers.residual_rng
         # Ring attention masks documents from their ids: this rank's keys are only part of the sequence.
@@ -364,6 +368,23 @@ class Transformer(nn.Module):
         return logits if targets is None else self.loss_fn(logits, targets)
 
 
+def add_adapters(model: Transformer, cfg: ModelConfig, layers: Layers) -> None:
+    """model.lora: every targeted projection of every block becomes a parallel.lora.LoRALinear over the
+    same parameters, and every parameter but the adapters is frozen (no gradient, no optimizer state)."""
+    lora = cfg.lora
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for block in model.blocks.values():
+        for target in lora_targets(lora):
+            parent = block.attn if LORA_TARGETS[target] == "attn" else block.mlp
+            if not isinstance(parent, (Attention, SwiGLU)):
+                continue  # a mixture-of-experts MLP (validation refuses MLP targets with experts)
+            adapted = LoRALinear(
+                getattr(parent, target), lora.rank, lora.alpha, lora.dropout, layers.split_region_rng
+            )
+            setattr(parent, target, adapted)
+
+
 def _seed_for(seed: int, name: str) -> int:
     # A stable hash: Python's hash() is salted per process, which would break the layout contract.
     return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little")
@@ -371,6 +392,8 @@ def _seed_for(seed: int, name: str) -> int:
 
 def init_value(name: str, shape: tuple[int, ...], seed: int, cfg: ModelConfig) -> torch.Tensor:
     """The canonical initial value of parameter `name`: a function of (seed, name, full shape) only."""
+    if is_adapter(name):
+        return adapter_init(name, shape, torch.Generator().manual_seed(_seed_for(seed, name) % (2**63)))
     if name.endswith("norm.weight"):
         return torch.ones(shape)
     if name.endswith(".bias"):
@@ -387,6 +410,13 @@ def canonical_name(name: str, cfg: ModelConfig) -> str:
     return "embed.weight" if cfg.tie_embeddings and name == "head.weight" else name
 
 
+def freeze(model: nn.Module, patterns: list[str]) -> None:
+    """train.freeze: parameters whose canonical name matches a pattern (fnmatch) get no gradient."""
+    for name, p in model.named_parameters():
+        if any(fnmatch.fnmatchcase(canonical_name(name, model.cfg), pat) for pat in patterns):
+            p.requires_grad_(False)
+
+
 @torch.no_grad()
 def init_weights(model: nn.Module, seed: int, read=None) -> None:
     """Fill every parameter from its canonical value, then take this rank's slice (sharding facts); with
@@ -394,7 +424,10 @@ def init_weights(model: nn.Module, seed: int, read=None) -> None:
     cfg = model.cfg
     for name, p in model.named_parameters():
         s, canonical = sharding_of(p), canonical_name(name, cfg)
-        p.copy_(read(canonical, s) if read else s.take(init_value(canonical, s.full_shape, seed, cfg)))
+        if read and not is_adapter(canonical):  # stored weights hold the base model, not its adapters
+            p.copy_(read(canonical, s))
+        else:
+            p.copy_(s.take(init_value(canonical, s.full_shape, seed, cfg)))
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:

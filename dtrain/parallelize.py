@@ -30,7 +30,7 @@ from dtrain.stage import Stage, build_chunks, tied_params, zero3_units
 from parallel.data_parallel import DataParallelAdamW
 from parallel.grad_sync import AdamWConfig, GradSync
 from parallel.grid import Grid
-from parallel.zero import ZeroDataParallel, plan_zero_buckets
+from parallel.zero import WholeParams, ZeroDataParallel, plan_zero_buckets
 from parallel.zero3 import zero3
 from parallel.zero_experts import ZeroWithExperts, split_expert_units
 
@@ -92,9 +92,12 @@ def build_grad_sync(cfg: Config, grid: Grid, chunks: dict[int, Transformer]) -> 
             return zero3(units, group, adamw, p.offload, **facts)
         params = [q for unit_params, _ in units for q in unit_params]
         plan = plan_zero_buckets(params, int(p.bucket_mb * 2**20), tied)
-        return ZeroDataParallel(plan, group, p.zero, adamw, p.offload == "optimizer", **facts)
+        frozen = WholeParams([q for q in params if not q.requires_grad])  # held whole, never reduced
+        return ZeroDataParallel(
+            plan, group, p.zero, adamw, p.offload == "optimizer", residency=frozen, **facts
+        )
 
-    params = [q for chunk in chunks.values() for q in chunk.parameters() if q.requires_grad]
+    params = [q for chunk in chunks.values() for q in chunk.parameters()]
     units = zero3_units(cfg, chunks) if p.zero == 3 else [(params, [])]
     dense_zero = (grid.dp_shard_group, grid.dp_replicate_group)
     if not experts_apart:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dtrain.config import Config, microbatches_per_rank
-from dtrain.model import Layers, Transformer, is_moe_block
+from dtrain.model import Layers, Transformer, freeze, is_moe_block
 from parallel import pipeline_schedules
 from parallel.grid import Grid
 from parallel.moe import MoELayer
@@ -62,6 +62,7 @@ def build_chunks(cfg: Config, layers: Layers, pp_rank: int) -> dict[int, Transfo
             # (init_weights reads it under the embedding's name), gradients summed, counted once.
             w = chunk.head.weight
             set_sharding(w, dataclasses.replace(sharding_of(w), duplicate_of="embed.weight"))
+        freeze(chunk, cfg.train.freeze)
         chunks[c] = chunk
     return chunks
 

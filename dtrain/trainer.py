@@ -25,7 +25,7 @@ from dtrain import checkpoint
 from dtrain.config import Config, TrainConfig, microbatches_per_rank, to_dict
 from dtrain.data import build_dataset, global_target_tokens, rank_microbatches, read_manifest
 from dtrain.metrics import MetricsLogger
-from dtrain.model import Transformer, count_params, flops_per_token
+from dtrain.model import Transformer, count_params, flops_per_token, freeze
 from dtrain.parallelize import build_model_chunks, parallelize
 from dtrain.runtime import peak_flops, peak_memory_bytes
 from parallel.context_parallel import split_microbatch
@@ -68,6 +68,15 @@ def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.AdamW
     """torch's AdamW as the trainer configures it (weight decay on matrices only), for reference runs."""
     params = [p for p in model.parameters() if p.requires_grad]
     return torch_adamw(params, AdamWConfig(t.lr, (t.beta1, t.beta2), t.eps, t.weight_decay))
+
+
+def trained_params(cfg: Config) -> int:
+    """Canonical parameters the run trains (adapters under model.lora, all but train.freeze's otherwise),
+    counted on the meta device."""
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    freeze(model, cfg.train.freeze)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def step_seed(seed: int, step: int, grid: Grid) -> int:
@@ -298,6 +307,7 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "layout": self.grid.layout.sizes,
             "config": to_dict(self.cfg),
+            "base": checkpoint.base_identity(self.cfg),  # frozen parameters are not saved
         }
         c = self.grid.coords
         with self.grad_sync.params_whole():
@@ -316,6 +326,7 @@ class Trainer:
             )
 
     def resume(self, path: str) -> None:
+        checkpoint.check_base(path, checkpoint.load_state(path).get("base"), self.cfg)
         with self._phase("load", "at start-up"):
             with self.grad_sync.params_whole():
                 state, optimizer_state = checkpoint.restore(path, self.model)
@@ -352,8 +363,11 @@ class Trainer:
         logger = MetricsLogger(r.out_dir, t.steps, r.log_every, self.step, enabled=self.grid.rank == 0)
         n_params = count_params(cfg.model)["total"]
         planned = t.steps * self.global_tokens / n_params
+        frozen = cfg.model.lora.rank or cfg.train.freeze
         self._say(
-            f"dtrain: {n_params / 1e6:.2f}M parameters | {planned:.3g} tokens per parameter planned "
+            f"dtrain: {n_params / 1e6:.2f}M parameters"
+            + (f" ({trained_params(cfg) / 1e6:.3g}M trained, the rest frozen)" if frozen else "")
+            + f" | {planned:.3g} tokens per parameter planned "
             f"(Chinchilla-optimal: 20) | {self.grid.describe()} | "
             f"{microbatches_per_rank(cfg)} micro-batches of {t.micro_batch_size} per rank | {t.precision} | "
             f"out_dir {r.out_dir}"

@@ -213,6 +213,7 @@ class DataParallelAdamW:
         tied: tuple[nn.Parameter, ...] = (),
     ):
         self.params = [p for p in modules.parameters() if p.requires_grad]
+        self.frozen = [p for p in modules.parameters() if not p.requires_grad]  # held, never reduced
         self.buckets = DataParallel(modules, group, bucket_mb, expert_group)
         self.optimizer = torch_adamw(self.params, adamw)
         _init_adamw_state(self.optimizer)
@@ -261,7 +262,7 @@ class DataParallelAdamW:
         out = no_bytes()
         states = [v for s in self.optimizer.state.values() for v in s.values() if v.dim() > 0]
         out["device"].update(
-            params=sum(nbytes(p) for p in self.params),
+            params=sum(nbytes(p) for p in self.params + self.frozen),
             grads=sum(nbytes(b.buffer) for b in self.buckets.buckets),
             optimizer=sum(nbytes(v) for v in states),
         )

@@ -99,7 +99,14 @@ def plan_zero_buckets(
 
 class WholeParams:
     """Stages 1 and 2: every rank holds the whole parameters; after the step each rank's updated shard
-    is all-gathered into every bucket (the all-gather half of the 2 Psi an all-reduce would move)."""
+    is all-gathered into every bucket (the all-gather half of the 2 Psi an all-reduce would move).
+    `frozen`: parameters outside the buckets (requires_grad False), held whole and only counted."""
+
+    def __init__(self, frozen: list[nn.Parameter] = ()):
+        self.frozen = list(frozen)
+
+    def frozen_bytes(self, out: Held) -> None:
+        out["device"]["params"] += sum(nbytes(p) for p in self.frozen)
 
     def adopt(self, bucket: FlatBucket, group) -> None:
         pass
@@ -354,6 +361,7 @@ class ZeroDataParallel:
             for t in (b.exp_avg, b.exp_avg_sq, b.master):
                 if t is not None:
                     out[_where(t)]["optimizer"] += nbytes(t)
+        self.residency.frozen_bytes(out)
         return out
 
     # --- norm, clipping, step -------------------------------------------------------------------------

@@ -12,6 +12,11 @@ whole tensor exists only while the unit runs. Rank r keeps the slice [r*S, (r+1)
             parameters are freed.
   step:     AdamW on the shards; nothing is gathered until the next use.
 
+Frozen parameters (requires_grad False: a LoRA base) are sharded and gathered alike, as a second part of
+their unit (`FrozenShard`), but have no gradient, reduction or optimizer state. Their last use in a
+unit's backward is the gradient of the unit's input, so they are freed when that gradient reaches the unit
+before (its output hook fires), or at the end of backward.
+
 Every rank runs the same modules in the same order, so gathers match across ranks. A parameter used
 outside its unit (an output head tied to the embedding) belongs to the embedding's unit, which the head's
 hooks gather and free as well. Activation checkpointing recomputes a block inside its backward: the unit
@@ -25,14 +30,17 @@ each unit between uses; `zero3` builds the pair.
 from __future__ import annotations
 
 import contextlib
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from parallel.collectives import all_gather_flat
-from parallel.grad_sync import AdamWConfig
-from parallel.zero import FlatBucket, ZeroDataParallel
+from parallel.grad_sync import AdamWConfig, nbytes
+from parallel.grid import group_rank, group_size
+from parallel.zero import FlatBucket, ZeroDataParallel, _where
 
 
 def _recomputing() -> bool:
@@ -58,6 +66,45 @@ def output_tensors(out) -> list[torch.Tensor]:
 Unit = tuple[list[nn.Parameter], list[tuple[nn.Module, nn.Module]]]
 
 
+@dataclass
+class FrozenShard:
+    """The frozen parameters of one unit: views into `flat_params` (whole only while gathered), this
+    rank's slice of it kept in `store`."""
+
+    params: list[nn.Parameter]
+    flat_params: torch.Tensor
+    shard: slice
+    store: torch.Tensor
+    master: None = None
+
+
+def frozen_shard(params: list[nn.Parameter], group) -> FrozenShard:
+    n = group_size(group)
+    numel = sum(p.numel() for p in params)
+    size = math.ceil(numel / n)
+    flat = torch.zeros(size * n, dtype=params[0].dtype, device=params[0].device)
+    offset = 0
+    with torch.no_grad():
+        for p in params:
+            flat[offset : offset + p.numel()].copy_(p.reshape(-1))
+            p.data = flat[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+    rank = group_rank(group)
+    shard = slice(rank * size, (rank + 1) * size)
+    return FrozenShard(params, flat, shard, flat[shard].clone())
+
+
+@dataclass
+class Slot:
+    """A unit at one forward position: its trainable bucket and its frozen shard (either may be None)."""
+
+    bucket: FlatBucket | None
+    frozen: FrozenShard | None
+
+    def parts(self) -> list:
+        return [part for part in (self.bucket, self.frozen) if part is not None]
+
+
 class ShardedParams:
     """Where ZeRO-3 parameters live: each unit's shard in `bucket.store` (on the host with offload=all),
     the whole unit only between the all-gather before it runs and the free after it (or after its
@@ -66,15 +113,16 @@ class ShardedParams:
     def __init__(self, offload_params: bool = False):
         self.offload_params = offload_params
         self.group = None
-        self.forward_order: list[FlatBucket] = []
-        self.gathered: dict[int, object] = {}  # id(bucket) -> pending gather Work, or None once complete
+        self.slots: list[Slot] = []  # by forward position
+        self.gathered: dict[int, object] = {}  # id(part) -> pending gather Work, or None once complete
         self.in_backward: set[int] = set()
+        self.frozen_in_backward: set[int] = set()
         self.peak_gathered = 0
         self.uses: dict[int, int] = {}
 
     # --- the residency interface ZeroDataParallel calls ---------------------------------------------
 
-    def adopt(self, bucket: FlatBucket, group) -> None:
+    def adopt(self, bucket, group) -> None:
         self.group = group
         bucket.store = bucket.flat_params[bucket.shard].clone()
         if self.offload_params:  # offload=all: parameter shards wait in host memory between uses
@@ -92,6 +140,22 @@ class ShardedParams:
             if id(bucket) in self.in_backward:
                 self.in_backward.discard(id(bucket))
                 self._free(bucket)
+        for frozen in self._frozen():  # backward is over: frozen parts still gathered are not needed
+            self._release_frozen(frozen)
+
+    def _frozen(self) -> list[FrozenShard]:
+        return [slot.frozen for slot in self.slots if slot.frozen is not None]
+
+    def _release_frozen(self, frozen: FrozenShard | None) -> None:
+        if frozen is not None and id(frozen) in self.frozen_in_backward:
+            self.frozen_in_backward.discard(id(frozen))
+            self._free(frozen)
+
+    def frozen_bytes(self, out) -> None:
+        """Add the frozen shards (and any whole frozen unit gathered now) to held-bytes `out`."""
+        for frozen in self._frozen():
+            out[_where(frozen.flat_params)]["params"] += frozen.flat_params.untyped_storage().nbytes()
+            out[_where(frozen.store)]["params"] += nbytes(frozen.store)
 
     def after_step(self, buckets: list[FlatBucket], group) -> None:
         pass  # the updated shards are gathered on next use
@@ -100,33 +164,46 @@ class ShardedParams:
     def whole(self, buckets: list[FlatBucket]):
         """Every parameter whole for the duration (checkpoints read and write them); written values are
         copied back into the shards."""
-        for bucket in buckets:
-            self._ensure(bucket)
+        parts = [*buckets, *self._frozen()]
+        for part in parts:
+            self._ensure(part)
         try:
             yield
         finally:
-            for bucket in buckets:
-                bucket.store.copy_(bucket.flat_params[bucket.shard].to(bucket.store.device))
-                if bucket.master is not None:
-                    bucket.master.copy_(bucket.store)
-                self._free(bucket)
+            for part in parts:
+                part.store.copy_(part.flat_params[part.shard].to(part.store.device))
+                if part.master is not None:
+                    part.master.copy_(part.store)
+                self._free(part)
 
     # --- gather and free around the units' forward and backward --------------------------------------
 
-    def hook(self, buckets: list[FlatBucket], units: list[Unit]) -> None:
+    def hook(self, buckets: list[FlatBucket], units: list[Unit], group) -> None:
         """Buckets are indexed in backward order (reverse of forward), so launching reductions in index
-        order follows backward; `forward_order` maps forward position -> bucket. The first span of a unit
-        also prefetches the next unit; later spans (a tied head) do not."""
-        self.forward_order = buckets[::-1]
-        # Forward uses per unit (bucket id -> spans): each is one all-gather per micro-batch, plus one
+        order follows backward; `slots` maps forward position -> the unit's trainable bucket (None when
+        all its parameters are frozen) and frozen shard. The first span of a unit also prefetches the
+        next unit; later spans (a tied head) do not."""
+        self.group = group
+        forward = iter(buckets[::-1])
+        for params, _ in units:
+            bucket = next(forward) if any(p.requires_grad for p in params) else None
+            frozen = [p for p in params if not p.requires_grad]
+            shard = self._adopt_frozen(frozen_shard(frozen, group)) if frozen else None
+            self.slots.append(Slot(bucket, shard))
+        # Forward uses per unit (part id -> spans): each is one all-gather per micro-batch, plus one
         # for backward.
-        self.uses = {id(b): len(spans) for b, (_, spans) in zip(self.forward_order, units, strict=True)}
+        self.uses = {id(part): len(spans) for slot, (_, spans) in zip(self.slots, units, strict=True)
+                     for part in slot.parts()}  # fmt: skip
         for position, (_, spans) in enumerate(units):
             for n, (first, last) in enumerate(spans):
                 first.register_forward_pre_hook(
                     lambda m, a, k=position, pf=n == 0: self._before_forward(k, pf)
                 )
                 last.register_forward_hook(lambda m, a, out, k=position: self._after_forward(k, out))
+
+    def _adopt_frozen(self, frozen: FrozenShard) -> FrozenShard:
+        self.adopt(frozen, self.group)
+        return frozen
 
     def _free(self, bucket: FlatBucket) -> None:
         bucket.flat_params.untyped_storage().resize_(0)
@@ -149,30 +226,40 @@ class ShardedParams:
             self.gathered[id(bucket)] = None
 
     def _before_forward(self, position: int, prefetch: bool) -> None:
-        bucket = self.forward_order[position]
-        self._ensure(bucket)
-        if prefetch and not _recomputing() and position + 1 < len(self.forward_order):
-            self._start_gather(self.forward_order[position + 1])  # prefetch the next unit
+        for part in self.slots[position].parts():
+            self._ensure(part)
+        if prefetch and not _recomputing() and position + 1 < len(self.slots):
+            for part in self.slots[position + 1].parts():  # prefetch the next unit
+                self._start_gather(part)
 
     def _after_forward(self, position: int, out) -> None:
-        bucket = self.forward_order[position]
         if _recomputing():
             return  # recomputation under activation checkpointing: backward still needs the unit
         for tensor in output_tensors(out):
             if tensor.requires_grad:
                 tensor.register_hook(lambda grad, k=position: self._before_backward_of(k))
-        self._free(bucket)
+        for part in self.slots[position].parts():
+            self._free(part)
 
     def _before_backward_of(self, position: int) -> None:
-        bucket = self.forward_order[position]
-        if bucket.pending == 0:
+        slot = self.slots[position]
+        if position + 1 < len(self.slots):
+            # The unit after this one has produced its input's gradient: its frozen weights are done.
+            self._release_frozen(self.slots[position + 1].frozen)
+        bucket, frozen = slot.bucket, slot.frozen
+        if bucket is not None and bucket.pending == 0 and frozen is None:
             # A unit with several outputs: a gradient arriving after the unit's parameters all got theirs
             # (its reduction is launched and the parameters freed) needs no parameters any more.
             return
-        self.in_backward.add(id(bucket))
-        self._ensure(bucket)
+        if bucket is not None and bucket.pending > 0:
+            self.in_backward.add(id(bucket))
+            self._ensure(bucket)
+        if frozen is not None:
+            self.frozen_in_backward.add(id(frozen))
+            self._ensure(frozen)
         if position > 0:
-            self._start_gather(self.forward_order[position - 1])  # prefetch the unit before it
+            for part in self.slots[position - 1].parts():  # prefetch the unit before it
+                self._start_gather(part)
 
 
 def zero3(
@@ -184,9 +271,11 @@ def zero3(
     pipeline stages must be a unit of its own) and replica_group (hybrid sharding: units are gathered
     within `group`, gradient shards summed over the replicas once per step)."""
     residency = ShardedParams(offload_params=offload == "all")
-    plan = [params for params, _ in units][::-1]  # one bucket per unit, in backward order
+    # One bucket per unit with trainable parameters, in backward order; frozen ones go to the residency.
+    trainable = [[p for p in params if p.requires_grad] for params, _ in units]
+    plan = [params for params in trainable if params][::-1]
     sync = ZeroDataParallel(
         plan, group, 3, adamw, offload in ("optimizer", "all"), residency=residency, **facts
     )
-    residency.hook(sync.buckets, units)
+    residency.hook(sync.buckets, units, group)
     return sync

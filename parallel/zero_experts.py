@@ -67,10 +67,13 @@ class ZeroWithExperts:
             part.scale_grads(factor)
 
     def grad_norm(self) -> torch.Tensor:
-        experts = self.experts.reduced_grad_norm_sq()
-        dist.all_reduce(experts, group=self.ep_group)  # each ep rank holds different experts
         dense = self.dense
-        return model_parallel_norm(dense.reduced_grad_norm_sq() + experts, dense.tp_group, dense.pp_group)
+        total = dense.reduced_grad_norm_sq()
+        if self.experts.buckets:  # frozen experts (LoRA on attention) have none, on every rank alike
+            experts = self.experts.reduced_grad_norm_sq()
+            dist.all_reduce(experts, group=self.ep_group)  # each ep rank holds different experts
+            total = total + experts
+        return model_parallel_norm(total, dense.tp_group, dense.pp_group)
 
     def step(self, lr: float) -> None:
         for part in self.parts:

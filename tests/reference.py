@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dtrain.config import load_config, validate
 from dtrain.data import build_dataset, global_target_tokens, rank_microbatches
 from dtrain.hf import HFWeights
-from dtrain.model import Transformer, init_weights
+from dtrain.model import Transformer, freeze, init_weights
 from dtrain.trainer import build_optimizer, lr_at
 from parallel.moe import aux_grad_scales, moe_layers, set_aux_grad_scale
 from parallel.precision import DTYPES
@@ -71,7 +71,8 @@ def _autocast(precision: str):
 
 def _setup(cfg):
     """The pieces a reference shares with dtrain: model and initial weights, optimizer, data."""
-    model = Transformer(cfg.model)
+    model = Transformer(cfg.model)  # with model.lora: adapters on a frozen base
+    freeze(model, cfg.train.freeze)
     weights = HFWeights(cfg.model.init_from) if cfg.model.init_from else None
     init_weights(model, cfg.train.seed, weights.read if weights else None)
     return model, build_optimizer(model, cfg.train), build_dataset(cfg, "train")
@@ -113,7 +114,8 @@ def torch_ddp_run(cfg, group=None) -> dict:
         dist.all_reduce(local, group=group)
         losses.append(float(local) / tokens)
         norms.append(float(norm))
-    return {"losses": losses, "grad_norms": norms, "params": full_params(model)}
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    return {"losses": losses, "grad_norms": norms, "params": full_params(model), "frozen": frozen}
 
 
 def single_process_run(cfg) -> dict:
@@ -204,6 +206,9 @@ def compare_runs(ours: dict, ref: dict, tol: dict | None) -> None:
         return
     torch.testing.assert_close(torch.tensor(ours["losses"]), torch.tensor(ref["losses"]), **tol)
     torch.testing.assert_close(torch.tensor(ours["grad_norms"]), torch.tensor(ref["grad_norms"]), **tol)
+    for name in ref.get("frozen", ()):  # never trained: bitwise the initial weights in both
+        if name in ours["params"]:
+            assert torch.equal(ours["params"][name], ref["params"][name]), f"frozen {name} changed"
     for name, value in ours["params"].items():
         err = float((value - ref["params"][name]).norm() / ref["params"][name].norm())
         assert err <= tol["rtol"], f"{name}: relative 2-norm difference {err:.2e} > {tol['rtol']:.0e}"

@@ -161,6 +161,11 @@ def _check_modelled(cfg: Config) -> None:
         )
     if p.zero == 3 and p.ep > 1:
         raise NotModelled(f"parallel.zero=3 with parallel.ep={p.ep} is not modelled; use parallel.ep=1")
+    if p.zero == 3 and (cfg.model.lora.rank or t.freeze):
+        raise NotModelled(
+            "parallel.zero=3 with frozen parameters: their gathers in backward depend on which unit outputs "
+            "carry gradients and are not modelled; use parallel.zero<=2"
+        )
 
 
 def predict(
@@ -250,6 +255,35 @@ def _block_collectives(sp: bool, moe: bool, dropout: float) -> list[tuple[str, s
     ]
 
 
+def _trained(*modules) -> bool:
+    return any(q.requires_grad for m in modules if m is not None for q in m.parameters())
+
+
+def _region_of(what: str) -> tuple[str, str]:
+    """The (region, end) a block collective's adjoint belongs to ("MoE input gradient" enters the MLP)."""
+    region = "attention" if what.startswith("attention") else "MLP"
+    return region, "output" if "output" in what else "entry"
+
+
+def _gradient_reaches(chunk: Transformer) -> tuple[dict, bool]:
+    """Where backward runs a collective's adjoint: only where the gradient arrives, i.e. behind a trained
+    parameter (with frozen ones, LoRA or train.freeze, the blocks before the first trained parameter send
+    none). Per block, {(region, "entry" | "output"): adjoint runs}, and whether the head entry's does. A
+    later chunk's input always carries a gradient (the pipeline sends it back)."""
+    flows = chunk.embed is None or _trained(chunk.embed)
+    out = {}
+    for i, block in chunk.blocks.items():
+        runs = {}
+        for region, norm, body in (
+            ("attention", block.attn_norm, block.attn),
+            ("MLP", block.mlp_norm, block.mlp),
+        ):
+            runs[(region, "entry")] = flows = flows or _trained(norm)
+            runs[(region, "output")] = flows = flows or _trained(body)
+        out[i] = runs
+    return out, chunk.head is not None and (flows or _trained(chunk.norm))
+
+
 def _tensor_parallel(v: Volume, cfg: Config, chunks: dict[int, Transformer], it: int) -> None:
     p, t, m = cfg.parallel, cfg.train, cfg.model
     n = p.tp
@@ -259,23 +293,26 @@ def _tensor_parallel(v: Volume, cfg: Config, chunks: dict[int, Transformer], it:
     act = t.micro_batch_size * t.seq_len // p.cp * m.d_model * it  # one (b, s/cp, h) activation
     # The gathered (tp*k, E) int64 counts; under cp the counts of the rank's two runs, (tp*2*k, E).
     counts = n * m.moe.top_k * m.moe.num_experts * ID_BYTES * (2 if p.cp > 1 else 1)
-    blocks = [int(i) for chunk in chunks.values() for i in chunk.blocks]
+    reaches = {int(i): r for chunk in chunks.values() for i, r in _gradient_reaches(chunk)[0].items()}
     for moe in (False, True):
-        k = sum(is_moe_block(m, i) == moe for i in blocks)
+        blocks = [i for i in reaches if is_moe_block(m, i) == moe]
         for phase, op, what, recomputed in _block_collectives(p.sp, moe, m.dropout):
             again = t.activation_checkpointing and recomputed
             label = f"{'MoE' if moe else 'dense'} blocks: {what} ({phase}{', recomputed' if again else ''})"
+            k = len(blocks) if phase == "fwd" else sum(reaches[i][_region_of(what)] for i in blocks)
             v.ring("tp", op, mb * k * (2 if again else 1), counts if what == "counts" else act, n, label)
     embed = mb * sum(chunk.embed is not None for chunk in chunks.values())
     head = mb * sum(chunk.head is not None for chunk in chunks.values())
+    embed_back = mb * sum(chunk.embed is not None and _trained(chunk.embed) for chunk in chunks.values())
+    head_back = mb * sum(_gradient_reaches(chunk)[1] for chunk in chunks.values())
     if p.sp:
         v.ring("tp", REDUCE_SCATTER, embed, act, n, "embedding output (fwd)")
-        v.ring("tp", ALL_GATHER, embed, act, n, "embedding output gradient (bwd)")
+        v.ring("tp", ALL_GATHER, embed_back, act, n, "embedding output gradient (bwd)")
         v.ring("tp", ALL_GATHER, head, act, n, "head entry (fwd)")
-        v.ring("tp", REDUCE_SCATTER, head, act, n, "head entry gradient (bwd)")
+        v.ring("tp", REDUCE_SCATTER, head_back, act, n, "head entry gradient (bwd)")
     else:
         v.ring("tp", ALL_REDUCE, embed, act, n, "embedding output (fwd)")
-        v.ring("tp", ALL_REDUCE, head, act, n, "head entry gradient, copy_to_tp (bwd)")
+        v.ring("tp", ALL_REDUCE, head_back, act, n, "head entry gradient, copy_to_tp (bwd)")
     loss = t.micro_batch_size * t.seq_len // p.cp * max(it, 4)  # the loss widens logits to at least fp32
     v.ring("tp", ALL_REDUCE, 3 * head, loss, n, "vocab-parallel loss: max, sum of exp, target logit (fwd)")
 

@@ -81,7 +81,9 @@ def _total(d: dict[str, int | float]) -> float:
     return sum(d.values())
 
 
-def _formula_line(cfg: Config, n_params: int, e: int, held: dict) -> str:
+def _formula_line(cfg: Config, n_params: int, e: int, held: dict, n_frozen: int = 0) -> str:
+    """Frozen parameters (model.lora, train.freeze) hold only their parameter bytes: the figures per
+    parameter are then over the trained ones, with the frozen bytes taken off the estimate first."""
     p = cfg.parallel
     n = p.dp_shard  # ZeRO shards over the shard group (the whole data-parallel group by default)
     f = formula_bytes_per_param(cfg, e, n)
@@ -89,12 +91,15 @@ def _formula_line(cfg: Config, n_params: int, e: int, held: dict) -> str:
     if p.offload != "none":
         name += f" offload={p.offload}"
     want = {w: _total(f[w]) for w in f}
-    got = {w: _total(held[w]) / n_params for w in held}
-    extra = (_total(held["device"]) + _total(held["host"])) / (n_params * (want["device"] + want["host"])) - 1
+    frozen = {w: n_frozen * f[w]["params"] for w in f}
+    got = {w: (_total(held[w]) - frozen[w]) / n_params for w in held}
+    total = _total(held["device"]) + _total(held["host"])
+    extra = total / (n_params * (want["device"] + want["host"]) + _total(frozen)) - 1
+    also = f" trained parameters (+ {n_frozen:,} frozen: parameter bytes only)" if n_frozen else " parameters"
     return (
         f"docs/formulas.md {name}, N={n}, {e}-byte parameters: device {want['device']:.4g} + host "
         f"{want['host']:.4g} B/param; estimate device {got['device']:.4g} + host {got['host']:.4g} B/param "
-        f"over {n_params:,} parameters (padding to a multiple of N: {extra:+.4%})"
+        f"over {n_params:,}{also} (padding to a multiple of N: {extra:+.4%})"
     )
 
 
@@ -122,6 +127,7 @@ def estimate_model_states(cfg: Config, world: int, communication: bool = True) -
         built = meta_rank(cfg, first_rank)
         params = [q for q in built.model.parameters() if q.requires_grad]
         n_params, e = sum(q.numel() for q in params), params[0].element_size()
+        n_frozen = sum(q.numel() for q in built.model.parameters() if not q.requires_grad)
         held = built.grad_sync.held_bytes()
         stages.append(
             {
@@ -129,8 +135,9 @@ def estimate_model_states(cfg: Config, world: int, communication: bool = True) -
                 "device": held["device"],
                 "host": held["host"],
                 "params": n_params,
+                "frozen_params": n_frozen,
                 "element_size": e,
-                "formula": _formula_line(cfg, n_params, e, held),
+                "formula": _formula_line(cfg, n_params, e, held, n_frozen),
                 "activations": activation_bytes(cfg, pp_rank),
                 "communication": _communication(cfg, first_rank, built) if communication else {},
             }
@@ -203,7 +210,8 @@ def format_report(est: dict, source: str = "") -> str:
     ]
     for s in est["stages"]:
         who = "every rank" if lay["pp"] == 1 else f"pipeline stage {s['pp_rank']} (each of its ranks)"
-        lines.append(f"{who}: {s['params']:,} parameters")
+        frozen = f" trained + {s['frozen_params']:,} frozen" if s["frozen_params"] else ""
+        lines.append(f"{who}: {s['params']:,} parameters{frozen}")
         lines.append(f"  {'':8}" + "".join(f"{k:>28}" for k in (*KINDS, "total")))
         for where in ("device", "host"):
             row = s[where]

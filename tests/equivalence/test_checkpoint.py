@@ -191,6 +191,12 @@ RESHARD = {
     "zero3-shard4-to-zero1-shard2": (4, ("parallel.zero=3",), ("parallel.zero=1", "parallel.dp_shard=2")),
     # Parameters and optimizer state are replicated over cp: one context rank writes them.
     "cp2-tp2-to-dp4": (4, ("parallel.cp=2", *TP2), ()),
+    # LoRA: the checkpoint holds the adapters; the frozen base is rebuilt from the seed it names.
+    "lora-zero3-tp2sp-to-zero1-pp2": (
+        2,
+        ("model.lora.rank=4", "model.lora.targets=[wq,wo,w2]", "parallel.zero=3", *TP2_SP),
+        ("model.lora.rank=4", "model.lora.targets=[wq,wo,w2]", "parallel.zero=1", *PP2),
+    ),
 }
 
 

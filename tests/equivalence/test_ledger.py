@@ -44,6 +44,14 @@ LAYOUTS_2 = {
     "cp2": ("parallel.cp=2", SMALL_BUCKETS),
     "cp2-zero3-checkpointing": ("parallel.cp=2", "parallel.zero=3", "train.activation_checkpointing=true"),
     "cp2-moe-checkpointing": ("parallel.cp=2", *MOE, "train.activation_checkpointing=true"),
+    # Frozen base: only the adapters' gradients travel; the row-parallel adapters add no collective.
+    "lora-zero2": ("parallel.zero=2", "model.lora.rank=4", SMALL_BUCKETS),
+    "lora-tp2-sp": (
+        "parallel.tp=2",
+        "parallel.sp=true",
+        "model.lora.rank=4",
+        "model.lora.targets=[wq,wv,wo,w2]",
+    ),
 }
 
 # Heavier compositions on 4 ranks (slow): ZeRO shards meet tensor-partial sums, tied pipeline ends, and
@@ -92,7 +100,7 @@ def _meta_matches_real(cfg, trainer) -> list[str]:
     def facts(params):
         return [(q.numel(), sharding_of(q).partial_grad, sharding_of(q).expert) for q in params]
 
-    meta = list(meta_rank(cfg, trainer.grid.rank).model.parameters())
+    meta = [q for q in meta_rank(cfg, trainer.grid.rank).model.parameters() if q.requires_grad]
     return (
         []
         if facts(meta) == facts(trainer.params)

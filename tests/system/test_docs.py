@@ -77,8 +77,8 @@ def parse_default(literal: str) -> object:
         return None
     if lowered in ("true", "false"):
         return lowered == "true"
-    if lowered == "[]":
-        return []
+    if lowered.startswith("[") and lowered.endswith("]"):  # a flow list of plain words
+        return [item.strip() for item in literal.strip()[1:-1].split(",") if item.strip()]
     for kind in (int, float):
         try:
             return kind(literal)
