@@ -437,7 +437,7 @@ def _zero(v: Volume, cfg: Config, sync, it: int) -> None:
             n = group_size(w.replica_group)
             for b in w.buckets:
                 shard = b.grad_shard.numel() * it
-                v.ring(_axis(w.replica_group), ALL_REDUCE, 1, shard, n, "gradient shard over the replicas")
+                v.ring(_axis(w.replica_group, p.cp), ALL_REDUCE, 1, shard, n, "gradient shard over the replicas")
         for b in w.buckets:  # the tied parameter's shard over the embed group
             if any(b.params[0] is q for q in w.isolate):
                 v.ring("embed", ALL_REDUCE, 1, b.grad_shard.numel() * it, 2, "tied embedding gradient shard")
