@@ -107,7 +107,9 @@ class ShardedParams:
         finally:
             for bucket in buckets:
                 bucket.store.copy_(bucket.flat_params[bucket.shard].to(bucket.store.device))
-                if bucket.master is not None:
+                if bucket.master is not None and bucket.master.dtype == bucket.store.dtype:
+                    # fp32 offload: the master mirrors the shard. A 16-bit shard is a rounding of its fp32
+                    # master, which load_state_dict restores from the checkpoint instead.
                     bucket.master.copy_(bucket.store)
                 self._free(bucket)
 
@@ -180,7 +182,7 @@ def zero3(
 ) -> ZeroDataParallel:
     """ZeRO-3 over `units`, in forward order: (the unit's parameters, spans). A span (first, last) is a
     stretch of forward that uses the unit: gathered before `first` runs, freed after `last` returns.
-    `facts`: ZeroDataParallel's tp_group, pp_group, embed_group and isolate (a parameter tied across
+    `facts`: ZeroDataParallel's tp_group, pp_group, embed_group, dtypes and isolate (a parameter tied across
     pipeline stages must be a unit of its own)."""
     residency = ShardedParams(offload_params=offload == "all")
     plan = [params for params, _ in units][::-1]  # one bucket per unit, in backward order
