@@ -47,6 +47,7 @@ CASES_2 = {
     "no-clipping-ckpt": ("train.grad_clip=0", "train.activation_checkpointing=true"),
     "bf16": ("train.precision=bf16", "train.steps=8"),
     "fp16": ("train.precision=fp16", "train.steps=8"),
+    "bf16-grads-bf16": ("train.precision=bf16", "parallel.grad_dtype=bf16", "train.steps=8"),
 }
 
 

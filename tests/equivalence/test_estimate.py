@@ -15,6 +15,8 @@ import torch.distributed as dist
 from dtrain.analysis.estimate import estimate_model_states, meta_rank
 from dtrain.config import ConfigError, load_config, validate
 from dtrain.model import count_params
+from parallel.mixed_precision import to_compute_
+from parallel.precision import DTYPES
 from tests import harness
 from tests.reference import TINY, tiny_config
 
@@ -190,6 +192,8 @@ def saved_activation_case(overrides: tuple[str, ...]) -> tuple[int, float]:
     p, t = cfg.parallel, cfg.train
     grid = harness.grid(tp=p.tp, pp=p.pp, dp=p.dp)
     (c, chunk), *_ = build_model_chunks(cfg, grid, torch.device("cpu")).items()
+    compute = DTYPES[t.precision]
+    to_compute_(list(chunk.parameters()), compute)  # what the gradient synchronisation stores them in
     fixed = {q.untyped_storage().data_ptr() for q in [*chunk.parameters(), *chunk.buffers()]}
     saved = {}
 
@@ -201,7 +205,8 @@ def saved_activation_case(overrides: tuple[str, ...]) -> tuple[int, float]:
 
     tokens, targets = (torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, t.seq_len)) for _ in "xy")
     seq = t.seq_len // (p.tp if p.sp else 1)
-    x = tokens if c == 0 else torch.randn(t.micro_batch_size, seq, cfg.model.d_model, requires_grad=True)
+    shape = (t.micro_batch_size, seq, cfg.model.d_model)
+    x = tokens if c == 0 else torch.randn(shape, dtype=compute, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         chunk(x, targets if chunk.head is not None else None)
     return sum(saved.values()), activation_bytes(cfg, grid.coords.pp)["per_microbatch"]
@@ -214,6 +219,14 @@ ACTIVATION_CASES = {
     "pp2-stages": ("world2", ("parallel.pp=2", "model.n_layers=3")),
     "tp4-sp-replicated-kv": ("world4", ("parallel.tp=4", "parallel.sp=true")),
     "tp2-pp2-sp": ("world4", ("parallel.tp=2", "parallel.pp=2", "parallel.sp=true")),
+    # 16-bit parameters: matmul inputs and outputs in 2 bytes, norms, softmax statistics and the loss in fp32
+    "dp-bf16": ("world2", ("train.precision=bf16",)),
+    "tp2-sp-odd-vocab-bf16": (
+        "world2",
+        ("parallel.tp=2", "parallel.sp=true", "model.vocab_size=95", "train.precision=bf16"),
+    ),
+    "pp2-stages-fp16": ("world2", ("parallel.pp=2", "model.n_layers=3", "train.precision=fp16")),
+    "tp2-pp2-bf16": ("world4", ("parallel.tp=2", "parallel.pp=2", "train.precision=bf16")),
 }
 
 
