@@ -72,6 +72,36 @@ def test_resume_is_bit_identical(world2, tmp_path, precision, layout):
     assert info["logged"]  # metrics.jsonl reads as one uninterrupted run
 
 
+def masters_case(out_dir: str) -> dict:
+    """bf16 under ZeRO-1: the checkpoint's weights are the fp32 masters, and the 16-bit parameters the
+    run computes with are those masters rounded to nearest."""
+    from dtrain.trainer import Trainer
+
+    cfg = tiny_config(
+        dist.get_world_size(),
+        f"run.out_dir={out_dir}",
+        "train.steps=2",
+        "run.ckpt_every=2",
+        "train.precision=bf16",
+        "parallel.zero=1",
+    )
+    trainer = Trainer(cfg, harness.grid(dp=dist.get_world_size()), torch.device("cpu"))
+    trainer.fit()
+    saved = checkpoint.load_parts(os.path.join(out_dir, "checkpoints", "step_2"), "model")
+    masters = trainer.canonical_state()
+    live = dict(trainer.model.named_parameters())
+    return {
+        "dtypes": {v.dtype for v in saved.values()},
+        "saved_are_masters": all(torch.equal(saved[n], masters[n]) for n in masters),
+        "live_are_rounded": all(torch.equal(saved[n].to(torch.bfloat16), live[n].detach()) for n in live),
+    }
+
+
+def test_16_bit_checkpoint_holds_the_fp32_masters(world2, tmp_path):
+    for info in world2.run(masters_case, str(tmp_path / "run")):
+        assert info == {"dtypes": {torch.float32}, "saved_are_masters": True, "live_are_rounded": True}
+
+
 def corruption_case(out_dir: str) -> dict:
     _fit(f"run.out_dir={out_dir}", "train.steps=4", "run.ckpt_every=2", "run.keep_checkpoints=0")
     ckpts = checkpoint.list_checkpoints(out_dir)
