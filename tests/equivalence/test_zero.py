@@ -142,6 +142,11 @@ LOW_SLOW = {
     "zero2-bf16-grads-bf16": (2, "bf16", ("parallel.grad_dtype=bf16",)),
     "zero3-bf16-offload-all": (3, "bf16", ("parallel.offload=all",)),
     "zero1-bf16-offload-optimizer": (1, "bf16", ("parallel.offload=optimizer",)),
+    "zero3-bf16-tied-checkpointing": (
+        3,
+        "bf16",
+        ("model.tie_embeddings=true", "train.activation_checkpointing=true"),
+    ),
 }
 
 
