@@ -94,8 +94,7 @@ class DataParallel(nn.Module):
         dtype = torch.float64 if params and params[0].dtype == torch.float64 else torch.float32
         dtype = grad_dtype or dtype
         is_expert = [sharding_of(p).expert and expert_group is not None for p in params]
-        size = torch.empty((), dtype=dtype).element_size()
-        plan = plan_buckets([p.numel() * size for p in params], int(bucket_mb * 2**20), is_expert)
+        plan = plan_buckets([p.numel() * 4 for p in params], int(bucket_mb * 2**20), is_expert)
         self.buckets: list[Bucket] = []
         self._bucket_of: dict[nn.Parameter, int] = {}
         self.main_grads: dict[nn.Parameter, torch.Tensor] = {}
