@@ -66,11 +66,15 @@ def _canonical(p: torch.Tensor, value: torch.Tensor, groups: dict) -> torch.Tens
     return value.detach().to("cpu", copy=True)
 
 
-def canonical_model_state(model: nn.Module, groups: dict, frozen: bool = True) -> dict[str, torch.Tensor]:
-    """Every parameter this rank's model part holds, except copies another stage saves; without
-    `frozen`, only the trained ones (a checkpoint's: frozen ones come from the base, `base_identity`)."""
+def canonical_model_state(
+    model: nn.Module, groups: dict, masters: dict | None = None, frozen: bool = True
+) -> dict[str, torch.Tensor]:
+    """Every parameter this rank's model part holds, except copies another stage saves; a parameter with
+    an fp32 master weight in `masters` (16-bit training) is saved as that master; without `frozen`, only
+    the trained ones (a checkpoint's: frozen ones come from the base, `base_identity`)."""
+    masters = masters or {}
     return {
-        name: _canonical(p, p, groups)
+        name: _canonical(p, masters.get(p, p), groups)
         for name, p in model.named_parameters()
         if not sharding_of(p).duplicate_of and (frozen or p.requires_grad)
     }
@@ -197,6 +201,7 @@ def save(
     is_writer: bool,
     part: int,
     groups: dict,
+    masters: dict | None = None,
 ) -> str:
     """Collective over the world: every rank calls it. Ranks with `gathers` assemble canonical tensors
     from the shards of their groups (one data-parallel replica suffices); the `is_writer` rank among
@@ -230,7 +235,7 @@ def save(
 
     agree(_attempt(prepare) if rank == 0 else None)
     if gathers:
-        model_state = canonical_model_state(model, groups, frozen=False)
+        model_state = canonical_model_state(model, groups, masters, frozen=False)
         optim_state = optimizer_state(model, optimizer, groups)
 
     def write_part() -> None:
@@ -367,14 +372,16 @@ def restore(path: str, model: nn.Module) -> tuple[dict, dict]:
                 f"{path}: parameter '{name}' has shape {tuple(full.shape)}, the model expects "
                 f"{tuple(s.full_shape)}; the checkpoint comes from another model shape"
             )
-        p.copy_(s.take(full))
+        p.copy_(s.take(full))  # a 16-bit parameter: the saved fp32 weight rounded to nearest
         if name in optim_by_param:
             # Moments are canonical like the parameter: take this rank's slice. AdamW keeps its step
-            # counter on the CPU unless capturable.
+            # counter on the CPU unless capturable. The saved weight is also the master of a 16-bit
+            # parameter (GradSync.load_state_dict).
             optimizer[p] = {
                 k: v if k == "step" else s.take(v).to(p.device).clone()
                 for k, v in optim_by_param[name].items()
             }
+            optimizer[p]["master"] = s.take(full).to(p.device).clone()
     return load_state(path), optimizer
 
 

@@ -114,6 +114,7 @@ class ParallelConfig:
     pp_schedule: str = "1f1b"
     pp_virtual_stages: int = 1
     bucket_mb: float = 25.0
+    grad_dtype: str = "fp32"
 
 
 @dataclass
@@ -191,6 +192,7 @@ class Config:
 CHOICES = {
     "parallel.offload": ("none", "optimizer", "all"),
     "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved"),
+    "parallel.grad_dtype": ("fp32", "bf16"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "data.kind": ("synthetic", "memmap"),
     "dist.backend": ("auto", "gloo", "nccl"),
@@ -532,6 +534,11 @@ def validate(cfg: Config, world_size: int) -> Config:
     _require(
         p.offload != "all" or p.zero == 3,
         f"parallel.offload=all keeps parameter shards in host memory: it needs parallel.zero=3, not {p.zero}",
+    )
+    _require(
+        p.grad_dtype == "fp32" or t.precision == "bf16",
+        f"parallel.grad_dtype={p.grad_dtype} reduces bf16 parameters' gradients in bf16: it needs "
+        f"train.precision=bf16, not {t.precision}",
     )
     _require(
         p.offload == "none" or p.zero >= 1,

@@ -30,6 +30,8 @@ from dtrain.stage import Stage, build_chunks, tied_params, zero3_units
 from parallel.data_parallel import DataParallelAdamW
 from parallel.grad_sync import AdamWConfig, GradSync
 from parallel.grid import Grid
+from parallel.mixed_precision import to_compute_
+from parallel.precision import dtype_policy
 from parallel.zero import WholeParams, ZeroDataParallel, plan_zero_buckets
 from parallel.zero3 import zero3
 from parallel.zero_experts import ZeroWithExperts, split_expert_units
@@ -72,7 +74,17 @@ def build_grad_sync(cfg: Config, grid: Grid, chunks: dict[int, Transformer]) -> 
     p, t = cfg.parallel, cfg.train
     adamw = AdamWConfig(t.lr, (t.beta1, t.beta2), t.eps, t.weight_decay)
     tied = tuple(tied_params(cfg, chunks))
-    groups = {"tp_group": grid.tp_group, "pp_group": grid.pp_group, "embed_group": grid.embed_group}
+    dtypes = dtype_policy(t.precision, p.grad_dtype)  # 16-bit parameters, fp32 masters
+    if dtypes.param_dtype is not None:  # frozen weights get no master, only the compute dtype
+        to_compute_(
+            [q for c in chunks.values() for q in c.parameters() if not q.requires_grad], dtypes.param_dtype
+        )
+    groups = {
+        "tp_group": grid.tp_group,
+        "pp_group": grid.pp_group,
+        "embed_group": grid.embed_group,
+        "dtypes": dtypes,
+    }
     experts_apart = p.ep > 1
     if p.zero == 0:
         return DataParallelAdamW(

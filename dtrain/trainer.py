@@ -34,7 +34,7 @@ from parallel.grad_sync import AdamWConfig, clip_
 from parallel.grid import Grid
 from parallel.ledger import CommLedger
 from parallel.moe import aux_grad_scales, set_aux_grad_scale
-from parallel.precision import LossScaler, autocast, wide
+from parallel.precision import LossScaler, compute_context, wide
 
 
 class TrainingError(RuntimeError):
@@ -141,6 +141,10 @@ class Trainer:
         self.peak_flops = peak_flops(device, t.peak_tflops)
         self.ledger: CommLedger | None = None  # counts the collectives of logging steps (fit)
 
+    def _compute_context(self):
+        """No autocast: the parameters are stored in the compute dtype (parallel.precision)."""
+        return compute_context(self.cfg.train.precision, self.params[0].dtype, self.device)
+
     def _phase(self, name: str, when: str = ""):
         return self.phases.enter(name, when) if self.phases is not None else contextlib.nullcontext()
 
@@ -181,7 +185,7 @@ class Trainer:
             self.model.train_actions,
             microbatches,
             loss_scale=self.scaler.scale / targets,
-            compute_context=lambda: autocast(t.precision, self.device),
+            compute_context=self._compute_context,
             before_backward=lambda chunk, is_last: sync.before_backward(is_last),
             before_compute=(lambda m: set_aux_grad_scale(moe, shares[m])) if moe else None,
         )
@@ -224,7 +228,8 @@ class Trainer:
         """This rank's parameters as canonical full tensors (tensor shards gathered; under ZeRO-3 the
         parameters gathered whole first). Collective."""
         with self.grad_sync.params_whole():
-            return checkpoint.canonical_model_state(self.model, self._shard_groups())
+            masters = self.grad_sync.master_weights()  # fp32 weights of 16-bit parameters
+            return checkpoint.canonical_model_state(self.model, self._shard_groups(), masters)
 
     def _shard_groups(self) -> dict:
         """The groups that `Sharding.group` names: tensor-parallel shards and experts spread over ep."""
@@ -269,7 +274,7 @@ class Trainer:
                 total += self.model.executor.run(
                     self.model.eval_actions,
                     self._microbatches(self.val_data, k),
-                    compute_context=lambda: autocast(t.precision, self.device),
+                    compute_context=self._compute_context,
                 )
             with self._phase("loss"):
                 total = self._sum_loss(total)
@@ -317,6 +322,7 @@ class Trainer:
                 self.model,
                 self.grad_sync.state_dict(),  # collective where the state is sharded
                 extra,
+                masters=self.grad_sync.master_weights(),
                 keep=self.cfg.run.keep_checkpoints,
                 # One replica gathers: the expert-data-parallel index 0 spans the ep group's experts.
                 gathers=c.edp == 0 and c.cp == 0,

@@ -36,6 +36,7 @@ from torch import nn
 
 from parallel.grad_sync import AdamWConfig, Held, OptimizerState, decays, nbytes, no_bytes
 from parallel.grid import group_size
+from parallel.mixed_precision import AS_BUILT, DtypePolicy, fold_grad_, master_copies, to_compute_
 from parallel.sharding import global_grad_norm, sharding_of, sum_partial_grads
 
 
@@ -80,19 +81,23 @@ class DataParallel(nn.Module):
         group: dist.ProcessGroup,
         bucket_mb: float = 25.0,
         expert_group: dist.ProcessGroup | None = None,
+        grad_dtype: torch.dtype | None = None,
     ):
         super().__init__()
         self.module = module
         self.sync_grads = True
         params = [p for p in module.parameters() if p.requires_grad]
         params.reverse()  # backward order
-        # Gradients are reduced in fp32 whatever the compute precision (fp64 parameters, used by the
-        # exactness tests, keep fp64).
+        # Gradients are reduced in fp32 unless `grad_dtype` says otherwise (fp64 parameters, used by the
+        # exactness tests, keep fp64). 16-bit parameters with fp32 buckets fold each param.grad into its
+        # bucket slice from the hook (parallel.mixed_precision); `main_grads` maps them to that slice.
         dtype = torch.float64 if params and params[0].dtype == torch.float64 else torch.float32
+        dtype = grad_dtype or dtype
         is_expert = [sharding_of(p).expert and expert_group is not None for p in params]
         plan = plan_buckets([p.numel() * 4 for p in params], int(bucket_mb * 2**20), is_expert)
         self.buckets: list[Bucket] = []
         self._bucket_of: dict[nn.Parameter, int] = {}
+        self.main_grads: dict[nn.Parameter, torch.Tensor] = {}
         for b, members in enumerate(plan):
             bucket_params = [params[i] for i in members]
             total = sum(p.numel() for p in bucket_params)
@@ -100,9 +105,13 @@ class DataParallel(nn.Module):
             bucket = Bucket(bucket_params, buffer, expert_group if is_expert[members[0]] else group)
             offset = 0
             for p in bucket_params:
-                if p.dtype != dtype:
+                if p.dtype != dtype and grad_dtype is None:
                     raise TypeError(f"DataParallel keeps {dtype} parameters (master weights); got {p.dtype}")
-                p.grad = bucket.buffer[offset : offset + p.numel()].view_as(p)
+                view = bucket.buffer[offset : offset + p.numel()].view_as(p)
+                if p.dtype == dtype:
+                    p.grad = view
+                else:
+                    self.main_grads[p] = view
                 offset += p.numel()
                 self._bucket_of[p] = b
                 p.register_post_accumulate_grad_hook(self._grad_ready)
@@ -131,6 +140,9 @@ class DataParallel(nn.Module):
         self._ready: set[nn.Parameter] = set()
 
     def _grad_ready(self, param: nn.Parameter) -> None:
+        main = self.main_grads.get(param)
+        if main is not None:
+            fold_grad_(param, main)
         if not self.sync_grads:
             return
         if param in self._ready:
@@ -196,7 +208,9 @@ class DataParallelAdamW:
 
     tp_group, pp_group, ep_group: the groups over which the canonical gradient norm sums (tensor shards,
     pipeline stages, experts); embed_group and `tied`: the embedding and head tied across the pipeline's
-    ends, whose gradients are summed over that group."""
+    ends, whose gradients are summed over that group. `dtypes` (parallel.mixed_precision): with 16-bit
+    parameters, torch's AdamW steps fp32 master copies, whose `.grad` is the fp32 bucket slice (or, with
+    16-bit gradients, an fp32 copy of the 16-bit one made for the step)."""
 
     def __init__(
         self,
@@ -211,49 +225,92 @@ class DataParallelAdamW:
         ep_group=None,
         embed_group=None,
         tied: tuple[nn.Parameter, ...] = (),
+        dtypes: DtypePolicy = AS_BUILT,
     ):
         self.params = [p for p in modules.parameters() if p.requires_grad]
         self.frozen = [p for p in modules.parameters() if not p.requires_grad]  # held, never reduced
-        self.buckets = DataParallel(modules, group, bucket_mb, expert_group)
-        self.optimizer = torch_adamw(self.params, adamw)
+        master_dtype = self.params[0].dtype if self.params else torch.float32
+        self.masters = master_copies(self.params) if dtypes.mixed(master_dtype) else self.params
+        if self.masters is not self.params:
+            to_compute_(self.params, dtypes.compute(master_dtype))
+        grad_dtype = dtypes.grads(master_dtype) if self.masters is not self.params else None
+        self.buckets = DataParallel(modules, group, bucket_mb, expert_group, grad_dtype)
+        # Where the reduced gradients live, for the partial and tied sums, the norm and clipping: on the
+        # masters when the buckets are fp32 and the parameters 16-bit, else on the parameters.
+        for p, m in zip(self.params, self.masters, strict=True):
+            if p in self.buckets.main_grads:
+                m.grad = self.buckets.main_grads[p]
+        on_masters = bool(self.buckets.main_grads)
+        self.holders = self.masters if on_masters else self.params
+        self._holder = dict(zip(self.params, self.holders, strict=True))
+        self.optimizer = torch_adamw(self.masters, adamw)
         _init_adamw_state(self.optimizer)
         self.tp_group, self.pp_group, self.ep_group = tp_group, pp_group, ep_group
         self.embed_group, self.tied = embed_group, tied
+
+    @property
+    def mixed(self) -> bool:
+        return self.masters is not self.params
 
     def before_backward(self, is_last: bool) -> None:
         self.buckets.before_backward(is_last)
 
     def finish_grad_sync(self) -> None:
         self.buckets.finish_grad_sync()
-        sum_partial_grads(self.params, self.tp_group)  # norm gains under SP, replicated k/v heads
+        sum_partial_grads(self.holders, self.tp_group)  # norm gains under SP, replicated k/v heads
         for p in self.tied:  # g_embed = g_head = their sum, over the two ends of the pipeline
-            if p.grad is not None:
-                dist.all_reduce(p.grad, group=self.embed_group)
+            grad = self._holder[p].grad
+            if grad is not None:
+                dist.all_reduce(grad, group=self.embed_group)
 
     def scale_grads(self, factor: torch.Tensor | float) -> None:
-        grads = [p.grad for p in self.params if p.grad is not None]
+        grads = [p.grad for p in self.holders if p.grad is not None]
         if grads:
             torch._foreach_mul_(grads, factor.to(grads[0].device) if torch.is_tensor(factor) else factor)
 
     def grad_norm(self) -> torch.Tensor:
         return global_grad_norm(
-            self.params, tp_group=self.tp_group, pp_group=self.pp_group, ep_group=self.ep_group
+            self.holders, tp_group=self.tp_group, pp_group=self.pp_group, ep_group=self.ep_group
         )
 
+    @torch.no_grad()
     def step(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        widened = self.mixed and self.holders is self.params  # 16-bit gradients: fp32 copies for AdamW
+        if widened:
+            for p, m in zip(self.params, self.masters, strict=True):
+                m.grad = p.grad.to(m.dtype) if p.grad is not None else None
         self.optimizer.step()
+        if self.mixed:
+            for p, m in zip(self.params, self.masters, strict=True):
+                p.copy_(m)  # the 16-bit parameters are the updated masters, rounded to nearest
+                if widened:
+                    m.grad = None
 
     def zero_grad(self) -> None:
         self.buckets.zero_grad()
 
     def state_dict(self) -> OptimizerState:
-        return dict(self.optimizer.state)
+        return {p: self.optimizer.state[m] for p, m in zip(self.params, self.masters, strict=True)}
 
+    @torch.no_grad()
     def load_state_dict(self, state: OptimizerState) -> None:
-        for p, value in state.items():
-            self.optimizer.state[p] = value
+        """`state[p]["master"]` (the checkpoint's fp32 weights) restores a master; without it the master
+        is the loaded parameter."""
+        for p, m in zip(self.params, self.masters, strict=True):
+            if p not in state:
+                continue
+            value = dict(state[p])
+            master = value.pop("master", None)
+            if self.mixed:
+                m.copy_(master if master is not None else p)
+            self.optimizer.state[m] = value
+
+    def master_weights(self) -> dict[nn.Parameter, torch.Tensor]:
+        """The fp32 weights the 16-bit parameters are rounded from; empty when the parameters are the
+        masters."""
+        return dict(zip(self.params, self.masters, strict=True)) if self.mixed else {}
 
     def params_whole(self):
         return contextlib.nullcontext()
@@ -261,9 +318,10 @@ class DataParallelAdamW:
     def held_bytes(self) -> Held:
         out = no_bytes()
         states = [v for s in self.optimizer.state.values() for v in s.values() if v.dim() > 0]
+        masters = sum(nbytes(m) for m in self.masters) if self.mixed else 0
         out["device"].update(
             params=sum(nbytes(p) for p in self.params + self.frozen),
             grads=sum(nbytes(b.buffer) for b in self.buckets.buckets),
-            optimizer=sum(nbytes(v) for v in states),
+            optimizer=sum(nbytes(v) for v in states) + masters,
         )
         return out

@@ -70,6 +70,10 @@ class GradSync(Protocol):
     def load_state_dict(self, state: OptimizerState) -> None:
         """Inverse of `state_dict`; parameters must already hold their loaded values."""
 
+    def master_weights(self) -> dict[nn.Parameter, torch.Tensor]:
+        """With 16-bit parameters, the fp32 master weights, whole per parameter (collective where they are
+        sharded; under ZeRO-3 inside params_whole()); empty when the parameters are their own masters."""
+
     def params_whole(self) -> contextlib.AbstractContextManager:
         """Every parameter whole for the duration (ZeRO-3 gathers, then writes changes back to shards)."""
 

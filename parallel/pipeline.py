@@ -89,7 +89,9 @@ class PipelineExecutor:
         self.pending_sends: list = []
         last_backward = {a.chunk: i for i, a in enumerate(actions) if a.kind == "B"}
         stored: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
-        loss_sum = torch.zeros((), dtype=self.dtype, device=self.device)
+        # Activations travel in the parameters' dtype; token-loss sums are fp32 at least (the loss is).
+        loss_dtype = torch.promote_types(self.dtype, torch.float32)
+        loss_sum = torch.zeros((), dtype=loss_dtype, device=self.device)
         for i, a in enumerate(actions):
             inputs, targets, *context = microbatches[a.microbatch]
             rows = inputs.shape[0]
@@ -109,7 +111,7 @@ class PipelineExecutor:
                 if record is not None:
                     record.append((a, start, time.perf_counter()))
                 if last:
-                    loss_sum += out.detach().to(self.dtype)
+                    loss_sum += out.detach().to(loss_dtype)
                 else:
                     self._send(out.detach(), a.chunk + 1, 0, a.chunk + 1, a.microbatch)
                 if torch.is_grad_enabled():

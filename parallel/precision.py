@@ -1,7 +1,9 @@
-"""Mixed precision: compute dtype under autocast, fp32 master weights, and fp16 dynamic loss scaling.
+"""Mixed precision: the compute dtype, fp32 master weights, and fp16 dynamic loss scaling.
 
-Parameters stay fp32 (they are the master weights the optimizer updates); matmuls run in bf16/fp16
-under torch.autocast, and gradients arrive in fp32, so the data-parallel reduction is fp32 too.
+Training stores parameters in bf16/fp16 and keeps fp32 master weights with the optimizer state
+(parallel.mixed_precision: the dtype policy the gradient synchronisations take); the forward then runs in
+the parameters' dtype. The library wrapper (parallel.wrap) keeps fp32 parameters and computes under
+torch.autocast instead; its gradients arrive in fp32.
 
 fp16 has a narrow exponent range, so the loss is multiplied by a scale S before backward and gradients
 are divided by S before the step. If any gradient overflowed, the step is skipped and S halves; after
@@ -30,6 +32,27 @@ def autocast(precision: str, device: torch.device):
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
+
+
+def compute_context(precision: str, param_dtype: torch.dtype, device: torch.device):
+    """The context a forward runs in. Parameters stored in 16 bits (dtrain's training,
+    parallel.mixed_precision) compute in their own dtype with no autocast, as FSDP2 with a bf16
+    param_dtype does: matmuls in 16 bits, norms, rotary, softmax statistics and the loss widened to fp32
+    by the model (`wide`). fp32 parameters with a 16-bit precision (parallel.wrap) compute under
+    autocast."""
+    if param_dtype in (torch.float16, torch.bfloat16):
+        return contextlib.nullcontext()
+    return autocast(precision, device)
+
+
+def dtype_policy(precision: str, grad_dtype: str = "fp32"):
+    """The parallel.mixed_precision.DtypePolicy of `precision`: parameters stored in its compute dtype,
+    gradients reduced in `grad_dtype`; fp32 changes nothing."""
+    from parallel.mixed_precision import DtypePolicy  # it imports parallel.sharding, which imports this
+
+    if precision == "fp32":
+        return DtypePolicy()
+    return DtypePolicy(param_dtype=DTYPES[precision], grad_dtype=DTYPES[grad_dtype])
 
 
 class LossScaler:

@@ -52,6 +52,8 @@ from parallel.data_parallel import plan_buckets
 from parallel.flat_adamw import adamw_step_
 from parallel.grad_sync import AdamWConfig, Held, OptimizerState, decays, nbytes, no_bytes
 from parallel.grid import group_rank, group_size
+from parallel.mixed_precision import AS_BUILT, DtypePolicy, fold_grad_
+from parallel.precision import wide
 from parallel.sharding import counted_on_tp_rank, sharding_of
 
 
@@ -148,6 +150,7 @@ class ZeroDataParallel:
         embed_group=None,
         isolate: tuple[nn.Parameter, ...] = (),
         replica_group=None,
+        dtypes: DtypePolicy = AS_BUILT,
     ):
         if stage not in (1, 2, 3):
             raise ValueError(f"ZeRO stage must be 1, 2 or 3, not {stage}")
@@ -159,6 +162,7 @@ class ZeroDataParallel:
         self.pp_group, self.embed_group = pp_group, embed_group
         self.replica_group = replica_group if group_size(replica_group) > 1 else None
         self.isolate = isolate
+        self.dtypes = dtypes
         self.sync_grads = True
         self.step_count = 0
         self.buckets = [self._make_bucket(members) for members in plan]
@@ -195,29 +199,37 @@ class ZeroDataParallel:
         numel = sum(p.numel() for p in params)
         padded = math.ceil(numel / self.n) * self.n
         size = padded // self.n
-        dtype, device = params[0].dtype, params[0].device
+        dtype, device = params[0].dtype, params[0].device  # the master dtype: fp32 (fp64 in exactness tests)
+        compute, grad_dtype = self.dtypes.compute(dtype), self.dtypes.grads(dtype)
         flat = torch.zeros(padded, dtype=dtype, device=device)
         decay_full = torch.zeros(padded, dtype=dtype, device=device)
         offsets, offset = [], 0
         with torch.no_grad():
             for p in params:
                 flat[offset : offset + p.numel()].copy_(p.reshape(-1))
-                p.data = flat[offset : offset + p.numel()].view_as(p)  # the parameter now lives in the bucket
                 decay_full[offset : offset + p.numel()] = 1.0 if decays(p) else 0.0
                 offsets.append(offset)
                 offset += p.numel()
         shard = slice(self.rank * size, (self.rank + 1) * size)
         # Offloaded optimizer state lives in host memory (on the meta device, the estimator's, it stays
-        # there): moments and a master copy of the shard, in the parameters' dtype (they are the fp32
-        # master weights; compute runs in 16 bits under autocast).
+        # there): moments and a master copy of the shard, in the master dtype. With 16-bit parameters the
+        # fp32 master shard always exists (parallel.mixed_precision) and the bucket itself is 16-bit.
         host = torch.device("cpu") if device.type != "meta" else device
         state_device = host if self.offload else device
-        master = flat[shard].detach().to(host, copy=True) if self.offload else None
+        mixed = compute != dtype
+        master = flat[shard].detach().to(state_device, copy=True) if self.offload or mixed else None
+        if mixed:
+            flat = flat.to(compute)
+        with torch.no_grad():
+            for p, offset in zip(params, offsets, strict=True):
+                p.data = flat[offset : offset + p.numel()].view_as(p)  # the parameter now lives in the bucket
         # Stage 1 keeps whole gradients for the step and reduces into its own slice of them; stages 2 and 3
         # keep only a shard and fill a whole-bucket buffer transiently.
-        flat_grads = torch.zeros_like(flat) if self.stage == 1 else None
+        flat_grads = torch.zeros(padded, dtype=grad_dtype, device=device) if self.stage == 1 else None
         grad_shard = (
-            flat_grads[shard] if flat_grads is not None else torch.zeros(size, dtype=dtype, device=device)
+            flat_grads[shard]
+            if flat_grads is not None
+            else torch.zeros(size, dtype=grad_dtype, device=device)
         )
         bucket = FlatBucket(
             params=params,
@@ -232,8 +244,9 @@ class ZeroDataParallel:
             grad_shard=grad_shard,
             flat_grads=flat_grads,
         )
-        if flat_grads is not None:
-            # Stage 1: autograd accumulates micro-batches straight into the bucket (as DataParallel does).
+        if flat_grads is not None and grad_dtype == compute:
+            # Stage 1: autograd accumulates micro-batches straight into the bucket (as DataParallel does;
+            # 16-bit parameters with fp32 gradients fold each backward's gradient in from the hook).
             for p, offset in zip(params, offsets, strict=True):
                 p.grad = flat_grads[offset : offset + p.numel()].view_as(p)
         if self.offload:
@@ -255,7 +268,7 @@ class ZeroDataParallel:
 
     def _flat_grads(self, bucket: FlatBucket) -> torch.Tensor:
         if bucket.flat_grads is None:
-            bucket.flat_grads = torch.zeros_like(bucket.flat_params)
+            bucket.flat_grads = torch.zeros_like(bucket.flat_params, dtype=bucket.grad_shard.dtype)
         return bucket.flat_grads
 
     def _grad_ready(self, param: nn.Parameter) -> None:
@@ -263,9 +276,10 @@ class ZeroDataParallel:
         (the same order on every rank)."""
         b, offset = self._place[param]
         bucket = self.buckets[b]
-        if self.stage >= 2:  # stage 1's gradients are views into its persistent bucket already
-            self._flat_grads(bucket)[offset : offset + param.numel()].add_(param.grad.reshape(-1))
-            param.grad = None  # the transient bucket holds it now
+        if self.stage >= 2 or bucket.grad_shard.dtype != param.dtype:
+            # Stage 1's gradients are views into its persistent bucket already, unless 16-bit parameters
+            # accumulate into fp32 buckets; otherwise the (transient) bucket takes the gradient over.
+            fold_grad_(param, self._flat_grads(bucket)[offset : offset + param.numel()])
         if not (self.sync_grads or self.stage >= 2):
             return  # stage 1 accumulates whole gradients until the last micro-batch
         if param in self._ready:
@@ -370,11 +384,11 @@ class ZeroDataParallel:
         """Sum of squares of this rank's gradient shards (padding is zero), over the elements this rank
         counts."""
         total = torch.zeros(
-            (), dtype=self.buckets[0].grad_shard.dtype, device=self.buckets[0].grad_shard.device
+            (), dtype=wide(self.buckets[0].grad_shard).dtype, device=self.buckets[0].grad_shard.device
         )
         for bucket in self.buckets:
             for r in bucket.counted:
-                total += bucket.grad_shard[r].pow(2).sum()
+                total += wide(bucket.grad_shard[r]).pow(2).sum()
         return total
 
     def reduced_grad_norm_sq(self) -> torch.Tensor:
@@ -416,15 +430,32 @@ class ZeroDataParallel:
         Under stage 3 call it inside params_whole()."""
         out = {}
         for bucket in self.buckets:
-            gathered = {}
-            for name in ("exp_avg", "exp_avg_sq"):
-                local = getattr(bucket, name).to(bucket.flat_params.device, bucket.flat_params.dtype)
-                whole = torch.empty_like(bucket.flat_params)
-                all_gather_flat(whole, local.contiguous(), group=self.group)
-                gathered[name] = whole
+            gathered = {
+                name: self._gather_whole(bucket, getattr(bucket, name)) for name in ("exp_avg", "exp_avg_sq")
+            }
             for p, offset in zip(bucket.params, bucket.offsets, strict=True):
                 out[p] = {k: v[offset : offset + p.numel()].view_as(p).clone() for k, v in gathered.items()}
                 out[p]["step"] = torch.tensor(float(self.step_count))
+        return out
+
+    def _gather_whole(self, bucket: FlatBucket, local: torch.Tensor) -> torch.Tensor:
+        """The whole bucket of a per-shard state tensor (moments, masters), in its own dtype, all-gathered
+        over the group on the parameters' device."""
+        local = local.to(bucket.flat_params.device)
+        whole = torch.empty(bucket.flat_params.numel(), dtype=local.dtype, device=local.device)
+        all_gather_flat(whole, local.contiguous(), group=self.group)
+        return whole
+
+    def master_weights(self) -> dict[nn.Parameter, torch.Tensor]:
+        """The fp32 master weights of 16-bit parameters, whole (gathered over the group); empty when the
+        parameters are their own masters."""
+        out = {}
+        for bucket in self.buckets:
+            if bucket.master is None or bucket.master.dtype == bucket.flat_params.dtype:
+                continue
+            whole = self._gather_whole(bucket, bucket.master)
+            for p, offset in zip(bucket.params, bucket.offsets, strict=True):
+                out[p] = whole[offset : offset + p.numel()].view_as(p).clone()
         return out
 
     @torch.no_grad()
@@ -432,14 +463,19 @@ class ZeroDataParallel:
         """Inverse of state_dict: take this rank's slice of every parameter's moments (inside
         params_whole() under stage 3, after the parameters were loaded)."""
         for bucket in self.buckets:
-            for name in ("exp_avg", "exp_avg_sq"):
-                whole = torch.zeros_like(bucket.flat_params)
+            saved_master = any("master" in state.get(p, {}) for p in bucket.params)
+            names = ["exp_avg", "exp_avg_sq"] + (
+                ["master"] if bucket.master is not None and saved_master else []
+            )
+            for name in names:
+                target = getattr(bucket, name)
+                whole = torch.zeros(bucket.flat_params.numel(), dtype=target.dtype, device=target.device)
                 for p, offset in zip(bucket.params, bucket.offsets, strict=True):
-                    if p in state:
+                    if name in state.get(p, {}):
                         whole[offset : offset + p.numel()] = state[p][name].reshape(-1)
-                getattr(bucket, name).copy_(whole[bucket.shard])
-            if bucket.master is not None:
-                bucket.master.copy_(bucket.shard_params)
+                target.copy_(whole[bucket.shard])
+            if bucket.master is not None and not saved_master:
+                bucket.master.copy_(bucket.shard_params)  # the master is the loaded parameter
         steps = [int(s["step"]) for s in state.values() if "step" in s]
         self.step_count = steps[0] if steps else 0
 

@@ -172,7 +172,9 @@ class ShardedParams:
         finally:
             for part in parts:
                 part.store.copy_(part.flat_params[part.shard].to(part.store.device))
-                if part.master is not None:
+                if part.master is not None and part.master.dtype == part.store.dtype:
+                    # fp32 offload: the master mirrors the shard. A 16-bit shard is a rounding of its fp32
+                    # master, which load_state_dict restores from the checkpoint instead.
                     part.master.copy_(part.store)
                 self._free(part)
 
@@ -267,7 +269,7 @@ def zero3(
 ) -> ZeroDataParallel:
     """ZeRO-3 over `units`, in forward order: (the unit's parameters, spans). A span (first, last) is a
     stretch of forward that uses the unit: gathered before `first` runs, freed after `last` returns.
-    `facts`: ZeroDataParallel's tp_group, pp_group, embed_group, isolate (a parameter tied across
+    `facts`: ZeroDataParallel's tp_group, pp_group, embed_group, dtypes, isolate (a parameter tied across
     pipeline stages must be a unit of its own) and replica_group (hybrid sharding: units are gathered
     within `group`, gradient shards summed over the replicas once per step)."""
     residency = ShardedParams(offload_params=offload == "all")

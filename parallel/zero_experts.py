@@ -90,6 +90,9 @@ class ZeroWithExperts:
         for part in self.parts:
             part.load_state_dict(state)
 
+    def master_weights(self) -> dict:
+        return {**self.dense.master_weights(), **self.experts.master_weights()}
+
     @contextlib.contextmanager
     def params_whole(self):
         with self.dense.params_whole(), self.experts.params_whole():

@@ -118,6 +118,62 @@ def torch_ddp_run(cfg, group=None) -> dict:
     return {"losses": losses, "grad_norms": norms, "params": full_params(model), "frozen": frozen}
 
 
+def torch_fsdp2_run(cfg, group=None) -> dict:
+    """Train `cfg.train.steps` steps with torch's FSDP2 (`fully_shard` on every block and on the root)
+    over `group`, with its mixed precision: parameters all-gathered and computed in the precision's
+    dtype, no autocast, gradients reduced in parallel.grad_dtype into fp32 sharded parameters (the masters
+    AdamW steps).
+    fp16 adds torch's ShardedGradScaler, whose overflow check is agreed over the group."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    t = cfg.train
+    group = group or dist.group.WORLD
+    dp, rank = dist.get_world_size(group), dist.get_rank(group)
+    mesh = DeviceMesh.from_group(group, "cpu")
+    model = Transformer(cfg.model)
+    weights = HFWeights(cfg.model.init_from) if cfg.model.init_from else None
+    init_weights(model, cfg.train.seed, weights.read if weights else None)
+    dtype = DTYPES[t.precision]
+    # The blocks' floating inputs stay as the model passes them: the residual stream is already 16-bit,
+    # and the rotary tables stay fp32 (FSDP2 would otherwise round them to 16 bits at every block).
+    reduce = DTYPES[cfg.parallel.grad_dtype]
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce, cast_forward_inputs=False)
+    for block in model.blocks.values():
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    opt, data = build_optimizer(model, t), build_dataset(cfg, "train")  # AdamW on the fp32 shards
+    scaler = ShardedGradScaler("cpu", enabled=t.precision == "fp16", process_group=group)
+    losses, norms = [], []
+    for step in range(t.steps):
+        _set_lr(opt, step, t)
+        tokens = max(global_target_tokens(data, step, t.global_batch_size), 1)
+        micro = rank_microbatches(data, step, rank, dp, t.micro_batch_size, t.global_batch_size)
+        shares = aux_grad_scales(micro, tokens, scaler.get_scale() * dp)
+        local = torch.zeros(())
+        for j, (x, y, *context) in enumerate(micro):
+            set_aux_grad_scale(moe_layers(model), shares[j])
+            model.set_requires_gradient_sync(j == len(micro) - 1)  # reduce-scatter at the last only
+            loss_sum = model(x, y, **(context[0] if context else {}))
+            # FSDP2 averages over ranks; our loss is already normalised by the global token count.
+            scaler.scale(loss_sum / tokens * dp).backward()
+            local += loss_sum.detach().float()
+        scaler.unscale_(opt)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        dist.all_reduce(local, group=group)
+        losses.append(float(local) / tokens)
+        norms.append(float(norm.full_tensor()))
+    return {
+        "losses": losses,
+        "grad_norms": norms,
+        "params": {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()},
+    }
+
+
 def single_process_run(cfg) -> dict:
     """The same training in one process on the whole global batch, no torch.distributed at all."""
     t = cfg.train

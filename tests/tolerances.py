@@ -21,9 +21,14 @@ Such layouts are therefore also trained in float64, where rounding is 2^29 times
 every loss, gradient norm and parameter must match to 1e-10 (measured: 1e-14 to 8e-14 relative). The
 fp32 run of the same layout compares losses and gradient norms at the FP32 bound.
 
-bf16 / fp16: both runs use the same autocast forward, but a last-bit difference in an fp32 master weight
-can flip the rounding of its 16-bit copy, which moves the loss by up to about one 16-bit ulp of the
-activations; bounds below hold over 8 steps of the tiny model. They need identical micro-batch shapes.
+bf16 / fp16: 16-bit parameters with fp32 masters against torch FSDP2 with the same mixed precision
+(param_dtype 16-bit, reduce_dtype fp32 or bf16), both forwards in the parameters' dtype. A last-bit
+difference in an fp32 master weight can flip the rounding of its 16-bit copy, which moves the loss by up
+to about one 16-bit ulp of the activations; bounds below hold over 8 steps of the tiny model. They need
+identical micro-batch shapes. Measured at dp 2 (DDP and ZeRO 1-3, fp32 gradients; ZeRO-1 with bf16
+gradients): losses and parameters bitwise equal, gradient norms 8e-8 to 3e-7 relative (the norm's
+summation order); ZeRO-2 with bf16 gradients, which sums each micro-batch's reduced shard in bf16 where
+FSDP2 accumulates whole bf16 gradients first, 1.7e-2 on the parameters.
 
 Logits against transformers (HF_LOGITS, absolute, on logits of magnitude ~1.5): both compute the same
 functions with other kernels and orders (SDPA against transformers' attention, our rotary angles in
@@ -35,10 +40,12 @@ measured, serves both.
 16-bit, layouts that change the arithmetic (tensor or pipeline parallelism): a tensor-parallel rank
 rounds its partial matmul to 16 bits before the all-reduce where the dense matmul rounds once, and any
 change of shapes (micro-batch size, pipeline cuts) changes kernel blocking, so no fixed bound is
-meaningful: two torch-only DDP runs that differ only in micro-batch size already drift apart after 8
-steps by 4e-4 (loss), 6e-3 to 1.2e-2 (grad norm) and 2.6e-2 to 3.7e-2 (parameters, per-tensor 2-norm).
-Such a layout must stay within LOW_PRECISION_NOISE_FACTOR times that drift of torch DDP, measured in the
-same test (measured: 0.3x to 1.5x). Exactness of these layouts is shown in float64 above.
+meaningful: two torch FSDP2 runs that differ only in micro-batch size (4 against 1) already drift apart
+after 8 steps by 6e-5 to 5e-4 (loss), 1.1e-3 to 1.3e-2 (grad norm) and 1.5e-2 to 3.8e-2 (parameters,
+per-tensor 2-norm). Such a layout must stay within LOW_PRECISION_NOISE_FACTOR times that drift of FSDP2,
+measured in the same test, against FSDP2 at the layout's own micro-batch shapes (measured: tensor
+parallelism 0.9x to 1.6x; a pipeline, which changes no arithmetic, agrees to 1e-6). Exactness of these
+layouts is shown in float64 above.
 
 MoE dispatch, fp64 (the MoE benchmark): our all-to-all dispatcher and the benchmark's all-gather one route
 with the same router and capacity and run every expert on the same rows in the same order; they differ

@@ -46,9 +46,9 @@ collectives (tensor and expert) again, all but a last reduction that nothing sav
 (`_block_collectives` says which). ZeRO figures depend on the rank's data-parallel shard (which of its
 elements are tensor-partial), pipeline ones on its stage, hence `rank`.
 
-Not modelled, raising NotModelled: 16-bit compute with activation traffic (the dtypes under autocast vary
-per tensor; data parallelism alone is modelled, its gradients are fp32), ZeRO 2/3 with the interleaved
-schedule, ZeRO 3 with ep > 1. A skipped fp16 step (overflow) sends no ZeRO
+Not modelled, raising NotModelled: 16-bit compute with activation traffic (data parallelism alone is
+modelled: 16-bit parameter gathers, gradients in parallel.grad_dtype), ZeRO 2/3 with the interleaved
+schedule, ZeRO 3 with ep > 1, ZeRO 3 with frozen parameters. A skipped fp16 step (overflow) sends no ZeRO
 all-gather; the prediction assumes none.
 """
 
@@ -151,8 +151,8 @@ def _check_modelled(cfg: Config) -> None:
     activations = p.tp > 1 or p.pp > 1 or p.ep > 1 or p.cp > 1
     if t.precision != "fp32" and activations:
         raise NotModelled(
-            f"train.precision={t.precision} with tp/pp/ep/cp traffic: activation dtypes under autocast are "
-            f"not modelled; use train.precision=fp32 (data parallelism alone is modelled at any precision)"
+            f"train.precision={t.precision} with tp/pp/ep/cp traffic: 16-bit activation traffic is not "
+            f"modelled; use train.precision=fp32 (data parallelism alone is modelled at any precision)"
         )
     if p.zero >= 2 and n_chunks(cfg) > p.pp:
         raise NotModelled(
@@ -397,7 +397,8 @@ def _ddp(v: Volume, cfg: Config, sync: DataParallelAdamW, it: int) -> None:
     """parallel.data_parallel.DataParallelAdamW: its buckets' all-reduces, then finish_grad_sync's sums
     and the norm's scalars."""
     p = cfg.parallel
-    grad = sync.buckets.buckets[0].buffer.element_size()  # fp32 buckets (fp64 with fp64 parameters)
+    # parallel.grad_dtype's buckets (fp32 by default, fp64 with fp64 parameters); norms are at least fp32
+    grad = sync.buckets.buckets[0].buffer.element_size()
     for b in sync.buckets.buckets:
         v.ring(
             _axis(b.group, p.cp),
@@ -413,7 +414,7 @@ def _ddp(v: Volume, cfg: Config, sync: DataParallelAdamW, it: int) -> None:
         v.ring("embed", ALL_REDUCE, 1, q.numel() * grad, 2, "tied embedding gradient")
     # global_grad_norm: one scalar per group holding distinct gradients (only if any is larger than 1).
     for axis, n in (("ep", p.ep), ("tp", p.tp), ("pp", p.pp)):
-        v.ring(axis, ALL_REDUCE, 1, grad, n, "gradient norm: sum of squares")
+        v.ring(axis, ALL_REDUCE, 1, max(grad, it), n, "gradient norm: sum of squares")
 
 
 def _zero(v: Volume, cfg: Config, sync, it: int) -> None:
@@ -422,25 +423,30 @@ def _zero(v: Volume, cfg: Config, sync, it: int) -> None:
     mb = microbatches_per_rank(cfg)
     for w in sync.parts if isinstance(sync, ZeroWithExperts) else (sync,):
         axis = _axis(w.group, p.cp)
+        g = w.buckets[0].grad_shard.element_size()
         for b in w.buckets:
-            full = b.flat_params.numel() * it  # padded to a multiple of n
+            # Padded to a multiple of n; parameters move in their dtype (16 bits with train.precision
+            # bf16/fp16: ZeRO-3 gathers half the bytes), gradients in parallel.grad_dtype.
+            params, grads = b.flat_params.numel() * b.flat_params.element_size(), b.flat_params.numel() * g
             if p.zero == 3:  # gathered before each forward use and once for backward, per micro-batch
                 uses = w.residency.uses[id(b)]
-                v.ring(axis, ALL_GATHER, mb * (uses + 1), full, w.n, "unit gathered")
-            v.ring(axis, REDUCE_SCATTER, 1 if p.zero == 1 else mb, full, w.n, "gradient bucket")
+                v.ring(axis, ALL_GATHER, mb * (uses + 1), params, w.n, "unit gathered")
+            v.ring(axis, REDUCE_SCATTER, 1 if p.zero == 1 else mb, grads, w.n, "gradient bucket")
             if p.zero < 3:
-                v.ring(axis, ALL_GATHER, 1, full, w.n, "updated bucket, after the step")
+                v.ring(axis, ALL_GATHER, 1, params, w.n, "updated bucket, after the step")
         # _sum_partial_grads: one all-reduce of the tensor-partial ranges of this rank's shards.
         partial = sum(r.stop - r.start for b in w.buckets for r in b.partial)
-        v.ring("tp", ALL_REDUCE, int(partial > 0), partial * it, p.tp, "sum_partial_grads on the shards")
+        v.ring("tp", ALL_REDUCE, int(partial > 0), partial * g, p.tp, "sum_partial_grads on the shards")
         if w.replica_group is not None:  # hybrid sharding: each gradient shard summed over the replicas
             n = group_size(w.replica_group)
             for b in w.buckets:
-                shard = b.grad_shard.numel() * it
-                v.ring(_axis(w.replica_group, p.cp), ALL_REDUCE, 1, shard, n, "gradient shard over the replicas")
+                shard = b.grad_shard.numel() * b.grad_shard.element_size()
+                v.ring(
+                    _axis(w.replica_group, p.cp), ALL_REDUCE, 1, shard, n, "gradient shard over the replicas"
+                )
         for b in w.buckets:  # the tied parameter's shard over the embed group
             if any(b.params[0] is q for q in w.isolate):
-                v.ring("embed", ALL_REDUCE, 1, b.grad_shard.numel() * it, 2, "tied embedding gradient shard")
+                v.ring("embed", ALL_REDUCE, 1, b.grad_shard.numel() * g, 2, "tied embedding gradient shard")
         v.ring(axis, ALL_REDUCE, 1, it, w.n, "gradient norm: shard squares")
     if isinstance(sync, ZeroWithExperts):  # the experts' squares summed over ep
         v.ring("ep", ALL_REDUCE, 1, it, p.ep, "gradient norm: sum of squares")

@@ -6,12 +6,14 @@ groups, and reads `GradSync.held_bytes()` off the gradient synchronisation it bu
 padding, shards, units, offloaded copies and AdamW state as a real run holds, with shapes and no storage.
 What the figures are, per wrapper (docs/formulas.md):
 
-  DDP (zero=0)  parameters + fp32 gradient buckets (no padding) + AdamW exp_avg/exp_avg_sq per parameter
+  DDP (zero=0)  parameters + gradient buckets (no padding) + AdamW exp_avg/exp_avg_sq per parameter
   ZeRO-1        parameters (padded buckets) + whole padded gradient buckets + moments of this rank's shard
   ZeRO-2        parameters (padded buckets) + gradient shard + moments of the shard
   ZeRO-3        parameter shard + gradient shard + moments (whole unit buffers are freed between uses)
   offload       optimizer: moments and an fp32 master copy of the shard in host memory;
                 all (ZeRO-3): the parameter shards in host memory too
+  bf16/fp16     2-byte parameters; gradients in parallel.grad_dtype; an fp32 master weight beside the
+                moments, whole (DDP) or of the shard (ZeRO), with the optimizer state wherever it lives
 
 ZeRO's N is the shard group: parallel.dp_shard ranks (all of dp x cp by default), not the replicas.
 
@@ -57,21 +59,28 @@ def first_rank_of_stage(cfg: Config, pp_rank: int) -> int:
 
 
 def formula_bytes_per_param(cfg: Config, e: int, n: int) -> dict[str, dict[str, float]]:
-    """docs/formulas.md, "Memory of model states per rank" (fp32 parameters and AdamW), with the offload rule:
-    the optimizer term (moments plus a master copy of the shard) and for offload=all the parameter shard
-    move to host memory. e = bytes per element (4 for fp32)."""
+    """docs/formulas.md, "Memory of model states per rank" (AdamW), with the offload rule: the optimizer
+    term (moments plus a master copy of the shard) and for offload=all the parameter shard move to host
+    memory. e = bytes per master element (4 for fp32). With train.precision=bf16/fp16 the parameters take
+    2 bytes, gradients those of parallel.grad_dtype, and the optimizer holds an e-byte master besides its
+    two moments (sharded as they are)."""
     p = cfg.parallel
+    mixed = cfg.train.precision != "fp32"
+    a = 2 if mixed else e  # parameters
+    g = 2 if mixed and p.grad_dtype == "bf16" else e  # gradients
+    m = 3 * e if mixed else 2 * e  # optimizer: moments (+ the master weight of 16-bit parameters)
     params, grads, opt = {
-        0: (e, e, 2 * e),
-        1: (e, e, 2 * e / n),
-        2: (e, e / n, 2 * e / n),
-        3: (e / n, e / n, 2 * e / n),
+        0: (a, g, m),
+        1: (a, g, m / n),
+        2: (a, g / n, m / n),
+        3: (a / n, g / n, m / n),
     }[p.zero]
     out = {where: dict.fromkeys(KINDS, 0.0) for where in ("device", "host")}
     out["device"].update(params=params, grads=grads, optimizer=opt)
     if p.offload != "none":
         out["device"]["optimizer"] = 0.0
-        out["host"]["optimizer"] = opt + e / n  # + the fp32 master copy of the shard
+        # + the fp32 master copy of the shard (16-bit parameters count theirs already)
+        out["host"]["optimizer"] = opt + (0 if mixed else e / n)
     if p.offload == "all":
         out["device"]["params"], out["host"]["params"] = 0.0, params
     return out
@@ -97,8 +106,9 @@ def _formula_line(cfg: Config, n_params: int, e: int, held: dict, n_frozen: int 
     extra = total / (n_params * (want["device"] + want["host"]) + _total(frozen)) - 1
     also = f" trained parameters (+ {n_frozen:,} frozen: parameter bytes only)" if n_frozen else " parameters"
     return (
-        f"docs/formulas.md {name}, N={n}, {e}-byte parameters: device {want['device']:.4g} + host "
-        f"{want['host']:.4g} B/param; estimate device {got['device']:.4g} + host {got['host']:.4g} B/param "
+        f"docs/formulas.md {name}, N={n}, {cfg.train.precision} parameters, {e}-byte masters: "
+        f"device {want['device']:.4g} + host {want['host']:.4g} B/param; "
+        f"estimate device {got['device']:.4g} + host {got['host']:.4g} B/param "
         f"over {n_params:,}{also} (padding to a multiple of N: {extra:+.4%})"
     )
 
@@ -126,7 +136,8 @@ def estimate_model_states(cfg: Config, world: int, communication: bool = True) -
         first_rank = first_rank_of_stage(cfg, pp_rank)
         built = meta_rank(cfg, first_rank)
         params = [q for q in built.model.parameters() if q.requires_grad]
-        n_params, e = sum(q.numel() for q in params), params[0].element_size()
+        # e: bytes of a master element (fp32; fp64 in the exactness tests), whatever the parameters hold.
+        n_params, e = sum(q.numel() for q in params), max(params[0].element_size(), 4)
         n_frozen = sum(q.numel() for q in built.model.parameters() if not q.requires_grad)
         held = built.grad_sync.held_bytes()
         stages.append(

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from dtrain import checkpoint
 from tests import harness
-from tests.reference import float64, full_params, tiny_config
+from tests.reference import float64, tiny_config
 from tests.tolerances import FP64
 
 
@@ -22,7 +22,8 @@ def _fit(*overrides: str):
 
     cfg = tiny_config(dist.get_world_size(), *overrides)
     trainer = Trainer(cfg, harness.grid(dp=dist.get_world_size()), torch.device("cpu"))
-    return trainer.fit(), full_params(trainer.model)
+    # The weights as checkpoints hold them: the fp32 masters of 16-bit parameters.
+    return trainer.fit(), trainer.canonical_state()
 
 
 def _rank0(fn) -> None:
@@ -31,9 +32,9 @@ def _rank0(fn) -> None:
     dist.barrier()
 
 
-def resume_case(out_dir: str, precision: str) -> dict:
+def resume_case(out_dir: str, precision: str, layout: tuple[str, ...] = ()) -> dict:
     common = (f"run.out_dir={out_dir}", "train.steps=6", "run.ckpt_every=2", "run.keep_checkpoints=0")
-    common += (f"train.precision={precision}", "model.dropout=0.1")  # dropout: the RNG must resume too
+    common += (f"train.precision={precision}", "model.dropout=0.1", *layout)  # dropout: the RNG resumes too
     full, full_params_ = _fit(*common)
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         logged_full = [json.loads(line) for line in f]
@@ -54,14 +55,51 @@ def resume_case(out_dir: str, precision: str) -> dict:
     }
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_resume_is_bit_identical(world2, tmp_path, precision):
-    info = world2.run(resume_case, str(tmp_path / "run"), precision)[0]
+RESUME = {
+    "fp32": ("fp32", ()),
+    "fp16": ("fp16", ()),
+    "bf16-zero3": ("bf16", ("parallel.zero=3",)),  # sharded fp32 masters, 16-bit parameter shards
+}
+
+
+@pytest.mark.parametrize(("precision", "layout"), RESUME.values(), ids=RESUME.keys())
+def test_resume_is_bit_identical(world2, tmp_path, precision, layout):
+    info = world2.run(resume_case, str(tmp_path / "run"), precision, layout)[0]
     assert [s for s, _, _ in info["full"]] == [1, 2, 3, 4, 5, 6]
     assert info["resumed"] == info["full"][4:]  # exact float equality of loss and grad norm
     assert info["explicit"] == info["full"][2:]
     assert info["params_equal"]
     assert info["logged"]  # metrics.jsonl reads as one uninterrupted run
+
+
+def masters_case(out_dir: str) -> dict:
+    """bf16 under ZeRO-1: the checkpoint's weights are the fp32 masters, and the 16-bit parameters the
+    run computes with are those masters rounded to nearest."""
+    from dtrain.trainer import Trainer
+
+    cfg = tiny_config(
+        dist.get_world_size(),
+        f"run.out_dir={out_dir}",
+        "train.steps=2",
+        "run.ckpt_every=2",
+        "train.precision=bf16",
+        "parallel.zero=1",
+    )
+    trainer = Trainer(cfg, harness.grid(dp=dist.get_world_size()), torch.device("cpu"))
+    trainer.fit()
+    saved = checkpoint.load_parts(os.path.join(out_dir, "checkpoints", "step_2"), "model")
+    masters = trainer.canonical_state()
+    live = dict(trainer.model.named_parameters())
+    return {
+        "dtypes": {v.dtype for v in saved.values()},
+        "saved_are_masters": all(torch.equal(saved[n], masters[n]) for n in masters),
+        "live_are_rounded": all(torch.equal(saved[n].to(torch.bfloat16), live[n].detach()) for n in live),
+    }
+
+
+def test_16_bit_checkpoint_holds_the_fp32_masters(world2, tmp_path):
+    for info in world2.run(masters_case, str(tmp_path / "run")):
+        assert info == {"dtypes": {torch.float32}, "saved_are_masters": True, "live_are_rounded": True}
 
 
 def corruption_case(out_dir: str) -> dict:

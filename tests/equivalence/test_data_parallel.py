@@ -8,7 +8,14 @@ import torch
 import torch.distributed as dist
 
 from tests import harness
-from tests.reference import compare_runs, dtrain_run, single_process_run, tiny_config, torch_ddp_run
+from tests.reference import (
+    compare_runs,
+    dtrain_run,
+    single_process_run,
+    tiny_config,
+    torch_ddp_run,
+    torch_fsdp2_run,
+)
 from tests.tolerances import FP32, LOW_PRECISION
 
 
@@ -18,8 +25,10 @@ def equivalence_case(overrides: tuple[str, ...]) -> list[float]:
     ours = dtrain_run(cfg, harness.grid(dp=world))
     fp32 = cfg.train.precision == "fp32"
     tol = FP32 if fp32 else LOW_PRECISION[cfg.train.precision]
-    # Two ranks sum gradients exactly as torch DDP does, so fp32 must agree to the bit there.
-    compare_runs(ours, torch_ddp_run(tiny_config(world, *overrides)), None if fp32 and world == 2 else tol)
+    # Two ranks sum gradients exactly as torch DDP does, so fp32 must agree to the bit there. 16-bit
+    # parameters with fp32 masters are torch FSDP2's mixed precision (param_dtype 16-bit, fp32 reduction).
+    reference = torch_ddp_run if fp32 else torch_fsdp2_run
+    compare_runs(ours, reference(tiny_config(world, *overrides)), None if fp32 and world == 2 else tol)
     if cfg.train.precision == "fp32" and dist.get_rank() == 0:
         compare_runs(ours, single_process_run(tiny_config(1, *overrides, "parallel.dp=1")), FP32)
     # Every rank must hold the same parameters after the steps (the reduction reached all of them).
@@ -38,6 +47,7 @@ CASES_2 = {
     "no-clipping-ckpt": ("train.grad_clip=0", "train.activation_checkpointing=true"),
     "bf16": ("train.precision=bf16", "train.steps=8"),
     "fp16": ("train.precision=fp16", "train.steps=8"),
+    "bf16-grads-bf16": ("train.precision=bf16", "parallel.grad_dtype=bf16", "train.steps=8"),
 }
 
 

@@ -13,8 +13,10 @@ import torch
 import torch.distributed as dist
 
 from dtrain.analysis.estimate import estimate_model_states, meta_rank
-from dtrain.config import ConfigError, load_config
+from dtrain.config import ConfigError, load_config, validate
 from dtrain.model import count_params
+from parallel.mixed_precision import to_compute_
+from parallel.precision import DTYPES
 from tests import harness
 from tests.reference import TINY, tiny_config
 
@@ -38,6 +40,15 @@ CASES = {
     "zero3-offload-tied": (3, "optimizer", ODD + TIED),
     "zero3-offload-all": (3, "all", ODD),
     "zero3-offload-all-tied": (3, "all", ODD + TIED),
+    # 16-bit parameters: 2-byte buckets and shards, fp32 masters with the optimizer state.
+    "ddp-bf16-grads-bf16": (
+        0,
+        "none",
+        (*ODD, *SMALL_BUCKETS, "train.precision=bf16", "parallel.grad_dtype=bf16"),
+    ),
+    "zero1-bf16-buckets": (1, "none", (*ODD, *SMALL_BUCKETS, "train.precision=bf16")),
+    "zero2-fp16-offload": (2, "optimizer", (*ODD, "train.precision=fp16")),
+    "zero3-bf16-offload-all-tied": (3, "all", (*ODD, *TIED, "train.precision=bf16")),
 }
 
 
@@ -73,6 +84,37 @@ def test_estimate_equals_measured_held_bytes(request, fixture):
             assert measured[name] == want, (name, rank, measured[name], want)
 
 
+MIXED = {
+    "fp32": ("train.precision=fp32",),
+    "bf16": ("train.precision=bf16",),
+    "bf16-grads-bf16": ("train.precision=bf16", "parallel.grad_dtype=bf16"),
+    "fp16": ("train.precision=fp16",),
+}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("precision", MIXED.values(), ids=MIXED.keys())
+@pytest.mark.parametrize(
+    ("stage", "offload"), [(0, "none"), (1, "none"), (2, "none"), (3, "none"), (2, "optimizer"), (3, "all")]
+)
+def test_model_state_bytes_per_parameter_equal_the_formula(stage, offload, precision, world):
+    """On the tiny model (every bucket and unit a multiple of 4 elements: no padding) the bytes held per
+    parameter equal docs/formulas.md's, exactly, per stage, precision and gradient dtype: e.g. ZeRO-1 bf16
+    at dp N holds 2 + 4 + 12/N (2 + 2 + 12/N with bf16 gradients), ZeRO-3 (2 + 4 + 12)/N."""
+    from dtrain.analysis.estimate import formula_bytes_per_param
+
+    cfg = load_config(None, [*TINY, *overrides(stage, offload, precision)])
+    est = estimate_model_states(cfg, world, communication=False)
+    want = formula_bytes_per_param(validate(cfg, world), 4, world)
+    for where in ("device", "host"):
+        for kind, per_param in want[where].items():
+            assert est[where][kind] == per_param * est["params"], (
+                where,
+                kind,
+                est[where][kind] / est["params"],
+            )
+
+
 def test_small_buckets_are_several_and_padded():
     """The bucket case above really exercises the planning: several buckets, some padded for dp=4."""
     cfg = tiny_config(4, *overrides(1, "none", ODD + SMALL_BUCKETS))
@@ -85,14 +127,15 @@ def test_small_buckets_are_several_and_padded():
 
 def test_large_model_on_meta_matches_formulas():
     """A 1B model costs nothing to estimate (meta tensors) and lands on docs/formulas.md's bytes per
-    parameter."""
+    parameter (the config trains in bf16: 2-byte parameter shards, fp32 gradient shards, fp32 masters and
+    moments)."""
     cfg = load_config(os.path.join(ROOT, "configs/gpu_1b.yaml"), ["parallel.zero=3", "parallel.offload=all"])
     est = estimate_model_states(cfg, 8)
     n = est["params"]
     assert 0.9e9 < n < 1.1e9
     assert est["device"]["params"] == 0 and est["device"]["optimizer"] == 0
     assert abs(est["device"]["grads"] / n - 4 / 8) < 1e-6
-    assert abs(est["host"]["params"] / n - 4 / 8) < 1e-6
+    assert abs(est["host"]["params"] / n - 2 / 8) < 1e-6
     assert abs(est["host"]["optimizer"] / n - 12 / 8) < 1e-6
     assert "docs/formulas.md ZeRO-3 offload=all, N=8" in est["formula"]
 
@@ -164,6 +207,8 @@ def saved_activation_case(overrides: tuple[str, ...]) -> tuple[int, float]:
     p, t = cfg.parallel, cfg.train
     grid = harness.grid(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp)
     (c, chunk), *_ = build_model_chunks(cfg, grid, torch.device("cpu")).items()
+    compute = DTYPES[t.precision]
+    to_compute_(list(chunk.parameters()), compute)  # what the gradient synchronisation stores them in
     fixed = {q.untyped_storage().data_ptr() for q in [*chunk.parameters(), *chunk.buffers()]}
     saved = {}
 
@@ -178,7 +223,8 @@ def saved_activation_case(overrides: tuple[str, ...]) -> tuple[int, float]:
     if p.cp > 1:  # this rank's chunks of the sequence, as the trainer hands them over
         tokens, targets, context = split_microbatch((tokens, targets), p.cp, grid.coords.cp)
     seq = t.seq_len // p.cp // (p.tp if p.sp else 1)
-    x = tokens if c == 0 else torch.randn(t.micro_batch_size, seq, cfg.model.d_model, requires_grad=True)
+    shape = (t.micro_batch_size, seq, cfg.model.d_model)
+    x = tokens if c == 0 else torch.randn(shape, dtype=compute, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         chunk(x, targets if chunk.head is not None else None, **context)
     return sum(saved.values()), activation_bytes(cfg, grid.coords.pp)["per_microbatch"]
@@ -194,6 +240,14 @@ ACTIVATION_CASES = {
     "cp2": ("world2", ("parallel.cp=2",)),
     "cp2-tp2-sp": ("world4", ("parallel.cp=2", "parallel.tp=2", "parallel.sp=true")),
     "cp2-pp2-stages": ("world4", ("parallel.cp=2", "parallel.pp=2", "model.n_layers=3")),
+    # 16-bit parameters: matmul inputs and outputs in 2 bytes, norms, softmax statistics and the loss in fp32
+    "dp-bf16": ("world2", ("train.precision=bf16",)),
+    "tp2-sp-odd-vocab-bf16": (
+        "world2",
+        ("parallel.tp=2", "parallel.sp=true", "model.vocab_size=95", "train.precision=bf16"),
+    ),
+    "pp2-stages-fp16": ("world2", ("parallel.pp=2", "model.n_layers=3", "train.precision=fp16")),
+    "tp2-pp2-bf16": ("world4", ("parallel.tp=2", "parallel.pp=2", "train.precision=bf16")),
 }
 
 

@@ -30,6 +30,15 @@ LAYOUTS_2 = {
     "zero1": ("parallel.zero=1", SMALL_BUCKETS),
     "zero2": ("parallel.zero=2", SMALL_BUCKETS),
     "zero3": ("parallel.zero=3",),
+    # 16-bit parameters: ZeRO-3 gathers 2-byte shards; bf16 gradient buckets halve the reductions too.
+    "zero3-bf16": ("parallel.zero=3", "train.precision=bf16"),
+    "zero1-bf16-grads-bf16": (
+        "parallel.zero=1",
+        "train.precision=bf16",
+        "parallel.grad_dtype=bf16",
+        SMALL_BUCKETS,
+    ),
+    "ddp-fp16": ("train.precision=fp16", SMALL_BUCKETS),
     "tp2": ("parallel.tp=2",),
     "tp2-sp": ("parallel.tp=2", "parallel.sp=true"),
     "tp2-sp-checkpointing": ("parallel.tp=2", "parallel.sp=true", "train.activation_checkpointing=true"),
@@ -364,6 +373,23 @@ def test_prediction_gives_the_formulas_data_parallel_volumes():
         )
         formula = Fraction(factor * (n - 1), n) * psi * 4
         assert formula <= sent <= formula * Fraction(1001, 1000), (zero, sent, formula)
+
+
+def test_zero3_gathers_half_the_bytes_in_16_bits():
+    """Stage 3 all-gathers its parameters in their own dtype: bf16 shards are half the fp32 bytes, while
+    fp32 gradients reduce-scatter the same bytes (parallel.grad_dtype=bf16 halves those too)."""
+    from dtrain.analysis.comm_volume import predict
+    from parallel.ledger import ALL_GATHER, REDUCE_SCATTER
+
+    def dp_bytes(*overrides: str) -> dict:
+        tallies = predict(tiny_config(2, "parallel.zero=3", *overrides)).tallies()
+        return {op: t.sent for (axis, op), t in tallies.items() if axis == "dp"}
+
+    fp32, bf16 = dp_bytes(), dp_bytes("train.precision=bf16")
+    bf16_grads = dp_bytes("train.precision=bf16", "parallel.grad_dtype=bf16")
+    assert bf16[ALL_GATHER] * 2 == fp32[ALL_GATHER]
+    assert bf16[REDUCE_SCATTER] == fp32[REDUCE_SCATTER]
+    assert bf16_grads[REDUCE_SCATTER] * 2 == fp32[REDUCE_SCATTER]
 
 
 def test_not_modelled_names_the_key():

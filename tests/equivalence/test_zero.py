@@ -9,8 +9,17 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from parallel.precision import DTYPES
 from tests import harness
-from tests.reference import compare_runs, dtrain_run, layout_matches_ddp, tiny_config, torch_ddp_run
+from tests.reference import (
+    compare_runs,
+    dtrain_run,
+    layout_matches_ddp,
+    relative_errors,
+    tiny_config,
+    torch_ddp_run,
+    torch_fsdp2_run,
+)
 from tests.tolerances import FP32, FP64, LOW_PRECISION
 
 
@@ -103,21 +112,53 @@ def test_zero_full_matrix_4_ranks(world4, layout, overrides):
     world4.run(zero_case, layout, overrides)
 
 
-def low_precision_case(stage: int, precision: str) -> None:
-    """Same micro-batch shapes as the reference, so the DDP bounds apply (tests/tolerances.py); fp16 also
-    exercises loss scaling on sharded gradients against torch's GradScaler."""
+def low_precision_case(stage: int, precision: str, extra: tuple[str, ...] = ()) -> dict:
+    """16-bit parameters with sharded fp32 masters against torch FSDP2's mixed precision (16-bit
+    param_dtype, reduce_dtype the same as parallel.grad_dtype), same micro-batch shapes, so the
+    LOW_PRECISION bounds apply (tests/tolerances.py); fp16 also exercises loss scaling on sharded
+    gradients against torch's ShardedGradScaler. Every rank holds 16-bit parameters, and the checkpoint
+    weights are the fp32 masters."""
     world = dist.get_world_size()
-    overrides = (f"train.precision={precision}", "train.steps=8")
+    overrides = (f"train.precision={precision}", "train.steps=8", *extra)
     cfg = tiny_config(world, f"parallel.zero={stage}", *overrides)
-    ours, reference = dtrain_run(cfg, harness.grid(dp=world)), torch_ddp_run(tiny_config(world, *overrides))
+    ours = dtrain_run(cfg, harness.grid(dp=world))
+    reference = torch_fsdp2_run(tiny_config(world, *(o for o in overrides if "offload" not in o)))
     compare_runs(ours, reference, LOW_PRECISION[precision])
+    trainer = ours["trainer"]
+    assert {p.dtype for p in trainer.params} == {DTYPES[precision]}
+    assert {v.dtype for v in ours["params"].values()} == {torch.float32}
+    return relative_errors(ours, reference)
 
 
-@pytest.mark.parametrize(
-    ("stage", "precision"), [(1, "bf16"), (2, "bf16"), (3, "bf16"), (2, "fp16"), (3, "fp16")]
-)
-def test_zero_low_precision_matches_torch_ddp(world2, stage, precision):
-    world2.run(low_precision_case, stage, precision)
+LOW = {
+    "zero1-bf16": (1, "bf16", ()),
+    "zero2-bf16": (2, "bf16", ()),
+    "zero3-bf16": (3, "bf16", ()),
+    "zero2-fp16": (2, "fp16", ()),
+    "zero3-fp16": (3, "fp16", ()),
+    "zero1-bf16-grads-bf16": (1, "bf16", ("parallel.grad_dtype=bf16",)),
+}
+LOW_SLOW = {
+    "zero2-bf16-grads-bf16": (2, "bf16", ("parallel.grad_dtype=bf16",)),
+    "zero3-bf16-offload-all": (3, "bf16", ("parallel.offload=all",)),
+    "zero1-bf16-offload-optimizer": (1, "bf16", ("parallel.offload=optimizer",)),
+    "zero3-bf16-tied-checkpointing": (
+        3,
+        "bf16",
+        ("model.tie_embeddings=true", "train.activation_checkpointing=true"),
+    ),
+}
+
+
+@pytest.mark.parametrize(("stage", "precision", "extra"), LOW.values(), ids=LOW.keys())
+def test_zero_low_precision_matches_torch_fsdp2(world2, stage, precision, extra):
+    world2.run(low_precision_case, stage, precision, extra)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("stage", "precision", "extra"), LOW_SLOW.values(), ids=LOW_SLOW.keys())
+def test_zero_low_precision_variants_match_torch_fsdp2(world2, stage, precision, extra):
+    world2.run(low_precision_case, stage, precision, extra)
 
 
 def memory_case(stage: int, offload: str) -> dict:
