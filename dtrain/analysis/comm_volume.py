@@ -423,7 +423,7 @@ def _zero(v: Volume, cfg: Config, sync, it: int) -> None:
     mb = microbatches_per_rank(cfg)
     for w in sync.parts if isinstance(sync, ZeroWithExperts) else (sync,):
         axis = _axis(w.group, p.cp)
-        g = w.buckets[0].grad_shard.element_size()
+        g = w.buckets[0].grad_shard.element_size() if w.buckets else it  # all frozen: no buckets
         for b in w.buckets:
             # Padded to a multiple of n; parameters move in their dtype (16 bits with train.precision
             # bf16/fp16: ZeRO-3 gathers half the bytes), gradients in parallel.grad_dtype.

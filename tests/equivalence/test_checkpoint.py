@@ -246,6 +246,7 @@ SLOW_RESHARD = {
     "moe-ep2pp2-to-ep1",
     "zero3-shard4-to-zero1-shard2",
     "cp2-tp2-to-dp4",
+    "pp4-to-pp2-interleaved-dp2",
 }
 
 

@@ -117,6 +117,8 @@ LAYOUTS = {
 }
 SLOW_LAYOUTS = {
     "dp2-ddp": (2, (), ()),
+    "cp2-zero1": (2, ("parallel.cp=2", "parallel.zero=1"), (ALL_TARGETS,)),
+    "dp4-zero2-shard2": (4, ("parallel.zero=2", "parallel.dp_shard=2"), ()),
     "tp2-ddp-row-and-column": (2, ("parallel.tp=2",), (ALL_TARGETS,)),
     "dp2-zero2-offload": (2, ("parallel.zero=2", "parallel.offload=optimizer"), (ALL_TARGETS,)),
     "tp4-replicated-kv-zero1": (4, ("parallel.tp=4", "parallel.zero=1"), (ALL_TARGETS,)),

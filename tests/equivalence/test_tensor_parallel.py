@@ -39,7 +39,12 @@ CASES_4 = {
 }
 
 
-@pytest.mark.parametrize(("tp", "sp", "overrides"), CASES_4.values(), ids=CASES_4.keys())
+def _default_or_slow(cases: dict, default: str) -> list:
+    """One case in the default run, the others in the slow set."""
+    return [pytest.param(*v, id=k, marks=() if k == default else pytest.mark.slow) for k, v in cases.items()]
+
+
+@pytest.mark.parametrize(("tp", "sp", "overrides"), _default_or_slow(CASES_4, "tp4-sp-kv2-odd-vocab"))
 def test_tp_matches_torch_ddp_4_ranks(world4, tp, sp, overrides):
     world4.run(tp_training_case, tp, sp, overrides)
 
@@ -99,7 +104,7 @@ def low_precision_case(layout: tuple[str, ...], precision: str) -> None:
     overrides = ("model.n_layers=4", f"train.precision={precision}", "train.steps=8")
     cfg = tiny_config(world, *layout, *overrides)
     p = cfg.parallel
-    ours = dtrain_run(cfg, harness.grid(tp=p.tp, pp=p.pp, dp=p.dp))
+    ours = dtrain_run(cfg, harness.grid(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp))
     # The reference runs our micro-batch shapes (a pipeline then agrees to ~1e-7: it changes no
     # arithmetic); the noise is FSDP2 with a quarter of them.
     micro = cfg.train.micro_batch_size
@@ -112,6 +117,7 @@ def low_precision_case(layout: tuple[str, ...], precision: str) -> None:
 
 LOW = {
     "tp2-sp-bf16": (("parallel.tp=2", "parallel.sp=true"), "bf16"),
+    "cp2-bf16": (("parallel.cp=2",), "bf16"),
     "tp2-fp16": (("parallel.tp=2",), "fp16"),
     "pp2-1f1b-bf16": (("parallel.pp=2",), "bf16"),
     "pp2-interleaved-fp16": (
@@ -121,6 +127,6 @@ LOW = {
 }
 
 
-@pytest.mark.parametrize(("layout", "precision"), LOW.values(), ids=LOW.keys())
+@pytest.mark.parametrize(("layout", "precision"), _default_or_slow(LOW, "tp2-sp-bf16"))
 def test_low_precision_layouts_match_torch_fsdp2(world2, layout, precision):
     world2.run(low_precision_case, layout, precision)

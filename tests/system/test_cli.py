@@ -236,7 +236,9 @@ def _suggestions(stdout: str) -> list[tuple[str, list[str]]]:
     return out
 
 
-@pytest.mark.parametrize("given", [[], ["train.micro_batch_size=4", "parallel.zero=3"]])
+@pytest.mark.parametrize(
+    "given", [[], pytest.param(["train.micro_batch_size=4", "parallel.zero=3"], marks=pytest.mark.slow)]
+)
 def test_pasted_suggestion_reproduces_its_figure(given):
     """gpu_1b.yaml turns activation checkpointing on; the first layout that fits 80 GiB turns it off, so a
     suggestion that left the key out would give another figure when pasted."""

@@ -86,6 +86,7 @@ def test_killed_ranks_restart_and_match_an_uninterrupted_run(tmp_path):
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["step_2", "step_4", "step_6"]
 
 
+@pytest.mark.slow
 def test_stalled_rank_times_out_naming_the_collective(tmp_path):
     """Rank 1 stalls before step 2; rank 0 finishes its backward and waits for the gradient all-reduce,
     which gives up after dist.timeout_s and says so in one line. Step 1's checkpoint stays intact. (The
@@ -145,7 +146,7 @@ def test_soak_with_periodic_checkpoints_and_a_restart(tmp_path):
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["step_220", "step_240"]
 
 
-@pytest.mark.parametrize("variable", ["1", "0"])
+@pytest.mark.parametrize("variable", ["1", pytest.param("0", marks=pytest.mark.slow)])
 def test_static_rendezvous_with_restarts_is_refused_saying_what_restarts(tmp_path, variable):
     """torchrun --master-port P --max-restarts 1 runs the static rendezvous, whose store is shared with the
     workers whatever TORCH_DISABLE_SHARE_RDZV_TCP_STORE says ("0": as if unset): dtrain refuses at the

@@ -147,6 +147,7 @@ run: {out_dir: OUT_DIR}
 """
 
 
+@pytest.mark.slow
 def test_cli_measures_a_real_pipeline_step(tmp_path):
     config = tmp_path / "pp2.yaml"
     run_dir = tmp_path / "run"
