@@ -32,3 +32,66 @@ TP_LAYOUTS = {"tp2": ("world2", 2, 1), "tp4": ("world4", 4, 1), "tp2-dp2": ("wor
 def tp_layout(request):
     fixture, tp, dp = request.param
     return request.getfixturevalue(fixture), tp, dp
+
+
+# Cases kept out of the default run so that it fits CI's ten minutes on two cores (`-m slow` runs them):
+# test -> the parameter ids moved (their beginnings, "]" ending an exact one; () moves the test). Each
+# is one more instance of a kind the default run keeps a faster representative of, in the same test or
+# the one named.
+SLOW_FOR_TIME = {
+    "system/test_cli.py::test_rerun_into_the_same_folder_loses_nothing": (),  # test_restart.py
+    "system/test_cli.py::test_pasted_suggestion_reproduces_its_figure": (),  # test_estimate.py
+    "system/test_cli.py::test_bad_config_fails_in_one_line": ("model.", "parallel.tp", "train.steps"),
+    "system/test_launch.py::test_worker_error_ends_a_failed_launch": (),  # raw torchrun's root cause
+    "equivalence/test_moe.py::test_torchrun_moe_run_logs_routing_and_exports_every_expert": (),
+    "equivalence/test_eval.py::test_eval_under_torchrun": (),  # the layouts in a spawned world
+    "unit/test_wrap_example.py::"
+    "test_the_example_trains_under_torchrun_and_its_checkpoint_loads_into_the_plain_model": (),
+    "equivalence/test_checkpoint.py::test_checkpoint_resumes_in_another_layout": (
+        "moe-ep2dp4-to-ep4",
+        "moe-ep2-to-tp2sp",
+        "zero3-tp2sp-to-zero1-pp2",
+    ),
+    "equivalence/test_pipeline.py::test_pipeline_matches_torch_ddp_4_ranks": (
+        "pp2-tp2-sp-1f1b-m2-tied",  # test_matrix.py w4-tp2-pp2
+        "pp2-dp2-gpipe-m4-ckpt",
+        "pp4-gpipe-m8",
+        "pp4-interleaved-m4-tied",
+        "pp2-dp2-1f1b-m2-tied",
+    ),
+    "equivalence/test_zero.py::test_zero_matches_torch_ddp_4_ranks": (
+        "zero2-accumulate-clip",
+        "zero2-offload",
+    ),
+    "equivalence/test_zero.py::test_zero_matches_torch_ddp_2_ranks": (
+        "zero1-none-single",
+        "zero1-optimizer-single",
+        "zero2-none-single",
+        "zero2-optimizer-single",
+    ),
+    "equivalence/test_zero.py::test_zero3_matches_torch_ddp_2_ranks": (
+        "zero3-none-single",
+        "zero3-optimizer-single",
+        "zero3-all-single",
+    ),
+    "equivalence/test_zero.py::test_zero_low_precision_matches_torch_fsdp2": ("zero2-bf16", "zero2-fp16"),
+    "equivalence/test_tensor_parallel.py::test_tp_matches_torch_ddp_2_ranks": ("tp2]", "tp2-sp]"),
+    "equivalence/test_sft.py::test_packed_sft_layouts_match_torch_ddp": (
+        "tp2-sp",
+        "dp2-zero2",
+        "pp2-interleaved",
+    ),
+    "equivalence/test_lora.py::test_lora_layouts_match_torch_ddp": ("dp2-zero3-checkpointing-accumulation",),
+    "bench/test_bench_tp.py::test_benchmark_reports_both_timings_ratio_same_losses_and_exact_bytes": (
+        "tp2]",
+    ),
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m "not slow" deselects
+def pytest_collection_modifyitems(items):
+    for item in items:
+        test, _, case = item.nodeid.removeprefix("tests/").partition("[")  # case: "id]", or ""
+        moved = SLOW_FOR_TIME.get(test)
+        if moved is not None and (not moved or any(case.startswith(m) for m in moved)):
+            item.add_marker(pytest.mark.slow)

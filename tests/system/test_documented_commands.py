@@ -2,8 +2,9 @@
 activated, succeeds: neither can drift from the code. Runs are shortened (train.steps=4, one timed
 benchmark step, two worlds for the sweep), the Hugging Face examples get a small local folder for their
 model and tokenizer, and the data files the examples name are generated; nothing else is changed. The
-README runs in the default set, the docs after it in the slow set (they hold every benchmark). Only what
-one machine cannot run is left out (SEVERAL_NODES)."""
+README runs in the default set (its examples on a Hugging Face folder in the slow one), the docs after
+it in the slow set (they hold every benchmark). Only what one machine cannot run is left out
+(SEVERAL_NODES)."""
 
 from __future__ import annotations
 
@@ -83,10 +84,10 @@ def workspace(tmp_path_factory):
     return work, model, env
 
 
-def run_page(page: str, workspace) -> None:
+def run_page(page: str, workspace, which=lambda block: True) -> None:
     work, model, env = workspace
     with open(os.path.join(ROOT, page), encoding="utf-8") as f:
-        blocks = bash_blocks(f.read())
+        blocks = [b for b in bash_blocks(f.read()) if which(b)]
     for block in blocks:
         script = shortened(block, model)
         if not script:
@@ -97,11 +98,24 @@ def run_page(page: str, workspace) -> None:
         assert result.returncode == 0, f"{page}:\n{script}\n--- stderr:\n{result.stderr[-3000:]}"
 
 
+def from_a_hugging_face_folder(block: str) -> bool:
+    return "MODEL=" in block
+
+
 def test_readme_commands_run_as_pasted(workspace):
-    run_page("README.md", workspace)
+    """Set-up, the default job and the tour; the examples on a Hugging Face folder run in the slow set
+    (their commands are the same ones test_hf_cli, test_finetune_data and test_lora_cli run)."""
+    run_page("README.md", workspace, lambda block: not from_a_hugging_face_folder(block))
     work = workspace[0]
     assert (work / "model.pt").is_file() and (work / "timeline.png").is_file()
+
+
+@pytest.mark.slow
+def test_readme_examples_on_a_hugging_face_folder_run_as_pasted(workspace):
+    run_page("README.md", workspace, from_a_hugging_face_folder)
+    work = workspace[0]
     assert (work / "runs" / "finetune" / "hf" / "config.json").is_file()
+    assert (work / "runs" / "lora" / "adapter" / "adapter_config.json").is_file()
 
 
 @pytest.mark.slow
