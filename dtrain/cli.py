@@ -51,7 +51,6 @@ class _IntermixedParser(_Parser):
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from datetime import timedelta
 
     import torch.distributed as dist
 
@@ -60,7 +59,6 @@ def cmd_train(args: argparse.Namespace) -> None:
     from dtrain.data import check_data
     from dtrain.hf import check_init_from
     from dtrain.trainer import Trainer
-    from parallel.grid import ProcessGrid
 
     cfg = validate(load_config(args.config, args.overrides), int(os.environ.get("WORLD_SIZE", "1")))
     first = os.environ.get("RANK", "0") == "0"  # every rank checks the same; rank 0 says and moves
@@ -92,17 +90,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         timeout = cfg.dist.timeout_s
         with resilience.startup_phase(timeout):
             resilience.check_ranks_agree(cfg)  # before the grid: ranks that disagree cannot build it
-        p = cfg.parallel
-        grid = ProcessGrid(
-            tp=p.tp,
-            cp=p.cp,
-            dp=p.dp,
-            pp=p.pp,
-            ep=p.ep,
-            dp_shard=p.dp_shard,
-            timeout=timedelta(seconds=timeout),
-        )
-        phases = resilience.CollectivePhases(grid, p.zero, timeout)
+        grid = runtime.process_grid(cfg)
+        phases = resilience.CollectivePhases(grid, cfg.parallel.zero, timeout)
         Trainer(cfg, grid, device, phases=phases).fit(resume_from)
     finally:
         dist.destroy_process_group()

@@ -205,11 +205,9 @@ def summary(r: dict) -> str:
 
 def command(args) -> None:
     """dtrain eval: every check before the process group, then the evaluation; rank 0 prints and writes."""
-    from datetime import timedelta
 
     from dtrain import runtime
     from dtrain.generate import resolve
-    from parallel.grid import ProcessGrid
 
     given = args.batches
     if given is not None and given != "all" and not (given.isdigit() and int(given) > 0):
@@ -229,16 +227,7 @@ def command(args) -> None:
         raise ConfigError(f"--out {out}: give a file name in an existing folder, such as eval.json")
     device = runtime.init_distributed(cfg.dist)
     try:
-        p = cfg.parallel
-        grid = ProcessGrid(
-            tp=p.tp,
-            cp=p.cp,
-            dp=p.dp,
-            pp=p.pp,
-            ep=p.ep,
-            dp_shard=p.dp_shard,
-            timeout=timedelta(seconds=cfg.dist.timeout_s),
-        )
+        grid = runtime.process_grid(cfg)
         result = evaluate(source, cfg, datasets, batches, grid, device)
         if grid.rank == 0:
             write_json(out, {"model": args.model, "data": args.data, **result})

@@ -101,6 +101,16 @@ def init_distributed(cfg: DistConfig) -> torch.device:
     return torch.device("cpu")
 
 
+def process_grid(cfg):
+    """The run's ProcessGrid (a collective over the world: every rank builds it), its collectives bounded
+    by dist.timeout_s."""
+    from parallel.grid import ProcessGrid
+
+    p = cfg.parallel
+    sizes = dict(tp=p.tp, cp=p.cp, dp=p.dp, pp=p.pp, ep=p.ep, dp_shard=p.dp_shard)
+    return ProcessGrid(**sizes, timeout=timedelta(seconds=cfg.dist.timeout_s))
+
+
 def peak_flops(device: torch.device, configured_tflops: float | None) -> float | None:
     if configured_tflops:
         return configured_tflops * 1e12
