@@ -69,12 +69,19 @@ def _autocast(precision: str):
     return torch.autocast("cpu", dtype=DTYPES[precision])
 
 
-def _setup(cfg):
-    """The pieces a reference shares with dtrain: model and initial weights, optimizer, data."""
-    model = Transformer(cfg.model)  # with model.lora: adapters on a frozen base
+def _initial_model(cfg) -> Transformer:
+    """The single-process model with dtrain's initial weights (seed or Hugging Face folder) and frozen
+    parameters (train.freeze; with model.lora, adapters on a frozen base)."""
+    model = Transformer(cfg.model)
     freeze(model, cfg.train.freeze)
     weights = HFWeights(cfg.model.init_from) if cfg.model.init_from else None
     init_weights(model, cfg.train.seed, weights.read if weights else None)
+    return model
+
+
+def _setup(cfg):
+    """The pieces a reference shares with dtrain: model and initial weights, optimizer, data."""
+    model = _initial_model(cfg)
     return model, build_optimizer(model, cfg.train), build_dataset(cfg, "train")
 
 
@@ -132,9 +139,7 @@ def torch_fsdp2_run(cfg, group=None) -> dict:
     group = group or dist.group.WORLD
     dp, rank = dist.get_world_size(group), dist.get_rank(group)
     mesh = DeviceMesh.from_group(group, "cpu")
-    model = Transformer(cfg.model)
-    weights = HFWeights(cfg.model.init_from) if cfg.model.init_from else None
-    init_weights(model, cfg.train.seed, weights.read if weights else None)
+    model = _initial_model(cfg)
     dtype = DTYPES[t.precision]
     # The blocks' floating inputs stay as the model passes them: the residual stream is already 16-bit,
     # and the rotary tables stay fp32 (FSDP2 would otherwise round them to 16 bits at every block).
