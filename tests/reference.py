@@ -287,3 +287,14 @@ def relative_errors(run: dict, ref: dict) -> dict[str, float]:
             float((v - ref["params"][n]).norm() / ref["params"][n].norm()) for n, v in run["params"].items()
         ),
     }
+
+
+def assert_held_bytes_are_estimated(results: list[dict], overrides: list[str], world: int) -> None:
+    """Every rank's measured model-state bytes (results of the ranks, each with "held_bytes" and
+    "pp_rank") equal `dtrain estimate`'s figure for its pipeline stage, from the config alone."""
+    from dtrain.analysis.estimate import estimate_model_states
+
+    stages = estimate_model_states(load_config(None, overrides), world)["stages"]
+    for rank, r in enumerate(results):
+        predicted = stages[r.get("pp_rank", 0)]
+        assert r["held_bytes"] == {"device": predicted["device"], "host": predicted["host"]}, rank

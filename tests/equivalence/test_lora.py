@@ -18,7 +18,7 @@ from dtrain.config import load_config
 from dtrain.hf import HFWeights
 from dtrain.model import Transformer, init_weights
 from tests import hf_models
-from tests.reference import TINY, TINY_MODEL, layout_matches_ddp
+from tests.reference import TINY, TINY_MODEL, assert_held_bytes_are_estimated, layout_matches_ddp
 from tests.tolerances import FP32
 
 FAMILY = "mistral"  # grouped-query attention: 4 query heads, 2 key/value heads
@@ -151,10 +151,7 @@ def _run(request, folder, world, layout, overrides):
     results = request.getfixturevalue(f"world{world}").run(lora_case, layout, overrides)
     assert results[0]["losses"][-1] < results[0]["losses"][0]  # it learned
     base = [o for o in TINY if o not in TINY_MODEL]
-    stages = estimate_model_states(load_config(None, [*base, *layout, *overrides]), world)["stages"]
-    for rank, r in enumerate(results):
-        predicted = stages[r["pp_rank"]]
-        assert r["held_bytes"] == {"device": predicted["device"], "host": predicted["host"]}, rank
+    assert_held_bytes_are_estimated(results, [*base, *layout, *overrides], world)
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
@@ -221,9 +218,7 @@ def test_lora_on_attention_of_a_mixture_of_experts_model(world2, layout):
     """Adapters on attention, every expert frozen: the expert wrapper holds no trained state."""
     overrides = (*MOE, "model.lora.rank=4", "model.lora.targets=[wq,wk,wv,wo]")
     results = world2.run(lora_case, layout, overrides)
-    stages = estimate_model_states(load_config(None, [*TINY, *layout, *overrides]), 2)["stages"]
-    for r in results:
-        assert r["held_bytes"] == {"device": stages[0]["device"], "host": stages[0]["host"]}
+    assert_held_bytes_are_estimated(results, [*TINY, *layout, *overrides], 2)
 
 
 # fp16 with dynamic loss scaling and bf16 (the tiny random model, adapters on every projection): the

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import pytest
 
-from dtrain.analysis.estimate import estimate_model_states
-from dtrain.config import load_config
-from tests.reference import TINY, layout_matches_ddp
+from tests.reference import TINY, assert_held_bytes_are_estimated, layout_matches_ddp
 
 MODEL = (
     "model.n_layers=4",
@@ -187,10 +185,7 @@ def _run(request, name: str) -> None:
     results = request.getfixturevalue(f"world{world}").run(matrix_case, layout, overrides)
     losses = results[0]["losses"]
     assert losses[-1] < losses[0]
-    stages = estimate_model_states(load_config(None, [*TINY, *layout, *overrides]), world)["stages"]
-    for rank, r in enumerate(results):
-        predicted = stages[r["pp_rank"]]
-        assert r["held_bytes"] == {"device": predicted["device"], "host": predicted["host"]}, rank
+    assert_held_bytes_are_estimated(results, [*TINY, *layout, *overrides], world)
 
 
 @pytest.mark.parametrize("name", DEFAULT)
