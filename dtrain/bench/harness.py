@@ -303,10 +303,16 @@ def commands(
         p.add_argument("--d-model", type=int, default=256)
         p.add_argument("--n-layers", type=int, default=model["n_layers"])
         p.add_argument("--n-heads", type=int, default=8)
+        p.add_argument(
+            "--n-kv-heads",
+            type=int,
+            default=model.get("n_kv_heads"),
+            help="key/value heads (none: --n-heads)",
+        )
         p.add_argument("--seq-len", type=int, default=model["seq_len"])
         flag, default, help_ = model["batch"]
         p.add_argument(flag, type=int, default=default, help=help_)
-        p.add_argument("--vocab", type=int, default=1024)
+        p.add_argument("--vocab", type=int, default=model.get("vocab", 1024))
         p.add_argument("--seed", type=int, default=1234)
         p.add_argument("--timeout", type=float, default=300.0, help="Gloo timeout (s): a hung step fails")
         p.add_argument("--csv", default=None, help="also write the summary rows to this file")
@@ -354,6 +360,7 @@ def config_of(args, overrides: list[str], world_size: int):
         f"model.d_model={args.d_model}",
         f"model.n_layers={args.n_layers}",
         f"model.n_heads={args.n_heads}",
+        f"model.n_kv_heads={'null' if args.n_kv_heads is None else args.n_kv_heads}",
         f"model.max_seq_len={args.seq_len}",
         "model.dropout=0.0",
         f"train.seq_len={args.seq_len}",

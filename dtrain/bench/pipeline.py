@@ -201,16 +201,20 @@ class ActivationMeter:
 
 
 class Clocked:
-    """A pipeline whose steps start a fresh Clock and record [pipeline phase, forward, backward]."""
+    """A pipeline whose steps start a fresh Clock and record [pipeline phase, forward, backward]; with no
+    clock (None) it runs untimed, with no hooks."""
 
-    clock: Clock
+    clock: Clock | None
 
     def step(self, index: int) -> float:
-        self.clock.forward = self.clock.backward = self.clock.pipeline_end = 0.0
-        self.clock.started.clear()
+        if self.clock is not None:
+            self.clock.forward = self.clock.backward = self.clock.pipeline_end = 0.0
+            self.clock.started.clear()
         return super().step(index)
 
     def lap_times(self, started: float) -> list[float]:
+        if self.clock is None:
+            return []
         return [self.clock.pipeline_end - started, self.clock.forward, self.clock.backward]
 
 
@@ -234,9 +238,9 @@ class OursPipeline(Clocked, harness.TrainerSide):
 
 class TorchPipeline(Clocked, harness.TorchSide):
     """The dense model's chunks, cut as `chunks` (our Trainer's chunks on this rank, by index), as
-    torch.distributed.pipelining stages run by PyTorch's schedule class."""
+    torch.distributed.pipelining stages run by PyTorch's schedule class (`clock` None: untimed)."""
 
-    def __init__(self, cfg, grid, schedule: str, chunks: dict, clock: Clock):
+    def __init__(self, cfg, grid, schedule: str, chunks: dict, clock: Clock | None):
         from torch.distributed import pipelining
 
         super().__init__(cfg, loss_group=grid.pp_group)
@@ -249,7 +253,8 @@ class TorchPipeline(Clocked, harness.TorchSide):
                 has_embedding=ours.embed is not None,
                 has_head=ours.head is not None,
             )
-            time_forwards(chunk, clock)
+            if clock is not None:
+                time_forwards(chunk, clock)
             self.modules.append(chunk)
             stages.append(pipelining.PipelineStage(chunk, c, total, torch.device("cpu"), group=grid.pp_group))
         self.first, self.last = any(s.is_first for s in stages), any(s.is_last for s in stages)
@@ -259,7 +264,8 @@ class TorchPipeline(Clocked, harness.TorchSide):
             # Ours computes the loss inside its last chunk's forward; count it as forward work here too.
             started = time.perf_counter()
             loss = token_loss(logits, targets) / self.global_tokens
-            clock.forward += time.perf_counter() - started
+            if clock is not None:
+                clock.forward += time.perf_counter() - started
             return loss
 
         m = cfg.train.global_batch_size // cfg.train.micro_batch_size
@@ -282,7 +288,8 @@ class TorchPipeline(Clocked, harness.TorchSide):
                 *args, target=target, losses=losses if self.last else None, return_outputs=False
             )
         finally:
-            self.clock.pipeline_end = time.perf_counter()
+            if self.clock is not None:
+                self.clock.pipeline_end = time.perf_counter()
         return torch.stack(losses).sum() if losses else torch.zeros(())  # the losses live on the last stage
 
     def clip(self) -> None:

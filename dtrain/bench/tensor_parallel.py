@@ -174,10 +174,10 @@ def build_ours(cfg, batch) -> SameBatch:
     return SameBatch(model, cfg, batch, sync_grads=lambda: sum_partial_grads(params, grid.tp_group))
 
 
-def build_pytorch(cfg, batch) -> SameBatch:
+def pytorch_model(cfg) -> torch.nn.Module:
     """The dense model parallelised by torch.distributed.tensor.parallel."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor.parallel import loss_parallel, parallelize_module
+    from torch.distributed.tensor.parallel import parallelize_module
 
     tp = cfg.parallel.tp
     model = Transformer(cfg.model)
@@ -186,8 +186,49 @@ def build_pytorch(cfg, batch) -> SameBatch:
         # The attention reshapes with its own head counts, and its local shards hold 1/tp of the heads.
         block.attn.n_heads //= tp
         block.attn.n_kv_heads //= tp
-    parallelize_module(model, init_device_mesh("cpu", (tp,)), pytorch_plan(cfg, cfg.parallel.sp))
-    return SameBatch(model, cfg, batch, loss_context=loss_parallel)
+    return parallelize_module(model, init_device_mesh("cpu", (tp,)), pytorch_plan(cfg, cfg.parallel.sp))
+
+
+def build_pytorch(cfg, batch) -> SameBatch:
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    return SameBatch(pytorch_model(cfg), cfg, batch, loss_context=loss_parallel)
+
+
+class TorchTensorParallel(harness.TorchSide):
+    """PyTorch's tensor parallelism trained by our recipe (harness.TorchSide): every tp rank takes the same
+    micro-batches; the loss under loss_parallel; clip_grad_norm_ over the DTensor gradients."""
+
+    def __init__(self, cfg, grid):
+        super().__init__(cfg, loss_group=grid.dp_group)  # the tp ranks hold one loss: no sum over them
+        self.model = pytorch_model(cfg).train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.model, cfg.train)
+
+    def forward_backward(self, microbatches: list) -> torch.Tensor:
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        local = torch.zeros(())
+        for x, y in microbatches:
+            with loss_parallel():
+                loss_sum = self.model(x, y)
+                (loss_sum / self.global_tokens).backward()
+            local += loss_sum.detach().full_tensor()
+        return local / self.global_tokens
+
+    def clip(self) -> None:
+        """clip_grad_norm_ in two parts: its foreach kernels refuse a mix of DTensor gradients (the plan's
+        layers) and plain ones (the norm gains, outside the plan without SP)."""
+        from torch.distributed.tensor import DTensor
+        from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+
+        if not self.cfg.train.grad_clip:
+            return
+        parts = [[p for p in self.params if isinstance(p, DTensor) == d] for d in (True, False)]
+        norms = [get_total_norm([p.grad for p in part]) for part in parts]
+        total = torch.linalg.vector_norm(torch.stack([norms[0].full_tensor(), norms[1]]))
+        for part in parts:
+            clip_grads_with_norm_(part, self.cfg.train.grad_clip, total)
 
 
 def count_step(impl, index: int) -> tuple[float, dict]:

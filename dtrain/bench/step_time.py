@@ -1,0 +1,203 @@
+"""Step time of every technique against PyTorch's own implementation of it, one model, one run.
+
+    python -m dtrain.bench.step_time [--ranks 2] [--steps 12] [--warmup 2] [--pairs ddp,zero1,...]
+        [--d-model 256 --n-layers 8 --n-heads 8 --n-kv-heads 4 --seq-len 128 --global-batch 8
+        --micro-batch 2 --vocab 4096] [--csv out.csv]
+
+Each pair trains the same model from the canonical initial weights on the same data (global batch
+--global-batch rows, micro-batches of --micro-batch, global-norm clipping at train.grad_clip, AdamW), in one
+spawned Gloo world of --ranks ranks, one step of ours and one of PyTorch's in turn (harness.contest):
+
+  ddp     ours parallel.zero=0                   torch DDP (gradient_as_bucket_view, no_sync until the last)
+  zero1   ours parallel.zero=1                   ZeroRedundancyOptimizer under the same DDP
+  zero3   ours parallel.zero=3                   FSDP2, fully_shard per block and the root
+  gpipe   ours parallel.pp=ranks, GPipe          torch.distributed.pipelining ScheduleGPipe
+  1f1b    ours parallel.pp=ranks, 1F1B           Schedule1F1B
+  tp      ours parallel.tp=ranks                 DTensor with torchtitan's plan and loss_parallel
+  ledger  ours DDP counting every collective     ours DDP without the ledger (a logging step's cost)
+
+Ours is a dtrain Trainer's train_step with the ledger off (fit turns it on for logging steps only); the
+ledger pair wraps it in parallel.ledger.CommLedger and reads its metrics, as a logging step does. A ratio is
+the median of ours over the median of theirs (the slowest rank's time of each step); below 1 is faster.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch.distributed as dist
+
+from dtrain.bench import harness
+from dtrain.bench.pipeline import TorchPipeline
+from dtrain.bench.tensor_parallel import TorchTensorParallel
+from dtrain.bench.zero import TorchDataParallel
+from dtrain.config import d_ff_of
+from dtrain.runtime import process_grid
+from parallel.ledger import CommLedger
+
+# name: (ours, theirs, our layout as overrides; "{n}" is --ranks)
+PAIRS = {
+    "ddp": ("ours DDP", "torch DDP", ["parallel.dp={n}", "parallel.zero=0"]),
+    "zero1": ("ours ZeRO-1", "ZeroRedundancyOptimizer", ["parallel.dp={n}", "parallel.zero=1"]),
+    "zero3": ("ours ZeRO-3", "torch FSDP2", ["parallel.dp={n}", "parallel.zero=3"]),
+    "gpipe": (
+        "ours GPipe",
+        "pipelining GPipe",
+        ["parallel.pp={n}", "parallel.dp=1", "parallel.pp_schedule=gpipe"],
+    ),
+    "1f1b": (
+        "ours 1F1B",
+        "pipelining 1F1B",
+        ["parallel.pp={n}", "parallel.dp=1", "parallel.pp_schedule=1f1b"],
+    ),
+    "tp": ("ours TP", "DTensor TP", ["parallel.tp={n}", "parallel.dp=1"]),
+    "ledger": ("ours DDP + ledger", "ours DDP", ["parallel.dp={n}", "parallel.zero=0"]),
+}
+LEDGER_LIMIT = 1.05  # the ledger may cost at most 5% of a step
+
+
+class LedgerSide(harness.TrainerSide):
+    """Ours counting every collective of every step, as fit does on a logging step."""
+
+    def step(self, index: int) -> float:
+        ledger = CommLedger(self.trainer.grid)
+        self.trainer.ledger = ledger
+        try:
+            with ledger:
+                loss = super().step(index)
+            ledger.metrics()
+        finally:
+            self.trainer.ledger = None
+        return loss
+
+
+def make_config(args, pair: str):
+    layout = [o.format(n=args.ranks) for o in PAIRS[pair][2]]
+    batch = [f"train.global_batch_size={args.global_batch}", f"train.micro_batch_size={args.micro_batch}"]
+    return harness.config_of(args, [*layout, *batch, "train.eval_batches=0"], args.ranks)
+
+
+def configs(args) -> dict:
+    return {pair: make_config(args, pair) for pair in args.pairs}
+
+
+def theirs(pair: str, cfg, grid, ours: harness.TrainerSide) -> harness.Implementation:
+    if pair in ("ddp", "zero1", "zero3"):
+        return TorchDataParallel(
+            cfg, {"ddp": "torch-ddp", "zero1": "torch-zero1", "zero3": "torch-fsdp2"}[pair]
+        )
+    if pair in ("gpipe", "1f1b"):
+        return TorchPipeline(cfg, grid, pair, ours.trainer.model.chunks, clock=None)
+    if pair == "tp":
+        return TorchTensorParallel(cfg, grid)
+    return harness.TrainerSide(cfg, grid)  # the ledger pair: ours without it
+
+
+def measure_pair(rank: int, args, pair: str) -> dict:
+    cfg = make_config(args, pair)
+    grid = process_grid(cfg)
+    labels = {"ours": PAIRS[pair][0], "theirs": PAIRS[pair][1]}
+    ours = (LedgerSide if pair == "ledger" else harness.TrainerSide)(cfg, grid)
+    builders = {"ours": lambda: ours, "theirs": lambda: theirs(pair, cfg, grid, ours)}
+    done = harness.contest(rank, builders, labels, args.warmup, args.steps, prefix=f"{pair}: ")
+    if "ours" in done.errors:
+        raise RuntimeError(f"ours failed in {pair}: {done.errors['ours']}")
+    row = {"impls": {name: done.summary(name) for name in done.impls}, "errors": done.errors}
+    if "theirs" in done.impls:
+        o, t = done.step_times("ours"), done.step_times("theirs")
+        row["ratio"] = statistics.median(o) / statistics.median(t)
+        row["ratio_mean"] = statistics.fmean(o) / statistics.fmean(t)
+        row["loss_gap"] = done.loss_gap("ours", "theirs")
+    for impl in done.impls.values():  # free one pair's models and groups before the next is built
+        del impl
+    dist.barrier()
+    return row
+
+
+def measure(rank: int, args) -> dict:
+    rows = {pair: measure_pair(rank, args, pair) for pair in args.pairs}
+    return {"d_ff": d_ff_of(make_config(args, args.pairs[0]).model), "pairs": rows}
+
+
+def format_table(s: dict) -> str:
+    c = s["config"]
+    lines = [
+        *harness.banner(
+            "step time, ours against PyTorch's own",
+            c["ranks"],
+            f"{harness.model_line(c, s['d_ff'])} n_kv_heads={c['n_kv_heads']} | seq_len={c['seq_len']}, "
+            f"global batch {c['global_batch']}, micro-batch {c['micro_batch']}, clipping on both sides",
+        ),
+        f"{c['steps']} timed steps each after {c['warmup']} warm-up + 1 untimed, alternating; "
+        "step time = slowest rank; ratio = median ours / median theirs (lower is faster for us)",
+        "",
+        f"{'pair':<8}{'ours':<20}{'ms':>8}  {'theirs':<25}{'ms':>8}{'ratio':>8}{'(mean)':>8}"
+        f"{'loss gap':>10}  verdict",
+    ]
+    for pair, row in s["pairs"].items():
+        ours, theirs = PAIRS[pair][:2]
+        o, t = row["impls"]["ours"], row["impls"].get("theirs")
+        limit = LEDGER_LIMIT if pair == "ledger" else 1.0
+        if t is None:
+            lines.append(
+                f"{pair:<8}{ours:<20}{1e3 * o['median_s']:>8.1f}  {theirs}: not run, {row['errors']}"
+            )
+            continue
+        verdict = "ok" if row["ratio"] <= limit else f"SLOWER than {limit:.2f}"
+        lines.append(
+            f"{pair:<8}{ours:<20}{1e3 * o['median_s']:>8.1f}  {theirs:<25}{1e3 * t['median_s']:>8.1f}"
+            f"{row['ratio']:>8.3f}{row['ratio_mean']:>8.3f}{row['loss_gap']:>10.1e}  {verdict}"
+        )
+    lines += harness.note(
+        "loss gap: the largest relative difference of the two sides' losses over every step (both train, so "
+        "it includes the updates). The ledger row compares ours with the ledger on against ours without it; "
+        f"its limit is {LEDGER_LIMIT:.2f}."
+    )
+    return "\n".join(lines)
+
+
+def csv_rows(s: dict) -> list[dict]:
+    keys = ("ranks", "d_model", "n_layers", "n_heads", "n_kv_heads", "seq_len", "global_batch", "micro_batch")
+    rows = []
+    for pair, row in s["pairs"].items():
+        figures = {k: row.get(k) for k in ("ratio", "ratio_mean", "loss_gap")}
+        for name, r in row["impls"].items():
+            impl = PAIRS[pair][0 if name == "ours" else 1]
+            rows.append(
+                {k: s["config"][k] for k in keys}
+                | {"pair": pair, "impl": impl, "median_s": r["median_s"]}
+                | figures
+            )
+    return rows
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--pairs", default=",".join(PAIRS), help=f"comma-separated, of {', '.join(PAIRS)}")
+    p.add_argument("--global-batch", type=int, default=8, help="rows per step (train.global_batch_size)")
+
+
+def check(p, args) -> None:
+    args.pairs = [x for x in args.pairs.split(",") if x]
+    unknown = [x for x in args.pairs if x not in PAIRS]
+    if unknown or not args.pairs:
+        p.error(f"--pairs {','.join(unknown) or '(none)'}: choose from {', '.join(PAIRS)}")
+
+
+parse_args, run, main = harness.commands(
+    __name__,
+    "dtrain's step time against PyTorch's own implementation of each technique, one model, one run",
+    "--ranks",
+    "every pair",
+    steps=12,
+    warmup=2,
+    model={
+        "n_layers": 8,
+        "seq_len": 128,
+        "vocab": 4096,
+        "n_kv_heads": 4,
+        "batch": ("--micro-batch", 2, "rows per micro-batch (train.micro_batch_size)"),
+    },
+)
+
+if __name__ == "__main__":
+    raise SystemExit(main())
