@@ -15,21 +15,21 @@ def adamw_step_(
     grad: torch.Tensor,
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
-    decay: torch.Tensor,
+    decayed: list[slice],
     lr: float,
     step: int,
     a: AdamWConfig,
 ) -> None:
-    """One update of `param` in place; `decay` is 1.0 where weight decay applies, else 0.0; `step` counts
-    from 1."""
+    """One update of `param` in place; `decayed`: the ranges of `param` weight decay applies to (the
+    matrices'; adjacent ones merged); `step` counts from 1."""
     beta1, beta2 = a.betas
     bias_correction1 = 1 - beta1**step
     bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-    # The factor torch uses for p *= 1 - lr*wd (the Python float rounded once to the parameter's dtype,
-    # whatever the default dtype), on decayed elements only.
-    factor = torch.full((), 1 - lr * a.weight_decay, dtype=param.dtype, device=param.device)
-    param.mul_(torch.where(decay > 0, factor, torch.ones_like(factor)))
+    if a.weight_decay:
+        for r in decayed:  # torch's p.mul_(1 - lr*wd): the Python float rounded once to p's dtype
+            param[r].mul_(1 - lr * a.weight_decay)
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(a.eps)
+    # torch's (sqrt(v) / bc2).add_(eps), with one temporary instead of two: the same values.
+    denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(a.eps)
     param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)

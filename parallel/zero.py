@@ -70,7 +70,6 @@ class FlatBucket:
     numel: int  # real elements, without padding
     flat_params: torch.Tensor  # whole (padded) bucket; the parameters are views into it
     shard: slice  # this rank's slice of the padded bucket
-    decay: torch.Tensor  # per element of the shard: weight decay applies (1.0) or not (0.0)
     exp_avg: torch.Tensor
     exp_avg_sq: torch.Tensor
     master: torch.Tensor | None  # offloaded fp32 copy of the shard, or None (the shard is the master)
@@ -79,6 +78,7 @@ class FlatBucket:
     store: torch.Tensor | None = None  # stage 3: the persistent parameter shard (flat_params is transient)
     partial: list[slice] = field(default_factory=list)  # shard ranges of tensor-partial gradients
     counted: list[slice] = field(default_factory=list)  # shard ranges this rank counts in the norm
+    decayed: list[slice] = field(default_factory=list)  # shard ranges weight decay applies to
     pending: int = 0
     work: list = field(default_factory=list)
 
@@ -120,8 +120,10 @@ class WholeParams:
         pass
 
     def after_step(self, buckets: list[FlatBucket], group) -> None:
+        # In place: the shard is this rank's chunk of the output, NCCL's in-place all-gather (Gloo copies
+        # the input before writing the output).
         for bucket in buckets:
-            all_gather_flat(bucket.flat_params, bucket.shard_params.clone(), group=group)
+            all_gather_flat(bucket.flat_params, bucket.shard_params, group=group)
 
     def whole(self, buckets: list[FlatBucket]):
         return contextlib.nullcontext()
@@ -202,12 +204,10 @@ class ZeroDataParallel:
         dtype, device = params[0].dtype, params[0].device  # the master dtype: fp32 (fp64 in exactness tests)
         compute, grad_dtype = self.dtypes.compute(dtype), self.dtypes.grads(dtype)
         flat = torch.zeros(padded, dtype=dtype, device=device)
-        decay_full = torch.zeros(padded, dtype=dtype, device=device)
         offsets, offset = [], 0
         with torch.no_grad():
             for p in params:
                 flat[offset : offset + p.numel()].copy_(p.reshape(-1))
-                decay_full[offset : offset + p.numel()] = 1.0 if decays(p) else 0.0
                 offsets.append(offset)
                 offset += p.numel()
         shard = slice(self.rank * size, (self.rank + 1) * size)
@@ -237,7 +237,6 @@ class ZeroDataParallel:
             numel=numel,
             flat_params=flat,
             shard=shard,
-            decay=decay_full[shard].to(state_device, dtype),
             exp_avg=torch.zeros(size, dtype=dtype, device=state_device),
             exp_avg_sq=torch.zeros(size, dtype=dtype, device=state_device),
             master=master,
@@ -250,11 +249,12 @@ class ZeroDataParallel:
             for p, offset in zip(params, offsets, strict=True):
                 p.grad = flat_grads[offset : offset + p.numel()].view_as(p)
         if self.offload:
-            for t in (bucket.decay, bucket.exp_avg, bucket.exp_avg_sq, bucket.master):
+            for t in (bucket.exp_avg, bucket.exp_avg_sq, bucket.master):
                 t._dtrain_host = True
         if self.tp_group is not None:
             bucket.partial = self._shard_ranges(bucket, lambda p: sharding_of(p).partial_grad)
         bucket.counted = self._shard_ranges(bucket, self._counted_here)
+        bucket.decayed = self._shard_ranges(bucket, decays)
         self.residency.adopt(bucket, self.group)
         return bucket
 
@@ -294,7 +294,9 @@ class ZeroDataParallel:
 
     def _launch(self, bucket: FlatBucket) -> None:
         grads = self._flat_grads(bucket)
-        out = torch.empty_like(bucket.grad_shard)
+        # Stage 1 reduces in place, into its own slice of the whole gradients (NCCL's in-place form; Gloo
+        # reduces a copy of the input); stages 2, 3 into a new tensor that is added to the shard.
+        out = bucket.grad_shard if self.stage == 1 else torch.empty_like(bucket.grad_shard)
         work = reduce_scatter_flat(out, grads, group=self.group, async_op=True)
         bucket.work.append((work, out))
         self.residency.reduced(bucket)
@@ -317,9 +319,7 @@ class ZeroDataParallel:
         for bucket in self.buckets:
             for work, out in bucket.work:
                 work.wait()
-                if self.stage == 1:
-                    bucket.grad_shard.copy_(out)
-                else:
+                if self.stage > 1:
                     bucket.grad_shard.add_(out)
             bucket.work = []
             if self.stage >= 2:
@@ -414,7 +414,14 @@ class ZeroDataParallel:
             param = bucket.master if bucket.master is not None else bucket.shard_params
             grad = bucket.grad_shard.to(param.device, param.dtype)
             adamw_step_(
-                param, grad, bucket.exp_avg, bucket.exp_avg_sq, bucket.decay, lr, self.step_count, self.adamw
+                param,
+                grad,
+                bucket.exp_avg,
+                bucket.exp_avg_sq,
+                bucket.decayed,
+                lr,
+                self.step_count,
+                self.adamw,
             )
             if bucket.master is not None:
                 bucket.shard_params.copy_(bucket.master)
