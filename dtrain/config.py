@@ -162,6 +162,8 @@ class DataConfig:
 class RunConfig:
     out_dir: str = "runs/default"
     log_every: int = 10
+    # The communication ledger counts one logging step in this many (the first included); 1 = every one.
+    ledger_every: int = 10
     ckpt_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 3  # 0 = keep all
     resume: Any = False  # false | true | path to a checkpoint folder
@@ -618,6 +620,10 @@ def validate(cfg: Config, world_size: int) -> Config:
 
     r = cfg.run
     _require(r.log_every >= 1, f"run.log_every={r.log_every} must be at least 1")
+    _require(
+        r.ledger_every >= 1,
+        f"run.ledger_every={r.ledger_every} must be at least 1 (the ledger counts one logging step in N)",
+    )
     _require(r.ckpt_every >= 0, f"run.ckpt_every={r.ckpt_every} must be >= 0 (0 = only at the end)")
     _require(r.keep_checkpoints >= 0, f"run.keep_checkpoints={r.keep_checkpoints} must be >= 0")
     _require(

@@ -139,7 +139,8 @@ class Trainer:
         self.tokens_seen = 0
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
         self.peak_flops = peak_flops(device, t.peak_tflops)
-        self.ledger: CommLedger | None = None  # counts the collectives of logging steps (fit)
+        self.ledger: CommLedger | None = None  # counts the collectives of sampled logging steps (fit)
+        self._logging_steps = 0  # logging steps fit has run, for the ledger's sampling
 
     def _compute_context(self):
         """No autocast: the parameters are stored in the compute dtype (parallel.precision)."""
@@ -381,10 +382,10 @@ class Trainer:
         records = []
         try:
             while self.step < t.steps:
-                # Logging steps count every collective (parallel.ledger); its dispatch mode costs Python
-                # work per operator, which their step_time_s includes, so other steps run without it.
+                # Sampled logging steps count every collective (parallel.ledger); its dispatch mode costs
+                # Python work per operator, which their step_time_s includes, so other steps run without it.
                 logging = (self.step + 1) % r.log_every == 0 or self.step + 1 == t.steps
-                self.ledger = CommLedger(self.grid) if logging else None
+                self.ledger = CommLedger(self.grid) if logging and self._ledger_due() else None
                 started = time.perf_counter()
                 with self.ledger or contextlib.nullcontext():
                     result = self.train_step()
@@ -406,6 +407,14 @@ class Trainer:
             self.ledger = None
             logger.close()
         return records
+
+    def _ledger_due(self) -> bool:
+        """Called on each logging step: whether the ledger counts it. It samples one logging step in
+        run.ledger_every, the first included, because its dispatch mode costs Python work per operator
+        (every operator, not only collectives); the same decision on every rank."""
+        due = self._logging_steps % self.cfg.run.ledger_every == 0
+        self._logging_steps += 1
+        return due
 
     def _record(self, result: StepResult, elapsed: float) -> dict:
         tokens_per_s = self.global_tokens / elapsed

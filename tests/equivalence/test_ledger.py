@@ -326,6 +326,7 @@ def test_trainer_writes_comm_metrics_on_logging_steps_only(world2, tmp_path):
     from dtrain.analysis.comm_volume import predict
 
     overrides = ("parallel.zero=1", SMALL_BUCKETS, "train.steps=3", "run.log_every=2", "train.eval_batches=0")
+    overrides += ("run.ledger_every=1",)  # every logging step counted (the default samples them)
     records = world2.run(fit_and_read, str(tmp_path), overrides)[0]
     assert [r["step"] for r in records] == [1, 2, 3]
     assert not any(k.startswith("comm") for k in records[0])  # step 1: not a logging step
@@ -337,6 +338,16 @@ def test_trainer_writes_comm_metrics_on_logging_steps_only(world2, tmp_path):
         assert got == want
         assert record["comm_bytes_per_rank"] == totals
         assert got["comm/dp/reduce_scatter_calls"] > 1 and got["comm/bookkeeping_bytes"] == 4  # the loss sum
+
+
+def test_trainer_samples_one_logging_step_in_ledger_every(world2, tmp_path):
+    """run.ledger_every=2 with a logging step every step: steps 1, 3 and 5 are counted, the others carry
+    peak memory but no comm keys."""
+    overrides = ("train.steps=5", "run.log_every=1", "run.ledger_every=2", "train.eval_batches=0")
+    records = world2.run(fit_and_read, str(tmp_path), overrides)[0]
+    counted = [r["step"] for r in records if "comm_bytes_per_rank" in r]
+    assert counted == [1, 3, 5] and all("peak_mem_mb" in r for r in records)
+    assert all(not any(k.startswith("comm") for k in r) for r in records if r["step"] not in counted)
 
 
 def test_prediction_reproduces_the_tensor_parallel_benchmark_count():

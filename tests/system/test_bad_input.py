@@ -115,6 +115,10 @@ CONFIGS = {
         ("WORLD=8", "parallel.cp=2", "parallel.tp=4", "parallel.sp=true", "train.seq_len=20"),
         "train.seq_len/parallel.cp=10 must be divisible by parallel.tp=4 for sequence parallelism",
     ),
+    "ledger-every": (
+        ("run.ledger_every=0",),
+        "run.ledger_every=0 must be at least 1 (the ledger counts one logging step in N)",
+    ),
     "world-mismatch": (
         ("WORLD=4", "parallel.dp=2"),
         "parallel.dp*tp*pp*cp=2 does not match the world size 4; set parallel.dp=-1 or launch 2 processes",
