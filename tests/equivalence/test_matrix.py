@@ -5,7 +5,8 @@ sharding over parallel.dp_shard of 4 data-parallel ranks, and compared with torc
 model: every loss, grad norm and parameter in float64 to 1e-10, losses and grad norms in fp32 to 1e-5
 (tests/reference.py, layout_matches_ddp). Each case also holds `dtrain estimate`'s per-rank model-state
 bytes (from the config alone) to what every rank's trainer measures
-(`Trainer.held_bytes()`): they must be equal.
+(`Trainer.held_bytes()`): they must be equal. Every case also trains a step in bf16 (16-bit parameters,
+fp32 gradients and masters), where held bytes must equal the estimate too.
 
 Offload, activation checkpointing, the pipeline schedule and tied embeddings rotate over the cases (each
 appears many times, in many layouts) rather than multiplying them. The full matrix is marked slow
@@ -16,8 +17,9 @@ and 4 ranks, one case per kind of composition.
 from __future__ import annotations
 
 import pytest
+import torch.distributed as dist
 
-from tests.reference import TINY, assert_held_bytes_are_estimated, layout_matches_ddp
+from tests.reference import TINY, assert_held_bytes_are_estimated, dtrain_run, layout_matches_ddp, tiny_config
 
 MODEL = (
     "model.n_layers=4",
@@ -197,6 +199,36 @@ def test_layout_matches_torch_ddp(request, name):
 @pytest.mark.parametrize("name", [n for n in MATRIX if n not in DEFAULT])
 def test_full_matrix_matches_torch_ddp(request, name):
     _run(request, name)
+
+
+BF16 = ("train.precision=bf16", "train.steps=1")
+
+
+def bf16_held_bytes(layout: tuple[str, ...], overrides: tuple[str, ...]) -> dict:
+    from tests import harness
+
+    cfg = tiny_config(dist.get_world_size(), *layout, *overrides, *BF16)
+    p = cfg.parallel
+    grid = harness.grid(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, ep=p.ep, dp_shard=p.dp_shard)
+    run = dtrain_run(cfg, grid)  # after a step: gradient buffers and optimizer states exist
+    return {"held_bytes": run["trainer"].held_bytes(), "pp_rank": grid.coords.pp}
+
+
+def _run_bf16(request, name: str) -> None:
+    world, layout, overrides = MATRIX[name]
+    results = request.getfixturevalue(f"world{world}").run(bf16_held_bytes, layout, overrides)
+    assert_held_bytes_are_estimated(results, [*TINY, *layout, *overrides, *BF16], world)
+
+
+@pytest.mark.parametrize("name", DEFAULT)
+def test_layout_holds_its_estimate_in_bf16(request, name):
+    _run_bf16(request, name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in MATRIX if n not in DEFAULT])
+def test_full_matrix_holds_its_estimate_in_bf16(request, name):
+    _run_bf16(request, name)
 
 
 def test_matrix_covers_every_axis():
