@@ -91,3 +91,16 @@ def test_without_cuda_the_command_exits_2_in_one_line_naming_the_cpu_smoke_run()
     assert result.returncode == 2, result.stderr
     assert result.stdout == "" and result.stderr.count("\n") == 1
     assert "needs a GPU" in result.stderr and "--device cpu" in result.stderr
+
+
+def test_a_configuration_that_fails_while_training_is_a_row_with_its_error_and_no_figures(monkeypatch):
+    def out_of_memory(cfg, device, args):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+
+    monkeypatch.setattr(bench, "train", out_of_memory)
+    summary = bench.run([*FAST, "--configs", "zero3-none"])
+    (row,) = summary["rows"]
+    assert row["status"] == "failed"
+    assert row["message"] == "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert "tokens_per_s" not in row and "peak_bytes" not in row and row["est_peak_bytes"] > 0
+    assert not dist.is_initialized()
