@@ -8,4 +8,6 @@ writes itself). They share harness (the command line, the spawned Gloo world, th
 tables, CSV, plots, TensorBoard) and comm (the collectives a step issues, in bytes sent per rank).
 
 scaling (`dtrain bench`) measures dtrain alone: throughput, memory and bytes sent per rank across world
-sizes and layouts, strong and weak scaling, one fresh world per point."""
+sizes and layouts, strong and weak scaling, one fresh world per point. gpu measures it alone on one GPU:
+tokens/s, MFU and peak memory of the 1B preset per ZeRO stage, offload and compile setting, beside
+`dtrain estimate`'s peak."""
