@@ -1,6 +1,6 @@
 """Step time of every technique against PyTorch's own implementation of it, one model, one run.
 
-    python -m dtrain.bench.step_time [--ranks 2] [--steps 12] [--warmup 2] [--pairs ddp,zero1,...]
+    python -m dtrain.bench.step_time [--ranks 2] [--steps 20] [--warmup 2] [--pairs ddp,zero1,...]
         [--d-model 256 --n-layers 8 --n-heads 8 --n-kv-heads 4 --seq-len 128 --global-batch 8
         --micro-batch 2 --vocab 4096] [--csv out.csv]
 
@@ -204,7 +204,7 @@ parse_args, run, main = harness.commands(
     "dtrain's step time against PyTorch's own implementation of each technique, one model, one run",
     "--ranks",
     "every pair",
-    steps=12,
+    steps=20,
     warmup=2,
     model={
         "n_layers": 8,
