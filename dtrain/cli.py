@@ -54,7 +54,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     import torch.distributed as dist
 
-    from dtrain import checkpoint, resilience, runtime
+    from dtrain import resilience, run_folder, runtime
     from dtrain.config import load_config, validate
     from dtrain.data import check_data
     from dtrain.hf import check_init_from
@@ -74,15 +74,15 @@ def cmd_train(args: argparse.Namespace) -> None:
         from dtrain.generate import check_sample_prompt
 
         check_sample_prompt(cfg)  # a prompt the model cannot encode, or one too long to continue
-    checkpoint.check_out_dir(cfg)  # a fresh run into the folder of an earlier one
-    resume_from = checkpoint.check_resume(cfg, warn=say)  # the checkpoint to resume: another model shape
+    run_folder.check_out_dir(cfg)  # a fresh run into the folder of an earlier one
+    resume_from = run_folder.check_resume(cfg, warn=say)  # the checkpoint to resume: another model shape
     runtime.check_restartable()  # torchrun restarts that cannot work
-    done = checkpoint.run_complete(resume_from, cfg.train.steps) if resume_from else None
+    done = run_folder.run_complete(resume_from, cfg.train.steps) if resume_from else None
     if done:
         say(done)
         return
     if cfg.run.overwrite and first:
-        aside = checkpoint.move_aside(cfg.run.out_dir)
+        aside = run_folder.move_aside(cfg.run.out_dir)
         if aside:
             say(f"dtrain: run.overwrite=true: moved the earlier run's outputs to {aside}")
     device = runtime.init_distributed(cfg.dist)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from dtrain import checkpoint
+from dtrain import checkpoint, run_folder
 from dtrain.config import Config, TrainConfig, microbatches_per_rank, to_dict
 from dtrain.data import build_dataset, global_target_tokens, rank_microbatches, read_manifest
 from dtrain.metrics import MetricsLogger
@@ -358,14 +358,14 @@ class Trainer:
     def fit(self, resume_from: str | None = None) -> list[dict]:
         """Train to `train.steps`; returns the records logged (rank 0's view on every rank). `resume_from`:
         the checkpoint run.resume resolved to where the caller resolved it (dtrain.cli, before the process
-        group: checkpoint.check_resume), else resolved here."""
+        group: run_folder.check_resume), else resolved here."""
         cfg, t, r = self.cfg, self.cfg.train, self.cfg.run
         path = resume_from or self.resume_path()
         if path is not None:
             self.resume(path)
             self._say(f"resumed from {path} at step {self.step}")
             if self.step >= t.steps:  # nothing to train: no log files opened, nothing written
-                self._say(checkpoint.run_complete(path, t.steps))
+                self._say(run_folder.run_complete(path, t.steps))
                 return []
         logger = MetricsLogger(r.out_dir, t.steps, r.log_every, self.step, enabled=self.grid.rank == 0)
         n_params = count_params(cfg.model)["total"]

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dtrain import cli, runtime
+from dtrain import cli, run_folder, runtime
 from dtrain.config import ConfigError
 from tests import harness
 from tests.reference import TINY, tiny_config
@@ -259,8 +259,8 @@ def test_checkpoint_of_another_model_shape(capsys, saved, tmp_path):
     line = fails(capsys, train(saved, "model.d_model=48", "run.resume=true"), saved)
     assert line == expected(saved / "checkpoints" / "step_4")
     # Settings that do not change a parameter's shape may differ.
-    from dtrain.checkpoint import check_resume
     from dtrain.config import load_config, validate
+    from dtrain.run_folder import check_resume
 
     check_resume(validate(load_config(CONFIG, [*TINY, "model.dropout=0.1", f"run.resume={step_2}"]), 1))
 
@@ -295,13 +295,12 @@ def test_overwrite_moves_the_earlier_outputs_aside(capsys, saved, tmp_path):
     assert moved == {k: v for k, v in before.items() if k != "notes.txt"}
     assert sorted(os.listdir(run)) == sorted([aside[0], "notes.txt"])
     # A second overwrite within the same second gets a numbered folder; nothing to move: no folder.
-    from dtrain import checkpoint
 
     (run / "metrics.jsonl").write_text("{}\n")
     stamp = aside[0].removeprefix("replaced-")
-    again = checkpoint.move_aside(str(run), now=time.mktime(time.strptime(stamp, "%Y%m%d-%H%M%S")))
+    again = run_folder.move_aside(str(run), now=time.mktime(time.strptime(stamp, "%Y%m%d-%H%M%S")))
     assert again == str(run / f"replaced-{stamp}-2") and os.listdir(again) == ["metrics.jsonl"]
-    assert checkpoint.move_aside(str(run)) is None
+    assert run_folder.move_aside(str(run)) is None
 
 
 def test_resuming_a_complete_run_says_so(capsys, saved):
