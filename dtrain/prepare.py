@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import numpy as np
 
-from dtrain.data import MANIFEST, DataError, _write_npy_atomic, prepare_text
+from dtrain.data_files import MANIFEST, DataError
 from dtrain.tokenizer import Tokenizer, TokenizerError
 
 FORMATS = ("text", "jsonl", "prompt-response", "chat")
@@ -251,3 +252,49 @@ def prepare_data(
         manifest["splits"]["val"] = _write_split(out_dir, "val", val_docs, dtype, masks, fmt != "text")
     _write_manifest(out_dir, manifest)
     return {**manifest, "out_dir": out_dir}
+
+
+def _write_npy_atomic(path: str, array: np.ndarray) -> None:
+    # A crash mid-write must never leave a truncated train.npy that a later run would happily map.
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npy")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.lib.format.write_array(f, array, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def prepare_text(text_path: str, out_dir: str, val_fraction: float = 0.1, dtype: str = "uint16") -> dict:
+    """Byte-level tokenisation of a file into out_dir/train.npy and out_dir/val.npy (the last val_fraction).
+
+    Each byte is one token (0..255), so any file works and vocab_size=256 always suffices. With
+    val_fraction so small that no byte is left for validation, no val.npy is written (a stale one is removed,
+    so build_dataset never pairs a new train split with an old validation split).
+    """
+    if dtype not in ("uint16", "uint32"):
+        raise DataError(f"dtype={dtype!r} is not valid; choose uint16 or uint32")
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction={val_fraction} must be in [0, 1)")
+    if not os.path.isfile(text_path):
+        raise DataError(f"input file {text_path!r} does not exist")
+    data = np.fromfile(text_path, dtype=np.uint8)
+    if data.size == 0:
+        raise DataError(f"input file {text_path!r} is empty")
+    n_val = int(data.size * val_fraction)
+    if n_val == data.size:  # only reachable by float rounding; keep at least one training token
+        n_val -= 1
+    tokens = data.astype(dtype)
+    os.makedirs(out_dir, exist_ok=True)
+    _write_npy_atomic(os.path.join(out_dir, "train.npy"), tokens[: data.size - n_val])
+    val_path = os.path.join(out_dir, "val.npy")
+    if n_val:
+        _write_npy_atomic(val_path, tokens[data.size - n_val :])
+    elif os.path.exists(val_path):
+        os.unlink(val_path)
+    return {"train_tokens": data.size - n_val, "val_tokens": n_val, "vocab_size": 256, "out_dir": out_dir}

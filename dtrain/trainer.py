@@ -23,7 +23,8 @@ import torch.distributed as dist
 
 from dtrain import checkpoint, run_folder
 from dtrain.config import Config, TrainConfig, microbatches_per_rank, to_dict
-from dtrain.data import build_dataset, global_target_tokens, rank_microbatches, read_manifest
+from dtrain.data import build_dataset, global_target_tokens, rank_microbatches
+from dtrain.data_files import read_manifest
 from dtrain.metrics import MetricsLogger
 from dtrain.model import Transformer, count_params, flops_per_token, freeze
 from dtrain.parallelize import build_model_chunks, parallelize

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dtrain.data import prepare_text
+from dtrain.prepare import prepare_text
 from tests import harness
 from tests.reference import TINY
 from tests.tolerances import FP32

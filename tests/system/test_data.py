@@ -15,9 +15,9 @@ from dtrain.data import (
     MemmapData,
     SyntheticData,
     build_dataset,
-    prepare_text,
     rank_microbatches,
 )
+from dtrain.prepare import prepare_text
 
 # ---------------------------------------------------------------- synthetic
 
