@@ -85,14 +85,14 @@ def _check(results: list[dict]) -> None:
     assert results[0]["losses"][-1] < results[0]["losses"][0]
 
 
-def _single_process(cfg, compile: bool) -> dict:
-    """The whole model with activation checkpointing in one process, AdamW on the global batch."""
+def _single_process(cfg, compile: bool, checkpointing: bool = True) -> dict:
+    """The whole model (with activation checkpointing) in one process, AdamW on the global batch."""
     from dtrain.data import build_dataset, global_target_tokens, rank_microbatches
     from dtrain.model import Transformer, compile_blocks, init_weights
     from dtrain.trainer import build_optimizer, lr_at
 
     t = cfg.train
-    model = Transformer(cfg.model, activation_checkpointing=True)
+    model = Transformer(cfg.model, activation_checkpointing=checkpointing)
     init_weights(model, t.seed)
     if compile:
         compile_blocks(model)
@@ -127,12 +127,23 @@ def test_compiled_model_trains_as_eager():
     assert compiled["losses"][-1] < compiled["losses"][0]
 
 
+@pytest.mark.slow
+def test_compiled_dropout_is_replayed_under_checkpointing():
+    """Inductor draws its own dropout masks; recomputation in backward draws the same ones again."""
+    cfg = tiny_config(1, "train.steps=3", "model.dropout=0.1")
+    with compiling():
+        plain = _single_process(cfg, compile=True, checkpointing=False)
+        checkpointed = _single_process(cfg, compile=True)
+    compare_runs(checkpointed, plain, None)  # bitwise
+
+
 SLOW_LAYOUTS = {
     "dp2-checkpointed": ("parallel.dp=2", *AC),
     "zero1": ("parallel.dp=2", "parallel.zero=1"),
     "zero3": ("parallel.dp=2", "parallel.zero=3"),  # gathered and freed by hooks around the blocks
     "zero3-checkpointed": ("parallel.dp=2", "parallel.zero=3", *AC),
     "pp2": ("parallel.pp=2", "parallel.dp=1", "parallel.pp_schedule=1f1b"),
+    "lora-zero3": ("parallel.dp=2", "parallel.zero=3", "model.lora.rank=4"),  # frozen base, sharded
 }
 
 
