@@ -85,14 +85,14 @@ def _check(results: list[dict]) -> None:
     assert results[0]["losses"][-1] < results[0]["losses"][0]
 
 
-def _single_process(cfg, compile: bool, checkpointing: bool = True) -> dict:
-    """The whole model (with activation checkpointing) in one process, AdamW on the global batch."""
+def _single_process(cfg, compile: bool) -> dict:
+    """The whole model with activation checkpointing in one process, AdamW on the global batch."""
     from dtrain.data import build_dataset, global_target_tokens, rank_microbatches
     from dtrain.model import Transformer, compile_blocks, init_weights
     from dtrain.trainer import build_optimizer, lr_at
 
     t = cfg.train
-    model = Transformer(cfg.model, activation_checkpointing=checkpointing)
+    model = Transformer(cfg.model, activation_checkpointing=True)
     init_weights(model, t.seed)
     if compile:
         compile_blocks(model)
@@ -127,14 +127,21 @@ def test_compiled_model_trains_as_eager():
     assert compiled["losses"][-1] < compiled["losses"][0]
 
 
-@pytest.mark.slow
-def test_compiled_dropout_is_replayed_under_checkpointing():
-    """Inductor draws its own dropout masks; recomputation in backward draws the same ones again."""
-    cfg = tiny_config(1, "train.steps=3", "model.dropout=0.1")
+def dropout_case() -> dict:
+    world = dist.get_world_size()
+    plain = tiny_config(world, "parallel.dp=2", "model.dropout=0.1", "train.compile=true")
+    checkpointed = tiny_config(world, "parallel.dp=2", "model.dropout=0.1", "train.compile=true", *AC)
     with compiling():
-        plain = _single_process(cfg, compile=True, checkpointing=False)
-        checkpointed = _single_process(cfg, compile=True)
-    compare_runs(checkpointed, plain, None)  # bitwise
+        ours, ref = dtrain_run(checkpointed, _grid(plain)), dtrain_run(plain, _grid(plain))
+    compare_runs(ours, ref, None)  # bitwise
+    return {"losses": ours["losses"]}
+
+
+@pytest.mark.slow
+def test_compiled_dropout_is_replayed_under_checkpointing(world2):
+    """Inductor draws its own dropout masks (from the trainer's per-step seed); the recomputation in
+    backward draws the same ones again."""
+    world2.run(dropout_case)
 
 
 SLOW_LAYOUTS = {
