@@ -134,6 +134,7 @@ class TrainConfig:
     precision: str = "fp32"
     seed: int = 1234
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each transformer block's forward (inductor)
     eval_every: int = 0  # 0 = only at the end of the run
     eval_batches: int = 2
     peak_tflops: float | None = None  # None = look the device up (GPUs only)
@@ -460,6 +461,18 @@ def _validate_context_parallel(cfg: Config) -> None:
     _require(m.dropout == 0, f"model.dropout={m.dropout}: ring attention has no dropout; set it to 0 with cp")
 
 
+def _validate_compile(m: ModelConfig, p: ParallelConfig) -> None:
+    """train.compile traces each block into one graph: collectives inside a block (tensor-parallel
+    all-reduces in custom autograd functions, ring attention's send/recv) and expert routing's
+    data-dependent split sizes do not trace, so those layouts are refused."""
+    for what, used in (
+        (f"parallel.tp={p.tp}", p.tp > 1),
+        (f"parallel.cp={p.cp}", p.cp > 1),
+        (f"model.moe.num_experts={m.moe.num_experts}", m.moe.num_experts > 0),
+    ):
+        _require(not used, f"train.compile=true with {what} is not supported; set train.compile=false")
+
+
 def validate(cfg: Config, world_size: int) -> Config:
     """Check everything that can be checked without processes; fill in `parallel.dp` when it is -1.
 
@@ -597,6 +610,8 @@ def validate(cfg: Config, world_size: int) -> Config:
         )
 
     _validate_lora(m, t.freeze)
+    if t.compile:
+        _validate_compile(m, p)
 
     d = cfg.data
     if d.mix:

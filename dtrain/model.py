@@ -368,6 +368,16 @@ class Transformer(nn.Module):
         return logits if targets is None else self.loss_fn(logits, targets)
 
 
+def compile_blocks(model: Transformer) -> None:
+    """train.compile: every block's forward through torch.compile (inductor), one graph per block.
+    Only `forward` is compiled, in place: the module call around it (ZeRO-3's gather and free hooks,
+    activation checkpointing's recomputation) stays eager, parameters enter each graph as inputs read at
+    call time (never captured storage), and parameter names are unchanged (no `_orig_mod.` prefix).
+    Blocks of one shape share their graphs; the first step pays for compiling them."""
+    for block in model.blocks.values():
+        block.forward = torch.compile(block.forward, fullgraph=True)
+
+
 def add_adapters(model: Transformer, cfg: ModelConfig, layers: Layers) -> None:
     """model.lora: every targeted projection of every block becomes a parallel.lora.LoRALinear over the
     same parameters, and every parameter but the adapters is frozen (no gradient, no optimizer state)."""

@@ -3,6 +3,8 @@
     grid (given) -> layers: tensor (+ sequence) parallel parts over tp, experts over ep
                  -> the pipeline chunks of this rank
                  -> initial weights, a function of (seed, name, full shape) only
+                 -> train.compile: each block's forward compiled (inductor), after the weights are in
+                    place and before gradient synchronisation hooks the modules; not on the meta device
                  -> gradient synchronisation and optimizer: DDP + AdamW, or ZeRO 1/2/3 (+ offload),
                     dense state over dp x cp and expert state over the expert-data-parallel group
                     (hybrid sharding: over a shard group of parallel.dp_shard ranks, replicated across)
@@ -24,7 +26,7 @@ from torch import nn
 
 from dtrain.config import Config
 from dtrain.hf import HFWeights
-from dtrain.model import Transformer, init_weights
+from dtrain.model import Transformer, compile_blocks, init_weights
 from dtrain.parallel_layers import layers_for
 from dtrain.stage import Stage, build_chunks, tied_params, zero3_units
 from parallel.data_parallel import DataParallelAdamW
@@ -63,6 +65,9 @@ def build_model_chunks(cfg: Config, grid: Grid, device: torch.device) -> dict[in
             chunk.to(device)
         if weights:
             weights.close()
+        if cfg.train.compile:  # the estimate (meta) sees the same modules: compiling adds no bytes
+            for chunk in chunks.values():
+                compile_blocks(chunk)
     return chunks
 
 

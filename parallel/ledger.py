@@ -139,6 +139,12 @@ class _Mode(TorchDispatchMode):
         super().__init__()
         self.ledger = ledger
 
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        # torch.compile'd code (compiled transformer blocks) runs with the mode off while it is traced and
+        # its fused kernels bypass it; what it may compile holds no collectives, which stay eager.
+        return True
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if getattr(func, "namespace", None) == "c10d":

@@ -119,6 +119,18 @@ CONFIGS = {
         ("run.ledger_every=0",),
         "run.ledger_every=0 must be at least 1 (the ledger counts one logging step in N)",
     ),
+    "compile-tp": (
+        ("WORLD=2", "parallel.tp=2", "train.compile=true"),
+        "train.compile=true with parallel.tp=2 is not supported; set train.compile=false",
+    ),
+    "compile-cp": (
+        ("WORLD=2", "parallel.cp=2", "train.compile=true"),
+        "train.compile=true with parallel.cp=2 is not supported; set train.compile=false",
+    ),
+    "compile-experts": (
+        ("model.moe.num_experts=4", "train.compile=true"),
+        "train.compile=true with model.moe.num_experts=4 is not supported; set train.compile=false",
+    ),
     "world-mismatch": (
         ("WORLD=4", "parallel.dp=2"),
         "parallel.dp*tp*pp*cp=2 does not match the world size 4; set parallel.dp=-1 or launch 2 processes",
