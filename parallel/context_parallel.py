@@ -82,10 +82,10 @@ def token_segments(
 
 def ring_send_bytes(batch: int, seq_len: int, cp: int, n_kv_heads: int, head_dim: int, itemsize: int):
     """(forward, backward) bytes one rank sends per attention layer and micro-batch: (cp - 1) K/V blocks
-    of seq_len / cp tokens forward; (cp - 1) K/V blocks and (cp - 1) dK/dV blocks backward (all of
-    `itemsize`, as in fp32 or fp64 training; under autocast the dK/dV sums stay fp32)."""
-    block = 2 * batch * n_kv_heads * (seq_len // cp) * head_dim * itemsize  # K and V
-    return (cp - 1) * block, 2 * (cp - 1) * block
+    of seq_len / cp tokens forward; (cp - 1) K/V blocks and (cp - 1) dK/dV blocks backward. K and V are
+    `itemsize` bytes an element (the compute dtype), the dK/dV sums at least fp32 (4)."""
+    elements = 2 * batch * n_kv_heads * (seq_len // cp) * head_dim  # K and V
+    return (cp - 1) * elements * itemsize, (cp - 1) * elements * (itemsize + max(itemsize, 4))
 
 
 def _blocks(rank: int, source: int, cp: int):

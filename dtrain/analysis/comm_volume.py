@@ -46,9 +46,14 @@ collectives (tensor and expert) again, all but a last reduction that nothing sav
 (`_block_collectives` says which). ZeRO figures depend on the rank's data-parallel shard (which of its
 elements are tensor-partial), pipeline ones on its stage, hence `rank`.
 
-Not modelled, raising NotModelled: 16-bit compute with activation traffic (data parallelism alone is
-modelled: 16-bit parameter gathers, gradients in parallel.grad_dtype), ZeRO 2/3 with the interleaved
-schedule, ZeRO 3 with ep > 1, ZeRO 3 with frozen parameters. A skipped fp16 step (overflow) sends no ZeRO
+With train.precision bf16/fp16 (16-bit parameters, parallel.mixed_precision) every activation and
+activation gradient above travels in 2 bytes (pipeline sends, tensor-parallel regions, the embedding and
+head collectives, K/V blocks, MoE rows); the vocabulary-parallel loss's reductions, the dK/dV ring sums,
+the gradient norms and the loss sum stay fp32, the routing counts int64 and the statistics float64;
+ZeRO-3 gathers 16-bit parameters, gradients move in parallel.grad_dtype. The ledger tests measure each.
+
+Not modelled, raising NotModelled: ZeRO 2/3 with the interleaved schedule, ZeRO 3 with ep > 1, ZeRO 3
+with frozen parameters. A skipped fp16 step (overflow) sends no ZeRO
 all-gather; the prediction assumes none.
 """
 
@@ -81,6 +86,7 @@ from parallel.ledger import (
     metrics_of,
     ring_bytes,
 )
+from parallel.precision import DTYPES
 from parallel.sharding import sharding_of
 from parallel.zero_experts import ZeroWithExperts
 
@@ -148,12 +154,6 @@ class Volume:
 
 def _check_modelled(cfg: Config) -> None:
     p, t = cfg.parallel, cfg.train
-    activations = p.tp > 1 or p.pp > 1 or p.ep > 1 or p.cp > 1
-    if t.precision != "fp32" and activations:
-        raise NotModelled(
-            f"train.precision={t.precision} with tp/pp/ep/cp traffic: 16-bit activation traffic is not "
-            f"modelled; use train.precision=fp32 (data parallelism alone is modelled at any precision)"
-        )
     if p.zero >= 2 and n_chunks(cfg) > p.pp:
         raise NotModelled(
             f"parallel.zero={p.zero} with parallel.pp_schedule=interleaved: reductions of partly filled "
@@ -185,13 +185,16 @@ def predict(
     meta device (dtrain.analysis.estimate.meta_rank), when the caller has it already."""
     _check_modelled(cfg)
     it = itemsize or torch.empty((), dtype=torch.get_default_dtype()).element_size()
+    # Activations and their gradients cross tp/pp/cp/ep in the compute dtype: 16 bits with
+    # train.precision bf16/fp16 (parameters stored in it, parallel.mixed_precision), else the masters'.
+    act = DTYPES[cfg.train.precision].itemsize if cfg.train.precision != "fp32" else it
     built = built or meta_rank(cfg, rank)
     chunks = built.model.chunks
     v = Volume()
-    _pipeline(v, cfg, chunks, it)
-    _tensor_parallel(v, cfg, chunks, it)
-    _context_parallel(v, cfg, chunks, it)
-    _experts(v, cfg, chunks, it, moe_rows)
+    _pipeline(v, cfg, chunks, act)
+    _tensor_parallel(v, cfg, chunks, act)
+    _context_parallel(v, cfg, chunks, act)
+    _experts(v, cfg, chunks, act, moe_rows)
     _gradients(v, cfg, built.grad_sync, it)
     _bookkeeping(v, cfg, it)
     return v

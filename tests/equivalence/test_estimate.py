@@ -164,6 +164,30 @@ def test_pipeline_ranks_hold_their_own_chunks():
         assert s["device"]["optimizer"] == 8 * s["params"]
 
 
+def test_16_bit_layouts_report_their_communication():
+    """In bf16 the report gives tensor, pipeline, expert and context traffic (comm_volume's count, which
+    test_ledger.py holds to a real step); pipeline sends are activations only, half their fp32 bytes."""
+    moe = ("model.moe.num_experts=4", "model.moe.top_k=2")
+    cases = {
+        "tp all-reduce": ("parallel.tp=2",),
+        "pp send": ("parallel.pp=2",),
+        "ep all-to-all": ("parallel.ep=2", *moe),
+        "cp send": ("parallel.cp=2",),
+    }
+    for key, overrides in cases.items():
+        sent = {}
+        for precision in ("fp32", "bf16"):
+            est = estimate_model_states(
+                load_config(None, [*TINY, f"train.precision={precision}", *overrides]), 2
+            )
+            comm = est["stages"][0]["communication"]
+            assert "not_modelled" not in comm, (key, precision, comm)
+            sent[precision] = comm["by_axis_op"][key]
+        assert sent["bf16"] < sent["fp32"], key
+        if key == "pp send":
+            assert 2 * sent["bf16"] == sent["fp32"], sent
+
+
 def test_bad_world_is_a_config_error():
     with pytest.raises(ConfigError, match="does not match the world size"):
         estimate_model_states(load_config(None, [*TINY, "parallel.dp=2"]), 3)

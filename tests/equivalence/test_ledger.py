@@ -88,6 +88,23 @@ LAYOUTS_4 = {
     "dp4-shard1-zero3": ("parallel.zero=3", "parallel.dp_shard=1"),
     "dp4-ep2-shard2-zero1": ("parallel.ep=2", *MOE, "parallel.zero=1", "parallel.dp_shard=2", SMALL_BUCKETS),
 }
+# 16-bit parameters (parallel.mixed_precision): activations and their gradients cross tp, pp, ep and cp in
+# the compute dtype, while the vocabulary-parallel loss's reductions, the norms, the dK/dV ring sums, the
+# routing counts and statistics and the fp32 gradient buckets keep their widths.
+LAYOUTS_16_BIT = {
+    "tp2-sp-bf16": ("parallel.tp=2", "parallel.sp=true", "train.precision=bf16"),
+    "tp2-bf16": ("parallel.tp=2", "train.precision=bf16"),
+    "tp2-fp16": ("parallel.tp=2", "train.precision=fp16"),
+    "pp2-1f1b-bf16": ("parallel.pp=2", "parallel.pp_schedule=1f1b", "train.precision=bf16"),
+    "moe-ep2-bf16": ("parallel.ep=2", *MOE, "train.precision=bf16", SMALL_BUCKETS),
+    "cp2-bf16": ("parallel.cp=2", "train.precision=bf16", "train.activation_checkpointing=true"),
+}
+DEFAULT_16_BIT = ("tp2-sp-bf16", "moe-ep2-bf16")
+LAYOUTS_16_BIT_4 = {  # slow: MoE tokens split over tp (gathered back in 16 bits), tp x pp boundaries
+    "cp2-dp2-ep2-bf16": ("parallel.cp=2", "parallel.ep=2", *MOE, "train.precision=bf16", SMALL_BUCKETS),
+    "tp2-dp2-ep2-bf16": ("parallel.tp=2", "parallel.ep=2", *MOE, "train.precision=bf16"),
+    "tp2-pp2-sp-bf16": ("parallel.tp=2", "parallel.pp=2", "parallel.sp=true", "train.precision=bf16"),
+}
 # Hybrid sharding in the default run: the shard group's reduce-scatters and gathers (axis dp_shard) and
 # the per-step all-reduce of every gradient shard over the replicas (axis dp_replicate).
 HYBRID_DEFAULT = {
@@ -157,11 +174,13 @@ def _context_routing_later(layer, x):
     gather over cp: the logits are taken now, the routing (collective) after the measured step."""
     from parallel.grid import group_size
     from parallel.moe import expert_capacity, route
+    from parallel.precision import wide
 
     assert group_size(layer.tp_group) == 1, "route the tensor rank's piece of the chunks"
     b, s, d = x.shape
     with torch.no_grad():
-        logits = torch.nn.functional.linear(x.transpose(0, 1).reshape(s * b, d), layer.router.weight)
+        tokens = x.transpose(0, 1).reshape(s * b, d)  # the router runs in fp32 whatever the compute dtype
+        logits = torch.nn.functional.linear(wide(tokens), wide(layer.router.weight))
 
     def kept() -> list[int]:
         total = b * s * group_size(layer.cp_group)
@@ -280,6 +299,24 @@ def test_ledger_equals_analytic_volume_hybrid_sharding(world4):
         check_layout(name, overrides, results)
         axes = {axis for axis, _ in results[0][name]["training"]}
         assert {"dp_shard", "dp_replicate"} <= axes and "dp" not in axes, (name, axes)
+
+
+def test_ledger_equals_analytic_volume_in_16_bits(world2):
+    layouts = {name: LAYOUTS_16_BIT[name] for name in DEFAULT_16_BIT}
+    results = world2.run(measure_step, list(layouts.items()))
+    for name, overrides in layouts.items():
+        check_layout(name, overrides, results)
+
+
+@pytest.mark.slow
+def test_ledger_equals_analytic_volume_in_16_bits_every_layout(world2, world4):
+    for world, layouts in (
+        (world2, {k: v for k, v in LAYOUTS_16_BIT.items() if k not in DEFAULT_16_BIT}),
+        (world4, LAYOUTS_16_BIT_4),
+    ):
+        results = world.run(measure_step, list(layouts.items()))
+        for name, overrides in layouts.items():
+            check_layout(name, overrides, results)
 
 
 @pytest.mark.slow
@@ -407,7 +444,6 @@ def test_not_modelled_names_the_key():
     from dtrain.analysis.comm_volume import NotModelled, predict
 
     cases = {
-        "train.precision": ("parallel.tp=2", "train.precision=bf16"),
         "parallel.zero=2": (
             "parallel.pp=2",
             "parallel.zero=2",
@@ -419,7 +455,6 @@ def test_not_modelled_names_the_key():
     for key, overrides in cases.items():
         with pytest.raises(NotModelled, match=key):
             predict(tiny_config(2, *overrides))
-    predict(tiny_config(2, "train.precision=bf16"))  # data parallelism alone: modelled at any precision
 
 
 def test_ring_bytes_has_one_home():

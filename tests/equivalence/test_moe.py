@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from dtrain.config import load_config
 from dtrain.model import Transformer, count_params
-from tests.reference import layout_matches_ddp
+from tests import harness
+from tests.reference import dtrain_run, layout_matches_ddp, relative_errors, tiny_config, torch_fsdp2_run
+from tests.tolerances import LOW_PRECISION_NOISE_FACTOR
 
 MOE = ("model.moe.num_experts=4", "model.moe.capacity_factor=1.0")
 
@@ -153,6 +156,46 @@ ZERO_CASES = {
 def test_moe_with_zero_matches_torch_ddp(world4, layout):
     """ZeRO shards dense state over dp and expert state over the expert-data-parallel group."""
     world4.run(moe_training_case, layout, (*TOP2, "train.grad_clip=0.05"))
+
+
+# Every slot fits (capacity = T*k/E * E/k = T) and no load-balancing loss (its f.P product is taken per
+# micro-batch): then the micro-batch size changes only rounding, and FSDP2's drift under it is the noise.
+# The z-loss, a per-token mean, adds up over micro-batches the same way and stays.
+MOE_16_BIT = ("model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.capacity_factor=2.0")
+MOE_16_BIT += ("model.moe.aux_loss_coef=0.0", "model.moe.z_loss_coef=0.01")
+
+
+def moe_low_precision_case(layout: tuple[str, ...], precision: str) -> None:
+    """16-bit parameters (fp32 masters and reductions) with experts split over ep against torch FSDP2 on
+    the whole model with the same mixed precision (test_tensor_parallel.py's low_precision_case): within
+    LOW_PRECISION_NOISE_FACTOR times FSDP2's own drift when only the micro-batch size changes."""
+    world = dist.get_world_size()
+    overrides = (*MOE_16_BIT, f"train.precision={precision}", "train.steps=8")
+    cfg = tiny_config(world, *layout, *overrides)
+    p = cfg.parallel
+    ours = dtrain_run(cfg, harness.grid(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, ep=p.ep))
+    assert not any(ours["skipped"])
+    micro = cfg.train.micro_batch_size
+    reference = torch_fsdp2_run(tiny_config(world, *overrides, f"train.micro_batch_size={micro}"))
+    variant = torch_fsdp2_run(tiny_config(world, *overrides, f"train.micro_batch_size={micro // 4}"))
+    ours_err, noise = relative_errors(ours, reference), relative_errors(variant, reference)
+    for what in ours_err:
+        assert ours_err[what] <= LOW_PRECISION_NOISE_FACTOR * noise[what], (what, ours_err[what], noise[what])
+    assert ours["moe"][-1]["moe/layer0/dropped_frac"] == 0  # capacity held every slot, as assumed
+
+
+MOE_LOW = {
+    "ep2-dp2-zero1-bf16": (("parallel.ep=2", "parallel.zero=1"), "bf16"),
+    "ep2-dp2-fp16": (("parallel.ep=2",), "fp16"),
+}
+
+
+@pytest.mark.parametrize(
+    ("layout", "precision"),
+    [pytest.param(*v, id=k, marks=[pytest.mark.slow] if "fp16" in k else []) for k, v in MOE_LOW.items()],
+)
+def test_moe_in_16_bits_matches_torch_fsdp2(world2, layout, precision):
+    world2.run(moe_low_precision_case, layout, precision)
 
 
 def test_torchrun_moe_run_logs_routing_and_exports_every_expert(tmp_path):
