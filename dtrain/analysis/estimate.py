@@ -173,6 +173,7 @@ def estimate_model_states(cfg: Config, world: int, communication: bool = True) -
         },
         "offload": p.offload,
         "bucket_mb": p.bucket_mb,
+        "precision": cfg.train.precision,
         "notes": notes,
     }
 
@@ -217,7 +218,7 @@ def format_report(est: dict, source: str = "") -> str:
         f"{lay['tp']} x pp {lay['pp']} x cp {lay['cp']}, ep {lay['ep']} | {zero}, offload={est['offload']}, "
         f"bucket_mb={est['bucket_mb']:g}",
         "model states held per rank after a step (parameters, gradients, AdamW states), then the "
-        "activations kept for backward (dtrain/analysis/activations.py; fp32 figures):",
+        f"activations kept for backward (dtrain/analysis/activations.py; {est['precision']} figures):",
     ]
     for s in est["stages"]:
         who = "every rank" if lay["pp"] == 1 else f"pipeline stage {s['pp_rank']} (each of its ranks)"
