@@ -302,28 +302,48 @@ PER_PARAM_AT_2 = {"ddp": 16, "zero1": 12, "zero2": 10, "zero3": 8}
 PER_PARAM_AT_2.update({"zero2-offload": 12, "zero3-offload-all": 10})
 
 
-def held_case(kind: str, mode: str) -> dict:
+def held_case(kind: str, mode: str, precision: str = "fp32") -> dict:
     model = build(kind, torch.float32)
     count = sum(p.numel() for p in model.parameters())
-    dp = wrap(model, **options(kind, mode, model), bucket_mb=0.01)
+    dp = wrap(model, **options(kind, mode, model), bucket_mb=0.01, precision=precision)
     train_ours(kind, dp, 1, range(1))
     buckets = len(dp.sync.buckets.buckets) if mode == "ddp" else len(dp.sync.buckets)
     return {"held": dp.held_bytes(), "count": count, "buckets": buckets}
 
 
+# bf16: 2-byte parameters, fp32 gradients, and the 4-byte fp32 master beside the 8 of moments.
+FORMULA_BF16 = {
+    "ddp": lambda n: {"device": (2, 4, 12), "host": (0, 0, 0)},
+    "zero1": lambda n: {"device": (2, 4, 12 / n), "host": (0, 0, 0)},
+    "zero3": lambda n: {"device": (2 / n, 4 / n, 12 / n), "host": (0, 0, 0)},
+    "zero3-offload-all": lambda n: {"device": (0, 4 / n, 0), "host": (2 / n, 0, 12 / n)},
+}
+
+
 @pytest.mark.parametrize("kind", ["llama", "encoder"])
 @pytest.mark.parametrize("mode", list(FORMULA))
 def test_held_bytes_follow_the_zero_formula(world2, kind, mode):
+    results = world2.run(held_case, kind, mode)
+    check_held(results, FORMULA[mode])
+    for r in results:
+        total = sum(sum(r["held"][where].values()) for where in ("device", "host")) / r["count"]
+        assert round(total) == PER_PARAM_AT_2[mode], r
+
+
+@pytest.mark.parametrize("mode", list(FORMULA_BF16))
+def test_held_bytes_in_bf16_follow_the_zero_formula(world2, mode):
+    check_held(world2.run(held_case, "llama", mode, "bf16"), FORMULA_BF16[mode])
+
+
+def check_held(results: list[dict], formula) -> None:
     n = 2
-    for r in world2.run(held_case, kind, mode):
-        for where, per_param in FORMULA[mode](n).items():
+    for r in results:
+        for where, per_param in formula(n).items():
             for what, bytes_per_param in zip(("params", "grads", "optimizer"), per_param, strict=True):
                 exact = bytes_per_param * r["count"]
                 # Each bucket is padded to a multiple of n elements: at most n - 1 more, at these bytes each.
                 padding = r["buckets"] * (n - 1) * bytes_per_param
                 assert exact <= r["held"][where][what] <= exact + padding, (where, what, r)
-        total = sum(sum(r["held"][where].values()) for where in ("device", "host")) / r["count"]
-        assert round(total) == PER_PARAM_AT_2[mode], r
 
 
 # --- checkpoints --------------------------------------------------------------------------------------
