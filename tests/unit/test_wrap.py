@@ -406,3 +406,30 @@ def test_zero3_checkpoint_from_dp2_resumes_at_dp4_and_loads_into_the_plain_model
     with torch.no_grad():
         tokens = torch.arange(SEQ).remainder(VOCAB)[None]
         assert torch.equal(model(input_ids=tokens, use_cache=False).logits, saved[0]["logits"])
+
+
+def bf16_resume_case(mode: str) -> dict:
+    """bf16: two steps, the state saved, then a third step by the same wrapper and by a fresh one that
+    loaded the state. The checkpoint holds the fp32 masters, so the resumed wrapper continues exactly."""
+    model = build("llama", torch.float32)
+    dp = wrap(model, **options("llama", mode, model), **ADAMW, max_grad_norm=MAX_NORM, precision="bf16")
+    train_ours("llama", dp, 2, range(2))
+    state = dp.state_dict()
+    fresh = build("llama", torch.float32)
+    again = wrap(fresh, **options("llama", mode, fresh), **ADAMW, max_grad_norm=MAX_NORM, precision="bf16")
+    again.load_state_dict(state)
+    round_trip = again.state_dict()
+    same = all(torch.equal(round_trip["model"][k], v) for k, v in state["model"].items())
+    ours, resumed = train_ours("llama", dp, 2, range(2, 3)), train_ours("llama", again, 2, range(2, 3))
+    after, resumed_after = dp.state_dict()["model"], again.state_dict()["model"]
+    return {
+        "masters": {v.dtype for v in state["model"].values() if v.is_floating_point()},
+        "round_trip": same,
+        "continues": ours == resumed and all(torch.equal(after[k], v) for k, v in resumed_after.items()),
+    }
+
+
+@pytest.mark.parametrize("mode", ["zero3", pytest.param("ddp", marks=pytest.mark.slow)])
+def test_bf16_state_holds_the_fp32_masters_and_resumes_exactly(world2, mode):
+    for r in world2.run(bf16_resume_case, mode):
+        assert r == {"masters": {torch.float32}, "round_trip": True, "continues": True}, r
