@@ -2,8 +2,9 @@
 
 By default it computes what the trainer logs as val_loss for the same checkpoint and data: the mean token
 loss over `train.eval_batches` global batches of the validation split, drawn as the trainer draws them
-(windows of `train.seq_len` + 1 tokens in the order of `train.seed`), with the checkpoint's
-`train.precision`. `--batches all` instead reads every token of the split exactly once as a target
+(windows of `train.seq_len` + 1 tokens in the order of `train.seed`), in the checkpoint's
+`train.precision` as training computes it: bf16/fp16 parameters (the saved fp32 masters rounded to
+nearest), no autocast. `--batches all` instead reads every token of the split exactly once as a target
 (consecutive windows, the last one shorter, padding ignored). It runs in any layout, under torchrun like
 training (parallel.* overrides), through the same model chunks and pipeline executor as the trainer's
 evaluation.
@@ -124,12 +125,16 @@ def evaluate(source: ModelSource, cfg: Config, datasets: dict, batches: int | No
     from dtrain.generate import load_checkpoint_weights
     from dtrain.parallelize import build_model_chunks
     from dtrain.stage import Stage
-    from parallel.precision import autocast, wide
+    from parallel.mixed_precision import to_compute_
+    from parallel.precision import dtype_policy, wide
 
     t = cfg.train
     chunks = build_model_chunks(cfg, grid, device)  # a Hugging Face folder's weights are read here
     if source.kind == "checkpoint":
-        load_checkpoint_weights(source.path, list(chunks.values()))
+        load_checkpoint_weights(source.path, list(chunks.values()))  # the fp32 master weights
+    compute = dtype_policy(t.precision).param_dtype
+    if compute is not None:  # as training computes: the masters rounded to 16 bits, no autocast
+        to_compute_([p for chunk in chunks.values() for p in chunk.parameters()], compute)
     stage = Stage(cfg, grid, chunks, device)
     stage.train(False)
     # Summed in fp32 (float64 for a float64 model), as the trainer's evaluation sums.
@@ -157,9 +162,7 @@ def evaluate(source: ModelSource, cfg: Config, datasets: dict, batches: int | No
             tokens += count
             if count_bytes:
                 n_bytes += _target_bytes(tokenizer.decode, targets)
-            total += stage.executor.run(
-                stage.eval_actions, mine, compute_context=lambda: autocast(t.precision, device)
-            )
+            total += stage.executor.run(stage.eval_actions, mine)
     # As the trainer: the token-loss sums live on the last pipeline stage of every data-parallel replica.
     for name in ("pp", "dp"):
         if grid.size(name) > 1:

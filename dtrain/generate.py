@@ -2,7 +2,9 @@
 
 MODEL is a dtrain checkpoint folder (canonical full tensors and the resolved config, whatever layout
 saved it) or a Hugging Face model folder (config.json and safetensors). Generation runs the whole model in
-one process: on one GPU when there is one (bf16 autocast, as training's bf16), else on the CPU in fp32.
+one process: on one GPU when there is one in bf16, else on the CPU in fp32. A 16-bit model computes as
+training computes: its parameters stored in that dtype (the weights rounded to nearest), no autocast, the
+model widening norms, rotary and softmax statistics itself; keys and values are cached in it too.
 Several prompts run as one batch, left-padded; dtrain.kv_cache keeps every row's positions and attention
 as if it ran alone, so a batch gives what each prompt gives by itself, up to rounding.
 
@@ -103,8 +105,9 @@ class ModelSource:
     tokenizer: _Tokenizer | None
     eos_ids: frozenset[int] = field(default_factory=frozenset)
 
-    def build(self, device: torch.device) -> Transformer:
-        """The whole model with this folder's weights, in eval mode on `device`."""
+    def build(self, device: torch.device, precision: str = "fp32") -> Transformer:
+        """The whole model with this folder's weights, in eval mode on `device`, its parameters stored in
+        `precision`'s dtype (fp32, bf16 or fp16)."""
         from dtrain.model import init_weights
 
         model = Transformer(self.cfg.model)
@@ -116,7 +119,19 @@ class ModelSource:
             weights = HFWeights(self.path)
             init_weights(model, 0, weights.read)
             weights.close()
-        return model.to(device).eval()
+        return in_precision(model.to(device).eval(), precision)
+
+
+def in_precision(model: Transformer, precision: str) -> Transformer:
+    """`model` with its parameters stored in `precision`'s dtype (rounded to nearest; buffers such as the
+    rotary tables keep theirs), as dtrain's 16-bit training stores them."""
+    from parallel.mixed_precision import to_compute_
+    from parallel.precision import dtype_policy
+
+    dtype = dtype_policy(precision).param_dtype
+    if dtype is not None:
+        to_compute_(list(model.parameters()), dtype)
+    return model
 
 
 def load_checkpoint_weights(path: str, models: list[torch.nn.Module]) -> None:
@@ -210,7 +225,8 @@ def _with_overrides(saved: dict, overrides: list[str]) -> Config:
 
 
 def generation_device() -> tuple[torch.device, str]:
-    """One GPU when there is one (bf16), else the CPU (fp32)."""
+    """One GPU when there is one (bf16), else the CPU (fp32): the device and the precision the model's
+    parameters are stored in there."""
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device()), "bf16"
     return torch.device("cpu"), "fp32"
@@ -279,12 +295,10 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int = 0,
-    precision: str = "fp32",
 ) -> list[list[int]]:
     """The new ids of every prompt (batched, left-padded, KV-cached); each row ends at an id of
-    `eos_ids` (included), after max_new_tokens, or at model.max_seq_len tokens in all."""
-    from parallel.precision import autocast
-
+    `eos_ids` (included), after max_new_tokens, or at model.max_seq_len tokens in all. The model computes
+    in its parameters' dtype (`in_precision`); sampling widens the logits to fp32."""
     device = next(model.parameters()).device
     max_seq_len = model.cfg.max_seq_len
     lengths = [len(p) for p in prompts]
@@ -301,8 +315,7 @@ def generate(
         return out
     generator = torch.Generator(device=device).manual_seed(seed)
     cache = KVCache(width + max(limits))
-    with autocast(precision, device):
-        logits = model(tokens.to(device), cache=cache.feed(valid.to(device)))[:, -1]
+    logits = model(tokens.to(device), cache=cache.feed(valid.to(device)))[:, -1]
     while True:
         chosen = pick(logits, temperature, top_k, top_p, generator)
         for row, token in enumerate(chosen.tolist()):
@@ -314,8 +327,7 @@ def generate(
             return out
         # Rows that ended are fed as padding: their positions no longer grow and nothing sees them.
         live = torch.tensor([not d for d in done], device=device)[:, None]
-        with autocast(precision, device):
-            logits = model(chosen[:, None], cache=cache.feed(live))[:, -1]
+        logits = model(chosen[:, None], cache=cache.feed(live))[:, -1]
 
 
 # --- the command ------------------------------------------------------------------------------------------
@@ -408,7 +420,7 @@ def command(args) -> None:
         )
     prompts = read_prompts(source, args.prompt, args.prompt_ids, args.prompts)
     device, precision = generation_device()
-    model = source.build(device)
+    model = source.build(device, precision)
     outputs = generate(
         model,
         [p.ids for p in prompts],
@@ -418,7 +430,6 @@ def command(args) -> None:
         args.top_k,
         args.top_p,
         args.seed,
-        precision,
     )
     tok = source.tokenizer
     for n, (prompt, ids) in enumerate(zip(prompts, outputs, strict=True)):
@@ -460,8 +471,6 @@ def sample_text(cfg: Config, state: dict[str, torch.Tensor], device: torch.devic
     with torch.random.fork_rng(devices=[]):  # building a model draws initial weights: leave training's RNG
         model = Transformer(cfg.model)
     copy_canonical(state, [model], "the trained weights")
-    model.to(device).eval()
-    ids = generate(
-        model, [check_sample_prompt(cfg)], t.sample_tokens, eos, 1.0, 0, 1.0, t.seed + step, t.precision
-    )
+    in_precision(model.to(device).eval(), t.precision)  # the run's compute dtype, as it trains
+    ids = generate(model, [check_sample_prompt(cfg)], t.sample_tokens, eos, 1.0, 0, 1.0, t.seed + step)
     return tokenizer.decode(ids[0])

@@ -26,9 +26,8 @@ for step in range(8):
         start = torch.randint(0, config.vocab_size, (rows, 1), generator=data)
         tokens = ((start + torch.arange(seq + 1)) % config.vocab_size).to(device)  # learnable: counting
         with dp.no_sync(i < accumulate - 1):  # communicate in the step's last backward only
-            with dp.autocast():
-                logits = dp(input_ids=tokens[:, :-1], use_cache=False).logits
-                loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()) / accumulate
+            logits = dp(input_ids=tokens[:, :-1], use_cache=False).logits.float()  # the loss in fp32
+            loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()) / accumulate
             dp.scale(loss).backward()
     result = dp.step()  # average over ranks, clip, AdamW
     if rank == 0:

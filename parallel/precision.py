@@ -2,8 +2,8 @@
 
 Training stores parameters in bf16/fp16 and keeps fp32 master weights with the optimizer state
 (parallel.mixed_precision: the dtype policy the gradient synchronisations take); the forward then runs in
-the parameters' dtype. The library wrapper (parallel.wrap) keeps fp32 parameters and computes under
-torch.autocast instead; its gradients arrive in fp32.
+the parameters' dtype, with no autocast. The library wrapper (parallel.wrap) does the same with fp32
+gradients.
 
 fp16 has a narrow exponent range, so the loss is multiplied by a scale S before backward and gradients
 are divided by S before the step. If any gradient overflowed, the step is skipped and S halves; after
@@ -38,8 +38,8 @@ def compute_context(precision: str, param_dtype: torch.dtype, device: torch.devi
     """The context a forward runs in. Parameters stored in 16 bits (dtrain's training,
     parallel.mixed_precision) compute in their own dtype with no autocast, as FSDP2 with a bf16
     param_dtype does: matmuls in 16 bits, norms, rotary, softmax statistics and the loss widened to fp32
-    by the model (`wide`). fp32 parameters with a 16-bit precision (parallel.wrap) compute under
-    autocast."""
+    by the model (`wide`). Parameters of another dtype compute under autocast in `precision` (nothing
+    for fp32)."""
     if param_dtype in (torch.float16, torch.bfloat16):
         return contextlib.nullcontext()
     return autocast(precision, device)

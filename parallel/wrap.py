@@ -4,8 +4,7 @@
     for micro_batches in batches:
         for i, (x, y) in enumerate(micro_batches):
             with dp.no_sync(i < len(micro_batches) - 1):
-                with dp.autocast():
-                    loss = loss_fn(dp(x), y) / len(micro_batches)
+                loss = loss_fn(dp(x), y) / len(micro_batches)
                 dp.scale(loss).backward()
         dp.step()
 
@@ -18,6 +17,13 @@ the fp16 loss scale (1 otherwise), before the norm, clipping and AdamW:
     g = (1 / (N * S)) * sum over ranks r and micro-batches m of g_rm
 
 N and S are powers of two in the common case, so this equals torch DDP's pre-division bit for bit.
+
+bf16 and fp16 are dtrain's mixed precision (parallel.mixed_precision), which is torch FSDP2's
+MixedPrecisionPolicy(param_dtype=16-bit, reduce_dtype=fp32): the parameters are stored in the 16-bit dtype
+and the forward computes in it, with no autocast; fp32 master weights live with the optimizer (whole,
+sharded, or in host memory); each backward's 16-bit gradients are added into fp32 gradient buffers, which
+are reduced, clipped and stepped in fp32; after the step the parameters are the masters rounded to
+nearest. Floating-point inputs of the model's forward are cast to the 16-bit dtype, as FSDP2 casts them.
 
 A forward pre-hook on the model tells the GradSync which backward is the step's last (not inside
 no_sync()); under ZeRO-3 the units' own hooks (parallel/zero3.py) gather and free their parameters.
@@ -33,11 +39,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map_only
 
 from parallel.data_parallel import DataParallelAdamW
 from parallel.grad_sync import AdamWConfig, Held, clip_
 from parallel.grid import group_size
-from parallel.precision import LossScaler, autocast
+from parallel.mixed_precision import to_compute_
+from parallel.precision import LossScaler, dtype_policy
 from parallel.zero import ZeroDataParallel, plan_zero_buckets
 from parallel.zero3 import output_tensors, zero3
 
@@ -69,7 +77,8 @@ class Wrapped:
                     there; "all" (zero=3): the parameter shards too.
     lr, betas, eps, weight_decay: AdamW; weight decay applies to parameters of two or more dimensions.
     max_grad_norm:  global-norm clipping of the averaged gradient (0: off).
-    precision:      "fp32", or "bf16" / "fp16" under autocast() over fp32 master weights; fp16 adds
+    precision:      "fp32", or "bf16" / "fp16": parameters stored and computed in 16 bits, fp32 master
+                    weights with the optimizer, gradients accumulated and reduced in fp32; fp16 adds
                     dynamic loss scaling (scale(loss) before backward; an overflow skips the step).
     group:          the data-parallel process group (default: the world); bucket_mb: bucket size.
     replica_group:  hybrid sharding (zero >= 1): `group` is this rank's shard group and replica_group
@@ -105,6 +114,9 @@ class Wrapped:
         self.world = group_size(self.group) * group_size(replica_group)  # the ranks gradients average over
         self.device = self.params[0].device
         self.precision = precision
+        self.master_dtype = self.params[0].dtype  # of the optimizer's state (fp32; fp64 in exactness tests)
+        dtypes = dtype_policy(precision)  # 16-bit parameters, fp32 masters and gradients; fp32: as built
+        self.compute_dtype = dtypes.compute(self.master_dtype)
         self.scaler = LossScaler(enabled=precision == "fp16")
         self.names = {p: name for name, p in model.named_parameters()}
         self.steps = 0
@@ -113,16 +125,26 @@ class Wrapped:
         _broadcast_from_first_rank(model, replica_group)  # then every replica from the first one
 
         adamw = AdamWConfig(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        if dtypes.mixed(self.master_dtype):  # frozen parameters get no master, only the compute dtype
+            to_compute_([p for p in model.parameters() if not p.requires_grad], self.compute_dtype)
         if zero == 0:
-            self.sync = DataParallelAdamW(model, self.group, bucket_mb, adamw)
+            self.sync = DataParallelAdamW(model, self.group, bucket_mb, adamw, dtypes=dtypes)
         elif zero in (1, 2):
             plan = plan_zero_buckets(list(model.parameters()), int(bucket_mb * 2**20))
             self.sync = ZeroDataParallel(
-                plan, self.group, zero, adamw, offload == "optimizer", replica_group=replica_group
+                plan,
+                self.group,
+                zero,
+                adamw,
+                offload == "optimizer",
+                replica_group=replica_group,
+                dtypes=dtypes,
             )
         else:
             zero3_units = [(params, [(m, m)]) for m, params, _ in unit_list]
-            self.sync = zero3(zero3_units, self.group, adamw, offload, replica_group=replica_group)
+            self.sync = zero3(
+                zero3_units, self.group, adamw, offload, replica_group=replica_group, dtypes=dtypes
+            )
 
         # The first training forward under ZeRO-3 is watched for parameters used outside their unit
         # (their storage is freed there: a crash or garbage otherwise) and units whose output carries no
@@ -134,6 +156,8 @@ class Wrapped:
         # backward's reductions may launch, and then free, a unit that got no gradient there.
         model.register_forward_pre_hook(self._before_forward, prepend=True)
         model.register_forward_hook(self._after_forward, always_call=True)
+        if self.compute_dtype != self.master_dtype:
+            model.register_forward_pre_hook(self._cast_inputs, with_kwargs=True)
 
     # --- the user's loop ----------------------------------------------------------------------------
 
@@ -150,10 +174,6 @@ class Wrapped:
             yield
         finally:
             self._sync = previous
-
-    def autocast(self):
-        """torch.autocast in the wrapper's precision for the forward and the loss (nothing in fp32)."""
-        return autocast(self.precision, self.device)
 
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
         """The loss to call backward on: times the fp16 loss scale, unchanged otherwise."""
@@ -197,11 +217,16 @@ class Wrapped:
         return self.sync.params_whole()
 
     def state_dict(self) -> dict:
-        """Canonical state on the CPU: {"model": the model's own state_dict, "optimizer": {parameter
-        name: torch AdamW's per-parameter state (step, exp_avg, exp_avg_sq), whole}, "loss_scaler"}.
-        It does not depend on zero, offload or the number of ranks. Collective: every rank calls it."""
+        """Canonical state on the CPU: {"model": the model's own state_dict (16-bit parameters as their
+        fp32 master weights), "optimizer": {parameter name: torch AdamW's per-parameter state (step,
+        exp_avg, exp_avg_sq), whole}, "loss_scaler"}. It does not depend on zero, offload, the number of
+        ranks or the precision. Collective: every rank calls it."""
         with self.sync.params_whole():
-            model = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            masters = self.sync.master_weights()  # empty in fp32: the parameters are the masters
+            model = {
+                k: masters.get(v, v).detach().to("cpu", copy=True)
+                for k, v in self.model.state_dict(keep_vars=True).items()
+            }
             optimizer = {
                 self.names[p]: {k: v.detach().to("cpu", copy=True) for k, v in s.items()}
                 for p, s in self.sync.state_dict().items()
@@ -213,16 +238,19 @@ class Wrapped:
         missing = [self.names[p] for p in self.params if self.names[p] not in state["optimizer"]]
         if missing:
             raise KeyError(f"parallel.wrap: the checkpoint has no optimizer state for {', '.join(missing)}")
+        mixed = self.compute_dtype != self.master_dtype
         with self.sync.params_whole():
-            self.model.load_state_dict(state["model"])
+            self.model.load_state_dict(state["model"])  # 16-bit parameters: the masters rounded to nearest
             optimizer = {}
             for p in self.params:
                 saved = state["optimizer"][self.names[p]]
                 optimizer[p] = {
                     "step": torch.tensor(float(saved["step"])),
-                    "exp_avg": saved["exp_avg"].to(p.device, p.dtype),
-                    "exp_avg_sq": saved["exp_avg_sq"].to(p.device, p.dtype),
+                    "exp_avg": saved["exp_avg"].to(p.device, self.master_dtype),
+                    "exp_avg_sq": saved["exp_avg_sq"].to(p.device, self.master_dtype),
                 }
+                if mixed:  # the fp32 weights themselves, not their 16-bit rounding
+                    optimizer[p]["master"] = state["model"][self.names[p]].to(p.device, self.master_dtype)
             self.sync.load_state_dict(optimizer)
         if self.scaler.enabled:
             self.scaler.load_state_dict(state["loss_scaler"])
@@ -243,7 +271,10 @@ class Wrapped:
                     "which reduces in the step's last backward; run all micro-batches but the last inside "
                     "no_sync(), as with torch DDP"
                 )
-            if any(p.grad is None for p in self.params):
+            # 16-bit parameters have no .grad between backwards: each one is folded into the fp32
+            # buffers and dropped (parallel.mixed_precision), so there is nothing to reset behind us.
+            fp32_views = self.compute_dtype == self.master_dtype
+            if fp32_views and any(p.grad is None for p in self.params):
                 raise RuntimeError(
                     "parallel.wrap: gradients were set to None outside the wrapper (model.zero_grad() or "
                     "an optimizer's zero_grad()); they are views into the reduction buckets and step() "
@@ -252,6 +283,12 @@ class Wrapped:
         self.sync.before_backward(self._sync)
         if self._unit_check is not None and not self._unit_check.done:
             self._unit_check.__enter__()
+
+    def _cast_inputs(self, module, args, kwargs):
+        """Floating-point inputs in the compute dtype (integer ids and masks unchanged), as FSDP2's mixed
+        precision casts the forward inputs."""
+        cast = lambda t: t.to(self.compute_dtype) if t.is_floating_point() else t  # noqa: E731
+        return tree_map_only(torch.Tensor, cast, (args, kwargs))
 
     def _after_forward(self, module, args, out) -> None:
         check = self._unit_check
@@ -324,7 +361,7 @@ def _check_options(model, params, zero, units, offload, precision) -> None:
     if len(dtypes) > 1 or not dtypes <= set(allowed):
         raise ValueError(
             f"parallel.wrap: parameters must all be {' or '.join(map(str, allowed))} (master weights; "
-            f"{precision} computes under autocast()), found {', '.join(sorted(map(str, dtypes)))}"
+            f"{precision} stores 16-bit copies of them), found {', '.join(sorted(map(str, dtypes)))}"
         )
     for name, module in model.named_modules():
         if (

@@ -1,7 +1,7 @@
 """`dtrain eval` against the trainer: the figure it prints for a checkpoint and a data folder is the
-validation loss the trainer logged for them, in one process bit for bit, and in tp2, pp2 and dp2 (and
-under torchrun) to FP32; `--batches all` is the mean loss of every token of the split, computed here
-directly; bits per byte of byte-level data is the loss in bits."""
+validation loss the trainer logged for them, in one process bit for bit (fp32 and bf16), and in tp2,
+pp2 and dp2 (and under torchrun) to FP32; `--batches all` is the mean loss of every token of the split,
+computed here directly; bits per byte of byte-level data is the loss in bits."""
 
 from __future__ import annotations
 
@@ -22,11 +22,9 @@ from tests.tolerances import FP32
 MODEL = ["model.vocab_size=256", "train.steps=3", "train.eval_batches=3"]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> dict:
+def train_tiny(root, *overrides: str) -> dict:
     """A tiny byte-level model trained three steps on a prepared folder: its checkpoint, the folder and
     the validation loss the trainer logged at the end."""
-    root = tmp_path_factory.mktemp("eval")
     rng = np.random.default_rng(0)
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
     (root / "corpus.txt").write_text(" ".join(rng.choice(words, 2500)))
@@ -34,7 +32,7 @@ def trained(tmp_path_factory) -> dict:
     run = root / "run"
     result = harness.run_python(
         "-m", "dtrain", "train", "configs/tiny.yaml", *TINY, *MODEL, "data.kind=memmap",
-        f"data.path={root / 'data'}", f"run.out_dir={run}",
+        f"data.path={root / 'data'}", f"run.out_dir={run}", *overrides,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     with open(run / "metrics.jsonl") as f:
@@ -44,6 +42,11 @@ def trained(tmp_path_factory) -> dict:
         "data": str(root / "data"),
         "val": last["val_loss"],
     }
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    return train_tiny(tmp_path_factory.mktemp("eval"))
 
 
 def test_eval_prints_and_writes_the_trainers_validation_loss(trained, tmp_path):
@@ -59,6 +62,21 @@ def test_eval_prints_and_writes_the_trainers_validation_loss(trained, tmp_path):
     assert figures["bpb"] == pytest.approx(trained["val"] / math.log(2), rel=1e-12)
     line = result.stdout.strip()
     assert line.count("\n") == 0 and f"loss {trained['val']:.4f}" in line and str(out) in line
+
+
+def test_eval_of_a_bf16_run_gives_its_logged_validation_loss(tmp_path):
+    """bf16 training stores the parameters in bf16 (the fp32 masters rounded to nearest) and computes
+    without autocast; the checkpoint holds the masters, and eval rounds them the same way: the same
+    arithmetic again, so the same figure to the bit."""
+    trained = train_tiny(tmp_path, "train.precision=bf16")
+    out = tmp_path / "eval.json"
+    result = harness.run_python(
+        "-m", "dtrain", "eval", trained["checkpoint"], trained["data"], "--out", str(out)
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["precision"] == "bf16"
+    assert figures["loss"] == trained["val"]
 
 
 def eval_case(checkpoint: str, data: str, layout: tuple[str, ...], batches: int | None) -> float:

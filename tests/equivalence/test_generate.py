@@ -1,6 +1,7 @@
 """Generation: the KV-cached model against its own full forward (fp32 and float64), greedy decoding from
 Hugging Face folders against transformers' generate, token for token, alone and in a left-padded batch,
-and the sampling rules (top-k, top-p, temperature, seeds) on hand-made distributions."""
+the sampling rules (top-k, top-p, temperature, seeds) on hand-made distributions, and 16-bit decoding
+against the same 16-bit model without its cache."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from dtrain.config import ModelConfig, RopeScalingConfig
 from dtrain.generate import generate, next_token_probs, pick, resolve, top_k_keep, top_p_keep
 from dtrain.kv_cache import KVCache
 from dtrain.model import Transformer, init_weights
+from parallel.precision import DTYPES
 from tests import hf_models
 from tests.reference import float64
 from tests.tolerances import FP32, FP64
@@ -213,8 +215,31 @@ def test_draws_come_only_from_the_kept_tokens():
     assert abs(counts[1] - n * p) < 5 * math.sqrt(n * p * (1 - p))  # five standard deviations
 
 
-def test_bf16_autocast_decoding_runs_with_the_cache():
-    """The GPU path's precision, on the CPU: keys and values cached in bf16, logits sampled in fp32."""
-    model = model_of("gqa-qknorm-bias-llama3")
-    out = generate(model, [[3, 9, 27], [40]], 6, temperature=0.8, top_p=0.9, seed=1, precision="bf16")
-    assert [len(o) for o in out] == [6, 6] and all(0 <= t < 64 for o in out for t in o)
+def uncached_greedy(model: Transformer, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding without a cache: the whole sequence through the model again for every token."""
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+@pytest.mark.parametrize(
+    "family, precision",
+    [
+        ("llama-tied-llama3-rope", "bf16"),
+        pytest.param("qwen3-qk-norm-head-dim", "fp16", marks=pytest.mark.slow),
+    ],
+)
+def test_16_bit_greedy_decoding_equals_the_uncached_model_in_the_same_dtype(folders, family, precision):
+    """The GPU path's precision, on the CPU: parameters stored in 16 bits (no autocast), keys and values
+    cached in them; each prompt alone and in a left-padded batch decodes the tokens that the same 16-bit
+    model picks when it reruns the whole sequence for every token."""
+    model = resolve(folders[family]).build(torch.device("cpu"), precision)
+    assert {p.dtype for p in model.parameters()} == {DTYPES[precision]}
+    with torch.no_grad():
+        expected = [uncached_greedy(model, prompt, NEW) for prompt in PROMPTS]
+    assert [generate(model, [prompt], NEW, temperature=0)[0] for prompt in PROMPTS] == expected
+    assert generate(model, PROMPTS, NEW, temperature=0) == expected
+    assert len(set(expected[0])) > 3  # a varied continuation, not one token repeated
+    drawn = generate(model, PROMPTS, 6, temperature=0.8, top_p=0.9, seed=1)  # logits widened to sample
+    assert [len(o) for o in drawn] == [6, 6, 6]

@@ -1,7 +1,8 @@
 """parallel.wrap around models none of us wrote (transformers' LlamaForCausalLM, torch's
-TransformerEncoder), in a user's loop, against torch DistributedDataParallel with torch's AdamW,
-clip_grad_norm_, autocast and GradScaler in the same loop: every mode (DDP, ZeRO 1/2/3, offload of the
-optimizer or of everything, accumulation, hybrid sharding), float64 to FP64, fp32 to FP32, bf16/fp16 to
+TransformerEncoder), in a user's loop, against torch DistributedDataParallel with torch's AdamW and
+clip_grad_norm_ in the same loop: every mode (DDP, ZeRO 1/2/3, offload of the optimizer or of everything,
+accumulation, hybrid sharding), float64 to FP64, fp32 to FP32; bf16/fp16 (16-bit parameters, fp32
+masters and gradients) against torch FSDP2 with the same MixedPrecisionPolicy and ShardedGradScaler, to
 LOW_PRECISION; the bytes each rank holds, per the ZeRO formula; a ZeRO-3 checkpoint from 2 ranks resumed
 at 4 and loaded into the plain model.
 
@@ -11,12 +12,14 @@ micro-batches, backward, step. torch DDP averages gradients over ranks; so does 
 from __future__ import annotations
 
 import contextlib
+import math
 
 import pytest
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from parallel.precision import DTYPES
 from parallel.wrap import wrap
 from tests.tolerances import FP32, FP64, LOW_PRECISION
 from tests.unit.foreign_models import SEQ, VOCAB, build, loss_of, unit_classes
@@ -69,8 +72,7 @@ def train_ours(kind, dp, accumulate, steps=range(STEPS)):
         total = 0.0
         for i, tokens in enumerate(mbs):
             with dp.no_sync(i < len(mbs) - 1):
-                with dp.autocast():
-                    loss = loss_of(kind, dp, tokens) / len(mbs)
+                loss = loss_of(kind, dp, tokens) / len(mbs)
                 dp.scale(loss).backward()
             total += float(loss.detach())
         result = dp.step()
@@ -89,27 +91,65 @@ def torch_adamw(model) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=ADAMW["lr"], betas=ADAMW["betas"], eps=ADAMW["eps"])
 
 
-def train_torch(kind, model, opt, accumulate, precision="fp32", steps=range(STEPS)):
+def train_torch(kind, model, opt, accumulate, steps=range(STEPS)):
     ddp = DistributedDataParallel(model)
-    scaler = torch.amp.GradScaler("cpu", enabled=precision == "fp16")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     losses, norms = [], []
     for step in steps:
         mbs = micro_batches(step, accumulate)
         total = 0.0
         for i, tokens in enumerate(mbs):
             with ddp.no_sync() if i < len(mbs) - 1 else contextlib.nullcontext():
-                with torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext():
-                    loss = loss_of(kind, ddp, tokens) / len(mbs)
-                scaler.scale(loss).backward()
+                loss = loss_of(kind, ddp, tokens) / len(mbs)
+                loss.backward()
+            total += float(loss.detach())
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(total)
+    return losses, norms
+
+
+def fsdp2(kind: str, model, precision: str):
+    """torch FSDP2 around `model` with 16-bit mixed precision: every unit class and the root sharded,
+    parameters all-gathered and computed in the 16-bit dtype (no autocast), gradients reduced in fp32
+    into the fp32 shards AdamW steps."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = DeviceMesh.from_group(dist.group.WORLD, "cpu")
+    policy = MixedPrecisionPolicy(param_dtype=DTYPES[precision], reduce_dtype=torch.float32)
+    for unit in [m for m in model.modules() if isinstance(m, tuple(unit_classes(kind)))]:
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
+    return fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def train_fsdp2(kind, model, opt, accumulate, precision, steps=range(STEPS)):
+    """The user's loop under FSDP2: no_sync() is set_requires_gradient_sync(False), the fp16 loss scale
+    torch's ShardedGradScaler (its overflow check agreed over the group)."""
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    scaler = ShardedGradScaler("cpu", enabled=precision == "fp16")
+    losses, norms = [], []
+    for step in steps:
+        mbs = micro_batches(step, accumulate)
+        total = 0.0
+        for i, tokens in enumerate(mbs):
+            model.set_requires_gradient_sync(i == len(mbs) - 1)
+            loss = loss_of(kind, model, tokens) / len(mbs)
+            scaler.scale(loss).backward()
             total += float(loss.detach())
         scaler.unscale_(opt)
-        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)))
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM).full_tensor()))
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
         losses.append(total)
     return losses, norms
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """An FSDP2 DTensor gathered whole (collective); a plain tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def rel(a, b) -> float:
@@ -131,22 +171,34 @@ def train_case(kind: str, mode: str, accumulate: int, dtype: str = "float64", pr
         precision=precision,
         bucket_mb=0.01,
     )
+    if precision != "fp32":
+        ref_model = fsdp2(kind, ref_model, precision)
     opt = torch_adamw(ref_model)
     losses, norms = train_ours(kind, dp, accumulate)
-    ref_losses, ref_norms = train_torch(kind, ref_model, opt, accumulate, precision)
+    if precision == "fp32":
+        ref_losses, ref_norms = train_torch(kind, ref_model, opt, accumulate)
+    else:
+        ref_losses, ref_norms = train_fsdp2(kind, ref_model, opt, accumulate, precision)
     state = dp.state_dict()
-    ref = ref_model.state_dict()
+    ref = {k: whole(v) for k, v in ref_model.state_dict().items()}
     assert state["model"].keys() == ref.keys()
+    assert {v.dtype for v in state["model"].values() if v.is_floating_point()} == {dtype}  # the masters
     params = max(rel(state["model"][k], ref[k]) for k in ref)
     names = {p: n for n, p in ref_model.named_parameters()}
     moments = max(
-        rel(state["optimizer"][names[p]][k], s[k])
+        rel(state["optimizer"][names[p]][k], whole(s[k]))
         for p, s in opt.state.items()
         for k in ("exp_avg", "exp_avg_sq")
     )
     return {
         "losses": max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses, strict=True)),
-        "norms": max(abs(a - b) / b for a, b in zip(norms, ref_norms, strict=True)),
+        # fp16: a step whose scaled gradients overflow has a non-finite norm on both sides (inf or nan, by
+        # where the overflow met the unscaling), and both skip it
+        "norms": max(
+            0.0 if not (math.isfinite(a) or math.isfinite(b)) else abs(a - b) / b
+            for a, b in zip(norms, ref_norms, strict=True)
+        ),
+        "skipped": sum(not math.isfinite(n) for n in ref_norms),
         "params": params,
         "moments": moments,
         "unmoved": [
@@ -154,7 +206,8 @@ def train_case(kind: str, mode: str, accumulate: int, dtype: str = "float64", pr
             for k, v in state["model"].items()
             if v.is_floating_point() and torch.equal(v, start[k]) and "inv_freq" not in k
         ],
-        "clipped": min(ref_norms) > MAX_NORM,
+        "clipped": min(n for n in ref_norms if math.isfinite(n)) > MAX_NORM,
+        "computes_in": {p.dtype for p in model.parameters()},  # the parameters the forward reads
     }
 
 
@@ -225,8 +278,10 @@ def test_matches_torch_ddp_float32(world2, kind, mode):
         pytest.param("encoder", "zero3-offload-all", "fp16", marks=pytest.mark.slow),
     ],
 )
-def test_mixed_precision_matches_torch_autocast(world2, kind, mode, precision):
-    check(world2.run(train_case, kind, mode, 2, "float32", precision), LOW_PRECISION[precision])
+def test_mixed_precision_matches_torch_fsdp2(world2, kind, mode, precision):
+    results = world2.run(train_case, kind, mode, 2, "float32", precision)
+    check(results, LOW_PRECISION[precision])
+    assert all(r["computes_in"] == {DTYPES[precision]} for r in results), results
 
 
 # --- memory -------------------------------------------------------------------------------------------
@@ -247,28 +302,48 @@ PER_PARAM_AT_2 = {"ddp": 16, "zero1": 12, "zero2": 10, "zero3": 8}
 PER_PARAM_AT_2.update({"zero2-offload": 12, "zero3-offload-all": 10})
 
 
-def held_case(kind: str, mode: str) -> dict:
+def held_case(kind: str, mode: str, precision: str = "fp32") -> dict:
     model = build(kind, torch.float32)
     count = sum(p.numel() for p in model.parameters())
-    dp = wrap(model, **options(kind, mode, model), bucket_mb=0.01)
+    dp = wrap(model, **options(kind, mode, model), bucket_mb=0.01, precision=precision)
     train_ours(kind, dp, 1, range(1))
     buckets = len(dp.sync.buckets.buckets) if mode == "ddp" else len(dp.sync.buckets)
     return {"held": dp.held_bytes(), "count": count, "buckets": buckets}
 
 
+# bf16: 2-byte parameters, fp32 gradients, and the 4-byte fp32 master beside the 8 of moments.
+FORMULA_BF16 = {
+    "ddp": lambda n: {"device": (2, 4, 12), "host": (0, 0, 0)},
+    "zero1": lambda n: {"device": (2, 4, 12 / n), "host": (0, 0, 0)},
+    "zero3": lambda n: {"device": (2 / n, 4 / n, 12 / n), "host": (0, 0, 0)},
+    "zero3-offload-all": lambda n: {"device": (0, 4 / n, 0), "host": (2 / n, 0, 12 / n)},
+}
+
+
 @pytest.mark.parametrize("kind", ["llama", "encoder"])
 @pytest.mark.parametrize("mode", list(FORMULA))
 def test_held_bytes_follow_the_zero_formula(world2, kind, mode):
+    results = world2.run(held_case, kind, mode)
+    check_held(results, FORMULA[mode])
+    for r in results:
+        total = sum(sum(r["held"][where].values()) for where in ("device", "host")) / r["count"]
+        assert round(total) == PER_PARAM_AT_2[mode], r
+
+
+@pytest.mark.parametrize("mode", list(FORMULA_BF16))
+def test_held_bytes_in_bf16_follow_the_zero_formula(world2, mode):
+    check_held(world2.run(held_case, "llama", mode, "bf16"), FORMULA_BF16[mode])
+
+
+def check_held(results: list[dict], formula) -> None:
     n = 2
-    for r in world2.run(held_case, kind, mode):
-        for where, per_param in FORMULA[mode](n).items():
+    for r in results:
+        for where, per_param in formula(n).items():
             for what, bytes_per_param in zip(("params", "grads", "optimizer"), per_param, strict=True):
                 exact = bytes_per_param * r["count"]
                 # Each bucket is padded to a multiple of n elements: at most n - 1 more, at these bytes each.
                 padding = r["buckets"] * (n - 1) * bytes_per_param
                 assert exact <= r["held"][where][what] <= exact + padding, (where, what, r)
-        total = sum(sum(r["held"][where].values()) for where in ("device", "host")) / r["count"]
-        assert round(total) == PER_PARAM_AT_2[mode], r
 
 
 # --- checkpoints --------------------------------------------------------------------------------------
@@ -331,3 +406,30 @@ def test_zero3_checkpoint_from_dp2_resumes_at_dp4_and_loads_into_the_plain_model
     with torch.no_grad():
         tokens = torch.arange(SEQ).remainder(VOCAB)[None]
         assert torch.equal(model(input_ids=tokens, use_cache=False).logits, saved[0]["logits"])
+
+
+def bf16_resume_case(mode: str) -> dict:
+    """bf16: two steps, the state saved, then a third step by the same wrapper and by a fresh one that
+    loaded the state. The checkpoint holds the fp32 masters, so the resumed wrapper continues exactly."""
+    model = build("llama", torch.float32)
+    dp = wrap(model, **options("llama", mode, model), **ADAMW, max_grad_norm=MAX_NORM, precision="bf16")
+    train_ours("llama", dp, 2, range(2))
+    state = dp.state_dict()
+    fresh = build("llama", torch.float32)
+    again = wrap(fresh, **options("llama", mode, fresh), **ADAMW, max_grad_norm=MAX_NORM, precision="bf16")
+    again.load_state_dict(state)
+    round_trip = again.state_dict()
+    same = all(torch.equal(round_trip["model"][k], v) for k, v in state["model"].items())
+    ours, resumed = train_ours("llama", dp, 2, range(2, 3)), train_ours("llama", again, 2, range(2, 3))
+    after, resumed_after = dp.state_dict()["model"], again.state_dict()["model"]
+    return {
+        "masters": {v.dtype for v in state["model"].values() if v.is_floating_point()},
+        "round_trip": same,
+        "continues": ours == resumed and all(torch.equal(after[k], v) for k, v in resumed_after.items()),
+    }
+
+
+@pytest.mark.parametrize("mode", ["zero3", pytest.param("ddp", marks=pytest.mark.slow)])
+def test_bf16_state_holds_the_fp32_masters_and_resumes_exactly(world2, mode):
+    for r in world2.run(bf16_resume_case, mode):
+        assert r == {"masters": {torch.float32}, "round_trip": True, "continues": True}, r
