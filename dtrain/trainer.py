@@ -35,7 +35,7 @@ from parallel.grad_sync import AdamWConfig, clip_
 from parallel.grid import Grid
 from parallel.ledger import CommLedger
 from parallel.moe import aux_grad_scales, set_aux_grad_scale
-from parallel.precision import LossScaler, compute_context, wide
+from parallel.precision import LossScaler, wide
 
 
 class TrainingError(RuntimeError):
@@ -143,10 +143,6 @@ class Trainer:
         self.ledger: CommLedger | None = None  # counts the collectives of sampled logging steps (fit)
         self._logging_steps = 0  # logging steps fit has run, for the ledger's sampling
 
-    def _compute_context(self):
-        """No autocast: the parameters are stored in the compute dtype (parallel.precision)."""
-        return compute_context(self.cfg.train.precision, self.params[0].dtype, self.device)
-
     def _phase(self, name: str, when: str = ""):
         return self.phases.enter(name, when) if self.phases is not None else contextlib.nullcontext()
 
@@ -187,7 +183,6 @@ class Trainer:
             self.model.train_actions,
             microbatches,
             loss_scale=self.scaler.scale / targets,
-            compute_context=self._compute_context,
             before_backward=lambda chunk, is_last: sync.before_backward(is_last),
             before_compute=(lambda m: set_aux_grad_scale(moe, shares[m])) if moe else None,
         )
@@ -276,7 +271,6 @@ class Trainer:
                 total += self.model.executor.run(
                     self.model.eval_actions,
                     self._microbatches(self.val_data, k),
-                    compute_context=self._compute_context,
                 )
             with self._phase("loss"):
                 total = self._sum_loss(total)

@@ -17,7 +17,6 @@ sequences, say), since each chunk needs them and only hidden states cross a stag
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Sequence
 
@@ -73,7 +72,6 @@ class PipelineExecutor:
         actions: Sequence[Action],
         microbatches: Sequence[tuple],
         loss_scale: float = 1.0,
-        compute_context=contextlib.nullcontext,
         before_backward: Callable[[int, bool], None] | None = None,
         before_compute: Callable[[int], None] | None = None,
         record: list | None = None,
@@ -106,8 +104,7 @@ class PipelineExecutor:
                     x = x_in.requires_grad_(torch.is_grad_enabled())
                 last = a.chunk == self.n_chunks - 1
                 start = time.perf_counter() if record is not None else 0.0
-                with compute_context():
-                    out = self.chunks[a.chunk](x, targets.to(self.device) if last else None, **kwargs)
+                out = self.chunks[a.chunk](x, targets.to(self.device) if last else None, **kwargs)
                 if record is not None:
                     record.append((a, start, time.perf_counter()))
                 if last:

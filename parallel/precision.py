@@ -14,8 +14,6 @@ ranks (a non-finite element anywhere makes it non-finite everywhere).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -26,23 +24,6 @@ def wide(x: torch.Tensor) -> torch.Tensor:
     softmax, losses); fp64 stays fp64, which the tests use to show that two layouts compute the same
     function up to rounding."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
-def autocast(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
-
-
-def compute_context(precision: str, param_dtype: torch.dtype, device: torch.device):
-    """The context a forward runs in. Parameters stored in 16 bits (dtrain's training,
-    parallel.mixed_precision) compute in their own dtype with no autocast, as FSDP2 with a bf16
-    param_dtype does: matmuls in 16 bits, norms, rotary, softmax statistics and the loss widened to fp32
-    by the model (`wide`). Parameters of another dtype compute under autocast in `precision` (nothing
-    for fp32)."""
-    if param_dtype in (torch.float16, torch.bfloat16):
-        return contextlib.nullcontext()
-    return autocast(precision, device)
 
 
 def dtype_policy(precision: str, grad_dtype: str = "fp32"):
