@@ -36,7 +36,7 @@ SPLITS = {"val": ("val",), "train": ("train",), "all": ("train", "val")}
 def prepare(source: ModelSource, data: str, split: str, world_size: int) -> tuple[Config, dict]:
     """Point the config at DATA and validate it for this world; open every split it reads and check its
     token ids. Before any process group: bad input costs one line."""
-    from dtrain.config import validate
+    from dtrain.validation import validate
 
     if not os.path.isdir(data):
         raise DataError(

@@ -14,7 +14,8 @@ import os
 import sys
 import tempfile
 
-from dtrain.config import ConfigError, load_config, validate
+from dtrain.config import ConfigError, load_config
+from dtrain.validation import validate
 
 ERROR_FILE = "TORCHELASTIC_ERROR_FILE"  # where a torchrun process or worker records its error (JSON)
 USAGE = "usage: python -m launch [torchrun options] CONFIG [key=value ...] [torchrun options]"

@@ -11,11 +11,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from dtrain.config import load_config, validate
+from dtrain.config import load_config
 from dtrain.data import build_dataset, global_target_tokens, rank_microbatches
 from dtrain.hf import HFWeights
 from dtrain.model import Transformer, freeze, init_weights
 from dtrain.trainer import build_optimizer, lr_at
+from dtrain.validation import validate
 from parallel.moe import aux_grad_scales, moe_layers, set_aux_grad_scale
 from parallel.precision import DTYPES
 

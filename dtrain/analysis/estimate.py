@@ -27,8 +27,9 @@ import copy
 import torch
 
 from dtrain.analysis.activations import activation_bytes
-from dtrain.config import Config, ConfigError, load_config, validate
+from dtrain.config import Config, ConfigError, load_config
 from dtrain.parallelize import Parallelized, parallelize
+from dtrain.validation import validate
 from parallel.grid import MetaGrid
 
 KINDS = ("params", "grads", "optimizer")

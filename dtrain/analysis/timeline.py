@@ -258,8 +258,9 @@ def _measure_worker(rank: int, world_size: int, port: int, cfg_dict: dict, resul
     import torch
     import torch.distributed as dist
 
-    from dtrain.config import config_from_dict, validate
+    from dtrain.config import config_from_dict
     from dtrain.trainer import Trainer
+    from dtrain.validation import validate
     from parallel.grid import ProcessGrid
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
@@ -316,8 +317,9 @@ def measure(cfg_path: str, overrides: list[str], out: str | None = None) -> dict
     {"path", "stages": [{"stage", "step_s", "busy_s", "bubble"}], "bubble", "data"}."""
     import torch.multiprocessing as mp
 
-    from dtrain.config import load_config, microbatches_per_rank, to_dict, validate
+    from dtrain.config import load_config, microbatches_per_rank, to_dict
     from dtrain.data import build_dataset
+    from dtrain.validation import validate
 
     cfg = load_config(cfg_path, overrides)
     world = _world_size(cfg)

@@ -38,7 +38,8 @@ import torch
 import torch.distributed as dist
 
 from dtrain.bench import harness
-from dtrain.config import ConfigError, TrainConfig, load_config, validate
+from dtrain.config import ConfigError, TrainConfig, load_config
+from dtrain.validation import validate
 
 # name: (parallel.zero, parallel.offload); validate refuses offload without ZeRO, which the table shows.
 LAYOUTS = {

@@ -353,7 +353,8 @@ def exit_status(run: Callable, argv=None) -> int:
 def config_of(args, overrides: list[str], world_size: int):
     """The validated dtrain config of the model flags plus a benchmark's `overrides`. Dropout is off so
     every implementation computes the same loss."""
-    from dtrain.config import load_config, validate
+    from dtrain.config import load_config
+    from dtrain.validation import validate
 
     model = [
         f"model.vocab_size={args.vocab}",

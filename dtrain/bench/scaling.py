@@ -150,7 +150,8 @@ class Point:
 def plan(args) -> tuple[list[Point], list[str]]:
     """Every point of the sweep with its validated config, and a note per (layout, world) left out because
     the layout does not fit. Raises ConfigError (one line) before any process starts."""
-    from dtrain.config import load_config, validate
+    from dtrain.config import load_config
+    from dtrain.validation import validate
 
     for item in args.overrides:
         key = item.split("=", 1)[0]

@@ -11,7 +11,8 @@ import pytest
 import torch.distributed as dist
 
 from dtrain.bench import gpu as bench
-from dtrain.config import ConfigError, load_config, validate
+from dtrain.config import ConfigError, load_config
+from dtrain.validation import validate
 from tests import harness
 
 FAST = ["--device", "cpu", "--tiny", "--compile", "off", "--steps", "2", "--warmup", "1"]

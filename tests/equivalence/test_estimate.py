@@ -13,8 +13,9 @@ import torch
 import torch.distributed as dist
 
 from dtrain.analysis.estimate import estimate_model_states, meta_rank
-from dtrain.config import ConfigError, load_config, validate
+from dtrain.config import ConfigError, load_config
 from dtrain.model import count_params
+from dtrain.validation import validate
 from parallel.mixed_precision import to_compute_
 from parallel.precision import DTYPES
 from tests import harness
@@ -294,7 +295,7 @@ def test_activation_estimate_counts_in_flight_microbatches_and_checkpointing():
 
 
 def validate_for(overrides: list[str], world: int):
-    from dtrain.config import validate
+    from dtrain.validation import validate
 
     return validate(load_config(None, overrides), world)
 
@@ -304,7 +305,7 @@ LAYOUT_KEYS = ("tp", "pp", "dp", "ep", "zero")
 
 def test_suggested_layouts_fit_the_budget_and_validate():
     from dtrain.analysis.suggest import parse_bytes, suggest_layouts
-    from dtrain.config import validate
+    from dtrain.validation import validate
 
     cfg = load_config(None, [*TINY, "model.moe.num_experts=4"])
     budget = parse_bytes("1.5MiB")

@@ -13,9 +13,10 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from dtrain.config import load_config, validate
+from dtrain.config import load_config
 from dtrain.hf import HFWeights, export_hf
 from dtrain.model import Transformer, init_weights
+from dtrain.validation import validate
 from tests import harness, hf_models
 from tests.reference import float64, layout_matches_ddp
 from tests.tolerances import HF_LOGITS

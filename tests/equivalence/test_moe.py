@@ -132,7 +132,8 @@ def test_moe_matches_torch_ddp_8_ranks(world8, layout, overrides):
     ],
 )
 def test_bad_moe_configs_fail_in_one_line(overrides, message):
-    from dtrain.config import ConfigError, validate
+    from dtrain.config import ConfigError
+    from dtrain.validation import validate
 
     cfg = load_config(None, [*MOE, "model.n_layers=2", *overrides])
     with pytest.raises(ConfigError, match=message):

@@ -8,8 +8,9 @@ import itertools
 
 import pytest
 
-from dtrain.config import ConfigError, load_config, validate
+from dtrain.config import ConfigError, load_config
 from dtrain.stage import balanced_split
+from dtrain.validation import validate
 from tests.reference import TINY, layout_matches_ddp
 
 # --- schedules as data -------------------------------------------------------------------------------

@@ -271,8 +271,9 @@ def test_checkpoint_of_another_model_shape(capsys, saved, tmp_path):
     line = fails(capsys, train(saved, "model.d_model=48", "run.resume=true"), saved)
     assert line == expected(saved / "checkpoints" / "step_4")
     # Settings that do not change a parameter's shape may differ.
-    from dtrain.config import load_config, validate
+    from dtrain.config import load_config
     from dtrain.run_folder import check_resume
+    from dtrain.validation import validate
 
     check_resume(validate(load_config(CONFIG, [*TINY, "model.dropout=0.1", f"run.resume={step_2}"]), 1))
 

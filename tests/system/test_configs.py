@@ -7,8 +7,9 @@ import os
 
 import pytest
 
-from dtrain.config import load_config, validate
+from dtrain.config import load_config
 from dtrain.model import count_params
+from dtrain.validation import validate
 from tests.harness import repo_root
 
 CONFIGS = sorted(glob.glob(os.path.join(repo_root(), "configs", "*.yaml")))

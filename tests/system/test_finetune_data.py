@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from dtrain.config import load_config, validate
+from dtrain.config import load_config
 from dtrain.data import DocumentData, build_dataset, global_target_tokens, rank_microbatches
 from dtrain.prepare import prepare_data
 from dtrain.tokenizer import Tokenizer
+from dtrain.validation import validate
 from tests.hf_models import make_tokenizer, sample_text
 
 CHAT = [
