@@ -24,6 +24,19 @@ def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return run_python(*args, timeout=timeout)
 
 
+def main_in_process(capsys, *argv: str) -> tuple[int, str, str]:
+    """dtrain's command line in this process (no interpreter to start): exit status, stdout, stderr."""
+    from dtrain import cli
+
+    try:
+        cli.main(list(argv))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def read_metrics(out_dir) -> list[dict]:
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -191,20 +204,20 @@ def test_usage_errors_are_one_line(capsys):
         assert err.startswith(f"dtrain: error: {message}"), err
 
 
-def test_estimate_with_options_after_the_overrides():
+def test_estimate_with_options_after_the_overrides(capsys):
     """The README's form: CONFIG, then overrides and options in any order."""
-    result = run("-m", "dtrain", "estimate", GPU_1B, "--world", "8", "parallel.zero=1")
-    assert result.returncode == 0, result.stderr
-    assert "world 8 = dp 8" in result.stdout and "ZeRO-1" in result.stdout
+    code, out, err = main_in_process(capsys, "estimate", GPU_1B, "--world", "8", "parallel.zero=1")
+    assert code == 0, err
+    assert "world 8 = dp 8" in out and "ZeRO-1" in out
 
 
 # --- estimate --memory --------------------------------------------------------------------------------
 
 
-def test_memory_without_a_unit_is_refused():
-    result = run("-m", "dtrain", "estimate", GPU_1B, "--world", "8", "--memory", "80")
-    assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr == (
+def test_memory_without_a_unit_is_refused(capsys):
+    code, out, err = main_in_process(capsys, "estimate", GPU_1B, "--world", "8", "--memory", "80")
+    assert code == 2 and out == ""
+    assert err == (
         "dtrain: error: --memory=80 has no unit; write it with a unit, like 80GiB, 40GB or 512MiB (B, KB, "
         "MB, GB, TB, KiB, MiB, GiB, TiB)\n"
     )
@@ -303,15 +316,15 @@ def test_rerun_into_the_same_folder_loses_nothing(tmp_path):
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
 
 
-def test_estimate_json_is_one_object_with_the_reports_figures():
+def test_estimate_json_is_one_object_with_the_reports_figures(capsys):
     from dtrain.analysis.estimate import estimate_model_states, peak_device_bytes
     from dtrain.config import load_config
 
-    overrides = ["parallel.pp=2", "parallel.zero=1"]
-    result = run("-m", "dtrain", "estimate", "configs/tiny.yaml", *overrides, "--world", "4", "--json")
-    assert result.returncode == 0, result.stderr
-    figures = json.loads(result.stdout)  # the whole of stdout: one object
-    est = estimate_model_states(load_config("configs/tiny.yaml", overrides), 4)
+    overrides, tiny = ["parallel.pp=2", "parallel.zero=1"], os.path.join(ROOT, "configs", "tiny.yaml")
+    code, out, err = main_in_process(capsys, "estimate", tiny, *overrides, "--world", "4", "--json")
+    assert code == 0, err
+    figures = json.loads(out)  # the whole of stdout: one object
+    est = estimate_model_states(load_config(tiny, overrides), 4)
     assert figures["world"] == 4 and figures["parameters"] > 0
     assert [s["stage"] for s in figures["stages"]] == [0, 1]
     for ours, stage in zip(figures["stages"], est["stages"], strict=True):
@@ -322,5 +335,5 @@ def test_estimate_json_is_one_object_with_the_reports_figures():
             k.replace(" ", "/"): v for k, v in stage["communication"]["by_axis_op"].items()
         }
         assert ours["sent"]["dp/reduce-scatter"] > 0  # ZeRO-1 reduce-scatters its gradients over dp
-    bad = run("-m", "dtrain", "estimate", "configs/tiny.yaml", "--json", "--memory", "8GiB")
-    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--json" in bad.stderr
+    code, out, err = main_in_process(capsys, "estimate", tiny, "--json", "--memory", "8GiB")
+    assert code == 2 and err.strip().count("\n") == 0 and "--json" in err
