@@ -299,3 +299,16 @@ def assert_held_bytes_are_estimated(results: list[dict], overrides: list[str], w
     for rank, r in enumerate(results):
         predicted = stages[r.get("pp_rank", 0)]
         assert r["held_bytes"] == {"device": predicted["device"], "host": predicted["host"]}, rank
+
+
+def assert_within_fsdp2_noise(ours: dict, world: int, overrides: tuple[str, ...], micro: int) -> None:
+    """16-bit runs: `ours` against torch FSDP2 with our micro-batch size, within LOW_PRECISION_NOISE_FACTOR
+    times FSDP2's own drift when only the micro-batch size changes (a quarter of it): what rounding alone
+    moves in the same test (tests/tolerances.py)."""
+    from tests.tolerances import LOW_PRECISION_NOISE_FACTOR
+
+    reference = torch_fsdp2_run(tiny_config(world, *overrides, f"train.micro_batch_size={micro}"))
+    variant = torch_fsdp2_run(tiny_config(world, *overrides, f"train.micro_batch_size={micro // 4}"))
+    ours_err, noise = relative_errors(ours, reference), relative_errors(variant, reference)
+    for what in ours_err:
+        assert ours_err[what] <= LOW_PRECISION_NOISE_FACTOR * noise[what], (what, ours_err[what], noise[what])

@@ -9,8 +9,12 @@ import torch
 import torch.distributed as dist
 
 from tests import harness
-from tests.reference import dtrain_run, layout_matches_ddp, relative_errors, tiny_config, torch_fsdp2_run
-from tests.tolerances import LOW_PRECISION_NOISE_FACTOR
+from tests.reference import (
+    assert_within_fsdp2_noise,
+    dtrain_run,
+    layout_matches_ddp,
+    tiny_config,
+)
 
 
 def tp_training_case(tp: int, sp: bool, overrides: tuple[str, ...]) -> list[float]:
@@ -107,12 +111,7 @@ def low_precision_case(layout: tuple[str, ...], precision: str) -> None:
     ours = dtrain_run(cfg, harness.grid(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp))
     # The reference runs our micro-batch shapes (a pipeline then agrees to ~1e-7: it changes no
     # arithmetic); the noise is FSDP2 with a quarter of them.
-    micro = cfg.train.micro_batch_size
-    reference = torch_fsdp2_run(tiny_config(world, *overrides, f"train.micro_batch_size={micro}"))
-    variant = torch_fsdp2_run(tiny_config(world, *overrides, f"train.micro_batch_size={micro // 4}"))
-    ours_err, noise = relative_errors(ours, reference), relative_errors(variant, reference)
-    for what in ours_err:
-        assert ours_err[what] <= LOW_PRECISION_NOISE_FACTOR * noise[what], (what, ours_err[what], noise[what])
+    assert_within_fsdp2_noise(ours, world, overrides, cfg.train.micro_batch_size)
 
 
 LOW = {
