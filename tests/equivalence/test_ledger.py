@@ -11,7 +11,6 @@ against the real one, parameter by parameter."""
 from __future__ import annotations
 
 import json
-import os
 from fractions import Fraction
 
 import pytest
@@ -341,130 +340,6 @@ def test_moe_rows_are_near_the_balanced_figure(measured_2):
         assert abs(leaving + arriving - 2 * balanced) <= 2 * balanced / 10, (leaving, arriving, balanced)
         # Calls are exact either way: per layer and micro-batch, 3 forward all-to-alls and 2 adjoints.
         assert predict(cfg, rank).tallies()[("ep", "all-to-all")].calls == 5 * layers * m
-
-
-def fit_and_read(out_dir: str, overrides: tuple[str, ...]) -> list[dict] | None:
-    from dtrain.trainer import Trainer
-
-    cfg = tiny_config(dist.get_world_size(), *overrides, f"run.out_dir={out_dir}")
-    p = cfg.parallel
-    Trainer(
-        cfg,
-        harness.grid(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, ep=p.ep, dp_shard=p.dp_shard),
-        torch.device("cpu"),
-    ).fit()
-    if dist.get_rank() != 0:
-        return None
-    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
-def test_trainer_writes_comm_metrics_on_logging_steps_only(world2, tmp_path):
-    from dtrain.analysis.comm_volume import predict
-
-    overrides = ("parallel.zero=1", SMALL_BUCKETS, "train.steps=3", "run.log_every=2", "train.eval_batches=0")
-    overrides += ("run.ledger_every=1",)  # every logging step counted (the default samples them)
-    records = world2.run(fit_and_read, str(tmp_path), overrides)[0]
-    assert [r["step"] for r in records] == [1, 2, 3]
-    assert not any(k.startswith("comm") for k in records[0])  # step 1: not a logging step
-    cfg = tiny_config(2, *overrides)
-    want = predict(cfg, 0).metrics()
-    totals = [round(predict(cfg, r).total_bytes()) for r in range(2)]
-    for record in records[1:]:  # step 2 (log_every) and the last step
-        got = {k: v for k, v in record.items() if k.startswith("comm/")}
-        assert got == want
-        assert record["comm_bytes_per_rank"] == totals
-        assert got["comm/dp/reduce_scatter_calls"] > 1 and got["comm/bookkeeping_bytes"] == 4  # the loss sum
-
-
-def test_trainer_samples_one_logging_step_in_ledger_every(world2, tmp_path):
-    """run.ledger_every=2 with a logging step every step: steps 1, 3 and 5 are counted, the others carry
-    peak memory but no comm keys."""
-    overrides = ("train.steps=5", "run.log_every=1", "run.ledger_every=2", "train.eval_batches=0")
-    records = world2.run(fit_and_read, str(tmp_path), overrides)[0]
-    counted = [r["step"] for r in records if "comm_bytes_per_rank" in r]
-    assert counted == [1, 3, 5] and all("peak_mem_mb" in r for r in records)
-    assert all(not any(k.startswith("comm") for k in r) for r in records if r["step"] not in counted)
-
-
-def test_prediction_reproduces_the_tensor_parallel_benchmark_count():
-    """bench/tensor_parallel.py counts one step of the tp model (one micro-batch, the partial-gradient sum)
-    exactly; the prediction's tensor-parallel bytes are that plus the gradient norm's scalar."""
-    from dtrain.analysis.comm_volume import predict
-    from dtrain.bench.tensor_parallel import analytic_bytes
-
-    for sp in ("false", "true"):
-        cfg = tiny_config(
-            2, "parallel.tp=2", f"parallel.sp={sp}", "model.n_kv_heads=1", "train.global_batch_size=4"
-        )
-        volume = predict(cfg)
-        tp = sum(t.sent for t in volume.terms if t.axis == "tp" and not t.label.startswith("gradient norm"))
-        assert all(t.section == "training" for t in volume.terms if t.axis == "tp")
-        assert tp == analytic_bytes(cfg, cfg.train.micro_batch_size, cfg.train.seq_len).total
-
-
-def test_prediction_gives_the_formulas_data_parallel_volumes():
-    """docs/formulas.md: DDP and ZeRO 1/2 send 2Ψ(N-1)/N elements per step, ZeRO-3 3Ψ(N-1)/N (one
-    micro-batch);
-    exactly so here up to the padding of each bucket to a multiple of N."""
-    from dtrain.analysis.comm_volume import predict
-    from dtrain.analysis.estimate import meta_rank
-
-    n, psi = 2, sum(q.numel() for q in meta_rank(tiny_config(2), 0).model.parameters())
-    for zero, factor in ((0, 2), (1, 2), (2, 2), (3, 3)):
-        cfg = tiny_config(n, f"parallel.zero={zero}", "train.global_batch_size=8")
-        volume = predict(cfg)
-        sent = sum(
-            t.sent
-            for t in volume.terms
-            if t.axis == "dp" and t.section == "training" and not t.label.startswith("gradient norm")
-        )
-        formula = Fraction(factor * (n - 1), n) * psi * 4
-        assert formula <= sent <= formula * Fraction(1001, 1000), (zero, sent, formula)
-
-
-def test_zero3_gathers_half_the_bytes_in_16_bits():
-    """Stage 3 all-gathers its parameters in their own dtype: bf16 shards are half the fp32 bytes, while
-    fp32 gradients reduce-scatter the same bytes (parallel.grad_dtype=bf16 halves those too)."""
-    from dtrain.analysis.comm_volume import predict
-    from parallel.ledger import ALL_GATHER, REDUCE_SCATTER
-
-    def dp_bytes(*overrides: str) -> dict:
-        tallies = predict(tiny_config(2, "parallel.zero=3", *overrides)).tallies()
-        return {op: t.sent for (axis, op), t in tallies.items() if axis == "dp"}
-
-    fp32, bf16 = dp_bytes(), dp_bytes("train.precision=bf16")
-    bf16_grads = dp_bytes("train.precision=bf16", "parallel.grad_dtype=bf16")
-    assert bf16[ALL_GATHER] * 2 == fp32[ALL_GATHER]
-    assert bf16[REDUCE_SCATTER] == fp32[REDUCE_SCATTER]
-    assert bf16_grads[REDUCE_SCATTER] * 2 == fp32[REDUCE_SCATTER]
-
-
-def test_not_modelled_names_the_key():
-    from dtrain.analysis.comm_volume import NotModelled, predict
-
-    cases = {
-        "parallel.zero=2": (
-            "parallel.pp=2",
-            "parallel.zero=2",
-            "parallel.pp_schedule=interleaved",
-            "parallel.pp_virtual_stages=2",
-            "model.n_layers=4",
-        ),
-    }
-    for key, overrides in cases.items():
-        with pytest.raises(NotModelled, match=key):
-            predict(tiny_config(2, *overrides))
-
-
-def test_ring_bytes_has_one_home():
-    from dtrain.bench import comm
-    from parallel import ledger
-
-    assert comm.ring_bytes is ledger.ring_bytes
-    assert (
-        ledger.ring_bytes(ledger.ALL_REDUCE, 12, 4) == 18 and ledger.ring_bytes(ledger.ALL_GATHER, 12, 4) == 9
-    )
 
 
 def ledger_primitives() -> dict:
