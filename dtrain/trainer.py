@@ -380,10 +380,8 @@ class Trainer:
                 # Sampled logging steps count every collective (parallel.ledger); its dispatch mode costs
                 # Python work per operator, which their step_time_s includes, so other steps run without it.
                 logging = (self.step + 1) % r.log_every == 0 or self.step + 1 == t.steps
-                self.ledger = CommLedger(self.grid) if logging and self._ledger_due() else None
                 started = time.perf_counter()
-                with self.ledger or contextlib.nullcontext():
-                    result = self.train_step()
+                result = self.logged_step(logging)
                 elapsed = time.perf_counter() - started
                 record = self._record(result, elapsed)
                 last = self.step == t.steps
@@ -402,6 +400,13 @@ class Trainer:
             self.ledger = None
             logger.close()
         return records
+
+    def logged_step(self, logging: bool) -> StepResult:
+        """train_step, with every collective counted (self.ledger, which the step's record reads) when it
+        is a logging step the ledger samples."""
+        self.ledger = CommLedger(self.grid) if logging and self._ledger_due() else None
+        with self.ledger or contextlib.nullcontext():
+            return self.train_step()
 
     def _ledger_due(self) -> bool:
         """Called on each logging step: whether the ledger counts it. It samples one logging step in

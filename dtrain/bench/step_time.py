@@ -29,15 +29,12 @@ from __future__ import annotations
 
 import statistics
 
-import torch.distributed as dist
-
 from dtrain.bench import harness
 from dtrain.bench.pipeline import TorchPipeline
 from dtrain.bench.tensor_parallel import TorchTensorParallel
 from dtrain.bench.zero import TorchDataParallel
 from dtrain.config import d_ff_of
 from dtrain.runtime import process_grid
-from parallel.ledger import CommLedger
 
 # name: (ours, theirs, our layout as overrides; "{n}" is --ranks)
 PAIRS = {
@@ -63,20 +60,16 @@ LEDGER_PAIRS = ("ledger", "ledger-every-step")
 
 
 class LedgerSide(harness.TrainerSide):
-    """Ours counting every collective of the steps fit's sampling picks, every step a logging step."""
+    """Ours with every step a logging step: fit's logged_step, the ledger on the steps it samples, and
+    the ledger's metrics read as the step's record reads them."""
 
     def step(self, index: int) -> float:
-        if not self.trainer._ledger_due():
-            return super().step(index)
-        ledger = CommLedger(self.trainer.grid)
-        self.trainer.ledger = ledger
-        try:
-            with ledger:
-                loss = super().step(index)
-            ledger.metrics()
-        finally:
+        assert self.trainer.step == index, (self.trainer.step, index)
+        self.results.append(self.trainer.logged_step(logging=True))
+        if self.trainer.ledger is not None:
+            self.trainer.ledger.metrics()
             self.trainer.ledger = None
-        return loss
+        return self.results[-1].loss
 
 
 def make_config(args, pair: str):
@@ -116,9 +109,6 @@ def measure_pair(rank: int, args, pair: str) -> dict:
         row["ratio"] = statistics.median(o) / statistics.median(t)
         row["ratio_mean"] = statistics.fmean(o) / statistics.fmean(t)
         row["loss_gap"] = done.loss_gap("ours", "theirs")
-    for impl in done.impls.values():  # free one pair's models and groups before the next is built
-        del impl
-    dist.barrier()
     return row
 
 
