@@ -88,7 +88,7 @@ def spawn(measure: Callable, args, world_size: int, timeout_s: float = 300.0) ->
                 mp.start_processes(
                     _worker, args=worker_args, nprocs=world_size, join=True, start_method="spawn"
                 )
-            except mp.ProcessException as e:
+            except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
                 if os.path.exists(path):
                     # Rank 0 wrote its result after the last collective of the measurement, so every rank
                     # got through it: the death came in teardown (Gloo's threads aborting at exit).
