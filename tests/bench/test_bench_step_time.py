@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 
+from dtrain.bench import harness
 from dtrain.bench import step_time as bench
 from tests.tolerances import FP32
 
@@ -37,8 +38,13 @@ def test_every_pair_runs_both_sides_to_the_same_losses(capfd, tmp_path, pairs):
         )  # the untimed step and two timed ones, all after updates but the first
         losses = torch.tensor(ours["losses"], dtype=torch.float64)
         torch.testing.assert_close(losses, torch.tensor(theirs["losses"], dtype=torch.float64), **FP32)
+        lo, hi = row["interval"]
+        assert min(row["paired_ratios"]) <= lo <= row["paired"] <= hi <= max(row["paired_ratios"])
         assert re.search(
-            rf"^{re.escape(pair)}\s+.*\d+\.\d{{3}}\s+\d+\.\d{{3}}\s+\S+\s+(ok|SLOWER|\()", out, re.M
+            rf"^{re.escape(pair)}\s+.*\d+\.\d{{3}}\s+\d+\.\d{{3}}\s+\d+\.\d{{3}} \[\d+\.\d{{3}}, "
+            rf"\d+\.\d{{3}}\]\s+\S+\s+(ok|above|SLOWER|\()",
+            out,
+            re.M,
         )
     rows = csv_path.read_text().splitlines()
     assert len(rows) == 1 + 2 * len(summary["pairs"]) and rows[0].startswith("ranks,")
@@ -49,3 +55,11 @@ def test_unknown_pair_is_refused(capsys):
         bench.parse_args(["--pairs", "ddp,zero9"])
     assert e.value.code == 2
     assert "--pairs zero9: choose from ddp, zero1" in capsys.readouterr().err
+
+
+def test_median_interval_takes_the_order_statistics_binomial_coverage_allows():
+    values = [float(v) for v in range(20, 0, -1)]  # any order
+    # n = 20 at 95%: P(Binomial(20, 1/2) <= 5) = 0.0207 <= 0.025 < P(<= 6) = 0.0577: the 6th and 15th.
+    assert harness.median_interval(values) == (6.0, 15.0)
+    assert harness.median_interval(values, confidence=0.99) == (4.0, 17.0)  # P(<= 3) = 0.0013
+    assert harness.median_interval([3.0, 1.0, 2.0]) == (1.0, 3.0)  # too few for 95%: the whole range
