@@ -52,6 +52,13 @@ rounds each rank's part and sums them in fp32 (measured, ep2 x dp2 over 8 steps:
 0.9x to 1.4x in fp16, with capacity for every slot and no load-balancing loss, so that the micro-batch
 size of the noise run changes only rounding). Exactness of these layouts is shown in float64 above.
 
+KV cache in 16 bits (KV_CACHE_16BIT_ULPS): a cached step multiplies one query row by the cached keys
+where the uncached model reruns every row, so the 16-bit matmuls and attention run other shapes and
+blockings, and a logit may round to the neighbouring 16-bit value: bounded by this many units of the
+dtype's epsilon times the step's largest |logit| (measured: 0 on bf16 Llama, 1 ulp on fp16 Qwen3 from
+sequence length 12). Two logits closer than that are a tie either pick may take, so greedy tokens are
+compared up to the first such step.
+
 MoE dispatch, fp64 (the MoE benchmark): our all-to-all dispatcher and the benchmark's all-gather one route
 with the same router and capacity and run every expert on the same rows in the same order; they differ
 only in how a token's weighted expert outputs are summed and moved back (the reverse all-to-all and the
@@ -69,3 +76,4 @@ LOW_PRECISION = {
     "fp16": {"rtol": 5e-3, "atol": 0.0},
 }
 MOE_DISPATCH_FP64 = 1e-12
+KV_CACHE_16BIT_ULPS = 2

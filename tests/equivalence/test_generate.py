@@ -18,7 +18,7 @@ from dtrain.model import Transformer, init_weights
 from parallel.precision import DTYPES
 from tests import hf_models
 from tests.reference import float64
-from tests.tolerances import FP32, FP64
+from tests.tolerances import FP32, FP64, KV_CACHE_16BIT_ULPS
 
 VARIANTS = {
     # grouped-query heads, qk-norm, q/k/v biases, explicit head_dim and Llama 3.1 rope scaling at once
@@ -215,12 +215,28 @@ def test_draws_come_only_from_the_kept_tokens():
     assert abs(counts[1] - n * p) < 5 * math.sqrt(n * p * (1 - p))  # five standard deviations
 
 
-def uncached_greedy(model: Transformer, prompt: list[int], n: int) -> list[int]:
-    """Greedy decoding without a cache: the whole sequence through the model again for every token."""
-    ids = list(prompt)
+def uncached_greedy(model: Transformer, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy decoding without a cache: the whole sequence through the model again for every token; the
+    new ids and each step's logits (n, vocab)."""
+    ids, steps = list(prompt), []
     for _ in range(n):
-        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt) :]
+        steps.append(model(torch.tensor([ids]))[0, -1])
+        ids.append(int(steps[-1].argmax()))
+    return ids[len(prompt) :], torch.stack(steps)
+
+
+def forced_cached_logits(model: Transformer, prompts: list[list[int]], new: list[list[int]]) -> torch.Tensor:
+    """The cached model's logits for every step of `new` (rows, steps, vocab), the left-padded batch
+    prefilled, then fed the given ids one at a time whatever it would pick."""
+    width = max(map(len, prompts))
+    tokens = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    valid = torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in prompts])[:, None]
+    cache = KVCache(width + len(new[0]))
+    steps = [model(tokens, cache=cache.feed(valid))[:, -1]]
+    for k in range(len(new[0]) - 1):
+        fed = torch.tensor([[row[k]] for row in new])
+        steps.append(model(fed, cache=cache.feed(torch.ones_like(fed, dtype=torch.bool)))[:, -1])
+    return torch.stack(steps, dim=1)
 
 
 @pytest.mark.parametrize(
@@ -230,16 +246,32 @@ def uncached_greedy(model: Transformer, prompt: list[int], n: int) -> list[int]:
         pytest.param("qwen3-qk-norm-head-dim", "fp16", marks=pytest.mark.slow),
     ],
 )
-def test_16_bit_greedy_decoding_equals_the_uncached_model_in_the_same_dtype(folders, family, precision):
+def test_16_bit_cached_decoding_equals_the_uncached_model_in_the_same_dtype(folders, family, precision):
     """The GPU path's precision, on the CPU: parameters stored in 16 bits (no autocast), keys and values
-    cached in them; each prompt alone and in a left-padded batch decodes the tokens that the same 16-bit
-    model picks when it reruns the whole sequence for every token."""
+    cached in them. Fed the uncached model's greedy tokens, the cache gives its logits at every step to
+    KV_CACHE_16BIT_ULPS (alone and in a left-padded batch); greedy decoding picks its tokens up to the first
+    step whose two best logits are closer than that, where either pick is the same model's."""
     model = resolve(folders[family]).build(torch.device("cpu"), precision)
-    assert {p.dtype for p in model.parameters()} == {DTYPES[precision]}
+    dtype = DTYPES[precision]
+    assert {p.dtype for p in model.parameters()} == {dtype}
     with torch.no_grad():
-        expected = [uncached_greedy(model, prompt, NEW) for prompt in PROMPTS]
-    assert [generate(model, [prompt], NEW, temperature=0)[0] for prompt in PROMPTS] == expected
-    assert generate(model, PROMPTS, NEW, temperature=0) == expected
-    assert len(set(expected[0])) > 3  # a varied continuation, not one token repeated
+        expected, full = zip(*(uncached_greedy(model, prompt, NEW) for prompt in PROMPTS), strict=True)
+        alone = [forced_cached_logits(model, [p], [e])[0] for p, e in zip(PROMPTS, expected, strict=True)]
+        batch = forced_cached_logits(model, PROMPTS, list(expected))
+    decided = []
+    for row, ref in enumerate(full):
+        bound = KV_CACHE_16BIT_ULPS * torch.finfo(dtype).eps * ref.float().abs().max()
+        for cached in (alone[row], batch[row]):
+            assert (cached.float() - ref.float()).abs().max() <= bound, (row, precision)
+        margins = ref.float().topk(2, dim=-1).values.diff(dim=-1).abs().flatten()
+        near_tie = (margins <= bound).nonzero().flatten().tolist()
+        decided.append(near_tie[0] if near_tie else NEW)  # the steps before the first near-tie
+    picked = [generate(model, [prompt], NEW, temperature=0)[0] for prompt in PROMPTS]
+    for got in (picked, generate(model, PROMPTS, NEW, temperature=0)):
+        assert [g[:d] for g, d in zip(got, decided, strict=True)] == [
+            e[:d] for e, d in zip(expected, decided, strict=True)
+        ]
+    # Something is compared: a varied continuation, and a prompt whose first six tokens are no tie.
+    assert max(decided) >= 6 and len(set(expected[0])) > 3
     drawn = generate(model, PROMPTS, 6, temperature=0.8, top_p=0.9, seed=1)  # logits widened to sample
     assert [len(o) for o in drawn] == [6, 6, 6]
