@@ -37,7 +37,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from dtrain.bench import harness
+from dtrain.bench import harness, report
 from dtrain.config import ConfigError, TrainConfig, load_config
 from dtrain.validation import validate
 
@@ -243,10 +243,10 @@ def describe(cfg, device: torch.device, args) -> list[str]:
 def format_table(summary: dict) -> str:
     rows = summary["rows"]
     biggest = max([r.get("est_peak_bytes", 0) for r in rows] + [0])
-    unit, size = ("GiB", GIB) if biggest >= GIB else ("MiB", harness.MIB)
+    unit, size = ("GiB", GIB) if biggest >= GIB else ("MiB", report.MIB)
 
     def memory(x) -> str:
-        return harness.text(x, ".2f", 1 / size)
+        return report.text(x, ".2f", 1 / size)
 
     lines = [
         *summary["header"],
@@ -262,12 +262,12 @@ def format_table(summary: dict) -> str:
             lines.append(f"{head}{r['status']}: {estimated}{r['message']}")
             continue
         lines.append(
-            f"{head}{r['step_ms_median']:>9.1f}{r['tokens_per_s']:>11.0f}{harness.text(r['mfu'], '.3f'):>7}"
+            f"{head}{r['step_ms_median']:>9.1f}{r['tokens_per_s']:>11.0f}{report.text(r['mfu'], '.3f'):>7}"
             f"{memory(r['peak_bytes']):>10}{memory(r['est_peak_bytes']):>14}"
-            f"{harness.text(r.get('ratio'), '.3f'):>13}"
+            f"{report.text(r.get('ratio'), '.3f'):>13}"
             f"{memory(r['held_device_states_bytes']):>10}{memory(r['est_device_states_bytes']):>9}"
         )
-    lines += harness.note(
+    lines += report.note(
         "peak: torch.cuda.max_memory_allocated over building, warm-up and timed steps (none on CPU: '-'); "
         "estimate: dtrain estimate's device peak, model states on the device plus the activations kept for "
         "backward (temporary buffers, gathered ZeRO-3 units and the allocator's rounding come on top); held: "
@@ -348,7 +348,7 @@ def run(argv=None) -> dict:
             dist.destroy_process_group()
     print(format_table(summary), flush=True)
     if args.csv:
-        harness.write_csv(args.csv, csv_rows(summary))
+        report.write_csv(args.csv, csv_rows(summary))
     return summary
 
 

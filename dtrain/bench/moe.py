@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dtrain.bench import comm, harness
+from dtrain.bench import comm, harness, report
 from dtrain.config import d_ff_of
 from parallel.collectives import gather_from_sp, reduce_scatter_to_sp
 from parallel.expert_parallel import group_size
@@ -317,7 +317,7 @@ def measure(rank: int, args) -> dict:
 
 
 def _dispatch_lines(s: dict) -> list[str]:
-    c, ep, mib = s["config"], s["config"]["ep"], harness.mib
+    c, ep, mib = s["config"], s["config"]["ep"], report.mib
     lines = [
         *harness.banner(
             f"MoE dispatch: ep={ep}, {c['experts']} experts ({c['experts'] // ep} per rank), "
@@ -471,7 +471,7 @@ def run(argv=None) -> dict:
             | {f"expert{e}": n for e, n in enumerate(r["counts"])}
             for r in summary["load"]["rows"]
         ]
-        harness.write_csv(summary["config"]["load_csv"], rows)
+        report.write_csv(summary["config"]["load_csv"], rows)
     return summary
 
 

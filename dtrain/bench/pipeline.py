@@ -36,7 +36,7 @@ import time
 
 import torch
 
-from dtrain.bench import harness
+from dtrain.bench import harness, report
 from dtrain.bench.pipeline_meters import ActivationMeter, Clock, Clocked, time_forwards, timing_backwards
 from dtrain.config import d_ff_of
 from dtrain.model import TokenCrossEntropy
@@ -256,14 +256,14 @@ def _label(schedule: str, v: int) -> str:
 
 
 def format_table(s: dict) -> str:
-    c, rows, text = s["config"], s["schedules"], harness.text
+    c, rows, text = s["config"], s["schedules"], report.text
     p, m = c["pp"], c["microbatches"]
     lines = [
         *harness.banner(
             f"pipeline parallelism: pp={p}, m={m} micro-batches of {c['micro_batch']} x {c['seq_len']} "
             "tokens",
             p,
-            f"{harness.model_line(c, s['d_ff'])} | {m * c['micro_batch'] * c['seq_len']} tokens/step",
+            f"{report.model_line(c, s['d_ff'])} | {m * c['micro_batch'] * c['seq_len']} tokens/step",
         ),
         f"{c['steps']} timed steps per implementation and schedule after 2 untimed (first-step loss, "
         f"activation count) + {c['warmup']} warm-up, the two alternating; step time = slowest rank",
@@ -320,7 +320,7 @@ def format_table(s: dict) -> str:
         peaks = {
             sch: rows[sch]["impls"][name]["peak_bytes"][rank] for sch in present if name in rows[sch]["impls"]
         }
-        cells = "".join(f"{harness.mib(peaks.get(sch), 2):>16}" for sch in present)
+        cells = "".join(f"{report.mib(peaks.get(sch), 2):>16}" for sch in present)
         ratio = peaks["gpipe"] / peaks["1f1b"] if peaks.get("gpipe") and peaks.get("1f1b") else None
         lines.append(f"  {LABELS[name]:<20}{rank:>5}{cells}{text(ratio, '.2f'):>12}{m / (p - rank):>9.2f}")
     flights = "; ".join(f"{_label(sch, rows[sch]['v'])} {rows[sch]['in_flight']}" for sch in present)
@@ -334,16 +334,16 @@ def format_table(s: dict) -> str:
 
 def csv_rows(s: dict) -> list[dict]:
     """One summary row per schedule and implementation (one not done: its error)."""
-    config = harness.subset(
+    config = report.subset(
         s["config"], "pp microbatches d_model n_layers n_heads seq_len micro_batch vocab steps"
     )
     out = []
     for schedule, r in s["schedules"].items():
-        figures = harness.flat(
+        figures = report.flat(
             {k: r.get(k) for k in ("formula", "simulate", "simulate_pytorch", "ratio", "loss_gap")}
         )
         for name in LABELS:
-            impl = harness.flat(r["impls"].get(name, {})) | {"error": r["errors"].get(name, "")}
+            impl = report.flat(r["impls"].get(name, {})) | {"error": r["errors"].get(name, "")}
             out.append(config | {"schedule": schedule, "impl": name} | figures | impl)
     return out
 

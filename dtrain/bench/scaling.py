@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from types import SimpleNamespace
 
-from dtrain.bench import harness
+from dtrain.bench import harness, report
 from dtrain.config import ConfigError
 
 DEFAULT_LAYOUTS = "dp,tp2,pp2,zero1,zero3,ep2"
@@ -41,7 +41,7 @@ AXES = ("dp", "tp", "pp", "ep", "edp")  # the ledger's grid axes with a column e
 OWNED = ("dp", "tp", "pp", "ep", "zero", "sp")  # parallel.* keys a layout sets
 _PART = re.compile(r"(tp|pp|ep|zero)(\d+)|sp")
 SYNTAX = "a layout is dp, or parts tpN, ppN, epN, zeroN (0-3), sp joined by + (e.g. tp2+zero1)"
-MIB = harness.MIB
+MIB = report.MIB
 COLUMNS = [
     "mode", "layout", "world", "dp", "tp", "pp", "ep", "zero", "sp", "global_batch", "tokens_per_step",
     "steps_timed", "step_ms_median", "step_ms_mean", "tokens_per_s", "tokens_per_s_per_rank", "base_world",
@@ -311,7 +311,7 @@ def rows_of(points: list, measured: dict) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    r0, w, mib = rows[0], max(12, 2 + max(len(r["layout"]) for r in rows)), harness.mib
+    r0, w, mib = rows[0], max(12, 2 + max(len(r["layout"]) for r in rows)), report.mib
     head = (
         f"{'mode':<7}{'layout':<{w}}{'world':>6}  {'dp x tp x pp':<13}{'batch':>6}{'step ms':>9}"
         f"{'tokens/s':>10}{'eff':>6}{'states MiB':>11}{'peak MiB':>10}{'sent MiB':>10}{'predicted':>10}"
@@ -357,10 +357,10 @@ def run_sweep(args) -> list[dict]:
     rows = rows_of(points, measured)
     os.makedirs(args.out, exist_ok=True)
     print(format_table(rows), flush=True)
-    harness.write_csv(os.path.join(args.out, "scaling.csv"), [{c: r[c] for c in COLUMNS} for r in rows])
+    report.write_csv(os.path.join(args.out, "scaling.csv"), [{c: r[c] for c in COLUMNS} for r in rows])
     shape = {"x": "world", "line": "layout", "facet": "mode"}
-    plots = harness.write_plots(rows, args.out, FIGURES, **shape)
-    harness.write_scalars(rows, args.out, SCALARS, **shape)
+    plots = report.write_plots(rows, args.out, FIGURES, **shape)
+    report.write_scalars(rows, args.out, SCALARS, **shape)
     print(f"[bench] wrote {', '.join(plots) or 'no plots'} and TensorBoard scalars in {args.out}", flush=True)
     return rows
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import statistics
 
-from dtrain.bench import harness
+from dtrain.bench import harness, report
 from dtrain.bench.pipeline import TorchPipeline
 from dtrain.bench.tensor_parallel import TorchTensorParallel
 from dtrain.bench.zero import TorchDataParallel
@@ -65,13 +65,12 @@ class LedgerSide(harness.TrainerSide):
     """Ours with every step a logging step: fit's logged_step, the ledger on the steps it samples, and
     the ledger's metrics read as the step's record reads them."""
 
-    def step(self, index: int) -> float:
-        assert self.trainer.step == index, (self.trainer.step, index)
-        self.results.append(self.trainer.logged_step(logging=True))
+    def train_step(self):
+        result = self.trainer.logged_step(logging=True)
         if self.trainer.ledger is not None:
             self.trainer.ledger.metrics()
             self.trainer.ledger = None
-        return self.results[-1].loss
+        return result
 
 
 def make_config(args, pair: str):
@@ -140,7 +139,7 @@ def format_table(s: dict) -> str:
         *harness.banner(
             "step time, ours against PyTorch's own",
             c["ranks"],
-            f"{harness.model_line(c, s['d_ff'])} n_kv_heads={c['n_kv_heads']} | seq_len={c['seq_len']}, "
+            f"{report.model_line(c, s['d_ff'])} n_kv_heads={c['n_kv_heads']} | seq_len={c['seq_len']}, "
             f"global batch {c['global_batch']}, micro-batch {c['micro_batch']}, clipping on both sides",
         ),
         f"{c['steps']} timed steps each after {c['warmup']} warm-up + 1 untimed, alternating; "
@@ -161,7 +160,7 @@ def format_table(s: dict) -> str:
             f"{head}{theirs:<24}{1e3 * t['median_s']:>7.1f}{row['ratio']:>7.3f}{row['ratio_mean']:>7.3f}"
             f"{row['paired']:>8.3f} [{lo:.3f}, {hi:.3f}]{row['loss_gap']:>9.1e}  {verdict(pair, row)}"
         )
-    lines += harness.note(
+    lines += report.note(
         "paired: the median over the timed rounds of ours / theirs in the same round, with a distribution-"
         "free 95% interval for it (order statistics); a ratio above 1.00 whose interval holds 1.00 is not "
         "told apart from parity by this run. "

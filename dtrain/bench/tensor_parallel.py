@@ -24,7 +24,7 @@ from fractions import Fraction
 
 import torch
 
-from dtrain.bench import comm, harness
+from dtrain.bench import comm, harness, report
 from dtrain.config import d_ff_of
 from dtrain.model import Transformer, init_weights
 from dtrain.trainer import build_model, build_optimizer
@@ -270,7 +270,7 @@ def format_table(s: dict) -> str:
         *harness.banner(
             f"tensor parallelism: tp={c['tp']} sp={c['sp']}",
             c["tp"],
-            f"{harness.model_line(c, s['d_ff'])} | batch={c['batch']} seq_len={c['seq_len']} "
+            f"{report.model_line(c, s['d_ff'])} | batch={c['batch']} seq_len={c['seq_len']} "
             f"({c['batch'] * c['seq_len']} tokens/step)",
         ),
         f"{c['steps']} timed steps each after {c['warmup']} warm-up + 1 counting step, the two alternating; "
@@ -293,7 +293,7 @@ def format_table(s: dict) -> str:
         ]
     lines += [f"{LABELS[name]} not measured: {error}" for name, error in s["errors"].items()]
     a: Analytic = s["analytic"]
-    w, mib = 80, harness.mib
+    w, mib = 80, report.mib
     lines += ["", "bytes sent per rank per step (ring costs, docs/formulas.md), ours:"]
     lines += [f"  {label:<{w}}{mib(value):>9} MiB" for label, value in a.terms]
     lines += [
@@ -329,7 +329,7 @@ def csv_rows(s: dict) -> list[dict]:
     keys = ("tp", "sp", "d_model", "n_layers", "n_heads", "seq_len", "batch", "vocab", "steps", "warmup")
     figures = {k: s.get(k) for k in ("ratio", "loss_gap", "analytic_bytes", "formulas_bytes")}
     return [
-        {k: s["config"][k] for k in keys} | {"impl": name} | harness.flat(r) | figures
+        {k: s["config"][k] for k in keys} | {"impl": name} | report.flat(r) | figures
         for name, r in s["impls"].items()
     ]
 

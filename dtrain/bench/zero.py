@@ -29,7 +29,7 @@ from fractions import Fraction
 import torch
 import torch.distributed as dist
 
-from dtrain.bench import harness
+from dtrain.bench import harness, report
 from dtrain.bench.comm import ALL_GATHER, ALL_REDUCE, NORM_AND_LOSS, REDUCE_SCATTER, CommRecorder, ring_bytes
 from dtrain.config import ConfigError, d_ff_of, microbatches_per_rank
 from dtrain.model import count_params
@@ -273,13 +273,13 @@ def measure(rank: int, args) -> dict:
 
 
 def format_table(s: dict) -> str:
-    c, n, psi, mib = s["config"], s["config"]["dp"], s["n_params"], harness.mib
+    c, n, psi, mib = s["config"], s["config"]["dp"], s["n_params"], report.mib
     tokens = c["micro_batch"] * c["seq_len"]
     lines = [
         *harness.banner(
             f"ZeRO data parallelism: dp={n}",
             n,
-            f"{harness.model_line(c, s['d_ff'])} | Ψ = {psi:,} parameters ({mib(4 * psi)} MiB fp32)",
+            f"{report.model_line(c, s['d_ff'])} | Ψ = {psi:,} parameters ({mib(4 * psi)} MiB fp32)",
         ),
         f"per rank and step {c['micro_batches']} micro-batch(es) of {c['micro_batch']} x {c['seq_len']} "
         f"tokens ({n * c['micro_batches'] * tokens} tokens/step); our buckets {c['bucket_mb']} MB",
@@ -292,8 +292,8 @@ def format_table(s: dict) -> str:
     for name, r in s["impls"].items():
         lines.append(
             f"{LABELS[name]:<25}{1e3 * r['median_s']:>10.1f}{1e3 * r['mean_s']:>10.1f}"
-            f"{harness.text(r.get('ratio_to_torch_ddp'), '.3f'):>13}{r['losses'][0]:>13.6f}"
-            f"{r['losses'][-1]:>11.6f}{harness.text(r.get('loss_gap'), '.1e'):>10}"
+            f"{report.text(r.get('ratio_to_torch_ddp'), '.3f'):>13}{r['losses'][0]:>13.6f}"
+            f"{r['losses'][-1]:>11.6f}{report.text(r.get('loss_gap'), '.1e'):>10}"
         )
     lines += [f"{LABELS[name]:<25}not run: {error}" for name, error in s["errors"].items()]
     lines += [
@@ -313,7 +313,7 @@ def format_table(s: dict) -> str:
             f"{mib(r['rss_growth'], 1):>10}"
         )
     lines += [
-        *harness.note(
+        *report.note(
             "ours: Trainer.held_bytes(); PyTorch: local tensors (DTensor.to_local()) after "
             "optimizer.step(), before zero_grad; ZeroRedundancyOptimizer shards whole parameters, unevenly: "
             "its largest rank holds a bit more than 8/N. RSS +MiB: growth of the peak RSS (ru_maxrss, "
@@ -338,7 +338,7 @@ def format_table(s: dict) -> str:
             f"{mib(r['bucket_traffic']):>12}{r.get('buckets_match', '-')!s:>7}{padding:>10}{ledger:>8}"
         )
     lines += [
-        *harness.note(
+        *report.note(
             "sent: every collective at the dispatcher; states: without the gradient-norm and loss "
             "all-reduces (ours: one number each; PyTorch: clip_grad_norm_'s, FSDP2's a vector of "
             "per-parameter norms, and the loss). buckets: our exact count, each bucket padded to a multiple "
@@ -362,11 +362,11 @@ def format_table(s: dict) -> str:
 
 def csv_rows(s: dict) -> list[dict]:
     """One summary row per implementation that ran."""
-    config = harness.subset(
+    config = report.subset(
         s["config"], "dp d_model n_layers n_heads seq_len micro_batch micro_batches vocab steps"
     )
     config |= {"bucket_mb": s["config"]["bucket_mb"], "n_params": s["n_params"]}
-    return [config | {"impl": name} | harness.flat(r) for name, r in s["impls"].items()]
+    return [config | {"impl": name} | report.flat(r) for name, r in s["impls"].items()]
 
 
 def add_arguments(p) -> None:
