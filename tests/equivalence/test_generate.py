@@ -226,17 +226,13 @@ def uncached_greedy(model: Transformer, prompt: list[int], n: int) -> tuple[list
 
 
 def forced_cached_logits(model: Transformer, prompts: list[list[int]], new: list[list[int]]) -> torch.Tensor:
-    """The cached model's logits for every step of `new` (rows, steps, vocab), the left-padded batch
-    prefilled, then fed the given ids one at a time whatever it would pick."""
-    width = max(map(len, prompts))
-    tokens = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    valid = torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in prompts])[:, None]
-    cache = KVCache(width + len(new[0]))
-    steps = [model(tokens, cache=cache.feed(valid))[:, -1]]
-    for k in range(len(new[0]) - 1):
-        fed = torch.tensor([[row[k]] for row in new])
-        steps.append(model(fed, cache=cache.feed(torch.ones_like(fed, dtype=torch.bool)))[:, -1])
-    return torch.stack(steps, dim=1)
+    """The cached model's logits for every step of `new` (rows, steps, vocab): the left-padded batch
+    prefilled, then fed the given ids one at a time whatever it would pick (cached_logits)."""
+    width, steps = max(map(len, prompts)), len(new[0])
+    tokens = torch.tensor([[0] * (width - len(p)) + p + n for p, n in zip(prompts, new, strict=True)])
+    valid = torch.arange(width + steps)[None, :] >= torch.tensor([width - len(p) for p in prompts])[:, None]
+    logits = cached_logits(model, tokens, valid, list(range(width, width + steps)))
+    return logits[:, width - 1 : width - 1 + steps]
 
 
 @pytest.mark.parametrize(
