@@ -153,3 +153,17 @@ def run_python(*args: str, timeout: int = 300, env: dict | None = None) -> subpr
     return subprocess.run(
         [sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=repo_root()
     )
+
+
+def main_in_process(capsys, *argv: str) -> tuple[int, str, str]:
+    """dtrain's command line in this process, as run_python runs it but without an interpreter and torch
+    to start (seconds each): exit status, stdout, stderr. Paths in `argv` are taken from the test's cwd."""
+    from dtrain import cli
+
+    try:
+        cli.main(list(argv))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err

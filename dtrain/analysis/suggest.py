@@ -18,8 +18,10 @@ import copy
 import itertools
 import re
 
+from dtrain.analysis.activations import activation_bytes
 from dtrain.analysis.estimate import estimate_model_states, human, peak_device_bytes
 from dtrain.config import Config, ConfigError
+from dtrain.validation import validate
 
 # A size needs its unit: a bare 80 could mean bytes, GB or GiB, and read as bytes it fits nothing.
 UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -80,16 +82,25 @@ def suggest_layouts(cfg: Config, world: int, memory: int, top: int | None = None
     """Layouts of `world` ranks whose busiest rank needs at most `memory` bytes, in ORDER (the first `top`,
     or all)."""
     fits = []
+    # Model states do not depend on activation checkpointing, only the activations do: the meta-device
+    # build (most of the search's time) is made once for the two.
+    stages_of = {}
     for o in candidate_overrides(cfg, world):
         trial = copy.deepcopy(cfg)
         for key in ("tp", "pp", "dp", "ep", "sp", "zero", "offload"):
             setattr(trial.parallel, key, o[key])
         trial.train.activation_checkpointing = o["activation_checkpointing"]
+        states = tuple(v for k, v in o.items() if k != "activation_checkpointing")
         try:
-            est = estimate_model_states(trial, world, communication=False)  # memory decides the fit
+            trial = validate(trial, world)
+            if states not in stages_of:  # memory decides the fit: no communication count
+                stages_of[states] = estimate_model_states(trial, world, communication=False)["stages"]
         except ConfigError:
             continue  # this layout cannot run this config (micro-batches, heads, ...)
-        need = max(peak_device_bytes(s) for s in est["stages"])
+        need = max(
+            peak_device_bytes({**s, "activations": activation_bytes(trial, s["pp_rank"])})
+            for s in stages_of[states]
+        )
         if need <= memory:
             cost = (o["tp"] * o["pp"], o["zero"], o["activation_checkpointing"], o["offload"] != "none")
             fits.append({**o, "bytes": need, "cost": cost})

@@ -194,12 +194,14 @@ def test_bad_world_is_a_config_error():
         estimate_model_states(load_config(None, [*TINY, "parallel.dp=2"]), 3)
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return harness.run_python("-m", "dtrain", "estimate", *args, timeout=120)
+def run_cli(capsys, *args: str) -> subprocess.CompletedProcess:
+    """`dtrain estimate ARGS` in this process (the README runs it as a command); configs/ from the root."""
+    args = tuple(os.path.join(ROOT, a) if a.startswith("configs/") else a for a in args)
+    return subprocess.CompletedProcess(args, *harness.main_in_process(capsys, "estimate", *args))
 
 
-def test_cli_prints_the_figures():
-    out = run_cli("configs/tiny.yaml", "parallel.zero=2")
+def test_cli_prints_the_figures(capsys):
+    out = run_cli(capsys, "configs/tiny.yaml", "parallel.zero=2")
     assert out.returncode == 0, out.stderr
     # configs/tiny.yaml: dp=-1 with dist.nproc_per_node=2, so the default world is 2.
     est = estimate_model_states(load_config(os.path.join(ROOT, "configs/tiny.yaml"), ["parallel.zero=2"]), 2)
@@ -211,9 +213,9 @@ def test_cli_prints_the_figures():
     assert "docs/formulas.md ZeRO-2, N=2" in text
 
 
-def test_cli_bad_config_is_one_line():
+def test_cli_bad_config_is_one_line(capsys):
     # A world that does not fit the config fails the same way (test_bad_world_is_a_config_error).
-    out = run_cli("configs/tiny.yaml", "parallel.zero=5")
+    out = run_cli(capsys, "configs/tiny.yaml", "parallel.zero=5")
     assert out.returncode == 2
     assert out.stdout == ""
     lines = out.stderr.strip().splitlines()
@@ -304,7 +306,8 @@ LAYOUT_KEYS = ("tp", "pp", "dp", "ep", "zero")
 
 
 def test_suggested_layouts_fit_the_budget_and_validate():
-    from dtrain.analysis.suggest import parse_bytes, suggest_layouts
+    from dtrain.analysis.estimate import peak_device_bytes
+    from dtrain.analysis.suggest import layout_overrides, parse_bytes, suggest_layouts
     from dtrain.validation import validate
 
     cfg = load_config(None, [*TINY, "model.moe.num_experts=4"])
@@ -321,14 +324,20 @@ def test_suggested_layouts_fit_the_budget_and_validate():
             [*TINY, "model.moe.num_experts=4", *(f"parallel.{k}={f[k]}" for k in LAYOUT_KEYS)],
         )
         validate(trial, 4)
+    # Each figure is the estimate of the layout its overrides name (the search shares one build between
+    # a layout with and without activation checkpointing).
+    for f in fits[::8]:
+        trial = load_config(None, [*TINY, "model.moe.num_experts=4", *layout_overrides(f)])
+        stages = estimate_model_states(trial, 4, communication=False)["stages"]
+        assert f["bytes"] == max(peak_device_bytes(s) for s in stages), f
     with pytest.raises(ConfigError, match="--memory='lots' is not a size"):
         parse_bytes("lots")
 
 
-def test_cli_suggests_layouts_for_a_memory_budget():
-    out = run_cli("configs/tiny.yaml", "--world", "4", "--memory", "2MiB")
+def test_cli_suggests_layouts_for_a_memory_budget(capsys):
+    out = run_cli(capsys, "configs/tiny.yaml", "--world", "4", "--memory", "2MiB")
     assert out.returncode == 0, out.stderr
     assert "layouts of 4 ranks that fit 2.00 MiB per rank: " in out.stdout and "fastest first" in out.stdout
     assert "activations (device):" in out.stdout
-    bad = run_cli("configs/tiny.yaml", "--memory", "2 parsecs")
+    bad = run_cli(capsys, "configs/tiny.yaml", "--memory", "2 parsecs")
     assert bad.returncode == 2 and bad.stderr.strip().startswith("dtrain: error: --memory='2 parsecs'")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dtrain.model import Transformer
-from tests.harness import repo_root, run_python
+from tests.harness import main_in_process, repo_root, run_python
 
 ROOT = repo_root()
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -22,19 +22,6 @@ TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 
 def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return run_python(*args, timeout=timeout)
-
-
-def main_in_process(capsys, *argv: str) -> tuple[int, str, str]:
-    """dtrain's command line in this process (no interpreter to start): exit status, stdout, stderr."""
-    from dtrain import cli
-
-    try:
-        cli.main(list(argv))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def read_metrics(out_dir) -> list[dict]:
@@ -125,16 +112,16 @@ def test_prepare_data_then_train_on_memmap(tmp_path):
     assert "val_loss" in records[-1]
 
 
-def test_memmap_token_beyond_vocab_is_refused(tmp_path):
+def test_memmap_token_beyond_vocab_is_refused(tmp_path, capsys):
     text = tmp_path / "corpus.txt"
     text.write_text("é" * 3000)  # UTF-8 bytes 0xC3 0xA9: ids 195 and 169
-    run("-m", "dtrain", "prepare-data", str(text), "--out", str(tmp_path / "data"))
-    result = run(
-        "-m", "dtrain", "train", TINY, "data.kind=memmap", f"data.path={tmp_path / 'data'}",
-        "model.vocab_size=128", f"run.out_dir={tmp_path / 'run'}",
+    assert main_in_process(capsys, "prepare-data", str(text), "--out", str(tmp_path / "data"))[0] == 0
+    code, _, err = main_in_process(
+        capsys, "train", TINY, "data.kind=memmap", f"data.path={tmp_path / 'data'}", "model.vocab_size=128",
+        f"run.out_dir={tmp_path / 'run'}",
     )  # fmt: skip
-    assert result.returncode == 2
-    assert "model.vocab_size=128" in result.stderr and "Traceback" not in result.stderr
+    assert code == 2 and err.count("\n") == 1 and "model.vocab_size=128" in err, err
+    assert not (tmp_path / "run").exists()
 
 
 # --- argument order -----------------------------------------------------------------------------------
