@@ -7,21 +7,21 @@ from tests.harness import World
 def world2():
     world = World(2)
     yield world
-    world.close()
+    world.close(force=True)  # the session is over: nothing to wait for
 
 
 @pytest.fixture(scope="session")
 def world4():
     world = World(4)
     yield world
-    world.close()
+    world.close(force=True)  # the session is over: nothing to wait for
 
 
 @pytest.fixture(scope="session")
 def world8():
     world = World(8)
     yield world
-    world.close()
+    world.close(force=True)  # the session is over: nothing to wait for
 
 
 # Tensor-parallel layouts the layer and collective tests run in: (world fixture, tp, dp).

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from dtrain import cli
 from dtrain.prepare import prepare_text
 from tests import harness
 from tests.reference import TINY
@@ -30,11 +32,10 @@ def train_tiny(root, *overrides: str) -> dict:
     (root / "corpus.txt").write_text(" ".join(rng.choice(words, 2500)))
     prepare_text(str(root / "corpus.txt"), str(root / "data"), val_fraction=0.2)
     run = root / "run"
-    result = harness.run_python(
-        "-m", "dtrain", "train", "configs/tiny.yaml", *TINY, *MODEL, "data.kind=memmap",
+    cli.main([
+        "train", os.path.join(harness.repo_root(), "configs", "tiny.yaml"), *TINY, *MODEL, "data.kind=memmap",
         f"data.path={root / 'data'}", f"run.out_dir={run}", *overrides,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    ])  # fmt: skip
     with open(run / "metrics.jsonl") as f:
         last = [json.loads(line) for line in f][-1]
     return {
@@ -49,31 +50,31 @@ def trained(tmp_path_factory) -> dict:
     return train_tiny(tmp_path_factory.mktemp("eval"))
 
 
-def test_eval_prints_and_writes_the_trainers_validation_loss(trained, tmp_path):
+def test_eval_prints_and_writes_the_trainers_validation_loss(trained, tmp_path, capsys):
     out = tmp_path / "eval.json"
-    result = harness.run_python(
-        "-m", "dtrain", "eval", trained["checkpoint"], trained["data"], "--out", str(out)
+    code, stdout, err = harness.main_in_process(
+        capsys, "eval", trained["checkpoint"], trained["data"], "--out", str(out)
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert code == 0, err[-3000:]
     figures = json.loads(out.read_text())
     assert figures["loss"] == trained["val"]  # the same arithmetic on the same windows: bit for bit
     assert figures["ppl"] == math.exp(trained["val"])
     assert figures["bytes"] == figures["tokens"] == 3 * 16 * 16  # eval_batches x global batch x seq_len
     assert figures["bpb"] == pytest.approx(trained["val"] / math.log(2), rel=1e-12)
-    line = result.stdout.strip()
+    line = stdout.strip()
     assert line.count("\n") == 0 and f"loss {trained['val']:.4f}" in line and str(out) in line
 
 
-def test_eval_of_a_bf16_run_gives_its_logged_validation_loss(tmp_path):
+def test_eval_of_a_bf16_run_gives_its_logged_validation_loss(tmp_path, capsys):
     """bf16 training stores the parameters in bf16 (the fp32 masters rounded to nearest) and computes
     without autocast; the checkpoint holds the masters, and eval rounds them the same way: the same
     arithmetic again, so the same figure to the bit."""
     trained = train_tiny(tmp_path, "train.precision=bf16")
     out = tmp_path / "eval.json"
-    result = harness.run_python(
-        "-m", "dtrain", "eval", trained["checkpoint"], trained["data"], "--out", str(out)
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    code, _, err = harness.main_in_process(
+        capsys, "eval", trained["checkpoint"], trained["data"], "--out", str(out)
+    )
+    assert code == 0, err[-3000:]
     figures = json.loads(out.read_text())
     assert figures["precision"] == "bf16"
     assert figures["loss"] == trained["val"]

@@ -62,8 +62,7 @@ def workspace(tmp_path_factory):
     for name in ("configs", "scripts", "launch", ".venv", "README.md"):
         if os.path.exists(os.path.join(ROOT, name)):
             os.symlink(os.path.join(ROOT, name), work / name)
-    model = hf_models.make(str(tmp / "hf-model"), "llama-tied-llama3-rope")
-    hf_models.make_tokenizer(model)
+    model = str(tmp / "hf-model")  # made by run_page for the first command that names it
     # The data files the fine-tuning examples name, generated: plain text, documents, instructions, chats.
     lines = [hf_models.sample_text(20, i) for i in range(60)]
     (work / "corpus.txt").write_text("\n".join(lines))
@@ -92,6 +91,8 @@ def run_page(page: str, workspace, which=lambda block: True) -> None:
         script = shortened(block, model)
         if not script:
             continue
+        if model in script and not os.path.exists(model):
+            hf_models.make_tokenizer(hf_models.make(model, "llama-tied-llama3-rope"))
         result = subprocess.run(
             ["bash", "-e", "-c", script], cwd=work, env=env, capture_output=True, text=True, timeout=1800
         )

@@ -319,19 +319,20 @@ def test_mixture_rows_come_from_the_sources_by_weight(tok_dir, tmp_path):
     assert global_target_tokens(mix, 5, 64) == mix.target_tokens(5)
 
 
-def test_metrics_loss_tokens_bits_per_byte_and_tokens_per_parameter(tok_dir, tmp_path):
-    from tests.harness import run_python
+def test_metrics_loss_tokens_bits_per_byte_and_tokens_per_parameter(tok_dir, tmp_path, capsys):
+    from tests.harness import main_in_process
 
     data = tmp_path / "data"
     prepare_data(_jsonl(tmp_path / "in.jsonl", [{"text": sample_text(30, i)} for i in range(40)]), str(data),
                  "jsonl", tok_dir, val_fraction=0.25)  # fmt: skip
     out = tmp_path / "run"
-    result = run_python("-m", "dtrain", "train", "configs/tiny.yaml", "data.kind=memmap", f"data.path={data}",
-                        "model.vocab_size=96", "train.seq_len=32", "train.global_batch_size=4",
-                        "train.micro_batch_size=2", "train.steps=2", "train.eval_batches=1",
-                        f"run.out_dir={out}")  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "tokens per parameter planned (Chinchilla-optimal: 20)" in result.stdout
+    code, stdout, err = main_in_process(
+        capsys, "train", "configs/tiny.yaml", "data.kind=memmap", f"data.path={data}", "model.vocab_size=96",
+        "train.seq_len=32", "train.global_batch_size=4", "train.micro_batch_size=2", "train.steps=2",
+        "train.eval_batches=1", f"run.out_dir={out}",
+    )  # fmt: skip
+    assert code == 0, err[-3000:]
+    assert "tokens per parameter planned (Chinchilla-optimal: 20)" in stdout
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(0 < r["loss_tokens"] < 4 * 32 for r in records)
     manifest = json.loads((data / "manifest.json").read_text())["splits"]["val"]
@@ -343,9 +344,9 @@ def test_metrics_loss_tokens_bits_per_byte_and_tokens_per_parameter(tok_dir, tmp
     figures = {}
     for batches in ("1", "all"):
         written = tmp_path / f"eval_{batches}.json"
-        result = run_python("-m", "dtrain", "eval", str(checkpoint), str(data), "--batches", batches,
-                            "--out", str(written))  # fmt: skip
-        assert result.returncode == 0, result.stderr[-3000:]
+        code, _, err = main_in_process(capsys, "eval", str(checkpoint), str(data), "--batches", batches,
+                                       "--out", str(written))  # fmt: skip
+        assert code == 0, err[-3000:]
         figures[batches] = json.loads(written.read_text())
     assert figures["1"]["loss"] == last["val_loss"]
     assert figures["1"]["tokens"] == global_target_tokens(

@@ -17,7 +17,7 @@ from dtrain.config import ConfigError, config_from_dict, load_config
 from dtrain.hf import check_init_from
 from dtrain.model import Transformer
 from tests import hf_models
-from tests.harness import repo_root, run_python
+from tests.harness import main_in_process, repo_root, run_python
 from tests.tolerances import HF_LOGITS
 
 FAMILY = "qwen2-biases-tied"
@@ -63,19 +63,19 @@ def test_torchrun_trains_from_a_folder_and_exports_one_transformers_loads(folder
         assert not torch.equal(start["model.embed_tokens.weight"], theirs.model.embed_tokens.weight)
 
 
-def test_estimate_reads_only_config_json(folder, tmp_path):
+def test_estimate_reads_only_config_json(folder, tmp_path, capsys):
     config_only = tmp_path / "config-only"
     config_only.mkdir()
     shutil.copy(os.path.join(folder, "config.json"), config_only)  # no weights at all
-    result = run_python(
-        "-m", "dtrain", "estimate", os.path.join(repo_root(), "configs", "finetune.yaml"), "--world", "2",
+    code, out, err = main_in_process(
+        capsys, "estimate", os.path.join(repo_root(), "configs", "finetune.yaml"), "--world", "2",
         f"model.init_from={config_only}", "parallel.zero=1", "train.seq_len=32",
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    assert code == 0, err
     n = sum(
         p.numel() for p in Transformer(load_config(None, [f"model.init_from={folder}"]).model).parameters()
     )
-    assert f"{n:,} parameters" in result.stdout
+    assert f"{n:,} parameters" in out
 
 
 def _copy(folder: str, tmp_path, name: str) -> str:
@@ -190,13 +190,12 @@ def test_bad_folders_are_refused_naming_the_problem(bad, case):
 
 
 @pytest.mark.parametrize("case", ["missing-tensor", "contradiction"])
-def test_the_command_line_says_it_in_one_line_and_writes_nothing(bad, case, tmp_path):
+def test_the_command_line_says_it_in_one_line_and_writes_nothing(bad, case, tmp_path, capsys):
     path, overrides, message = bad[case]
     out = tmp_path / "never"
     config = os.path.join(repo_root(), "configs", "finetune.yaml")
-    result = run_python(
-        "-m", "dtrain", "train", config, f"model.init_from={path}", *overrides, f"run.out_dir={out}"
+    code, _, err = main_in_process(
+        capsys, "train", config, f"model.init_from={path}", *overrides, f"run.out_dir={out}"
     )
-    assert result.returncode == 2
-    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert code == 2 and err.count("\n") == 1 and message in err, err
     assert not out.exists()

@@ -13,7 +13,7 @@ import torch
 from dtrain.analysis import timeline
 from parallel import pipeline_schedules as ps
 from tests import harness
-from tests.harness import repo_root, run_python
+from tests.harness import main_in_process, repo_root, run_python
 
 ROOT = repo_root()
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -131,11 +131,11 @@ def test_cli_draws_schedule_and_prints_bubble(tmp_path):
         (["--schedule", "gpipe", "--pp", "2", "--microbatches", "2", "--virtual", "2"], "interleaved only"),
     ],
 )
-def test_cli_schedule_errors_in_one_line(args, message, tmp_path):
-    result = run_cli(*args)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
-    assert message in result.stderr
+def test_cli_schedule_errors_in_one_line(args, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # nothing may be written there
+    code, out, err = main_in_process(capsys, "schedule", *args)
+    assert code == 2 and out == "" and err.count("\n") == 1 and message in err, err
+    assert os.listdir(tmp_path) == []
 
 
 TINY_PP2 = """\
