@@ -34,7 +34,22 @@ import torch.distributed as dist
 # releases have. Both dispatch the same c10d operators (_allgather_base_, _reduce_scatter_base_), so the
 # communication ledger counts them alike whichever this torch offers.
 all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def reduce_scatter_flat(output: torch.Tensor, input: torch.Tensor, group=None, async_op: bool = False):
+    """output = this rank's 1/n of sum_r input_r (reduce-scatter over `group`, as reduce_scatter_single).
+
+    Gloo has no reduce-scatter of its own. Its flat form clones the whole input, all-reduces the clone and
+    copies this rank's part out; its list form all-reduces each rank's part separately, this rank's in
+    `output` and the others' in clones of theirs: the same sums and bytes, a clone of 1/n less, and faster
+    (32 MB on 2 CPU ranks: 26 ms against 38 ms; an all-reduce of the 32 MB takes 25 ms). Both dispatch a
+    c10d reduce-scatter, which the ledger counts alike. NCCL's list form would copy the parts into a new
+    flat buffer first, so there the flat form is the direct one."""
+    if dist.get_backend(group) == "gloo":
+        parts = list(input.chunk(dist.get_world_size(group)))
+        return dist.reduce_scatter(output, parts, group=group, async_op=async_op)
+    return reduce_scatter_single(output, input, group=group, async_op=async_op)
 
 
 def _size(group) -> int:

@@ -2,16 +2,15 @@
 is entered, counted per (grid axis, op) as calls and bytes sent by this rank.
 
 How it sees them: each torch.distributed call dispatches one c10d operator (dist.all_reduce ->
-c10d.allreduce_, all_gather_flat -> c10d._allgather_base_, reduce_scatter_flat ->
-c10d._reduce_scatter_base_, all_to_all_single -> c10d.alltoall_base_, batch_isend_irecv -> c10d.send /
+c10d.allreduce_, all_gather_flat -> c10d._allgather_base_, reduce_scatter_flat -> c10d._reduce_scatter_base_,
+or c10d.reduce_scatter_ over Gloo, all_to_all_single -> c10d.alltoall_base_, batch_isend_irecv -> c10d.send /
 c10d.recv_, ...). A TorchDispatchMode sees every such operator, whether it is issued in forward, inside
 autograd's backward (the conjugate collectives of parallel.collectives, the all-to-all adjoints) or from a
 post-accumulate-grad hook (data-parallel buckets), synchronously or with async_op=True. The operator's
 process-group argument gives the torch group name, which the grid maps to its axis (tp, dp, pp, ep, edp,
-embed; under hybrid sharding dp_shard, dp_replicate and edp_shard, so the replicas' all-reduce, the
-traffic that crosses nodes, reads apart; the default group is "world"). Nothing is patched and nothing
-is global: the mode is active only inside `with ledger:`, in the entering thread (and in autograd's,
-which inherits it).
+embed; under hybrid sharding dp_shard, dp_replicate and edp_shard, so the replicas' all-reduce, the traffic
+that crosses nodes, reads apart; the default group is "world"). Nothing is patched and nothing is global: the
+mode is active only inside `with ledger:`, in the entering thread (and in autograd's, which inherits it).
 
 The mode adds Python work to every operator, not only collectives, so a trainer enters it only on the
 steps it logs.

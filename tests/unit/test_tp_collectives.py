@@ -12,6 +12,8 @@ from parallel.collectives import (
     gather_from_sp,
     gather_from_tp,
     reduce_from_tp,
+    reduce_scatter_flat,
+    reduce_scatter_single,
     reduce_scatter_to_sp,
     scatter_to_sp,
     scatter_to_tp,
@@ -109,6 +111,25 @@ def collectives_case(tp: int, dp: int, dtype: torch.dtype) -> None:
     for fn in (scatter_to_tp, scatter_to_sp, reduce_scatter_to_sp):
         with pytest.raises(ValueError, match="not divisible"):
             fn(odd, group)
+
+
+def flat_reduce_scatter_case(tp: int, dp: int) -> None:
+    """reduce_scatter_flat (on Gloo, the list form over the input's parts) against the flat form it stands
+    for on other backends, synchronous and asynchronous: this rank's part of the sum, bit for bit."""
+    group, r, n, seed = setup(tp, dp, 1)
+    xs = [randint(seed + s, 6 * n) for s in range(n)]
+    expected = sum(xs).chunk(n)[r]
+    out, flat = torch.full((6,), float("nan")), torch.full((6,), float("nan"))
+    reduce_scatter_flat(out, xs[r], group=group, async_op=True).wait()
+    reduce_scatter_single(flat, xs[r], group=group)
+    assert torch.equal(out, expected) and torch.equal(flat, expected)
+    reduce_scatter_flat(out.zero_(), xs[r], group=group)
+    assert torch.equal(out, expected)
+
+
+def test_flat_reduce_scatter_equals_the_flat_form(tp_layout):
+    world, tp, dp = tp_layout
+    world.run(flat_reduce_scatter_case, tp, dp)
 
 
 COLLECTIVES = (
