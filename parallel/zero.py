@@ -119,11 +119,10 @@ class WholeParams:
     def synced(self, buckets: list[FlatBucket]) -> None:
         pass
 
-    def after_step(self, buckets: list[FlatBucket], group) -> None:
+    def updated(self, bucket: FlatBucket, group):
         # In place: the shard is this rank's chunk of the output, NCCL's in-place all-gather (Gloo copies
-        # the input before writing the output).
-        for bucket in buckets:
-            all_gather_flat(bucket.flat_params, bucket.shard_params, group=group)
+        # the input before writing the output). Asynchronous: it runs under the next bucket's update.
+        return all_gather_flat(bucket.flat_params, bucket.shard_params, group=group, async_op=True)
 
     def whole(self, buckets: list[FlatBucket]):
         return contextlib.nullcontext()
@@ -408,8 +407,10 @@ class ZeroDataParallel:
 
     @torch.no_grad()
     def step(self, lr: float) -> None:
-        """AdamW on every shard, then the residency makes the parameters whole again where it must."""
+        """AdamW on every shard; after each bucket's, the residency starts making its parameters whole
+        again where it must, and the step waits for all of them at its end."""
         self.step_count += 1
+        pending = []
         for bucket in self.buckets:
             param = bucket.master if bucket.master is not None else bucket.shard_params
             grad = bucket.grad_shard.to(param.device, param.dtype)
@@ -425,7 +426,10 @@ class ZeroDataParallel:
             )
             if bucket.master is not None:
                 bucket.shard_params.copy_(bucket.master)
-        self.residency.after_step(self.buckets, self.group)
+            pending.append(self.residency.updated(bucket, self.group))
+        for work in pending:
+            if work is not None:
+                work.wait()
 
     def params_whole(self):
         return self.residency.whole(self.buckets)

@@ -157,8 +157,8 @@ class ShardedParams:
             out[_where(frozen.flat_params)]["params"] += frozen.flat_params.untyped_storage().nbytes()
             out[_where(frozen.store)]["params"] += nbytes(frozen.store)
 
-    def after_step(self, buckets: list[FlatBucket], group) -> None:
-        pass  # the updated shards are gathered on next use
+    def updated(self, bucket: FlatBucket, group) -> None:
+        return None  # the updated shard is gathered on next use
 
     @contextlib.contextmanager
     def whole(self, buckets: list[FlatBucket]):
