@@ -51,6 +51,11 @@ is such a layout too: an expert's weight gradient is one 16-bit matmul over ever
 rounds each rank's part and sums them in fp32 (measured, ep2 x dp2 over 8 steps: 0.2x to 0.8x in bf16,
 0.9x to 1.4x in fp16, with capacity for every slot and no load-balancing loss, so that the micro-batch
 size of the noise run changes only rounding). Exactness of these layouts is shown in float64 above.
+Known limit: the drift is the CPU's. On a CPU with AMX-BF16 and AVX512-FP16 FSDP2's drift came out
+smaller (grad norm 6e-3, parameters 4e-3) while a tensor-parallel rank's rounding of its partial sums does
+not shrink with it, and three slow cases exceed the factor there (tp2-sp bf16 at 2.0x on the grad norm,
+tp2 fp16 at 5.4x on the parameters, ep2 x dp2 fp16 at 2.1x on the loss); a reference that rounds as
+tensor parallelism does (torch's DTensor plan in 16 bits) is the bound those layouts need.
 
 KV cache in 16 bits (KV_CACHE_16BIT_ULPS): a cached step multiplies one query row by the cached keys
 where the uncached model reruns every row, so the 16-bit matmuls and attention run other shapes and
