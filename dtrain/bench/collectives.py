@@ -31,18 +31,33 @@ def _broadcasts(full: torch.Tensor, n: int) -> None:
         work.wait()
 
 
-# name -> (what issues it, the call on a full flat tensor, this rank's part `out` and the full one's `n`).
+# name -> (what issues it, what it leaves: "sum" (the whole sum in `full`), "part" (this rank's part of it
+# in `out`) or "gathered" (every rank's own part in `full`), the call on `full`, `out`, the group size n and
+# this rank r).
 FORMS = {
-    "all-reduce": ("torch DDP", lambda full, out, n, r: dist.all_reduce(full)),
-    "reduce-scatter, flat form": ("", lambda full, out, n, r: reduce_scatter_single(out, full)),
-    "reduce-scatter, list form": ("", lambda full, out, n, r: dist.reduce_scatter(out, list(full.chunk(n)))),
-    "reduce_scatter_flat": ("dtrain ZeRO", lambda full, out, n, r: reduce_scatter_flat(out, full)),
-    "all-gather, flat form": ("dtrain ZeRO", lambda full, out, n, r: all_gather_flat(full, full.chunk(n)[r])),
+    "all-reduce": ("torch DDP", "sum", lambda full, out, n, r: dist.all_reduce(full)),
+    "reduce-scatter, flat form": ("", "part", lambda full, out, n, r: reduce_scatter_single(out, full)),
+    "reduce-scatter, list form": (
+        "",
+        "part",
+        lambda full, out, n, r: dist.reduce_scatter(out, list(full.chunk(n))),
+    ),
+    "reduce_scatter_flat": ("dtrain ZeRO", "part", lambda full, out, n, r: reduce_scatter_flat(out, full)),
+    "all-gather, flat form": (
+        "dtrain ZeRO",
+        "gathered",
+        lambda full, out, n, r: all_gather_flat(full, full.chunk(n)[r]),
+    ),
     "all-gather, list form": (
         "",
+        "gathered",
         lambda full, out, n, r: dist.all_gather(list(full.chunk(n)), full.chunk(n)[r]),
     ),
-    "broadcast from each rank": ("ZeroRedundancyOptimizer", lambda full, out, n, r: _broadcasts(full, n)),
+    "broadcast from each rank": (
+        "ZeroRedundancyOptimizer",
+        "gathered",
+        lambda full, out, n, r: _broadcasts(full, n),
+    ),
 }
 
 
@@ -57,7 +72,7 @@ def measure(rank: int, args) -> dict:
     times: dict[str, list[float]] = {name: [] for name in FORMS}
     for step in range(args.warmup + args.steps):
         harness.say(rank, f"[bench] round {step + 1}/{args.warmup + args.steps}")
-        for name, (_, call) in FORMS.items():
+        for name, (_, _, call) in FORMS.items():
             full.copy_(data)
             dist.barrier()
             started = time.perf_counter()
@@ -66,19 +81,17 @@ def measure(rank: int, args) -> dict:
             dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the slowest rank's
             if step >= args.warmup:
                 times[name].append(float(elapsed))
-    # What each form computes: this rank's part of the sum (the all-reduce: all of it), or every rank's
-    # own part gathered.
-    summed, gathered = sum(every), torch.cat([every[s].chunk(n)[s] for s in range(n)])
+    summed = sum(every)
+    want = {
+        "sum": summed,
+        "part": summed.chunk(n)[rank],
+        "gathered": torch.cat([every[s].chunk(n)[s] for s in range(n)]),
+    }
     agree = True
-    for name, (_, call) in FORMS.items():
+    for _, result, call in FORMS.values():
         full.copy_(data)
         call(full, out, n, rank)
-        if name == "all-reduce":
-            agree &= torch.equal(full, summed)
-        elif "reduce" in name:
-            agree &= torch.equal(out, summed.chunk(n)[rank])
-        else:
-            agree &= torch.equal(full, gathered)
+        agree &= torch.equal(out if result == "part" else full, want[result])
     return {
         "ranks": n,
         "bytes": numel * 4,
@@ -95,7 +108,7 @@ def format_table(s: dict) -> str:
         ),
         f"{'collective':28} {'issued by':24} {'median ms':>10} {'/ all-reduce':>13}",
     ]
-    for name, (who, _) in FORMS.items():
+    for name, (who, _, _) in FORMS.items():
         ms = s["median_ms"][name]
         lines.append(f"{name:28} {who:24} {ms:10.2f} {ms / base:13.2f}")
     lines.append("results: " + ("every form gave the same sums and parameters" if s["agree"] else "DIFFER"))

@@ -53,9 +53,10 @@ def dtrain(*args: str):
 
 
 def in_process(capsys, *args: str) -> str:
-    """The command line in this process (no torch import to pay for again): its stdout."""
-    cli.main(list(args))
-    return capsys.readouterr().out
+    """The command line in this process (harness.main_in_process): its stdout, after exit status 0."""
+    code, out, err = harness.main_in_process(capsys, *args)
+    assert code == 0, err[-3000:]
+    return out
 
 
 def test_generate_from_a_checkpoint_as_text_and_json(capsys, checkpoint):
