@@ -131,16 +131,29 @@ def torch_fsdp2_run(cfg, group=None) -> dict:
     over `group`, with its mixed precision: parameters all-gathered and computed in the precision's
     dtype, no autocast, gradients reduced in parallel.grad_dtype into fp32 sharded parameters (the masters
     AdamW steps).
-    fp16 adds torch's ShardedGradScaler, whose overflow check is agreed over the group."""
-    from torch.distributed.device_mesh import DeviceMesh
+    fp16 adds torch's ShardedGradScaler, whose overflow check is agreed over the group.
+    With parallel.tp > 1 (group: the world) the model is first split by torch's DTensor tensor parallelism
+    (torchtitan's plan, dtrain.bench.tensor_parallel) over the inner mesh axis and FSDP2 shards over the
+    outer one: each rank then rounds its 16-bit partial sums before the tp all-reduce (or reduce-scatter)
+    as a tensor-parallel layout does, which FSDP2 alone, computing each matmul whole, never does."""
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+    from torch.distributed.tensor.parallel import loss_parallel
 
-    t = cfg.train
+    from dtrain.bench.tensor_parallel import pytorch_model
+
+    t, tp = cfg.train, cfg.parallel.tp
     group = group or dist.group.WORLD
-    dp, rank = dist.get_world_size(group), dist.get_rank(group)
-    mesh = DeviceMesh.from_group(group, "cpu")
-    model = _initial_model(cfg)
+    if tp == 1:
+        mesh = DeviceMesh.from_group(group, "cpu")
+        dp, rank = dist.get_world_size(group), dist.get_rank(group)
+        model, loss_context = _initial_model(cfg), contextlib.nullcontext
+    else:
+        assert group is dist.group.WORLD, "tensor parallelism in the reference spans the world"
+        mesh_2d = init_device_mesh("cpu", (dist.get_world_size() // tp, tp), mesh_dim_names=("dp", "tp"))
+        mesh, dp, rank = mesh_2d["dp"], mesh_2d["dp"].size(), mesh_2d.get_local_rank("dp")
+        model, loss_context = pytorch_model(cfg, mesh_2d["tp"]), loss_parallel
     dtype = DTYPES[t.precision]
     # The blocks' floating inputs stay as the model passes them: the residual stream is already 16-bit,
     # and the rotary tables stay fp32 (FSDP2 would otherwise round them to 16 bits at every block).
@@ -150,7 +163,8 @@ def torch_fsdp2_run(cfg, group=None) -> dict:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     opt, data = build_optimizer(model, t), build_dataset(cfg, "train")  # AdamW on the fp32 shards
-    scaler = ShardedGradScaler("cpu", enabled=t.precision == "fp16", process_group=group)
+    # Every rank's overflow check agrees (tp ranks hold different gradient shards).
+    scaler = ShardedGradScaler("cpu", enabled=t.precision == "fp16", process_group=dist.group.WORLD)
     losses, norms = [], []
     for step in range(t.steps):
         _set_lr(opt, step, t)
@@ -161,23 +175,46 @@ def torch_fsdp2_run(cfg, group=None) -> dict:
         for j, (x, y, *context) in enumerate(micro):
             set_aux_grad_scale(moe_layers(model), shares[j])
             model.set_requires_gradient_sync(j == len(micro) - 1)  # reduce-scatter at the last only
-            loss_sum = model(x, y, **(context[0] if context else {}))
-            # FSDP2 averages over ranks; our loss is already normalised by the global token count.
-            scaler.scale(loss_sum / tokens * dp).backward()
-            local += loss_sum.detach().float()
+            with loss_context():
+                loss_sum = model(x, y, **(context[0] if context else {}))
+                # FSDP2 averages over dp ranks; our loss is already normalised by the global token count.
+                scaler.scale(loss_sum / tokens * dp).backward()
+            local += _local_value(loss_sum.detach()).float()
         scaler.unscale_(opt)
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
+        norm = _clip_dtensor_grads(model, t.grad_clip or float("inf"))
         scaler.step(opt)
         scaler.update()
         opt.zero_grad()
-        dist.all_reduce(local, group=group)
+        dist.all_reduce(local, group=mesh.get_group())
         losses.append(float(local) / tokens)
-        norms.append(float(norm.full_tensor()))
+        norms.append(float(norm))
     return {
         "losses": losses,
         "grad_norms": norms,
         "params": {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()},
     }
+
+
+def _local_value(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _clip_dtensor_grads(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """torch's clip_grad_norm_ over the total norm of DTensor gradients that may live on different meshes
+    (FSDP2 over tensor parallelism: the plan's weights on the 2-D mesh, the rest on the dp axis), which
+    its foreach kernels cannot stack: one norm per mesh, combined."""
+    from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+
+    by_mesh: dict = {}
+    for p in model.parameters():
+        if p.grad is not None:
+            by_mesh.setdefault(p.device_mesh, []).append(p)
+    parts = list(by_mesh.values())
+    norms = [_local_value(get_total_norm([p.grad for p in part])) for part in parts]
+    total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
+    for part in parts:
+        clip_grads_with_norm_(part, max_norm, total)
+    return total
 
 
 def single_process_run(cfg) -> dict:
@@ -301,12 +338,16 @@ def assert_held_bytes_are_estimated(results: list[dict], overrides: list[str], w
         assert r["held_bytes"] == {"device": predicted["device"], "host": predicted["host"]}, rank
 
 
-def assert_within_fsdp2_noise(ours: dict, world: int, overrides: tuple[str, ...], micro: int) -> None:
+def assert_within_fsdp2_noise(
+    ours: dict, world: int, overrides: tuple[str, ...], micro: int, tensor_parallel: tuple[str, ...] = ()
+) -> None:
     """16-bit runs: `ours` against torch FSDP2 with our micro-batch size, within LOW_PRECISION_NOISE_FACTOR
     times FSDP2's own drift when only the micro-batch size changes (a quarter of it): what rounding alone
-    moves in the same test (tests/tolerances.py)."""
+    moves in the same test (tests/tolerances.py). `tensor_parallel` (parallel.tp and parallel.sp
+    overrides) puts torch's DTensor tensor parallelism under FSDP2 in both reference runs."""
     from tests.tolerances import LOW_PRECISION_NOISE_FACTOR
 
+    overrides = (*overrides, *tensor_parallel)
     reference = torch_fsdp2_run(tiny_config(world, *overrides, f"train.micro_batch_size={micro}"))
     variant = torch_fsdp2_run(tiny_config(world, *overrides, f"train.micro_batch_size={micro // 4}"))
     ours_err, noise = relative_errors(ours, reference), relative_errors(variant, reference)

@@ -39,23 +39,22 @@ families and every layout. transformers computes rotary cos/sin in float32 even 
 float64 does not get closer than 1.5e-7 to 3e-7 there; the same bound, about 2.5 times the worst
 measured, serves both.
 
-16-bit, layouts that change the arithmetic (tensor or pipeline parallelism): a tensor-parallel rank
-rounds its partial matmul to 16 bits before the all-reduce where the dense matmul rounds once, and any
-change of shapes (micro-batch size, pipeline cuts) changes kernel blocking, so no fixed bound is
-meaningful: two torch FSDP2 runs that differ only in micro-batch size (4 against 1) already drift apart
-after 8 steps by 6e-5 to 5e-4 (loss), 1.1e-3 to 1.3e-2 (grad norm) and 1.5e-2 to 3.8e-2 (parameters,
-per-tensor 2-norm). Such a layout must stay within LOW_PRECISION_NOISE_FACTOR times that drift of FSDP2,
-measured in the same test, against FSDP2 at the layout's own micro-batch shapes (measured: tensor
-parallelism 0.9x to 1.6x; a pipeline, which changes no arithmetic, agrees to 1e-6). Expert parallelism
-is such a layout too: an expert's weight gradient is one 16-bit matmul over every rank's rows where FSDP2
-rounds each rank's part and sums them in fp32 (measured, ep2 x dp2 over 8 steps: 0.2x to 0.8x in bf16,
-0.9x to 1.4x in fp16, with capacity for every slot and no load-balancing loss, so that the micro-batch
-size of the noise run changes only rounding). Exactness of these layouts is shown in float64 above.
-Known limit: the drift is the CPU's. On a CPU with AMX-BF16 and AVX512-FP16 FSDP2's drift came out
-smaller (grad norm 6e-3, parameters 4e-3) while a tensor-parallel rank's rounding of its partial sums does
-not shrink with it, and three slow cases exceed the factor there (tp2-sp bf16 at 2.0x on the grad norm,
-tp2 fp16 at 5.4x on the parameters, ep2 x dp2 fp16 at 2.1x on the loss); a reference that rounds as
-tensor parallelism does (torch's DTensor plan in 16 bits) is the bound those layouts need.
+16-bit, layouts that change the arithmetic (tensor, pipeline or expert parallelism): any change of
+shapes (micro-batch size, pipeline cuts) changes kernel blocking, so no fixed bound is meaningful: two
+torch FSDP2 runs that differ only in micro-batch size (4 against 1) already drift apart after 8 steps by
+6e-5 to 5e-4 (loss), 1.1e-3 to 1.3e-2 (grad norm) and 1.5e-2 to 3.8e-2 (parameters, per-tensor 2-norm).
+Such a layout must stay within LOW_PRECISION_NOISE_FACTOR times that drift, measured in the same test,
+against the reference at the layout's own micro-batch shapes. A tensor-parallel rank rounds its partial
+matmul to 16 bits before the all-reduce where the dense matmul rounds once, so its reference is torch's
+DTensor tensor parallelism under FSDP2, which rounds the same partial sums (measured: 0.2x to 0.7x of
+that reference's drift; against FSDP2 alone it was 0.9x to 2.4x, and that drift is the CPU's: smaller on
+one with AMX-BF16, where tp2-sp bf16 reached 2.0x and tp2 fp16 5.4x). A pipeline changes no arithmetic
+and agrees with FSDP2 to 1e-6. Expert parallelism has no torch reference: an expert's weight gradient is
+one 16-bit matmul over every rank's rows where FSDP2 rounds each rank's part and sums them in fp32
+(measured, ep2 x dp2 over 8 steps: 0.2x to 0.8x in bf16, 0.9x to 1.4x in fp16, with capacity for every
+slot and no load-balancing loss, so that the micro-batch size of the noise run changes only rounding).
+Known limit: on the AMX-BF16 / AVX512-FP16 CPU the ep2 x dp2 fp16 case measured 2.1x on the loss, over
+the factor. Exactness of all these layouts is shown in float64 above.
 
 KV cache in 16 bits (KV_CACHE_16BIT_ULPS): a cached step multiplies one query row by the cached keys
 where the uncached model reruns every row, so the 16-bit matmuls and attention run other shapes and

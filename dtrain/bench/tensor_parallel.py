@@ -174,8 +174,9 @@ def build_ours(cfg, batch) -> SameBatch:
     return SameBatch(model, cfg, batch, sync_grads=lambda: sum_partial_grads(params, grid.tp_group))
 
 
-def pytorch_model(cfg) -> torch.nn.Module:
-    """The dense model parallelised by torch.distributed.tensor.parallel."""
+def pytorch_model(cfg, tp_mesh=None) -> torch.nn.Module:
+    """The dense model parallelised by torch.distributed.tensor.parallel over `tp_mesh` (default: the
+    world as one tp axis)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import parallelize_module
 
@@ -186,7 +187,8 @@ def pytorch_model(cfg) -> torch.nn.Module:
         # The attention reshapes with its own head counts, and its local shards hold 1/tp of the heads.
         block.attn.n_heads //= tp
         block.attn.n_kv_heads //= tp
-    return parallelize_module(model, init_device_mesh("cpu", (tp,)), pytorch_plan(cfg, cfg.parallel.sp))
+    tp_mesh = tp_mesh or init_device_mesh("cpu", (tp,))
+    return parallelize_module(model, tp_mesh, pytorch_plan(cfg, cfg.parallel.sp))
 
 
 def build_pytorch(cfg, batch) -> SameBatch:
