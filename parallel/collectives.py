@@ -29,26 +29,34 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from parallel import exchange
+
 # Flat all-gather into one tensor and reduce-scatter out of one: torch 2.13 named them all_gather_single and
 # reduce_scatter_single and deprecated all_gather_into_tensor / reduce_scatter_tensor, the names earlier
 # releases have. Both dispatch the same c10d operators (_allgather_base_, _reduce_scatter_base_), so the
 # communication ledger counts them alike whichever this torch offers.
-all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-def reduce_scatter_flat(output: torch.Tensor, input: torch.Tensor, group=None, async_op: bool = False):
-    """output = this rank's 1/n of sum_r input_r (reduce-scatter over `group`, as reduce_scatter_single).
+def _exchanged(group) -> bool:
+    """Gloo's all-gather and reduce-scatter are slower than a point-to-point exchange of the same bytes
+    (parallel.exchange); NCCL's are the direct ones."""
+    return dist.get_backend(group) == "gloo" and dist.get_world_size(group) > 1
 
-    Gloo has no reduce-scatter of its own. Its flat form clones the whole input, all-reduces the clone and
-    copies this rank's part out; its list form all-reduces each rank's part separately, this rank's in
-    `output` and the others' in clones of theirs: the same sums and bytes, a clone of 1/n less, and faster
-    (`python -m dtrain.bench.collectives`, 32 MiB on 2 CPU ranks: 31 ms against 43 ms; an all-reduce
-    24 ms). Both dispatch a c10d reduce-scatter, which the ledger counts alike. NCCL's list form would
-    copy the parts into a new flat buffer first, so there the flat form is the direct one."""
-    if dist.get_backend(group) == "gloo":
-        parts = list(input.chunk(dist.get_world_size(group)))
-        return dist.reduce_scatter(output, parts, group=group, async_op=async_op)
+
+def all_gather_flat(output: torch.Tensor, input: torch.Tensor, group=None, async_op: bool = False):
+    """output = cat_r input_r over `group` (all_gather_single; input may be this rank's chunk of output)."""
+    if _exchanged(group):
+        return exchange.all_gather(output, input, group, async_op)
+    return all_gather_single(output, input, group=group, async_op=async_op)
+
+
+def reduce_scatter_flat(output: torch.Tensor, input: torch.Tensor, group=None, async_op: bool = False):
+    """output = this rank's 1/n of sum_r input_r over `group` (reduce_scatter_single; output may be this
+    rank's chunk of input)."""
+    if _exchanged(group):
+        return exchange.reduce_scatter(output, input, group, async_op)
     return reduce_scatter_single(output, input, group=group, async_op=async_op)
 
 

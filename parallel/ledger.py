@@ -3,14 +3,15 @@ is entered, counted per (grid axis, op) as calls and bytes sent by this rank.
 
 How it sees them: each torch.distributed call dispatches one c10d operator (dist.all_reduce ->
 c10d.allreduce_, all_gather_flat -> c10d._allgather_base_, reduce_scatter_flat -> c10d._reduce_scatter_base_,
-or c10d.reduce_scatter_ over Gloo, all_to_all_single -> c10d.alltoall_base_, batch_isend_irecv -> c10d.send /
-c10d.recv_, ...). A TorchDispatchMode sees every such operator, whether it is issued in forward, inside
-autograd's backward (the conjugate collectives of parallel.collectives, the all-to-all adjoints) or from a
-post-accumulate-grad hook (data-parallel buckets), synchronously or with async_op=True. The operator's
-process-group argument gives the torch group name, which the grid maps to its axis (tp, dp, pp, ep, edp,
-embed; under hybrid sharding dp_shard, dp_replicate and edp_shard, so the replicas' all-reduce, the traffic
-that crosses nodes, reads apart; the default group is "world"). Nothing is patched and nothing is global: the
-mode is active only inside `with ledger:`, in the entering thread (and in autograd's, which inherits it).
+all_to_all_single -> c10d.alltoall_base_, batch_isend_irecv -> c10d.send / c10d.recv_, ...); over Gloo the
+flat all-gather and reduce-scatter are parallel.exchange's tagged sends, counted as the collective. A
+TorchDispatchMode sees every such operator, whether it is issued in forward, inside autograd's backward (the
+conjugate collectives of parallel.collectives, the all-to-all adjoints) or from a post-accumulate-grad hook
+(data-parallel buckets), synchronously or with async_op=True. The operator's process-group argument gives the
+torch group name, which the grid maps to its axis (tp, dp, pp, ep, edp, embed; under hybrid sharding dp_shard,
+dp_replicate and edp_shard, so the replicas' all-reduce, the traffic that crosses nodes, reads apart; the
+default group is "world"). Nothing is patched and nothing is global: the mode is active only inside `with
+ledger:`, in the entering thread (and in autograd's, which inherits it).
 
 The mode adds Python work to every operator, not only collectives, so a trainer enters it only on the
 steps it logs.
@@ -128,6 +129,31 @@ def _price(name: str, a: dict, rank: int, n: int) -> tuple[str, Fraction] | None
     return None
 
 
+# parallel.exchange's point-to-point all-gathers and reduce-scatters (over Gloo) are counted as the
+# collective they stand for: each send carries its tag, the opening send (to the group's next rank) one
+# more. Tags fit Gloo's 32 bits and stay clear of the small ones pipelines use.
+EXCHANGE_TAGS = {ALL_GATHER: 0x4147_0000, REDUCE_SCATTER: 0x5253_0000}
+
+
+def exchange_tag(op: str, opens: bool) -> int:
+    return EXCHANGE_TAGS[op] + opens
+
+
+_EXCHANGE_OF_TAG = {exchange_tag(op, o): (op, o) for op in EXCHANGE_TAGS for o in (False, True)}
+
+
+def exchange_share(name: str, a: dict) -> tuple[str, int | None] | None:
+    """For c10d operator `name` (bound arguments `a`) that belongs to an exchange: (its collective, the
+    full size S = n * the part sent on the opening send, None on the other sends and the receives, which
+    the opening one counts); None for any other operator."""
+    if name not in ("send", "recv_") or a.get("tag") not in _EXCHANGE_OF_TAG:
+        return None
+    op, opens = _EXCHANGE_OF_TAG[a["tag"]]
+    if name == "recv_" or not opens:
+        return op, None
+    return op, tensor_bytes(a["tensors"]) * _process_group(a["process_group"]).size()
+
+
 def _process_group(obj):
     """The ProcessGroup behind the ScriptObject a c10d operator receives."""
     return torch._C._distributed_c10d.ProcessGroup.unbox(obj)
@@ -204,7 +230,14 @@ class CommLedger:
         if n <= 1:
             return
         name = func._overloadpacket.__name__
-        priced = _price(name, bound, pg.rank(), n)
+        share = exchange_share(name, bound)
+        if share is not None:
+            op, full = share
+            if full is None:
+                return
+            priced = op, ring_bytes(op, full, n)
+        else:
+            priced = _price(name, bound, pg.rank(), n)
         if priced is None:
             self.unpriced.add(name)
         op, sent = priced or (name, Fraction(0))

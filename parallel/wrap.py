@@ -450,7 +450,7 @@ def _broadcast_from_first_rank(model: nn.Module, group) -> None:
 
 class _UnitUseCheck(TorchDispatchMode):
     """Active for the first training forward under ZeRO-3: every operator's tensor arguments are looked
-    up by storage; an operator (other than the residency's own collectives) reading a unit's flat
+    up by storage; an operator (other than those of the residency's own collectives) reading a unit's flat
     parameter storage while that unit is not gathered raises, naming the parameter and its unit."""
 
     def __init__(self, sync: ZeroDataParallel, units: list, names: dict[nn.Parameter, str]):
@@ -474,7 +474,7 @@ class _UnitUseCheck(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if not func.namespace.startswith(("c10d", "_c10d")):
+        if not func.namespace.startswith(("c10d", "_c10d")) and not self.residency.issuing:
             for t in [*args, *kwargs.values()]:
                 if isinstance(t, torch.Tensor):
                     self._check(t, func)

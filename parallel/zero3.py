@@ -115,6 +115,7 @@ class ShardedParams:
         self.group = None
         self.slots: list[Slot] = []  # by forward position
         self.gathered: dict[int, object] = {}  # id(part) -> pending gather Work, or None once complete
+        self.issuing = False  # inside its own all-gather, whose point-to-point form copies into the storage
         self.in_backward: set[int] = set()
         self.frozen_in_backward: set[int] = set()
         self.peak_gathered = 0
@@ -217,7 +218,11 @@ class ShardedParams:
         flat = bucket.flat_params
         flat.untyped_storage().resize_(flat.numel() * flat.element_size())
         shard = bucket.store.to(flat.device)  # host -> device when parameter shards are offloaded
-        self.gathered[id(bucket)] = all_gather_flat(flat, shard, group=self.group, async_op=True)
+        self.issuing = True
+        try:
+            self.gathered[id(bucket)] = all_gather_flat(flat, shard, group=self.group, async_op=True)
+        finally:
+            self.issuing = False
         self.peak_gathered = max(self.peak_gathered, len(self.gathered))
 
     def _ensure(self, bucket: FlatBucket) -> None:

@@ -5,11 +5,12 @@ Gloo has no reduce-scatter or all-gather algorithm of its own for a flat tensor:
 clones its whole input, all-reduces the clone and copies this rank's part out; the list form all-reduces
 each rank's part (cloning only the others'); all-gather fills a fresh buffer and copies it out. So on this
 backend the collectives ZeRO needs cost more than the all-reduce of torch's DDP and the in-place
-broadcasts from each rank of ZeroRedundancyOptimizer, which move the same bytes. Each round times every
-form once, in turn, after a barrier (a form lasts as long as its slowest rank); the table gives the median
+broadcasts from each rank of ZeroRedundancyOptimizer, which move the same bytes. parallel.exchange sends
+each rank's part straight to the others instead (the same bytes again), which is what
+parallel.collectives' all_gather_flat and reduce_scatter_flat do over Gloo. Each round times every form
+once, in turn, after a barrier (a form lasts as long as its slowest rank); the table gives the median
 over the rounds and its ratio to the all-reduce, then checks that every reduce-scatter form gave the same
-sums and every gather the same parameters. parallel.collectives.reduce_scatter_flat takes the list form
-over Gloo from these figures.
+sums and every gather the same parameters.
 """
 
 from __future__ import annotations
@@ -22,7 +23,12 @@ import torch
 import torch.distributed as dist
 
 from dtrain.bench import harness
-from parallel.collectives import all_gather_flat, reduce_scatter_flat, reduce_scatter_single
+from parallel.collectives import (
+    all_gather_flat,
+    all_gather_single,
+    reduce_scatter_flat,
+    reduce_scatter_single,
+)
 
 
 def _broadcasts(full: torch.Tensor, n: int) -> None:
@@ -42,16 +48,21 @@ FORMS = {
         "part",
         lambda full, out, n, r: dist.reduce_scatter(out, list(full.chunk(n))),
     ),
-    "reduce_scatter_flat": ("dtrain ZeRO", "part", lambda full, out, n, r: reduce_scatter_flat(out, full)),
+    "reduce-scatter, exchange": ("dtrain", "part", lambda full, out, n, r: reduce_scatter_flat(out, full)),
     "all-gather, flat form": (
-        "dtrain ZeRO",
+        "",
         "gathered",
-        lambda full, out, n, r: all_gather_flat(full, full.chunk(n)[r]),
+        lambda full, out, n, r: all_gather_single(full, full.chunk(n)[r]),
     ),
     "all-gather, list form": (
         "",
         "gathered",
         lambda full, out, n, r: dist.all_gather(list(full.chunk(n)), full.chunk(n)[r]),
+    ),
+    "all-gather, exchange": (
+        "dtrain",
+        "gathered",
+        lambda full, out, n, r: all_gather_flat(full, full.chunk(n)[r]),
     ),
     "broadcast from each rank": (
         "ZeroRedundancyOptimizer",

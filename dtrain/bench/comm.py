@@ -24,6 +24,7 @@ from parallel.ledger import (
     ALL_TO_ALL,
     REDUCE_SCATTER,
     RING_PRICED,
+    exchange_share,
     ring_bytes,
     tensor_bytes,
 )
@@ -65,7 +66,13 @@ _FUNCTIONAL = {
 def _call(namespace: str, name: str, bound: dict, phase: str) -> Call | None:
     """The collective operator `namespace.name` with bound arguments as a Call, or None for another op."""
     functional = _FUNCTIONAL.get(name.removesuffix("_").removesuffix("_coalesced"))
-    if namespace == "c10d" and name in _C10D:
+    share = exchange_share(name, bound) if namespace == "c10d" else None
+    if share is not None:  # parallel.exchange: the opening send stands for the collective
+        kind, full = share
+        if full is None:
+            return None
+        n = dist.ProcessGroup.unbox(bound["process_group"]).size()
+    elif namespace == "c10d" and name in _C10D:
         kind, sized = _C10D[name]
         group = dist.ProcessGroup.unbox(bound["process_group"])  # a TorchScript object at the dispatcher
         n, full = group.size(), tensor_bytes(bound[sized])

@@ -8,6 +8,8 @@ import torch
 import torch.distributed as dist
 
 from parallel.collectives import (
+    all_gather_flat,
+    all_gather_single,
     copy_to_tp,
     gather_from_sp,
     gather_from_tp,
@@ -18,6 +20,7 @@ from parallel.collectives import (
     scatter_to_sp,
     scatter_to_tp,
 )
+from parallel.ledger import ALL_GATHER, REDUCE_SCATTER, CommLedger, ring_bytes
 from tests import harness
 from tests.tp_helpers import randint, same_on_every_rank, setup
 
@@ -113,23 +116,45 @@ def collectives_case(tp: int, dp: int, dtype: torch.dtype) -> None:
             fn(odd, group)
 
 
-def flat_reduce_scatter_case(tp: int, dp: int) -> None:
-    """reduce_scatter_flat (on Gloo, the list form over the input's parts) against the flat form it stands
-    for on other backends, synchronous and asynchronous: this rank's part of the sum, bit for bit."""
+def flat_exchange_case(tp: int, dp: int) -> dict:
+    """reduce_scatter_flat and all_gather_flat (on Gloo, parallel.exchange's point-to-point exchanges)
+    against torch's flat collectives they stand for, synchronous and asynchronous, into a new tensor and
+    in place (ZeRO-1's gradient shard is a chunk of its input, every parameter shard a chunk of the
+    gathered output): bit for bit. The ledger counts each as one call of its collective."""
     group, r, n, seed = setup(tp, dp, 1)
     xs = [randint(seed + s, 6 * n) for s in range(n)]
     expected = sum(xs).chunk(n)[r]
     out, flat = torch.full((6,), float("nan")), torch.full((6,), float("nan"))
-    reduce_scatter_flat(out, xs[r], group=group, async_op=True).wait()
+    with CommLedger() as ledger:
+        reduce_scatter_flat(out, xs[r], group=group, async_op=True).wait()
     reduce_scatter_single(flat, xs[r], group=group)
     assert torch.equal(out, expected) and torch.equal(flat, expected)
     reduce_scatter_flat(out.zero_(), xs[r], group=group)
     assert torch.equal(out, expected)
+    in_place = xs[r].clone()
+    reduce_scatter_flat(in_place.chunk(n)[r], in_place, group=group)
+    assert torch.equal(in_place.chunk(n)[r], expected)
+
+    whole = torch.cat([x.chunk(n)[s] for s, x in enumerate(xs)])
+    gathered, reference = torch.full((6 * n,), float("nan")), torch.full((6 * n,), float("nan"))
+    with ledger:
+        all_gather_flat(gathered, xs[r].chunk(n)[r], group=group)
+    all_gather_single(reference, xs[r].chunk(n)[r].contiguous(), group=group)
+    assert torch.equal(gathered, whole) and torch.equal(reference, whole)
+    in_place = torch.full((6 * n,), float("nan"))
+    in_place.chunk(n)[r].copy_(xs[r].chunk(n)[r])
+    all_gather_flat(in_place, in_place.chunk(n)[r], group=group, async_op=True).wait()
+    assert torch.equal(in_place, whole)
+    return {op: (t.calls, t.sent) for (_, op), t in ledger.tallies().items()}
 
 
-def test_flat_reduce_scatter_equals_the_flat_form(tp_layout):
+def test_flat_exchanges_equal_torch_collectives(tp_layout):
     world, tp, dp = tp_layout
-    world.run(flat_reduce_scatter_case, tp, dp)
+    for tallies in world.run(flat_exchange_case, tp, dp):
+        assert tallies == {
+            REDUCE_SCATTER: (1, ring_bytes(REDUCE_SCATTER, 6 * tp * 4, tp)),
+            ALL_GATHER: (1, ring_bytes(ALL_GATHER, 6 * tp * 4, tp)),
+        }
 
 
 COLLECTIVES = (
