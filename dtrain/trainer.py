@@ -29,6 +29,7 @@ from dtrain.metrics import MetricsLogger
 from dtrain.model import Transformer, count_params, flops_per_token, freeze
 from dtrain.parallelize import build_model_chunks, parallelize
 from dtrain.runtime import peak_flops, peak_memory_bytes
+from parallel import rng
 from parallel.context_parallel import split_microbatch
 from parallel.data_parallel import torch_adamw
 from parallel.grad_sync import AdamWConfig, clip_
@@ -169,7 +170,7 @@ class Trainer:
     def _train_step(self) -> StepResult:
         t, sync = self.cfg.train, self.grad_sync
         self.lr = lr_at(self.step, t)
-        torch.manual_seed(step_seed(t.seed, self.step, self.grid))
+        rng.manual_seed(step_seed(t.seed, self.step, self.grid))
         # At least one, so a global batch without a target (all prompt) is a zero-gradient step.
         targets = max(global_target_tokens(self.train_data, self.step, t.global_batch_size), 1)
         whole = self._whole_microbatches(self.train_data, self.step)
