@@ -79,15 +79,12 @@ def reduce_scatter(output: torch.Tensor, input: torch.Tensor, group, async_op: b
     received = {p: torch.empty_like(output) for p in peers}
 
     def finish() -> None:
-        # Rank 0's part opens the sum: in output itself on rank 0 (where output may alias it), in the
-        # buffer received from rank 0 elsewhere.
-        total = output if rank == 0 else received[0]
-        if rank == 0 and total.data_ptr() != parts[0].data_ptr():
-            total.copy_(parts[0])
-        for p in range(1, n):
-            total += parts[rank] if p == rank else received[p]
-        if total is not output:
-            output.copy_(total)
+        terms = [parts[rank] if p == rank else received[p] for p in range(n)]
+        if rank >= 2 and output.data_ptr() == parts[rank].data_ptr():
+            terms[rank] = parts[rank].clone()  # output is overwritten by the first two terms' sum
+        torch.add(terms[0], terms[1], out=output)
+        for term in terms[2:]:
+            output.add_(term)
 
     work = Exchange(_post(REDUCE_SCATTER, group, {p: parts[p] for p in peers}, received), finish)
     return _returned(work, async_op)
