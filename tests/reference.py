@@ -141,7 +141,7 @@ def torch_fsdp2_run(cfg, group=None) -> dict:
     from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
     from torch.distributed.tensor.parallel import loss_parallel
 
-    from dtrain.bench.tensor_parallel import pytorch_model
+    from dtrain.bench.tensor_parallel import clip_grads_by_mesh, pytorch_model
 
     t, tp = cfg.train, cfg.parallel.tp
     group = group or dist.group.WORLD
@@ -181,7 +181,7 @@ def torch_fsdp2_run(cfg, group=None) -> dict:
                 scaler.scale(loss_sum / tokens * dp).backward()
             local += _local_value(loss_sum.detach()).float()
         scaler.unscale_(opt)
-        norm = _clip_dtensor_grads(model, t.grad_clip or float("inf"))
+        norm = clip_grads_by_mesh(list(model.parameters()), t.grad_clip or float("inf"))
         scaler.step(opt)
         scaler.update()
         opt.zero_grad()
@@ -197,24 +197,6 @@ def torch_fsdp2_run(cfg, group=None) -> dict:
 
 def _local_value(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def _clip_dtensor_grads(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
-    """torch's clip_grad_norm_ over the total norm of DTensor gradients that may live on different meshes
-    (FSDP2 over tensor parallelism: the plan's weights on the 2-D mesh, the rest on the dp axis), which
-    its foreach kernels cannot stack: one norm per mesh, combined."""
-    from torch.nn.utils import clip_grads_with_norm_, get_total_norm
-
-    by_mesh: dict = {}
-    for p in model.parameters():
-        if p.grad is not None:
-            by_mesh.setdefault(p.device_mesh, []).append(p)
-    parts = list(by_mesh.values())
-    norms = [_local_value(get_total_norm([p.grad for p in part])) for part in parts]
-    total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
-    for part in parts:
-        clip_grads_with_norm_(part, max_norm, total)
-    return total
 
 
 def single_process_run(cfg) -> dict:

@@ -219,18 +219,27 @@ class TorchTensorParallel(harness.TorchSide):
         return local / self.global_tokens
 
     def clip(self) -> None:
-        """clip_grad_norm_ in two parts: its foreach kernels refuse a mix of DTensor gradients (the plan's
-        layers) and plain ones (the norm gains, outside the plan without SP)."""
-        from torch.distributed.tensor import DTensor
-        from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+        if self.cfg.train.grad_clip:
+            clip_grads_by_mesh(self.params, self.cfg.train.grad_clip)
 
-        if not self.cfg.train.grad_clip:
-            return
-        parts = [[p for p in self.params if isinstance(p, DTensor) == d] for d in (True, False)]
-        norms = [get_total_norm([p.grad for p in part]) for part in parts]
-        total = torch.linalg.vector_norm(torch.stack([norms[0].full_tensor(), norms[1]]))
-        for part in parts:
-            clip_grads_with_norm_(part, self.cfg.train.grad_clip, total)
+
+def clip_grads_by_mesh(params: list, max_norm: float) -> torch.Tensor:
+    """torch's clip_grad_norm_ over gradients on different meshes (the plan's DTensor weights, plain or
+    FSDP2-sharded others), which its foreach kernels cannot stack: one total norm per mesh, combined.
+    Returns the total norm."""
+    from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+
+    by_mesh: dict = {}
+    for p in params:
+        if p.grad is not None:
+            by_mesh.setdefault(getattr(p, "device_mesh", None), []).append(p)
+    parts = list(by_mesh.values())
+    norms = [get_total_norm([p.grad for p in part]) for part in parts]
+    norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
+    total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
+    for part in parts:
+        clip_grads_with_norm_(part, max_norm, total)
+    return total
 
 
 def count_step(impl, index: int) -> tuple[float, dict]:
