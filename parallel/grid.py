@@ -307,9 +307,13 @@ class ProcessGrid(Grid):
         dp_shard: int = -1,
         backend=None,
         timeout: timedelta | None = None,
+        new_group=dist.new_group,
     ):
         """`timeout` bounds every collective over the grid's groups; None is torch's default for new
-        groups (30 minutes), not the world group's timeout, so a trainer passes its own."""
+        groups (30 minutes), not the world group's timeout, so a trainer passes its own. `new_group(ranks,
+        backend=, timeout=)` makes each group, a collective over the world as torch's is; a program that
+        builds many grids in one world may hand back groups it made for an earlier grid (each Gloo group
+        keeps threads of its own), but never one group twice to the same grid."""
         if not dist.is_initialized():
             raise GridError("torch.distributed is not initialised; call init_process_group first")
         sizes = dict(tp=tp, cp=cp, dp=dp, pp=pp, ep=ep, dp_shard=dp_shard)
@@ -321,13 +325,13 @@ class ProcessGrid(Grid):
                 continue
             for ranks in self.layout.groups[name]:
                 # A collective: every rank calls new_group for every group, member or not.
-                group = dist.new_group(list(ranks), backend=backend, timeout=timeout)
+                group = new_group(list(ranks), backend=backend, timeout=timeout)
                 if self.rank in ranks:
                     self._groups[name], self._ranks[name] = group, ranks
         self.embed_group = None
         for ranks in self.layout.groups["pp"]:
             ends = _embedding_ends(ranks)
-            group = dist.new_group(ends, backend=backend, timeout=timeout)
+            group = new_group(ends, backend=backend, timeout=timeout)
             if self.rank in ends and self.coords.pp in (0, pp - 1):
                 self.embed_group = group
 

@@ -379,3 +379,36 @@ def test_process_groups_match_layout(world4):
             assert axes["dp_shard"] == ("dp_shard" if sharded else "dp"), where
             if sharded:
                 assert axes["dp_replicate"] == "dp_replicate", where
+
+
+def pooled_grids_case() -> dict:
+    from parallel.grid import ProcessGrid
+
+    pool, asked = harness.GroupPool(), []
+
+    def counted(new_group):
+        return lambda ranks, **options: asked.append(ranks) or new_group(ranks, **options)
+
+    first, second = (
+        ProcessGrid(**s, new_group=counted(pool.for_grid())) for s in ({"tp": 2}, {"tp": 2, "pp": 2})
+    )
+    plain = ProcessGrid(tp=2, pp=2)
+
+    def shared(grid):  # the pairs of axes a grid gives one group
+        return {(a, b) for a in GROUP_NAMES for b in GROUP_NAMES if grid.group(a) is grid.group(b)}
+
+    return {
+        "tp_shared": second.tp_group is first.tp_group,
+        "same_axes_share": shared(second) == shared(plain),
+        "embed_apart": (second.embed_group is second.pp_group) == (plain.embed_group is plain.pp_group),
+        "made": len(pool.groups),
+        "asked": len(asked),
+    }
+
+
+def test_grids_from_one_pool_share_groups_and_keep_each_grids_axes_apart(world4):
+    for result in world4.run(pooled_grids_case):
+        assert result["tp_shared"]  # both grids' tp groups are {0,1} and {2,3}
+        assert result["same_axes_share"]  # within a grid, only the axes the grid itself shares
+        assert result["embed_apart"]  # the tied-embedding group spans a pp group's ranks, but is its own
+        assert result["made"] < result["asked"]
