@@ -1,27 +1,39 @@
+import functools
+import inspect
+
 import pytest
 
 from tests.harness import World
 
+# The session's reused Gloo worlds, by fixture name. An idle world is not free on two cores: each of its
+# process groups keeps a Gloo network thread that wakes every 10 ms. So the modules that use a world run
+# first, the biggest worlds first, and each world closes after the last test that names it (a test that
+# asks for it again only waits for a restart).
+WORLD_SIZES = {"world2": 2, "world4": 4, "world8": 8}
+OPEN_WORLDS = pytest.StashKey[dict]()
+LAST_USER = pytest.StashKey[dict]()
 
-@pytest.fixture(scope="session")
-def world2():
-    world = World(2)
+
+def open_world(request, name: str):
+    world = World(WORLD_SIZES[name])
+    request.config.stash.setdefault(OPEN_WORLDS, {})[name] = world
     yield world
     world.close(force=True)  # the session is over: nothing to wait for
 
 
 @pytest.fixture(scope="session")
-def world4():
-    world = World(4)
-    yield world
-    world.close(force=True)  # the session is over: nothing to wait for
+def world2(request):
+    yield from open_world(request, "world2")
 
 
 @pytest.fixture(scope="session")
-def world8():
-    world = World(8)
-    yield world
-    world.close(force=True)  # the session is over: nothing to wait for
+def world4(request):
+    yield from open_world(request, "world4")
+
+
+@pytest.fixture(scope="session")
+def world8(request):
+    yield from open_world(request, "world8")
 
 
 # Tensor-parallel layouts the layer and collective tests run in: (world fixture, tp, dp).
@@ -122,3 +134,35 @@ def pytest_collection_modifyitems(items):
         moved = SLOW_FOR_TIME.get(test)
         if moved is not None and (not moved or any(case.startswith(m) for m in moved)):
             item.add_marker(pytest.mark.slow)
+    # Whole modules move, so that module-scoped fixtures are still built once; file order within each size.
+    items.sort(key=lambda item: -max(map(WORLD_SIZES.get, worlds_named(item.module)), default=0))
+
+
+@functools.cache
+def worlds_named(module) -> frozenset[str]:
+    """The world fixtures a test module may ask for, read from its source: by name (an argument, a
+    parameter naming one), through tp_layout, or all of them where it builds the name (f"world{n}")."""
+    source = inspect.getsource(module)
+    if 'f"world{' in source:
+        return frozenset(WORLD_SIZES)
+    names = {name for name in WORLD_SIZES if name in source}
+    if "tp_layout" in source:
+        names |= {fixture for fixture, _, _ in TP_LAYOUTS.values()}
+    return frozenset(names)
+
+
+def pytest_collection_finish(session):
+    # Later items overwrite earlier ones: each world's last user among the tests that run.
+    session.config.stash[LAST_USER] = {
+        name: item for item in session.items for name in worlds_named(item.module)
+    }
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    result = yield
+    open_worlds = item.config.stash.get(OPEN_WORLDS, {})
+    for name, last in item.config.stash[LAST_USER].items():
+        if last is item and name in open_worlds:
+            open_worlds[name].close()
+    return result
