@@ -17,21 +17,15 @@ from tests.reference import (
     layout_matches_ddp,
     relative_errors,
     tiny_config,
-    torch_ddp_run,
     torch_fsdp2_run,
 )
-from tests.tolerances import FP32, FP64, LOW_PRECISION
+from tests.tolerances import FP64, LOW_PRECISION
 
 
 def zero_case(layout: tuple[str, ...], overrides: tuple[str, ...]) -> dict:
     """float64 (all to 1e-10) and fp32 losses/grad norms via layout_matches_ddp, plus fp32 parameters:
     ZeRO keeps the arithmetic of DDP except the norm, summed from shards, so they agree to 1e-5 too."""
-    result = layout_matches_ddp(layout, overrides)
-    world = dist.get_world_size()
-    batch = tuple(o for o in layout if not o.startswith("parallel."))
-    ours = dtrain_run(tiny_config(world, *layout, *overrides), harness.grid(dp=world))
-    compare_runs(ours, torch_ddp_run(tiny_config(world, *overrides, *batch)), FP32)
-    return result
+    return layout_matches_ddp(layout, overrides, fp32_parameters=True)
 
 
 CASES = {
