@@ -1,10 +1,10 @@
 """Every command of README.md and of the docs, pasted in order into a shell with the environment
 activated, succeeds: neither can drift from the code. Runs are shortened (train.steps=4, one timed
-benchmark step, two worlds for the sweep), the Hugging Face examples get a small local folder for their
-model and tokenizer, and the data files the examples name are generated; nothing else is changed. The
-README runs in the default set (its examples on a Hugging Face folder in the slow one), the docs after
-it in the slow set (they hold every benchmark). Only what one machine cannot run is left out
-(SEVERAL_NODES)."""
+benchmark step, two worlds and strong scaling only for the sweep), the Hugging Face examples get a small
+local folder for their model and tokenizer, and the data files the examples name are generated; nothing
+else is changed. The README runs in the default set (its examples on a Hugging Face folder in the slow
+one), the docs after it in the slow set (they hold every benchmark). Only what one machine cannot run is
+left out (SEVERAL_NODES)."""
 
 from __future__ import annotations
 
@@ -48,6 +48,8 @@ def shortened(block: str, model: str) -> str:
                 "--train-steps 40", "--train-steps 2"
             )
             command += " --steps 1 --warmup 1"
+            if re.search(r"^dtrain bench |dtrain\.bench\.scaling", command) and "--mode" not in command:
+                command += " --mode strong"  # one scaling mode; both share all the code
         command = re.sub(r"step_(100|200)\b", f"step_{STEPS}", command)
         lines.append(command)
     return "\n".join(lines)
