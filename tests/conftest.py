@@ -11,7 +11,7 @@ from tests.harness import World
 # asks for it again only waits for a restart).
 WORLD_SIZES = {"world2": 2, "world4": 4, "world8": 8}
 OPEN_WORLDS = pytest.StashKey[dict]()
-LAST_USER = pytest.StashKey[dict]()
+CLOSE_AFTER = pytest.StashKey[dict]()
 
 
 def open_world(request, name: str):
@@ -152,17 +152,18 @@ def worlds_named(module) -> frozenset[str]:
 
 
 def pytest_collection_finish(session):
-    # Later items overwrite earlier ones: each world's last user among the tests that run.
-    session.config.stash[LAST_USER] = {
-        name: item for item in session.items for name in worlds_named(item.module)
-    }
+    last = {name: item for item in session.items for name in worlds_named(item.module)}  # later ones win
+    closing: dict = {}
+    for name, item in last.items():
+        closing.setdefault(item, []).append(name)
+    session.config.stash[CLOSE_AFTER] = closing
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item, nextitem):
     result = yield
     open_worlds = item.config.stash.get(OPEN_WORLDS, {})
-    for name, last in item.config.stash[LAST_USER].items():
-        if last is item and name in open_worlds:
+    for name in item.config.stash[CLOSE_AFTER].get(item, ()):
+        if name in open_worlds:
             open_worlds[name].close()
     return result

@@ -269,12 +269,12 @@ def dtrain_run(cfg, grid) -> dict:
 
 def layout_matches_ddp(
     layout: tuple[str, ...], overrides: tuple[str, ...], fp32_parameters: bool = False
-) -> list[float]:
+) -> dict:
     """Train the tiny model in `layout` (parallel.* overrides) and compare with torch DDP over every rank
     on the unsharded model: in float64 every loss, grad norm and parameter to FP64, in fp32 losses and
     grad norms (and with `fp32_parameters` the parameters) to FP32 (tests/tolerances.py says why). Run on
     every rank; each compares the parameters it holds (a pipeline stage holds some). Returns our fp32
-    losses and the names of the parameters held."""
+    losses, the names of the parameters held and the held bytes."""
     from tests import harness
     from tests.tolerances import FP32, FP64
 
@@ -295,7 +295,7 @@ def layout_matches_ddp(
         compare_runs(ours, ref, FP64)
     held = sorted(ours["params"])
     ours, ref = dtrain_run(cfg, grid), torch_ddp_run(tiny_config(world, *reference_overrides))
-    compare_runs(ours if fp32_parameters else {**ours, "params": {}}, ref, FP32)
+    compare_runs(ours if fp32_parameters else {**ours, "params": {}}, ref, FP32)  # no params: losses, norms
     return {
         "losses": ours["losses"],
         "held": held,
