@@ -18,7 +18,7 @@ from dtrain.model import Transformer, init_weights
 from parallel.precision import DTYPES
 from tests import hf_models
 from tests.reference import float64
-from tests.tolerances import FP32, FP64, KV_CACHE_16BIT_ULPS
+from tests.tolerances import FP32, FP64, LOW_PRECISION_NOISE_FACTOR
 
 VARIANTS = {
     # grouped-query heads, qk-norm, q/k/v biases, explicit head_dim and Llama 3.1 rope scaling at once
@@ -244,9 +244,10 @@ def forced_cached_logits(model: Transformer, prompts: list[list[int]], new: list
 )
 def test_16_bit_cached_decoding_equals_the_uncached_model_in_the_same_dtype(folders, family, precision):
     """The GPU path's precision, on the CPU: parameters stored in 16 bits (no autocast), keys and values
-    cached in them. Fed the uncached model's greedy tokens, the cache gives its logits at every step to
-    KV_CACHE_16BIT_ULPS (alone and in a left-padded batch); greedy decoding picks its tokens up to the first
-    step whose two best logits are closer than that, where either pick is the same model's."""
+    cached in them. Fed the uncached model's greedy tokens, the cache gives its logits at every step within
+    LOW_PRECISION_NOISE_FACTOR times the model's own drift between two blockings of the same causal sums
+    (alone and in a left-padded batch); greedy decoding picks its tokens up to the first step whose two
+    best logits are closer than that, where either pick is the same model's."""
     model = resolve(folders[family]).build(torch.device("cpu"), precision)
     dtype = DTYPES[precision]
     assert {p.dtype for p in model.parameters()} == {dtype}
@@ -254,9 +255,17 @@ def test_16_bit_cached_decoding_equals_the_uncached_model_in_the_same_dtype(fold
         expected, full = zip(*(uncached_greedy(model, prompt, NEW) for prompt in PROMPTS), strict=True)
         alone = [forced_cached_logits(model, [p], [e])[0] for p, e in zip(PROMPTS, expected, strict=True)]
         batch = forced_cached_logits(model, PROMPTS, list(expected))
+        # The same model's logits with the whole continuation in one forward: causal, so equal to the
+        # stepwise ones in exact arithmetic; what differs is 16-bit rounding under other matmul shapes.
+        whole = [
+            model(torch.tensor([p + e]))[0, len(p) - 1 : len(p) - 1 + NEW]
+            for p, e in zip(PROMPTS, expected, strict=True)
+        ]
     decided = []
     for row, ref in enumerate(full):
-        bound = KV_CACHE_16BIT_ULPS * torch.finfo(dtype).eps * ref.float().abs().max()
+        unit = torch.finfo(dtype).eps * ref.float().abs().max()  # one ulp of the step's largest |logit|
+        drift = (whole[row].float() - ref.float()).abs().max()
+        bound = LOW_PRECISION_NOISE_FACTOR * torch.maximum(drift, unit)
         for cached in (alone[row], batch[row]):
             assert (cached.float() - ref.float()).abs().max() <= bound, (row, precision)
         margins = ref.float().topk(2, dim=-1).values.diff(dim=-1).abs().flatten()
