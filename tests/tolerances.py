@@ -60,11 +60,11 @@ KV cache in 16 bits: a cached step multiplies one query row by the cached keys w
 model reruns every row, so the 16-bit matmuls and attention run other shapes and blockings and a logit
 may round differently. No fixed count of ulps holds: the same model fed the whole continuation in one
 forward (causal, so equal to the stepwise logits in exact arithmetic) already drifts from its stepwise
-logits by 1.0 to 4.6 units of eps times the step's largest |logit| (the five test families, bf16 and
-fp16, per prompt). The cache must stay within LOW_PRECISION_NOISE_FACTOR times that drift (at least one
-unit), measured in the same test (measured over the same cases: 0.8 to 3.4 units, 0.4x to 1.6x of the
-drift, the worst a left-padded fp16 Qwen2 row). Two logits closer than that are a tie either pick may
-take, so greedy tokens are compared up to the first such step.
+logits by 1.0 to 4.6 units of eps times the largest |logit| of a prompt's steps (the five test
+families, bf16 and fp16, per prompt). The cache must stay within LOW_PRECISION_NOISE_FACTOR times that
+drift (at least one unit), measured in the same test (measured over the same cases: 0.8 to 3.4 units,
+0.4x to 1.6x of the drift, the worst a left-padded fp16 Qwen2 row). Two logits closer than that are a
+tie either pick may take, so greedy tokens are compared up to the first such step.
 
 MoE dispatch, fp64 (the MoE benchmark): our all-to-all dispatcher and the benchmark's all-gather one route
 with the same router and capacity and run every expert on the same rows in the same order; they differ
