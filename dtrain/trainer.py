@@ -179,7 +179,6 @@ class Trainer:
         # whole micro-batch's: a context rank's aux loss is its share of the micro-batch's).
         moe = list(self.model.moe_layers().values())
         shares = aux_grad_scales(whole, targets, self.scaler.scale) if moe else []
-        self.model.train()
         loss_sum = self.model.executor.run(
             self.model.train_actions,
             microbatches,
@@ -263,18 +262,21 @@ class Trainer:
         if self.val_data is None or self.cfg.train.eval_batches == 0:
             return None
         t = self.cfg.train
-        self.model.train(False)
         total = torch.zeros((), dtype=self.accum_dtype, device=self.device)
         targets = 0
-        with self._phase("evaluation", f"after step {self.step}"):
-            for k in range(t.eval_batches):
-                targets += global_target_tokens(self.val_data, k, t.global_batch_size)
-                total += self.model.executor.run(
-                    self.model.eval_actions,
-                    self._microbatches(self.val_data, k),
-                )
-            with self._phase("loss"):
-                total = self._sum_loss(total)
+        self.model.train(False)  # and back after: a training step does not walk the modules to set it
+        try:
+            with self._phase("evaluation", f"after step {self.step}"):
+                for k in range(t.eval_batches):
+                    targets += global_target_tokens(self.val_data, k, t.global_batch_size)
+                    total += self.model.executor.run(
+                        self.model.eval_actions,
+                        self._microbatches(self.val_data, k),
+                    )
+                with self._phase("loss"):
+                    total = self._sum_loss(total)
+        finally:
+            self.model.train(True)
         loss = float(total) / max(targets, 1)
         out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
         if self.val_targets_per_byte:

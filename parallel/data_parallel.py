@@ -27,6 +27,7 @@ over tp, a head tied to the first stage's embedding over the embedding group).
 from __future__ import annotations
 
 import contextlib
+import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -96,7 +97,7 @@ class DataParallel(nn.Module):
         is_expert = [sharding_of(p).expert and expert_group is not None for p in params]
         plan = plan_buckets([p.numel() * 4 for p in params], int(bucket_mb * 2**20), is_expert)
         self.buckets: list[Bucket] = []
-        self._bucket_of: dict[nn.Parameter, int] = {}
+        self._n_params = 0
         self.main_grads: dict[nn.Parameter, torch.Tensor] = {}
         for b, members in enumerate(plan):
             bucket_params = [params[i] for i in members]
@@ -113,8 +114,11 @@ class DataParallel(nn.Module):
                 else:
                     self.main_grads[p] = view
                 offset += p.numel()
-                self._bucket_of[p] = b
-                p.register_post_accumulate_grad_hook(self._grad_ready)
+                # The hook is bound to its bucket and position: no lookup by parameter (a Python-level
+                # tensor hash) on every gradient of every step.
+                hook = functools.partial(self._grad_ready, b, self._n_params, self.main_grads.get(p))
+                p.register_post_accumulate_grad_hook(hook)
+                self._n_params += 1
             self.buckets.append(bucket)
         self._reset()
 
@@ -137,22 +141,23 @@ class DataParallel(nn.Module):
         for bucket in self.buckets:
             bucket.pending, bucket.work = len(bucket.params), None
         self._next_launch = 0
-        self._ready: set[nn.Parameter] = set()
+        self._final = [False] * self._n_params  # by position: this parameter's gradient is final
 
-    def _grad_ready(self, param: nn.Parameter) -> None:
-        main = self.main_grads.get(param)
+    def _grad_ready(
+        self, bucket_index: int, position: int, main: torch.Tensor | None, param: nn.Parameter
+    ) -> None:
         if main is not None:
             fold_grad_(param, main)
         if not self.sync_grads:
             return
-        if param in self._ready:
+        if self._final[position]:
             # A second final gradient for one parameter in one step (reentrant checkpointing, or two
             # synchronising backwards without finish_grad_sync) may land after its bucket was reduced.
             raise RuntimeError(
                 "a parameter's gradient became final twice in one step; call finish_grad_sync()"
             )
-        self._ready.add(param)
-        bucket = self.buckets[self._bucket_of[param]]
+        self._final[position] = True
+        bucket = self.buckets[bucket_index]
         bucket.pending -= 1
         # Launch every complete bucket in index order; a later bucket that finishes first waits for its
         # predecessors so all ranks issue the same sequence of collectives.

@@ -86,8 +86,10 @@ def gather_full(tensor: torch.Tensor, sharding: Sharding, group: dist.ProcessGro
 
 def sum_partial_grads(params: Iterable[torch.nn.Parameter], group: dist.ProcessGroup | None) -> None:
     """grad <- sum over the tensor group, for parameters marked `partial_grad` (one flat all-reduce)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return
     grads = [p.grad for p in params if p.grad is not None and sharding_of(p).partial_grad]
-    if not grads or group is None or dist.get_world_size(group) == 1:
+    if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat, group=group)

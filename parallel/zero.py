@@ -40,6 +40,7 @@ parallel.zero3.ShardedParams (stage 3: gather a unit just before it runs, free i
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -167,15 +168,15 @@ class ZeroDataParallel:
         self.sync_grads = True
         self.step_count = 0
         self.buckets = [self._make_bucket(members) for members in plan]
-        # Parameter -> (bucket index, offset in the bucket); dict lookups hash tensors by identity.
-        self._place = {
-            p: (b, offset)
-            for b, bucket in enumerate(self.buckets)
-            for p, offset in zip(bucket.params, bucket.offsets, strict=True)
-        }
-        for members in plan:
-            for p in members:
-                p.register_post_accumulate_grad_hook(self._grad_ready)
+        # Each hook is bound to its bucket, offset and position: no lookup by parameter (a Python-level
+        # tensor hash) on every gradient of every step.
+        self._n_params = 0
+        for b, bucket in enumerate(self.buckets):
+            for p, offset in zip(bucket.params, bucket.offsets, strict=True):
+                p.register_post_accumulate_grad_hook(
+                    functools.partial(self._grad_ready, b, offset, self._n_params)
+                )
+                self._n_params += 1
         self._reset()
 
     def _shard_ranges(self, bucket: FlatBucket, predicate) -> list[slice]:
@@ -263,17 +264,16 @@ class ZeroDataParallel:
         for bucket in self.buckets:
             bucket.pending = len(bucket.params)
         self._next_launch = 0
-        self._ready: set[nn.Parameter] = set()
+        self._final = [False] * self._n_params  # by position: this parameter's gradient is final
 
     def _flat_grads(self, bucket: FlatBucket) -> torch.Tensor:
         if bucket.flat_grads is None:
             bucket.flat_grads = torch.zeros_like(bucket.flat_params, dtype=bucket.grad_shard.dtype)
         return bucket.flat_grads
 
-    def _grad_ready(self, param: nn.Parameter) -> None:
+    def _grad_ready(self, b: int, offset: int, position: int, param: nn.Parameter) -> None:
         """Move the gradient into its bucket; launch complete buckets' reduce-scatters in index order
         (the same order on every rank)."""
-        b, offset = self._place[param]
         bucket = self.buckets[b]
         if self.stage >= 2 or bucket.grad_shard.dtype != param.dtype:
             # Stage 1's gradients are views into its persistent bucket already, unless 16-bit parameters
@@ -281,11 +281,11 @@ class ZeroDataParallel:
             fold_grad_(param, self._flat_grads(bucket)[offset : offset + param.numel()])
         if not (self.sync_grads or self.stage >= 2):
             return  # stage 1 accumulates whole gradients until the last micro-batch
-        if param in self._ready:
+        if self._final[position]:
             raise RuntimeError(
                 "a parameter's gradient became final twice in one step; call finish_grad_sync()"
             )
-        self._ready.add(param)
+        self._final[position] = True
         bucket.pending -= 1
         while self._next_launch < len(self.buckets) and self.buckets[self._next_launch].pending == 0:
             self._launch(self.buckets[self._next_launch])
