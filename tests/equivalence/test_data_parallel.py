@@ -152,18 +152,25 @@ def test_plan_buckets():
     assert plan_buckets([1, 1, 1], 100) == [[0, 1, 2]]
 
 
-def double_backward_case() -> str:
+def double_backward_case(zero: int) -> str:
     from dtrain.model import Transformer, init_weights
     from parallel.data_parallel import DataParallel
+    from parallel.grad_sync import AdamWConfig
+    from parallel.zero import ZeroDataParallel, plan_zero_buckets
 
     cfg = tiny_config(dist.get_world_size())
     model = Transformer(cfg.model)
     init_weights(model, 0)
-    ddp = DataParallel(model, harness.grid(dp=dist.get_world_size()).dp_group, bucket_mb=100)
+    group = harness.grid(dp=dist.get_world_size()).dp_group
+    if zero == 0:
+        ddp = DataParallel(model, group, bucket_mb=100)
+    else:  # ZeRO-1 and 2 have hooks and a check of their own
+        plan = plan_zero_buckets(list(model.parameters()), 100 * 2**20)
+        ddp = ZeroDataParallel(plan, group, zero, AdamWConfig(1e-3, (0.9, 0.999), 1e-8, 0.0), False)
     x = torch.randint(0, cfg.model.vocab_size, (2, 8))
-    ddp(x, x).backward()
+    model(x, x).backward()
     try:
-        ddp(x, x).backward()  # a second synchronising backward without finish_grad_sync
+        model(x, x).backward()  # a second synchronising backward without finish_grad_sync
     except RuntimeError as e:
         return str(e)
     finally:
@@ -171,5 +178,6 @@ def double_backward_case() -> str:
     return "no error"
 
 
-def test_second_backward_without_sync_is_refused(world2):
-    assert "became final twice" in world2.run(double_backward_case)[0]
+@pytest.mark.parametrize("zero", [0, 1, 2])
+def test_second_backward_without_sync_is_refused(world2, zero):
+    assert "became final twice" in world2.run(double_backward_case, zero)[0]

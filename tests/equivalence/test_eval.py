@@ -151,3 +151,28 @@ def test_a_hugging_face_folder_gives_transformers_loss(world2, tmp_path):
             total += float(F.cross_entropy(logits, ids[start + 1 : end + 1], reduction="sum"))
     expected = total / (len(ids) - 1)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor([expected] * 2), **FP32)
+
+
+def step_after_evaluation_case() -> dict:
+    from dtrain.trainer import Trainer
+    from tests.reference import tiny_config
+
+    cfg = tiny_config(dist.get_world_size(), "model.dropout=0.1", "train.eval_batches=1")
+    grid = harness.grid(dp=dist.get_world_size())
+    plain, evaluated, no_dropout = (Trainer(cfg, grid, torch.device("cpu")) for _ in range(3))
+    evaluated.evaluate()
+    no_dropout.model.train(False)  # what a step would run in, were evaluation to leave eval mode on
+    modules = list(evaluated.model.modules.modules())
+    return {
+        "training": all(m.training for m in modules),
+        "losses": [t.train_step().loss for t in (plain, evaluated, no_dropout)],
+    }
+
+
+def test_a_step_after_evaluation_trains_with_dropout(world2):
+    """Evaluation switches the model to eval mode and back; a step does not set the mode itself."""
+    info = world2.run(step_after_evaluation_case)[0]
+    assert info["training"]
+    plain, evaluated, no_dropout = info["losses"]
+    assert evaluated == plain  # the same step, bit for bit: dropout on and drawing the same masks
+    assert no_dropout != plain  # dropout changes the loss, so the equality above says it was on
