@@ -122,6 +122,11 @@ class Stage:
             activation_shape=lambda rows: (rows, seq, cfg.model.d_model),
             dtype=next(self.modules.parameters()).dtype,
             device=device,
+            # The input-gradient-first backward keeps a micro-batch's graph between its two passes. Not
+            # under ZeRO-3, whose units are freed only once their weights have gradients (every unit of
+            # the chunk would be gathered at once), nor under activation checkpointing, which recomputes a
+            # block in every backward call that unpacks it. A compiled block falls back by itself.
+            input_grad_first=p.zero < 3 and not cfg.train.activation_checkpointing,
         )
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:

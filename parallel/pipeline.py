@@ -10,6 +10,12 @@ step cannot deadlock. Every request is waited on before the step returns.
 
 Messages are tagged by (direction, chunk, micro-batch), so matching never depends on arrival order.
 
+A chunk's last backward of the step is where the drain waits: B(c-1, i) can start only once B(c, i) has
+sent dX, and nothing else is left to overlap with. That backward runs input-gradient first
+(parallel.split_backward): dX is computed and sent, then the weights' gradients while the previous stage
+already backpropagates. Earlier backwards run whole: there the receiver has other work, and the split
+costs the sender more than it saves.
+
 A micro-batch is (inputs, targets) or (inputs, targets, context): context is a dict of tensors that
 every chunk's forward receives as keyword arguments (per-token positions and document ids of packed
 sequences, say), since each chunk needs them and only hidden states cross a stage boundary.
@@ -26,6 +32,7 @@ from torch import nn
 
 from parallel.grid import group_ranks, group_size
 from parallel.pipeline_schedules import Action
+from parallel.split_backward import backward_input_first
 
 
 class PipelineExecutor:
@@ -37,10 +44,14 @@ class PipelineExecutor:
         activation_shape: Callable[[int], tuple[int, ...]],
         dtype: torch.dtype,
         device: torch.device,
+        input_grad_first: bool = True,
     ):
         """chunks: this rank's chunk index -> module. activation_shape(micro_batch_rows) gives the shape
-        of a hidden state crossing a stage boundary (the sequence is local under sequence parallelism)."""
+        of a hidden state crossing a stage boundary (the sequence is local under sequence parallelism).
+        input_grad_first: a chunk's last backward computes and sends dX before the weights' gradients
+        (parallel.split_backward); off where the graph must not stay alive between the two passes."""
         self.chunks, self.n_chunks, self.group = chunks, n_chunks, group
+        self.input_grad_first = input_grad_first
         self.pp = group_size(group)
         self.group_ranks = group_ranks(group)
         self.activation_shape, self.dtype, self.device = activation_shape, dtype, device
@@ -67,6 +78,40 @@ class PipelineExecutor:
         )
         self.pending_sends += dist.batch_isend_irecv([op])
 
+    def _forward(self, a: Action, inputs, x_in, targets, context: dict, stored: dict, record) -> torch.Tensor:
+        """F(a) on the tokens (first chunk) or the received `x_in`; sends the output on, or returns the
+        token-loss sum on the last chunk. The graph is kept in `stored` alone: no local of run() outlives
+        the micro-batch's backward (which retains the graph while its weight pass is pending)."""
+        kwargs = {k: v.to(self.device) for k, v in context.items()}
+        x = inputs.to(self.device) if x_in is None else x_in.requires_grad_(torch.is_grad_enabled())
+        last = a.chunk == self.n_chunks - 1
+        start = time.perf_counter() if record is not None else 0.0
+        out = self.chunks[a.chunk](x, targets.to(self.device) if last else None, **kwargs)
+        if record is not None:
+            record.append((a, start, time.perf_counter()))
+        if not last:
+            self._send(out.detach(), a.chunk + 1, 0, a.chunk + 1, a.microbatch)
+        if torch.is_grad_enabled():
+            stored[(a.chunk, a.microbatch)] = (x_in, out)
+        return out.detach() if last else None
+
+    def _backward(self, a: Action, x_in, out, grad, loss_scale: float, split: bool) -> None:
+        """B(a): backpropagate `grad` (the loss scale on the last chunk) from `out` and send the input's
+        gradient back. A method so that the micro-batch's graph dies with its frame on return."""
+        if grad is None:
+            out, grad = out * loss_scale, None
+        if x_in is None:
+            torch.autograd.backward(out, grad)
+        elif split:
+            # The previous stage waits on dX alone: send it after the dX half of the backward, then run the
+            # dW half while that stage already backpropagates (zero-bubble's B / W split, in place).
+            weight_pass = backward_input_first(out, grad, x_in, self.chunks[a.chunk].parameters())
+            self._send(x_in.grad, a.chunk - 1, 1, a.chunk - 1, a.microbatch)
+            weight_pass()
+        else:
+            torch.autograd.backward(out, grad)
+            self._send(x_in.grad, a.chunk - 1, 1, a.chunk - 1, a.microbatch)
+
     def run(
         self,
         actions: Sequence[Action],
@@ -83,7 +128,8 @@ class PipelineExecutor:
         before each forward and backward (a backward may recompute the forward under activation
         checkpointing), for state that differs per micro-batch. With a `record` list, each action appends
         `(action, start, end)`, time.perf_counter() around its compute only (the chunk call of a forward,
-        the backward call of a backward; receives and sends are outside), for dtrain.analysis.timeline."""
+        both passes of a backward; receives are outside, and so are sends but the input gradient's,
+        posted between a backward's passes), for dtrain.analysis.timeline."""
         self.pending_sends: list = []
         last_backward = {a.chunk: i for i, a in enumerate(actions) if a.kind == "B"}
         stored: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
@@ -96,38 +142,22 @@ class PipelineExecutor:
             if before_compute is not None:
                 before_compute(a.microbatch)
             if a.kind == "F":
-                kwargs = {k: v.to(self.device) for k, v in context[0].items()} if context else {}
-                if a.chunk == 0:
-                    x_in, x = None, inputs.to(self.device)
-                else:
-                    x_in = self._recv(a.chunk - 1, 0, a.chunk, a.microbatch, rows)
-                    x = x_in.requires_grad_(torch.is_grad_enabled())
-                last = a.chunk == self.n_chunks - 1
-                start = time.perf_counter() if record is not None else 0.0
-                out = self.chunks[a.chunk](x, targets.to(self.device) if last else None, **kwargs)
-                if record is not None:
-                    record.append((a, start, time.perf_counter()))
-                if last:
-                    loss_sum += out.detach().to(loss_dtype)
-                else:
-                    self._send(out.detach(), a.chunk + 1, 0, a.chunk + 1, a.microbatch)
-                if torch.is_grad_enabled():
-                    stored[(a.chunk, a.microbatch)] = (x_in, out)
+                x_in = None if a.chunk == 0 else self._recv(a.chunk - 1, 0, a.chunk, a.microbatch, rows)
+                context = context[0] if context else {}
+                loss = self._forward(a, inputs, x_in, targets, context, stored, record)
+                if loss is not None:
+                    loss_sum += loss.to(loss_dtype)
             else:
-                x_in, out = stored.pop((a.chunk, a.microbatch))
                 if before_backward is not None:
                     before_backward(a.chunk, last_backward[a.chunk] == i)
-                if a.chunk == self.n_chunks - 1:
-                    start = time.perf_counter() if record is not None else 0.0
-                    (out * loss_scale).backward()
-                else:
+                grad = None
+                if a.chunk != self.n_chunks - 1:
                     grad = self._recv(a.chunk + 1, 1, a.chunk, a.microbatch, rows)
-                    start = time.perf_counter() if record is not None else 0.0
-                    torch.autograd.backward(out, grad)
+                split = self.input_grad_first and last_backward[a.chunk] == i
+                start = time.perf_counter() if record is not None else 0.0
+                self._backward(a, *stored.pop((a.chunk, a.microbatch)), grad, loss_scale, split)
                 if record is not None:
                     record.append((a, start, time.perf_counter()))
-                if x_in is not None:
-                    self._send(x_in.grad, a.chunk - 1, 1, a.chunk - 1, a.microbatch)
         for work in self.pending_sends:
             work.wait()
         self.pending_sends = []

@@ -65,12 +65,15 @@ def timing_backwards(clock: Clock):
 
 
 class _Saved:
-    """What a pack hook hands autograd: the tensor, plus a release that runs when autograd drops it."""
+    """What a pack hook hands autograd: the tensor, plus a release that runs when autograd drops it. The
+    tensor is kept detached: an op's saved output held with its grad_fn would be a reference cycle through
+    the graph (node -> saved -> tensor -> node) that only a backward which frees the graph breaks, so a
+    graph kept alive between two backward passes would never be collected."""
 
     __slots__ = ("key", "meter", "tensor")
 
     def __init__(self, tensor: torch.Tensor, meter: ActivationMeter | None, key):
-        self.tensor, self.meter, self.key = tensor, meter, key
+        self.tensor, self.meter, self.key = tensor.detach(), meter, key
 
     def __del__(self):
         if self.meter is not None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dtrain.bench import pipeline as bench
+from dtrain.bench.pipeline_meters import ActivationMeter
 from tests.tolerances import FP32
 
 SIZES = {"--d-model": 32, "--n-layers": 4, "--n-heads": 4, "--seq-len": 16, "--micro-batch": 2, "--vocab": 96}
@@ -62,3 +63,14 @@ def test_benchmark_times_both_matches_losses_and_1f1b_holds_fewer_activations(ca
     assert "peak activation memory" in out
     lines = csv_path.read_text().splitlines()
     assert len(lines) == 1 + 3 * 2 and lines[0].startswith("pp,microbatches,")
+
+
+def test_activation_meter_releases_a_graph_dropped_without_a_backward():
+    """A graph that no backward frees (kept between two passes, or never used) must leave the meter at
+    zero once dropped: the meter's saves may not hold the graph alive."""
+    layer = torch.nn.Linear(4, 4)
+    with ActivationMeter([layer]) as meter:
+        out = torch.tanh(layer(torch.randn(3, 4, requires_grad=True)))  # tanh saves its own output
+        assert meter.current > 0
+        del out
+    assert meter.current == 0 and meter.live == {}

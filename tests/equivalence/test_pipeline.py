@@ -11,7 +11,7 @@ import pytest
 from dtrain.config import ConfigError, load_config
 from dtrain.stage import balanced_split
 from dtrain.validation import validate
-from tests.reference import TINY, layout_matches_ddp
+from tests.reference import TINY, layout_matches_ddp, tiny_config
 
 # --- schedules as data -------------------------------------------------------------------------------
 
@@ -109,3 +109,33 @@ def test_pipeline_full_matrix(request, world, layout, tie):
     overrides = ("model.n_layers=8", f"model.tie_embeddings={str(tie).lower()}")
     w = request.getfixturevalue(f"world{world}")
     assert_stages_cover_the_model(w.run(layout_matches_ddp, layout, overrides))
+
+
+def recompute_case() -> list[int]:
+    """Block forwards in one pipelined step under activation checkpointing."""
+    import torch
+    import torch.distributed as dist
+
+    from dtrain.trainer import Trainer
+    from tests import harness
+
+    cfg = tiny_config(
+        dist.get_world_size(),
+        "model.n_layers=4",
+        *_layout(2, "1f1b", 4, 1),
+        "train.activation_checkpointing=true",
+    )
+    trainer = Trainer(cfg, harness.grid(pp=2, dp=1), torch.device("cpu"))
+    calls = []
+    for chunk in trainer.model.chunks.values():
+        for block in chunk.blocks.values():
+            block.register_forward_pre_hook(lambda *_, c=calls: c.append(1))
+    trainer.train_step()
+    return [len(calls)]
+
+
+def test_checkpointed_blocks_recompute_once_per_micro_batch(world2):
+    """The forward, then one recomputation in the backward: the last backward of a stage, split into an
+    input and a weight pass elsewhere, runs whole here, since a checkpointed block recomputes in every
+    backward call that needs its saved tensors."""
+    assert world2.run(recompute_case) == [[2 * 2 * 4], [2 * 2 * 4]]  # 2 blocks a stage, 4 micro-batches

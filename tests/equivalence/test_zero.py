@@ -248,14 +248,14 @@ def test_sharded_state_resumes_at_another_dp_and_stage(
     torch.testing.assert_close(got, want, **FP64)
 
 
-def peak_gathered_case() -> dict:
+def peak_gathered_case(pp: int = 1) -> dict:
     """During a ZeRO-3 step the whole parameters of at most two units exist at once: the one running and
     the one prefetched."""
     from dtrain.trainer import Trainer
 
     world = dist.get_world_size()
-    cfg = tiny_config(world, "parallel.zero=3", "model.n_layers=4", "train.steps=2")
-    trainer = Trainer(cfg, harness.grid(dp=world), torch.device("cpu"))
+    cfg = tiny_config(world, "parallel.zero=3", "model.n_layers=4", "train.steps=2", f"parallel.pp={pp}")
+    trainer = Trainer(cfg, harness.grid(pp=pp, dp=world // pp), torch.device("cpu"))
     observed = []  # units gathered, sampled whenever a gather starts
     residency = trainer.grad_sync.residency
     original = residency._start_gather
@@ -274,3 +274,12 @@ def test_zero3_holds_at_most_the_current_and_prefetched_unit(world2):
     info = world2.run(peak_gathered_case)[0]
     assert info["units"] == 6  # embedding, 4 blocks, final norm + head
     assert info["max"] <= 2
+
+
+def test_zero3_under_pipelining_holds_at_most_two_units(world4):
+    """A pipeline stage's last backward, split into input and weight passes elsewhere, runs whole here:
+    units are freed once their weights have gradients, so a weight pass after the input pass would hold
+    every unit of the stage at once."""
+    info = world4.run(peak_gathered_case, 2)
+    assert [i["units"] for i in info] == [3, 3, 3, 3]  # embedding + 2 blocks, 2 blocks + norm and head
+    assert max(i["max"] for i in info) <= 2

@@ -37,7 +37,7 @@ def stack(n_chunks: int) -> list[Chunk]:
     return [Chunk([layer], last=c == n_chunks - 1) for c, layer in enumerate(layers)]
 
 
-def executor_case(schedule: str, v: int) -> list[str]:
+def executor_case(schedule: str, v: int, input_grad_first: bool = True) -> list[str]:
     torch.set_default_dtype(torch.float64)
     try:
         pp = dist.get_world_size()
@@ -56,8 +56,16 @@ def executor_case(schedule: str, v: int) -> list[str]:
         rank = dist.get_rank()
         mine = {c: chunk for c, chunk in enumerate(stack(n)) if c % pp == rank}
         executor = PipelineExecutor(
-            mine, n, group, lambda rows: (rows, WIDTH), torch.float64, torch.device("cpu")
+            mine, n, group, lambda rows: (rows, WIDTH), torch.float64, torch.device("cpu"), input_grad_first
         )
+        # The order of input-gradient sends and weight-gradient accumulations on this rank.
+        events, send = [], executor._send
+        executor._send = lambda t, to, direction, tag, mb: (
+            events.append((direction, tag)) or send(t, to, direction, tag, mb)
+        )
+        for c, chunk in mine.items():
+            for p in chunk.parameters():
+                p.register_post_accumulate_grad_hook(lambda p, c=c: events.append(("grad", c)))
         actions = ps.build(schedule, pp, m, v)[rank]
         finals = []
         loss = executor.run(
@@ -72,6 +80,13 @@ def executor_case(schedule: str, v: int) -> list[str]:
                     problems.append(f"chunk {c} {name}: gradient differs")
             if sum(1 for k, last in finals if k == c and last) != 1:
                 problems.append(f"chunk {c}: the last backward was not announced exactly once")
+            if c > 0:  # a chunk's last backward sends dX before its weights' gradients when split
+                sent = max(i for i, e in enumerate(events) if e == (1, c - 1))
+                weights_after = max(i for i, e in enumerate(events) if e == ("grad", c)) > sent
+                if weights_after != input_grad_first:
+                    problems.append(
+                        f"chunk {c}: the last input gradient was sent at event {sent} of {events}"
+                    )
         assert group_size(group) == pp
         return problems
     finally:
@@ -81,3 +96,7 @@ def executor_case(schedule: str, v: int) -> list[str]:
 @pytest.mark.parametrize(("schedule", "v"), [("gpipe", 1), ("1f1b", 1), ("interleaved", 2)])
 def test_every_schedule_gives_the_whole_batch_gradients(world2, schedule, v):
     assert world2.run(executor_case, schedule, v) == [[], []]
+
+
+def test_a_single_backward_everywhere_gives_the_same_gradients(world2):
+    assert world2.run(executor_case, "1f1b", 1, False) == [[], []]
