@@ -14,6 +14,8 @@ spawned Gloo world of --ranks ranks, one step of ours and one of PyTorch's in tu
   gpipe   ours parallel.pp=ranks, GPipe          torch.distributed.pipelining ScheduleGPipe
   1f1b    ours parallel.pp=ranks, 1F1B           Schedule1F1B
   tp      ours parallel.tp=ranks                 DTensor with torchtitan's plan and loss_parallel
+  gpipe-split, 1f1b-split  ours, each chunk's last backward input-gradient first (the default)
+                                                 ours with every backward whole
   ledger  ours DDP logging every step           ours DDP without the ledger
   ledger-every-step  ours DDP, the ledger on every step   ours DDP without the ledger
 
@@ -54,11 +56,22 @@ PAIRS = {
         ["parallel.pp={n}", "parallel.dp=1", "parallel.pp_schedule=1f1b"],
     ),
     "tp": ("ours TP", "DTensor TP", ["parallel.tp={n}", "parallel.dp=1"]),
+    "gpipe-split": (
+        "GPipe, split last B",
+        "GPipe, whole B",
+        ["parallel.pp={n}", "parallel.dp=1", "parallel.pp_schedule=gpipe"],
+    ),
+    "1f1b-split": (
+        "1F1B, split last B",
+        "1F1B, whole B",
+        ["parallel.pp={n}", "parallel.dp=1", "parallel.pp_schedule=1f1b"],
+    ),
     "ledger": ("DDP, log_every=1", "DDP, no ledger", ["parallel.dp={n}", "run.log_every=1"]),
     "ledger-every-step": ("DDP, ledger_every=1", "DDP, no ledger", ["parallel.dp={n}", "run.ledger_every=1"]),
 }
 LEDGER_LIMIT = 1.05  # the ledger may cost at most 5% of a step, on average with logging at every step
 LEDGER_PAIRS = ("ledger", "ledger-every-step")
+SPLIT_PAIRS = ("gpipe-split", "1f1b-split")
 
 
 class LedgerSide(harness.TrainerSide):
@@ -92,7 +105,10 @@ def theirs(pair: str, cfg, grid, ours: harness.TrainerSide) -> harness.Implement
         return TorchPipeline(cfg, grid, pair, ours.trainer.model.chunks, clock=None)
     if pair == "tp":
         return TorchTensorParallel(cfg, grid)
-    return harness.TrainerSide(cfg, grid)  # the ledger pairs: ours without it
+    side = harness.TrainerSide(cfg, grid)  # the ledger pairs: ours without it
+    if pair in SPLIT_PAIRS:  # ours with every backward run whole
+        side.trainer.model.executor.input_grad_first = False
+    return side
 
 
 def measure_pair(rank: int, args, pair: str) -> dict:
@@ -165,7 +181,8 @@ def format_table(s: dict) -> str:
         "free 95% interval for it (order statistics); a ratio above 1.00 whose interval holds 1.00 is not "
         "told apart from parity by this run. "
         "loss gap: the largest relative difference of the two sides' losses over every step (both train, so "
-        "it includes the updates). The ledger rows compare ours logging every step, the ledger on the steps "
+        "it includes the updates). The split rows compare ours with ours running every backward whole. "
+        "The ledger rows compare ours logging every step, the ledger on the steps "
         "run.ledger_every samples (or on every step), with ours without it; the sampled row's limit is "
         f"{LEDGER_LIMIT:.2f} on the means."
     )
