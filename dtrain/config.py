@@ -113,6 +113,7 @@ class ParallelConfig:
     offload: str = "none"
     pp_schedule: str = "1f1b"
     pp_virtual_stages: int = 1
+    pp_split_backward: bool = True  # each chunk's last backward sends dX before computing weight gradients
     bucket_mb: float = 25.0
     grad_dtype: str = "fp32"
 

@@ -126,7 +126,7 @@ class Stage:
             # under ZeRO-3, whose units are freed only once their weights have gradients (every unit of
             # the chunk would be gathered at once), nor under activation checkpointing, which recomputes a
             # block in every backward call that unpacks it. A compiled block falls back by itself.
-            input_grad_first=p.zero < 3 and not cfg.train.activation_checkpointing,
+            input_grad_first=p.pp_split_backward and p.zero < 3 and not cfg.train.activation_checkpointing,
         )
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:

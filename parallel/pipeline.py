@@ -98,8 +98,8 @@ class PipelineExecutor:
     def _backward(self, a: Action, x_in, out, grad, loss_scale: float, split: bool) -> None:
         """B(a): backpropagate `grad` (the loss scale on the last chunk) from `out` and send the input's
         gradient back. A method so that the micro-batch's graph dies with its frame on return."""
-        if grad is None:
-            out, grad = out * loss_scale, None
+        if a.chunk == self.n_chunks - 1:
+            out = out * loss_scale  # the loss: its gradient is the scale
         if x_in is None:
             torch.autograd.backward(out, grad)
         elif split:

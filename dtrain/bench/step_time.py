@@ -14,8 +14,8 @@ spawned Gloo world of --ranks ranks, one step of ours and one of PyTorch's in tu
   gpipe   ours parallel.pp=ranks, GPipe          torch.distributed.pipelining ScheduleGPipe
   1f1b    ours parallel.pp=ranks, 1F1B           Schedule1F1B
   tp      ours parallel.tp=ranks                 DTensor with torchtitan's plan and loss_parallel
-  gpipe-split, 1f1b-split  ours, each chunk's last backward input-gradient first (the default)
-                                                 ours with every backward whole
+  gpipe-split, 1f1b-split  ours (parallel.pp_split_backward=true, the default)
+                                                 ours with parallel.pp_split_backward=false
   ledger  ours DDP logging every step           ours DDP without the ledger
   ledger-every-step  ours DDP, the ledger on every step   ours DDP without the ledger
 
@@ -31,6 +31,7 @@ step in run.ledger_every, which a median does not see.
 
 from __future__ import annotations
 
+import copy
 import statistics
 
 from dtrain.bench import harness, report
@@ -41,31 +42,16 @@ from dtrain.config import d_ff_of
 from dtrain.runtime import process_grid
 
 # name: (ours, theirs, our layout as overrides; "{n}" is --ranks)
+PIPELINE = {s: ["parallel.pp={n}", "parallel.dp=1", f"parallel.pp_schedule={s}"] for s in ("gpipe", "1f1b")}
 PAIRS = {
     "ddp": ("ours DDP", "torch DDP", ["parallel.dp={n}", "parallel.zero=0"]),
     "zero1": ("ours ZeRO-1", "ZeroRedundancyOptimizer", ["parallel.dp={n}", "parallel.zero=1"]),
     "zero3": ("ours ZeRO-3", "torch FSDP2", ["parallel.dp={n}", "parallel.zero=3"]),
-    "gpipe": (
-        "ours GPipe",
-        "pipelining GPipe",
-        ["parallel.pp={n}", "parallel.dp=1", "parallel.pp_schedule=gpipe"],
-    ),
-    "1f1b": (
-        "ours 1F1B",
-        "pipelining 1F1B",
-        ["parallel.pp={n}", "parallel.dp=1", "parallel.pp_schedule=1f1b"],
-    ),
+    "gpipe": ("ours GPipe", "pipelining GPipe", PIPELINE["gpipe"]),
+    "1f1b": ("ours 1F1B", "pipelining 1F1B", PIPELINE["1f1b"]),
     "tp": ("ours TP", "DTensor TP", ["parallel.tp={n}", "parallel.dp=1"]),
-    "gpipe-split": (
-        "GPipe, split last B",
-        "GPipe, whole B",
-        ["parallel.pp={n}", "parallel.dp=1", "parallel.pp_schedule=gpipe"],
-    ),
-    "1f1b-split": (
-        "1F1B, split last B",
-        "1F1B, whole B",
-        ["parallel.pp={n}", "parallel.dp=1", "parallel.pp_schedule=1f1b"],
-    ),
+    "gpipe-split": ("GPipe, split last B", "GPipe, whole B", PIPELINE["gpipe"]),
+    "1f1b-split": ("1F1B, split last B", "1F1B, whole B", PIPELINE["1f1b"]),
     "ledger": ("DDP, log_every=1", "DDP, no ledger", ["parallel.dp={n}", "run.log_every=1"]),
     "ledger-every-step": ("DDP, ledger_every=1", "DDP, no ledger", ["parallel.dp={n}", "run.ledger_every=1"]),
 }
@@ -105,10 +91,11 @@ def theirs(pair: str, cfg, grid, ours: harness.TrainerSide) -> harness.Implement
         return TorchPipeline(cfg, grid, pair, ours.trainer.model.chunks, clock=None)
     if pair == "tp":
         return TorchTensorParallel(cfg, grid)
-    side = harness.TrainerSide(cfg, grid)  # the ledger pairs: ours without it
     if pair in SPLIT_PAIRS:  # ours with every backward run whole
-        side.trainer.model.executor.input_grad_first = False
-    return side
+        whole = copy.deepcopy(cfg)
+        whole.parallel.pp_split_backward = False
+        return harness.TrainerSide(whole, grid)
+    return harness.TrainerSide(cfg, grid)  # the ledger pairs: ours without it
 
 
 def measure_pair(rank: int, args, pair: str) -> dict:

@@ -139,3 +139,26 @@ def test_checkpointed_blocks_recompute_once_per_micro_batch(world2):
     input and a weight pass elsewhere, runs whole here, since a checkpointed block recomputes in every
     backward call that needs its saved tensors."""
     assert world2.run(recompute_case) == [[2 * 2 * 4], [2 * 2 * 4]]  # 2 blocks a stage, 4 micro-batches
+
+
+def split_flags_case() -> list[bool]:
+    """Whether the executor splits the last backward, by config."""
+    import torch
+    import torch.distributed as dist
+
+    from dtrain.trainer import Trainer
+    from tests import harness
+
+    flags = []
+    for extra in ((), ("parallel.pp_split_backward=false",), ("train.activation_checkpointing=true",)):
+        cfg = tiny_config(dist.get_world_size(), "model.n_layers=2", *_layout(2, "1f1b", 2, 1), *extra)
+        flags.append(
+            Trainer(cfg, harness.grid(pp=2, dp=1), torch.device("cpu")).model.executor.input_grad_first
+        )
+    return flags
+
+
+def test_the_split_last_backward_is_on_by_default_and_off_by_config(world2):
+    """parallel.pp_split_backward turns it off; so does activation checkpointing (and ZeRO-3:
+    tests/equivalence/test_zero.py)."""
+    assert world2.run(split_flags_case) == [[True, False, False]] * 2

@@ -2,7 +2,8 @@
 run by every schedule over real point-to-point sends between Gloo ranks, must give the token-loss sum
 and every chunk's gradients of one process running the whole stack on the whole batch (float64, to
 1e-12 relative: the reference reduces the whole batch in one matmul where the pipeline accumulates
-micro-batch gradients one by one, which only reorders the rounding)."""
+micro-batch gradients one by one, which only reorders the rounding). Each chunk's last backward sends its
+input gradient before its weights have their gradients, and after them with input_grad_first off."""
 
 from __future__ import annotations
 

@@ -148,3 +148,12 @@ def test_unsplittable_graphs_take_one_whole_backward():
         weight_pass()
         assert torch.equal(module.w.grad, expected_w)  # the weight pass added nothing
         assert Scale.calls == (1 if isinstance(module, ThroughFunction) else 0)
+
+
+def test_an_output_that_does_not_depend_on_the_input_takes_one_whole_backward():
+    w = nn.Parameter(torch.randn(3))
+    x = torch.randn(3, requires_grad=True)
+    weight_pass = backward_input_first((w * w).sum(), None, x, [w])
+    assert torch.equal(w.grad, 2 * w.detach()) and x.grad is None
+    weight_pass()
+    assert torch.equal(w.grad, 2 * w.detach())
