@@ -39,9 +39,9 @@ def time_forwards(module: torch.nn.Module, clock: Clock) -> None:
 @contextlib.contextmanager
 def timing_backwards(clock: Clock):
     """Patches torch.autograd.backward and torch.autograd.grad, in this process while active, to add their
-    wall time to clock.backward (nested calls count once). Our executor calls torch.autograd.backward
-    (directly or through Tensor.backward) and PyTorch's stage_backward does too, both resolving the module
-    attribute at call time."""
+    wall time to clock.backward (nested calls count once). Our executor calls torch.autograd.backward, and
+    torch.autograd.grad then backward in a split last backward (parallel.split_backward); PyTorch's
+    stage_backward calls them too, all resolving the module attribute at call time."""
     saved = {name: getattr(torch.autograd, name) for name in ("backward", "grad")}
 
     def timed(fn):
