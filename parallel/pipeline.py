@@ -100,16 +100,15 @@ class PipelineExecutor:
         gradient back. A method so that the micro-batch's graph dies with its frame on return."""
         if a.chunk == self.n_chunks - 1:
             out = out * loss_scale  # the loss: its gradient is the scale
-        if x_in is None:
-            torch.autograd.backward(out, grad)
-        elif split:
+        if x_in is not None and split:
             # The previous stage waits on dX alone: send it after the dX half of the backward, then run the
             # dW half while that stage already backpropagates (zero-bubble's B / W split, in place).
             weight_pass = backward_input_first(out, grad, x_in, self.chunks[a.chunk].parameters())
             self._send(x_in.grad, a.chunk - 1, 1, a.chunk - 1, a.microbatch)
             weight_pass()
-        else:
-            torch.autograd.backward(out, grad)
+            return
+        torch.autograd.backward(out, grad)
+        if x_in is not None:
             self._send(x_in.grad, a.chunk - 1, 1, a.chunk - 1, a.microbatch)
 
     def run(

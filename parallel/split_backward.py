@@ -98,6 +98,8 @@ def backward_input_first(
     # gradient in one backward call: re-entered for its weights it would run, and communicate, twice.
     clean = clean and not any(isinstance(n, BackwardCFunction) for n in splits)
     if not clean:
+        if not input.is_leaf:
+            input.retain_grad()  # `input.grad` as the first pass would set it
         torch.autograd.backward(output, grad)
         return lambda: None
 

@@ -7,10 +7,13 @@ from __future__ import annotations
 import itertools
 
 import pytest
+import torch
 
 from dtrain.config import ConfigError, load_config
 from dtrain.stage import balanced_split
+from dtrain.trainer import Trainer
 from dtrain.validation import validate
+from tests import harness
 from tests.reference import TINY, layout_matches_ddp, tiny_config
 
 # --- schedules as data -------------------------------------------------------------------------------
@@ -111,21 +114,15 @@ def test_pipeline_full_matrix(request, world, layout, tie):
     assert_stages_cover_the_model(w.run(layout_matches_ddp, layout, overrides))
 
 
+def pp2_trainer(n_layers: int, m: int, *overrides: str) -> Trainer:
+    """A 1F1B trainer over pp 2 (the world's two ranks) with m micro-batches."""
+    cfg = tiny_config(2, f"model.n_layers={n_layers}", *_layout(2, "1f1b", m, 1), *overrides)
+    return Trainer(cfg, harness.grid(pp=2, dp=1), torch.device("cpu"))
+
+
 def recompute_case() -> list[int]:
     """Block forwards in one pipelined step under activation checkpointing."""
-    import torch
-    import torch.distributed as dist
-
-    from dtrain.trainer import Trainer
-    from tests import harness
-
-    cfg = tiny_config(
-        dist.get_world_size(),
-        "model.n_layers=4",
-        *_layout(2, "1f1b", 4, 1),
-        "train.activation_checkpointing=true",
-    )
-    trainer = Trainer(cfg, harness.grid(pp=2, dp=1), torch.device("cpu"))
+    trainer = pp2_trainer(4, 4, "train.activation_checkpointing=true")
     calls = []
     for chunk in trainer.model.chunks.values():
         for block in chunk.blocks.values():
@@ -143,19 +140,8 @@ def test_checkpointed_blocks_recompute_once_per_micro_batch(world2):
 
 def split_flags_case() -> list[bool]:
     """Whether the executor splits the last backward, by config."""
-    import torch
-    import torch.distributed as dist
-
-    from dtrain.trainer import Trainer
-    from tests import harness
-
-    flags = []
-    for extra in ((), ("parallel.pp_split_backward=false",), ("train.activation_checkpointing=true",)):
-        cfg = tiny_config(dist.get_world_size(), "model.n_layers=2", *_layout(2, "1f1b", 2, 1), *extra)
-        flags.append(
-            Trainer(cfg, harness.grid(pp=2, dp=1), torch.device("cpu")).model.executor.input_grad_first
-        )
-    return flags
+    extras = ((), ("parallel.pp_split_backward=false",), ("train.activation_checkpointing=true",))
+    return [pp2_trainer(2, 2, *extra).model.executor.input_grad_first for extra in extras]
 
 
 def test_the_split_last_backward_is_on_by_default_and_off_by_config(world2):

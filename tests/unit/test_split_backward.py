@@ -157,3 +157,11 @@ def test_an_output_that_does_not_depend_on_the_input_takes_one_whole_backward():
     assert torch.equal(w.grad, 2 * w.detach()) and x.grad is None
     weight_pass()
     assert torch.equal(w.grad, 2 * w.detach())
+
+
+def test_a_whole_backward_still_gives_a_non_leaf_input_its_gradient():
+    module = TwiceUsed()
+    leaf = torch.randn(2, 3, requires_grad=True)
+    x = leaf * 1.0  # the input of a stage that is itself computed
+    backward_input_first(module(x), None, x, module.parameters())()
+    assert x.grad is not None and torch.equal(x.grad, leaf.grad)
