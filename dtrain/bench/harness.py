@@ -6,8 +6,9 @@ A benchmark module defines `add_arguments(parser)`, optionally `check(parser, ar
 on every rank; rank 0's result is the summary), `format_table(summary)` and `csv_rows(summary)`, and takes
 `parse_args`, `run` and `main` from `commands`. Inside `measure`, `contest` builds every implementation,
 runs its untimed counting steps, then alternates warm-up and timed steps of all of them, so drift and
-noise hit every implementation alike; each step starts after a barrier (no rank's wait for a late one
-counts as its step) and lasts as long as its slowest rank.
+noise hit every implementation alike, each round starting with the next implementation, so none is always
+first; each step starts after a barrier (no rank's wait for a late one counts as its step) and lasts as
+long as its slowest rank.
 """
 
 from __future__ import annotations
@@ -244,8 +245,9 @@ def contest(
 ) -> Contest:
     """Builds each implementation and runs its `untimed` counting steps (`count(impl, index)`: the loss
     and whatever it counted; only collectives every rank reaches belong in it), one implementation after
-    the other; then `warmup` + `steps` rounds of one step of each in turn. An implementation that fails to
-    build or count on any rank is left out with its error, never replaced by a number."""
+    the other; then `warmup` + `steps` rounds of one step of each in turn, round i starting with the
+    (i mod k)-th of the k implementations. An implementation that fails to build or count on any rank is
+    left out with its error, never replaced by a number."""
     errors = {} if errors is None else errors
     impls, losses, counted = {}, {}, {}
     count = count or (lambda impl, index: (impl.step(index), None))
@@ -282,8 +284,12 @@ def contest(
         say(rank, f"[bench] {prefix}counted, losses {counted_losses}")
 
     records: dict[str, list[list[float]]] = {name: [] for name in impls}
+    names = list(impls)
     for i in range(warmup + steps):
-        for name, impl in impls.items():
+        # Round i starts with implementation i mod k: over k rounds each runs once in every position, so
+        # what one step leaves behind for the next (cache, allocator, Gloo threads) favours none of them.
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            impl = impls[name]
             dist.barrier()
             started = time.perf_counter()
             losses.setdefault(name, []).append(impl.step(untimed + i))

@@ -1,5 +1,6 @@
-"""The benchmark harness's spawned world: a rank that dies after rank 0 wrote its result keeps the
-measurement; one that dies before it is measured once more in a fresh world, then fails."""
+"""The benchmark harness: a spawned rank that dies after rank 0 wrote its result keeps the measurement,
+one that dies before it is measured once more in a fresh world, then fails; the contest's rounds take
+turns at which implementation goes first."""
 
 import glob
 import os
@@ -11,6 +12,32 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dtrain.bench import harness
+
+
+class Recorder(harness.Implementation):
+    """A step that only notes, in the list every implementation of the contest shares, who ran."""
+
+    def __init__(self, name: str, ran: list):
+        super().__init__()
+        self.name, self.ran = name, ran
+
+    def step(self, index: int) -> float:
+        self.ran.append((index, self.name))
+        return 0.0
+
+
+def contest_order(names: list[str], warmup: int, steps: int) -> list:
+    ran: list = []
+    builders = {n: (lambda n=n: Recorder(n, ran)) for n in names}
+    harness.contest(dist.get_rank(), builders, {n: n for n in names}, warmup, steps)
+    return ran
+
+
+def test_each_round_starts_with_the_next_implementation(world2):
+    untimed = [(0, "a"), (0, "b"), (0, "c")]  # counting steps, one implementation after the other
+    rounds = [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    expected = untimed + [(1 + i, n) for i, order in enumerate(rounds) for n in order]
+    assert world2.run(contest_order, ["a", "b", "c"], 1, 3) == [expected, expected]
 
 
 def dies_in_teardown(rank: int, args) -> dict:
