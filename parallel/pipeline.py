@@ -136,23 +136,24 @@ class PipelineExecutor:
         loss_dtype = torch.promote_types(self.dtype, torch.float32)
         loss_sum = torch.zeros((), dtype=loss_dtype, device=self.device)
         for i, a in enumerate(actions):
-            inputs, targets, *context = microbatches[a.microbatch]
+            inputs, targets, *extra = microbatches[a.microbatch]
             rows = inputs.shape[0]
             if before_compute is not None:
                 before_compute(a.microbatch)
             if a.kind == "F":
                 x_in = None if a.chunk == 0 else self._recv(a.chunk - 1, 0, a.chunk, a.microbatch, rows)
-                context = context[0] if context else {}
+                context = extra[0] if extra else {}
                 loss = self._forward(a, inputs, x_in, targets, context, stored, record)
                 if loss is not None:
                     loss_sum += loss.to(loss_dtype)
             else:
+                is_last = last_backward[a.chunk] == i
                 if before_backward is not None:
-                    before_backward(a.chunk, last_backward[a.chunk] == i)
+                    before_backward(a.chunk, is_last)
                 grad = None
                 if a.chunk != self.n_chunks - 1:
                     grad = self._recv(a.chunk + 1, 1, a.chunk, a.microbatch, rows)
-                split = self.input_grad_first and last_backward[a.chunk] == i
+                split = self.input_grad_first and is_last
                 start = time.perf_counter() if record is not None else 0.0
                 self._backward(a, *stored.pop((a.chunk, a.microbatch)), grad, loss_scale, split)
                 if record is not None:
